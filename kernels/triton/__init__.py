@@ -1,0 +1,1 @@
+"""Triton kernels, one file per fused op (token_mixing.py, channel_mixing.py)."""

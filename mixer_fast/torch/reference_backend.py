@@ -1,0 +1,15 @@
+"""The ``reference`` torch backend: the eager functions of mixer_fast.reference, on any device."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from ..reference import functional
+
+
+def load() -> SimpleNamespace:
+    return SimpleNamespace(
+        name="reference",
+        features=frozenset({"dropout", "autocast", "double_backward"}),
+        token_mixing=functional.token_mixing,
+        channel_mixing=functional.channel_mixing,
+    )
