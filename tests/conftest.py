@@ -1,0 +1,45 @@
+"""Shared fixtures. Optional stacks (timm, …) skip only outside CI: with CI=true a missing one fails."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(module: str):
+    """Import an optional dependency: skip the test without it, except in CI where it must be there."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if IN_CI:
+            pytest.fail(f"{module} is required in CI but cannot be imported: {e}")
+        pytest.skip(f"{module} not installed: {e}")
+
+
+@pytest.fixture
+def timm():
+    return require("timm")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_clean_env(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.delenv("MIXER_FAST_BACKEND", raising=False)
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter so no bias, norm or head keeps its (often zero or one) init,
+    which would hide a wrong term."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
+    return module
+
+
+def grads(module: torch.nn.Module) -> dict:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
