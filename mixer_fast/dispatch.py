@@ -90,12 +90,13 @@ def load(name: str, framework: str = "torch") -> Any:
             raise BackendUnavailable(f"backend {name!r} ({framework}) is unavailable: {_failed[key]}")
         try:
             try:
-                module = importlib.import_module(spec.module)
+                impl = importlib.import_module(spec.module).load()
             except ModuleNotFoundError as e:
+                # The backend's module itself absent: not part of this version. Something it imports
+                # absent (triton, jax, …): a missing optional dependency.
                 if e.name == spec.module:
                     raise BackendUnavailable(spec.not_built) from None
                 raise BackendUnavailable(f"{e.name} is not installed ({e})") from None
-            impl = module.load()
         except BackendUnavailable as e:
             _failed[key] = str(e)
             raise BackendUnavailable(f"backend {name!r} ({framework}) is unavailable: {e}") from None
@@ -105,6 +106,8 @@ def load(name: str, framework: str = "torch") -> Any:
 
 def status(framework: Optional[str] = None) -> List[Tuple[BackendSpec, bool, str]]:
     """(spec, loaded, reason or "") for every backend, loading each one: what ``mixer-fast info`` prints."""
+    if framework is not None:
+        _check_framework(framework)
     rows = []
     for spec in REGISTRY:
         if framework is not None and spec.framework != framework:

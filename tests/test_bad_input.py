@@ -1,0 +1,105 @@
+"""mixer_fast.ops: every bad argument raises ValueError/TypeError naming it, expected vs given."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixer_fast import ops
+from mixer_fast.reference import functional as F_ref
+from tolerances import max_err
+
+B, S, C, DS, DC = 2, 16, 32, 8, 64
+
+
+def token_args(dtype=torch.float32):
+    return dict(x=torch.randn(B, S, C, dtype=dtype), norm_weight=torch.randn(C, dtype=dtype),
+                norm_bias=torch.randn(C, dtype=dtype), fc1_weight=torch.randn(DS, S, dtype=dtype),
+                fc1_bias=torch.randn(DS, dtype=dtype), fc2_weight=torch.randn(S, DS, dtype=dtype),
+                fc2_bias=torch.randn(S, dtype=dtype))
+
+
+def channel_args(dtype=torch.float32):
+    return dict(x=torch.randn(B, S, C, dtype=dtype), norm_weight=torch.randn(C, dtype=dtype),
+                norm_bias=torch.randn(C, dtype=dtype), fc1_weight=torch.randn(DC, C, dtype=dtype),
+                fc1_bias=torch.randn(DC, dtype=dtype), fc2_weight=torch.randn(C, DC, dtype=dtype),
+                fc2_bias=torch.randn(C, dtype=dtype))
+
+
+def call(op, **overrides):
+    args = token_args() if op == "token" else channel_args()
+    kw = {k: overrides.pop(k) for k in list(overrides) if k not in args}
+    args.update(overrides)
+    fn = ops.token_mixing if op == "token" else ops.channel_mixing
+    return fn(*args.values(), **kw)
+
+
+CASES = [
+    # (op, overrides, exception, message regex)
+    ("token", dict(x=torch.randn(S, C)), ValueError, r"x: expected a 3-D tensor \(B, S, C\), got shape \(16, 32\)"),
+    ("token", dict(x=torch.randn(B, S + 1, C)), ValueError, r"fc1_weight: expected shape \(D_S, S\) with S from x = \(8, 17\), got \(8, 16\)"),
+    ("channel", dict(x=torch.randn(B, S, C + 1)), ValueError, r"norm_weight: expected shape \(C,\) = \(33,\), got \(32,\)"),
+    ("channel", dict(fc1_weight=torch.randn(DC, C + 1)), ValueError, r"fc1_weight: expected shape \(D_C, C\) with C from x = \(64, 32\), got \(64, 33\)"),
+    ("token", dict(fc2_weight=torch.randn(S, DS + 1)), ValueError, r"fc2_weight: expected shape \(S, D_S\) = \(16, 8\), got \(16, 9\)"),
+    ("token", dict(fc1_bias=torch.randn(DS + 2)), ValueError, r"fc1_bias: expected shape \(D,\) = \(8,\), got \(10,\)"),
+    ("channel", dict(fc2_bias=torch.randn(1, C)), ValueError, r"fc2_bias: expected shape \(C,\) = \(32,\), got \(1, 32\)"),
+    ("token", dict(fc1_weight=torch.randn(DS, S, 1)), ValueError, r"fc1_weight: expected a 2-D weight \(out, in\), got shape \(8, 16, 1\)"),
+    ("token", dict(fc2_weight=None), ValueError, r"fc1_weight: expected shape \(S, S\) when fc2_weight is None = \(16, 16\), got \(8, 16\)"),
+    ("channel", dict(fc2_weight=None), TypeError, r"fc2_weight: expected a torch.Tensor, got NoneType"),
+    ("token", dict(x=torch.randn(B, S, C).numpy()), TypeError, r"x: expected a torch.Tensor, got ndarray"),
+    ("token", dict(x=torch.ones(B, S, C, dtype=torch.int32)), TypeError, r"x: expected a floating dtype .*got torch.int32"),
+    ("token", dict(fc1_weight=torch.randn(DS, S, dtype=torch.float64)), TypeError, r"fc1_weight: expected dtype torch.float32 \(the dtype of x\), got torch.float64"),
+    ("channel", dict(norm_bias=torch.randn(C, dtype=torch.bfloat16)), TypeError, r"norm_bias: expected dtype torch.float32 \(the dtype of x\), got torch.bfloat16"),
+    ("channel", dict(fc2_weight=torch.randn(C, DC, device="meta")), ValueError, r"fc2_weight: expected a tensor on cpu \(the device of x\), got one on meta"),
+    ("token", dict(eps=float("nan")), ValueError, r"eps: expected a finite number in \(0.0, inf\), got nan"),
+    ("token", dict(eps=-1e-6), ValueError, r"eps: expected a finite number in \(0.0, inf\), got -1e-06"),
+    ("channel", dict(eps="1e-6"), TypeError, r"eps: expected a number, got str"),
+    ("channel", dict(approximate="exact"), ValueError, r"approximate: expected one of \['none', 'tanh'\], got 'exact'"),
+    ("token", dict(norm="rms"), ValueError, r"norm: expected one of \['layernorm', 'affine'\], got 'rms'"),
+    ("token", dict(scale=torch.randn(S)), ValueError, r"scale: expected shape \(C,\) = \(32,\), got \(16,\)"),
+    ("channel", dict(sample_scale=torch.randn(B, 1)), ValueError, r"sample_scale: expected shape \(B,\) = \(2,\), got \(2, 1\)"),
+    ("channel", dict(dropout=1.0), ValueError, r"dropout: expected a finite number in \[0.0, 1.0\), got 1.0"),
+    ("channel", dict(backend="jax"), ValueError, r"backend: expected one of \['triton', 'cpu', 'reference'\] for torch, got 'jax'"),
+    ("channel", dict(backend=["reference"]), TypeError, r"backend: expected a backend name \(str\) or None, got list"),
+]
+
+
+@pytest.mark.parametrize("op, overrides, exc, match", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_argument(op, overrides, exc, match):
+    with pytest.raises(exc, match=match):
+        call(op, **overrides)
+
+
+def test_fc2_bias_without_fc2_weight():
+    args = token_args()
+    args["fc1_weight"] = torch.randn(S, S)
+    args["fc1_bias"] = torch.randn(S)
+    args["fc2_weight"] = None
+    with pytest.raises(ValueError, match="fc2_bias: expected None when fc2_weight is None, got a tensor"):
+        ops.token_mixing(*args.values())
+
+
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_ops_match_reference_functional(op):
+    args = token_args() if op == "token" else channel_args()
+    fn, ref_fn = (ops.token_mixing, F_ref.token_mixing) if op == "token" else (ops.channel_mixing, F_ref.channel_mixing)
+    scale, sample = torch.randn(C), torch.tensor([0.0, 2.0])
+    got = fn(*args.values(), approximate="tanh", scale=scale, sample_scale=sample, backend="reference")
+    want = ref_fn(*args.values(), approximate="tanh", scale=scale, sample_scale=sample)
+    assert max_err(got, want) == 0.0
+    assert max_err(got[0], args["x"][0]) == 0.0  # sample_scale 0 drops the whole branch of sample 0
+
+
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_empty_batch(op):
+    x = torch.randn(0, S, C)
+    out = call(op, x=x, sample_scale=torch.randn(0))
+    assert out.shape == (0, S, C)
+
+
+def test_inf_propagates_like_the_reference():
+    args = channel_args()
+    args["x"][0, 2, 3] = float("inf")
+    got = ops.channel_mixing(*args.values())
+    want = F_ref.channel_mixing(*args.values())
+    assert max_err(got, want) == 0.0
+    assert got[1].isfinite().all()

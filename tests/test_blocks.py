@@ -1,0 +1,176 @@
+"""The fused drop-in blocks (mixer_fast.MixerBlock / ResMLPBlock) against the reference blocks."""
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+import mixer_fast
+from mixer_fast import reference as ref
+from conftest import grads, perturb_
+from mixer64 import mixer_block64, resmlp_block64
+from tolerances import assert_numerics, max_err
+
+PAIRS = [(mixer_fast.MixerBlock, ref.MixerBlock, mixer_block64), (mixer_fast.ResMLPBlock, ref.ResMLPBlock, resmlp_block64)]
+
+
+def _pair(fused_cls, ref_cls, dim=64, seq_len=49, dtype=torch.float32, **kw):
+    theirs = perturb_(ref_cls(dim, seq_len, dtype=dtype, **kw)).eval()
+    ours = fused_cls(dim, seq_len, dtype=dtype, **kw).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("fused_cls, ref_cls, block64", PAIRS, ids=["mixer", "resmlp"])
+def test_state_dict_keys_match_reference(fused_cls, ref_cls, block64):
+    assert list(fused_cls(32, 16).state_dict()) == list(ref_cls(32, 16).state_dict())
+
+
+@pytest.mark.parametrize("fused_cls, ref_cls, block64", PAIRS, ids=["mixer", "resmlp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 49, 100), (3, 16, 64), (2, 196, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_backward_numerics(fused_cls, ref_cls, block64, dtype, shape):
+    B, S, C = shape
+    ours, theirs = _pair(fused_cls, ref_cls, C, S, dtype)
+    ref64 = ref_cls(C, S, dtype=torch.float64).eval()
+    ref64.load_state_dict(theirs.state_dict())
+    x = torch.randn(B, S, C, dtype=torch.float64)
+    want = block64(ref64, x)
+    xs = [x.to(dtype).requires_grad_() for _ in range(2)]
+    out_ours, out_theirs = ours(xs[0]), theirs(xs[1])
+    assert_numerics(out_ours, out_theirs, want)
+    x64 = x.clone().requires_grad_()
+    out64 = ref64(x64)
+    g = torch.randn_like(out64)
+    out64.backward(g)
+    out_ours.backward(g.to(dtype))
+    out_theirs.backward(g.to(dtype))
+    assert_numerics(xs[0].grad, xs[1].grad, x64.grad, "grad x")
+    g_ours, g_theirs, g64 = grads(ours), grads(theirs), grads(ref64)
+    for name in g64:
+        assert_numerics(g_ours[name], g_theirs[name], g64[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("fused_cls, ref_cls, block64", PAIRS, ids=["mixer", "resmlp"])
+def test_gradcheck_fused_block_float64(fused_cls, ref_cls, block64):
+    block = perturb_(fused_cls(12, 10, dtype=torch.float64)).eval()
+    x = torch.randn(2, 10, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x,))
+
+
+@pytest.mark.parametrize("fused_cls, ref_cls, block64", PAIRS, ids=["mixer", "resmlp"])
+def test_empty_batch_and_non_contiguous_input(fused_cls, ref_cls, block64):
+    ours, theirs = _pair(fused_cls, ref_cls, 64, 16)
+    empty = torch.randn(0, 16, 64, requires_grad=True)
+    out = ours(empty)
+    assert out.shape == (0, 16, 64)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+    # A (B, S, C) view of a (B, C, S) tensor: strided along C.
+    x = torch.randn(3, 64, 16).transpose(1, 2)
+    assert not x.is_contiguous()
+    assert max_err(ours(x), theirs(x.contiguous())) == 0.0
+    x = torch.randn(6, 16, 64)[::2]
+    assert max_err(ours(x), theirs(x.contiguous())) == 0.0
+
+
+@pytest.mark.parametrize("fused_cls, ref_cls, block64", PAIRS, ids=["mixer", "resmlp"])
+def test_nan_in_one_sample_stays_there(fused_cls, ref_cls, block64):
+    ours, _ = _pair(fused_cls, ref_cls, 32, 16)
+    x = torch.randn(3, 16, 32)
+    x[1, 3, 5] = float("nan")
+    out = ours(x)
+    assert out[1].isnan().any()
+    assert out[0].isfinite().all() and out[2].isfinite().all()
+
+
+def test_autocast_bf16_matches_eager_autocast():
+    ours, theirs = _pair(mixer_fast.MixerBlock, ref.MixerBlock, 64, 16)
+    x = torch.randn(2, 16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ours(x), theirs(x)
+    assert a.dtype == b.dtype
+    assert max_err(a, b) == 0.0
+
+
+def test_tanh_gelu_via_approximate_or_act_layer():
+    a = mixer_fast.MixerBlock(32, 16, approximate="tanh")
+    b = mixer_fast.MixerBlock(32, 16, act_layer=partial(nn.GELU, approximate="tanh"))
+    assert a.mlp_tokens.act.approximate == b.mlp_channels.act.approximate == "tanh"
+    assert mixer_fast.MixerBlock(32, 16).mlp_tokens.act.approximate == "none"
+    with pytest.raises(ValueError, match="approximate: expected 'none' to agree with act_layer, got 'tanh'"):
+        mixer_fast.MixerBlock(32, 16, act_layer=nn.GELU, approximate="tanh")
+
+
+def test_eps_from_argument_or_norm_layer():
+    assert mixer_fast.MixerBlock(32, 16).norm1.eps == 1e-6
+    assert mixer_fast.MixerBlock(32, 16, eps=1e-5).norm2.eps == 1e-5
+    assert mixer_fast.MixerBlock(32, 16, norm_layer=nn.LayerNorm).norm1.eps == 1e-5
+    with pytest.raises(ValueError, match="eps: expected 1e-05 to agree with norm_layer, got 0.001"):
+        mixer_fast.MixerBlock(32, 16, norm_layer=nn.LayerNorm, eps=1e-3)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(dim=0), ValueError, "dim: expected a positive int, got 0"),
+    (dict(seq_len=2.5), ValueError, "seq_len: expected a positive int, got 2.5"),
+    (dict(mlp_ratio=(0.5, 4.0, 1.0)), ValueError, "mlp_ratio: expected a number or a pair"),
+    (dict(mlp_ratio=0.001), ValueError, r"mlp_ratio\[0\] \* dim: expected a positive int, got 0"),
+    (dict(drop=1.0), ValueError, r"drop: expected a finite number in \[0.0, 1.0\), got 1.0"),
+    (dict(drop_path=float("nan")), ValueError, "drop_path: expected a finite number"),
+    (dict(eps=0.0), ValueError, r"eps: expected a finite number in \(0.0, inf\), got 0.0"),
+    (dict(approximate="sigmoid"), ValueError, r"approximate: expected one of \['none', 'tanh'\], got 'sigmoid'"),
+    (dict(act_layer=nn.ReLU), ValueError, "act_layer: expected nn.GELU"),
+    (dict(norm_layer=nn.BatchNorm1d), ValueError, "norm_layer: expected nn.LayerNorm"),
+    (dict(backend="cuda"), ValueError, r"backend: expected one of \['triton', 'cpu', 'reference'\]"),
+    (dict(backend=3), TypeError, "backend: expected a backend name"),
+    (dict(foo=1), TypeError, r"MixerBlock: unexpected keyword argument\(s\) \['foo'\]"),
+])
+def test_mixer_block_constructor_errors(kwargs, exc, match):
+    args = dict(dim=32, seq_len=16) | kwargs
+    with pytest.raises(exc, match=match):
+        mixer_fast.MixerBlock(**args)
+
+
+def test_resmlp_block_constructor_errors():
+    with pytest.raises(ValueError, match="norm_layer: expected an Affine"):
+        mixer_fast.ResMLPBlock(32, 16, norm_layer=nn.LayerNorm)
+    with pytest.raises(ValueError, match="init_values: expected a finite number"):
+        mixer_fast.ResMLPBlock(32, 16, init_values=float("inf"))
+    with pytest.raises(ValueError, match="mlp_channels: expected an Mlp"):
+        mixer_fast.ResMLPBlock(32, 16, mlp_layer=lambda *a, **k: nn.Linear(32, 32))
+
+
+@pytest.mark.parametrize("fused_cls", [mixer_fast.MixerBlock, mixer_fast.ResMLPBlock])
+def test_forward_input_errors(fused_cls):
+    block = fused_cls(32, 16)
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, seq_len=16, dim=32\), got \(2, 15, 32\)"):
+        block(torch.randn(2, 15, 32))
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, seq_len=16, dim=32\), got \(16, 32\)"):
+        block(torch.randn(16, 32))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        block([[1.0]])
+    with pytest.raises(TypeError, match="x: expected a floating dtype"):
+        block(torch.ones(2, 16, 32, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"fc1_weight: expected dtype torch.float64 \(the dtype of x\), got torch.float32|"
+                                        r"norm_weight: expected dtype torch.float64"):
+        block(torch.randn(2, 16, 32, dtype=torch.float64))
+
+
+def test_explicit_unavailable_backend_raises_with_reason():
+    block = mixer_fast.MixerBlock(32, 16, backend="cpu")
+    with pytest.raises(mixer_fast.dispatch.BackendUnavailable, match="backend 'cpu' .*unavailable: not built yet"):
+        block(torch.randn(2, 16, 32))
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    block = mixer_fast.MixerBlock(32, 16)
+    x = torch.randn(2, 16, 32)
+    monkeypatch.setenv("MIXER_FAST_BACKEND", "reference")
+    block(x)
+    monkeypatch.setenv("MIXER_FAST_BACKEND", "triton")
+    with pytest.raises(mixer_fast.dispatch.BackendUnavailable, match="backend 'triton'"):
+        block(x)
+    # The argument beats the environment variable.
+    mixer_fast.MixerBlock(32, 16, backend="reference")(x)

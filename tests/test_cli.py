@@ -1,0 +1,66 @@
+"""The ``mixer-fast`` command: info and demo (the README's main job), through the installed script."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import IN_CI
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("MIXER_FAST_BACKEND", None)
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def script() -> str:
+    path = shutil.which("mixer-fast") or os.path.join(os.path.dirname(sys.executable), "mixer-fast")
+    if not os.path.exists(path):
+        if IN_CI:
+            pytest.fail("the mixer-fast console script is not installed")
+        pytest.skip("mixer-fast console script not installed (pip install -e .)")
+    return path
+
+
+def test_info_lists_every_backend_with_reason():
+    r = run(script(), "info")
+    assert r.returncode == 0, r.stderr
+    lines = {tuple(line.split()[:2]) for line in r.stdout.splitlines() if line.startswith("  ")}
+    assert ("reference", "loaded") in lines
+    for name in ("triton", "cpu", "pallas", "xla"):
+        assert (name, "unavailable") in lines, r.stdout
+    assert r.stdout.count("not built yet") == 5, r.stdout
+
+
+def test_python_dash_m_is_the_same_command():
+    r = run(sys.executable, "-m", "mixer_fast", "info")
+    assert r.returncode == 0 and "reference  loaded" in r.stdout, r.stdout + r.stderr
+    r = run(sys.executable, "-m", "mixer_fast")
+    assert r.returncode == 2 and "usage: mixer-fast" in r.stdout
+
+
+def test_bad_arguments_are_rejected():
+    r = run(sys.executable, "-m", "mixer_fast", "demo", "--batch", "0")
+    assert r.returncode == 2 and "--batch and --iters must be at least 1" in r.stderr
+    r = run(sys.executable, "-m", "mixer_fast", "demo", "--model", "vit_b16", "--no-compile")
+    assert r.returncode != 0 and "name: expected one of" in r.stderr
+
+
+def test_demo_small_resmlp():
+    r = run(script(), "demo", "--model", "resmlp_12", "--batch", "1", "--iters", "1", "--no-compile")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "only the reference backend runs here" in r.stdout
+    assert "mixer_fast [reference]" in r.stdout and "OK: mixer_fast logits match" in r.stdout
+
+
+def test_demo_default_is_the_readme_main_job():
+    # Exactly what the README's first command runs: Mixer-B/16, eager vs converted vs torch.compile.
+    r = run(script(), "demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "mixer_b16" in out and "torch.compile (unconverted)" in out and "speed-up" in out
+    assert "OK: mixer_fast logits match the unconverted model" in out

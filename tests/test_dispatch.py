@@ -1,0 +1,94 @@
+"""Backend registry and choice: argument > MIXER_FAST_BACKEND > best available; explicit failures raise."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+import mixer_fast
+from mixer_fast import dispatch
+
+
+def test_available_backends_lists_only_what_loads():
+    assert mixer_fast.available_backends() == ["reference"]
+    assert mixer_fast.available_backends("jax") == []
+    with pytest.raises(ValueError, match=r"framework: expected one of \['torch', 'jax'\], got 'tf'"):
+        mixer_fast.available_backends("tf")
+
+
+def test_status_gives_reasons():
+    rows = {(s.framework, s.name): (ok, reason) for s, ok, reason in dispatch.status()}
+    assert rows[("torch", "reference")] == (True, "")
+    for key in [("torch", "triton"), ("torch", "cpu"), ("jax", "pallas"), ("jax", "triton"), ("jax", "xla")]:
+        ok, reason = rows[key]
+        assert not ok and reason.startswith("not built yet"), (key, reason)
+
+
+def test_automatic_choice_falls_through_to_reference():
+    assert dispatch.choose("torch", "cpu").name == "reference"
+    assert dispatch.choose("torch", "cuda").name == "reference"
+
+
+def test_explicit_choice_raises_saying_why():
+    with pytest.raises(dispatch.BackendUnavailable, match="backend 'triton' \\(torch\\) is unavailable: not built yet"):
+        dispatch.choose("torch", "cpu", "triton")
+    with pytest.raises(ValueError, match="backend: 'cpu' runs on cpu tensors, but the input is on cuda"):
+        dispatch.choose("torch", "cuda", "cpu")
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    assert dispatch.requested_backend(None, "torch") == "reference"
+    assert dispatch.requested_backend("triton", "torch") == "triton"  # the argument wins
+    monkeypatch.setenv(dispatch.ENV_VAR, "pallas")  # a JAX backend: torch ignores it
+    assert dispatch.requested_backend(None, "torch") is None
+    assert dispatch.requested_backend(None, "jax") == "pallas"
+    monkeypatch.setenv(dispatch.ENV_VAR, "cudnn")
+    with pytest.raises(ValueError, match="MIXER_FAST_BACKEND: expected one of .* or unset, got 'cudnn'"):
+        dispatch.requested_backend(None, "torch")
+    monkeypatch.setenv(dispatch.ENV_VAR, "  ")
+    assert dispatch.requested_backend(None, "torch") is None
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    """A loadable 'triton' without dropout, in place of the real (unbuilt) module."""
+    module = types.ModuleType("fake_triton_backend")
+    module.load = lambda: types.SimpleNamespace(name="triton", features=frozenset())
+    monkeypatch.setitem(sys.modules, "mixer_fast.torch.triton_backend", module)
+    monkeypatch.setattr(dispatch, "_loaded", {})
+    monkeypatch.setattr(dispatch, "_failed", {})
+    return module
+
+
+def test_needs_are_checked(fake_backend):
+    assert dispatch.choose("torch", "cuda").name == "triton"
+    # Automatic: a backend lacking a needed feature is passed over.
+    assert dispatch.choose("torch", "cuda", needs={"dropout"}).name == "reference"
+    # Explicit: it is an error, not a silent fallback.
+    with pytest.raises(NotImplementedError, match="backend 'triton' does not support dropout"):
+        dispatch.choose("torch", "cuda", "triton", needs={"dropout"})
+
+
+def test_missing_dependency_reason(monkeypatch):
+    def load():
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    module = types.ModuleType("broken")
+    module.load = load
+    monkeypatch.setitem(sys.modules, "mixer_fast.torch.triton_backend", module)
+    monkeypatch.setattr(dispatch, "_loaded", {})
+    monkeypatch.setattr(dispatch, "_failed", {})
+    with pytest.raises(dispatch.BackendUnavailable, match="unavailable: triton is not installed"):
+        dispatch.load("triton")
+    assert "triton" not in dispatch.available_backends()
+
+
+def test_import_is_light():
+    code = ("import sys, mixer_fast; "
+            "heavy = [m for m in ('torch', 'triton', 'jax', 'timm', 'mixer_fast._C') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
