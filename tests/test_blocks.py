@@ -174,3 +174,22 @@ def test_environment_variable_selects_backend(monkeypatch):
         block(x)
     # The argument beats the environment variable.
     mixer_fast.MixerBlock(32, 16, backend="reference")(x)
+
+
+@pytest.mark.parametrize("name", ["mixer_s32", "resmlp_12"])
+def test_convert_reference_model(name):
+    theirs = perturb_(ref.create_model(name, num_classes=10)).eval()
+    ours = mixer_fast.convert(ref.create_model(name, num_classes=10).eval(), strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    fused = mixer_fast.MixerBlock if name.startswith("mixer") else mixer_fast.ResMLPBlock
+    assert all(type(b) is fused for b in ours.blocks) and not ours.training
+    x = torch.randn(2, 3, 224, 224)
+    assert max_err(ours(x), theirs(x)) == 0.0
+
+
+def test_convert_sets_backend_on_fused_blocks_and_rejects_non_modules():
+    model = nn.Sequential(mixer_fast.MixerBlock(32, 16))
+    mixer_fast.convert(model, backend="reference")
+    assert model[0].backend == "reference"
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got dict"):
+        mixer_fast.convert({})

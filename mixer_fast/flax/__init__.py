@@ -1,1 +1,1 @@
-"""Flax linen modules (issue 5: not part of this version yet)."""
+"""Flax linen modules (`mixer_fast.flax.MixerBlock`): not built yet in this version."""

@@ -1,1 +1,1 @@
-"""JAX functional ops with custom_vjp (issue 5: not part of this version yet)."""
+"""JAX functional ops with custom_vjp and the JAX backends: not built yet in this version."""
