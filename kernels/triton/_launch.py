@@ -1,0 +1,43 @@
+"""Launch helpers shared by the Triton ops: compile-or-interpret mode, dot precision, block sizes.
+
+The mode is per process and fixed when triton is first imported: Triton's interpreter
+(TRITON_INTERPRET=1) turns every @triton.jit function, Triton's own included, into Python, so it cannot
+be switched per call. mixer_fast.torch.triton_backend sets it on machines without a CUDA device.
+"""
+import os
+from typing import Optional
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_TL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """tl.dot input precision: exact fp32 ("ieee") unless TF32 is opted into; irrelevant for 16-bit."""
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """Whether dot operands are widened to fp32 before tl.dot: only in the interpreter, whose bf16 dot
+    is wrong (the products of 16-bit floats are exact in fp32, so the result is what the GPU computes)."""
+    return INTERPRET
+
+
+def pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+def check_device(t: torch.Tensor) -> None:
+    if INTERPRET and t.device.type != "cpu":
+        raise ValueError(f"x: the Triton interpreter runs on CPU tensors, got one on {t.device}")
+    if not INTERPRET and t.device.type != "cuda":
+        raise ValueError(f"x: compiled Triton kernels need CUDA tensors, got one on {t.device}")
+    if t.dtype not in _TL_DTYPES:
+        raise TypeError(f"x: the triton backend supports {', '.join(map(str, _TL_DTYPES))}, got {t.dtype}")
+
+
+def vec_or(v: Optional[torch.Tensor], n: int, fill: float, like: torch.Tensor) -> torch.Tensor:
+    """v itself, or a length-n vector of ``fill`` (for a missing LayerNorm/Affine weight or bias)."""
+    return v if v is not None else torch.full((n,), fill, dtype=like.dtype, device=like.device)

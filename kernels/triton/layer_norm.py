@@ -1,0 +1,137 @@
+"""LayerNorm pieces that the mixing ops share: per-token statistics, and the row-wise backward.
+
+The fused ops apply LayerNorm while loading tiles, but the statistics span all C channels of a token
+while the GEMMs tile C, so they are computed once here (fp32 mean and 1/std per token) and read back.
+The backward needs two sums over all C per token, so it runs once the GEMMs have produced dL/dLN(x).
+Tokens are addressed as row r → (r // S, r % S) of a (B, S, C) tensor with arbitrary strides.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def ln_stats_kernel(
+    x_ptr, mean_ptr, rstd_ptr, R, S, C, eps,
+    sxb, sxs, sxc,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    r64 = rows.to(tl.int64)
+    base = (r64 // S) * sxb + (r64 % S) * sxs
+    # Two passes (mean, then squared deviations): the one-pass E[x²] − E[x]² loses digits when |mean| ≫ std.
+    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        m = mask_r[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + base[:, None] + cols.to(tl.int64)[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
+        total += tl.sum(x, axis=1)
+    mean = total / C
+    sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        m = mask_r[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + base[:, None] + cols.to(tl.int64)[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
+        d = tl.where(m, x - mean[:, None], 0.0)
+        sq += tl.sum(d * d, axis=1)
+    rstd = 1.0 / tl.sqrt(sq / C + eps)
+    tl.store(mean_ptr + rows, mean, mask=mask_r)
+    tl.store(rstd_ptr + rows, rstd, mask=mask_r)
+
+
+@triton.jit
+def ln_backward_kernel(
+    g_ptr, x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, dw_part_ptr, db_part_ptr,
+    R, S, C,
+    sgr, sgc, sxb, sxs, sxc, syb, sys, syc, sdb, sds, sdc,
+    HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx = dy + rstd · (ĝ − mean_c(ĝ) − x̂ · mean_c(ĝ · x̂)), ĝ = g · w, per token; and this program's
+    partial sums over its rows of g · x̂ and g (the LayerNorm weight and bias gradients), one row of
+    ``dw_part`` / ``db_part`` per program, summed afterwards in a fixed order (deterministic)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    r64 = rows.to(tl.int64)
+    x_base = (r64 // S) * sxb + (r64 % S) * sxs
+    y_base = (r64 // S) * syb + (r64 % S) * sys
+    d_base = (r64 // S) * sdb + (r64 % S) * sds
+    g_base = r64 * sgr
+    mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
+    sum_g = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    sum_gx = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c64 = cols.to(tl.int64)
+        m = mask_r[:, None] & (cols < C)[None, :]
+        g = tl.load(g_ptr + g_base[:, None] + c64[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_base[:, None] + c64[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
+        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_W:
+            g = g * tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+        sum_g += tl.sum(g, axis=1)
+        sum_gx += tl.sum(g * xhat, axis=1)
+    mean_g = sum_g / C
+    mean_gx = sum_gx / C
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c64 = cols.to(tl.int64)
+        mask_c = cols < C
+        m = mask_r[:, None] & mask_c[None, :]
+        g = tl.load(g_ptr + g_base[:, None] + c64[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_base[:, None] + c64[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + y_base[:, None] + c64[None, :] * syc, mask=m, other=0.0).to(tl.float32)
+        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+        tl.store(dw_part_ptr + pid * C + cols, tl.sum(g * xhat, axis=0), mask=mask_c)
+        tl.store(db_part_ptr + pid * C + cols, tl.sum(g, axis=0), mask=mask_c)
+        if HAS_W:
+            g = g * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        dx = dy + rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+        tl.store(dx_ptr + d_base[:, None] + c64[None, :] * sdc, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+
+from typing import Optional, Tuple  # noqa: E402
+
+import torch  # noqa: E402
+
+from . import _launch  # noqa: E402
+
+_ROWS = 16
+
+
+def _block_c(C: int) -> int:
+    return min(_launch.pow2(C), 128 if _launch.INTERPRET else 1024)
+
+
+def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token mean and 1/std over C of x (B, S, C), each fp32 (B·S,)."""
+    B, S, C = x.shape
+    R = B * S
+    mean = torch.empty(R, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(R, device=x.device, dtype=torch.float32)
+    if R:
+        ln_stats_kernel[(triton.cdiv(R, _ROWS),)](
+            x, mean, rstd, R, S, C, eps, *x.stride(), BLOCK_R=_ROWS, BLOCK_C=_block_c(C))
+    return mean, rstd
+
+
+def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        weight: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx = dy + LayerNorm-backward(g) for x (B, S, C), g = dL/dLN(x) fp32 (B·S, C); returns
+    (dx (B, S, C) in x's dtype, dweight (C,) fp32, dbias (C,) fp32)."""
+    B, S, C = x.shape
+    R = B * S
+    programs = triton.cdiv(R, _ROWS)
+    dx = torch.empty((B, S, C), device=x.device, dtype=x.dtype)
+    dw_part = torch.empty((programs, C), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((programs, C), device=x.device, dtype=torch.float32)
+    if R:
+        ln_backward_kernel[(programs,)](
+            g, x, dy, dx, mean, rstd, weight if weight is not None else mean, dw_part, db_part,
+            R, S, C, *g.stride(), *x.stride(), *dy.stride(), *dx.stride(),
+            HAS_W=weight is not None, BLOCK_R=_ROWS, BLOCK_C=_block_c(C))
+    return dx, dw_part.sum(0), db_part.sum(0)

@@ -1,0 +1,266 @@
+"""One GEMM kernel with the prologues and epilogues that the mixing ops ride on.
+
+    out[m, n] = epilogue( Σ_k  pro_A(A)[m, k] · pro_B(B)[k, n] )
+
+Every operand index is decomposed as ``i → (i // inner) * stride_outer + (i % inner) * stride_inner``, so
+an axis can span two tensor dims, e.g. the token axis (b, s) of a (B, S, C) tensor with arbitrary
+strides, or a (b, c) axis for ResMLP's per-image token linear. No input is ever copied to make it
+contiguous and no transpose is materialised. Offsets are computed in int64.
+
+Prologues (applied to each loaded tile in fp32, then rounded to the operand dtype, as eager does):
+    A: 0 none | 1 LayerNorm (row stats per m, weight/bias per k) | 2 affine (per k)
+    B: 0 none | 1 LayerNorm (stats per k, weight/bias per n) | 2 affine (per n) | 3 affine (per k) | 4 GELU
+       | 5 LayerNorm for the per-image token linear (stats of token (n // inner, k), weight/bias per n)
+Epilogue, in order: + bias (per n, or per m), GELU (storing the pre-activation to ``aux``) or × GELU'(aux),
+store the branch to ``aux``, × scale[n % inner], × sample_scale[sample], + residual.
+"""
+import triton
+import triton.language as tl
+
+from .activations import gelu, gelu_grad
+
+
+@triton.jit
+def _offsets(i, inner, stride_outer, stride_inner):
+    i = i.to(tl.int64)
+    return (i // inner) * stride_outer + (i % inner) * stride_inner
+
+
+@triton.jit
+def fused_matmul_kernel(
+    a_ptr, b_ptr, out_ptr, aux_ptr, res_ptr,
+    a_mean_ptr, a_rstd_ptr, a_w_ptr, a_b_ptr,
+    b_mean_ptr, b_rstd_ptr, b_w_ptr, b_b_ptr,
+    bias_ptr, scale_ptr, ss_ptr,
+    M, N, K,
+    a_mi, a_smo, a_smi, a_ki, a_sko, a_ski,
+    b_ki, b_sko, b_ski, b_ni, b_sno, b_sni,
+    o_mi, o_smo, o_smi, o_ni, o_sno, o_sni,
+    x_smo, x_smi, x_sno, x_sni,
+    r_smo, r_smi, r_sno, r_sni,
+    A_PRO: tl.constexpr, B_PRO: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_ON_M: tl.constexpr,
+    EPI_GELU: tl.constexpr, EPI_GELU_GRAD: tl.constexpr, STORE_BRANCH: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SS: tl.constexpr, SS_ON_N: tl.constexpr, HAS_RES: tl.constexpr,
+    APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles share each column of B while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    a_row = _offsets(rm, a_mi, a_smo, a_smi)
+    b_col = _offsets(rn, b_ni, b_sno, b_sni)
+    if A_PRO == 1:
+        a_mean = tl.load(a_mean_ptr + rm, mask=mask_m, other=0.0)
+        a_rstd = tl.load(a_rstd_ptr + rm, mask=mask_m, other=0.0)
+    if B_PRO == 1 or B_PRO == 2 or B_PRO == 5:
+        b_wn = tl.load(b_w_ptr + rn % b_ni, mask=mask_n, other=0.0).to(tl.float32)
+        b_bn = tl.load(b_b_ptr + rn % b_ni, mask=mask_n, other=0.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = rk < K
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        b_mask = mask_k[:, None] & mask_n[None, :]
+        a = tl.load(a_ptr + a_row[:, None] + _offsets(rk, a_ki, a_sko, a_ski)[None, :], mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + _offsets(rk, b_ki, b_sko, b_ski)[:, None] + b_col[None, :], mask=b_mask, other=0.0)
+        if A_PRO != 0:
+            af = a.to(tl.float32)
+            wk = tl.load(a_w_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
+            bk = tl.load(a_b_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
+            if A_PRO == 1:
+                af = (af - a_mean[:, None]) * a_rstd[:, None]
+            af = af * wk[None, :] + bk[None, :]
+            a = tl.where(a_mask, af, 0.0).to(a_ptr.dtype.element_ty)
+        if B_PRO != 0:
+            bf = b.to(tl.float32)
+            if B_PRO == 1:
+                mk = tl.load(b_mean_ptr + rk, mask=mask_k, other=0.0)
+                sk = tl.load(b_rstd_ptr + rk, mask=mask_k, other=0.0)
+                bf = (bf - mk[:, None]) * sk[:, None] * b_wn[None, :] + b_bn[None, :]
+            elif B_PRO == 2:
+                bf = bf * b_wn[None, :] + b_bn[None, :]
+            elif B_PRO == 5:
+                # Per-image token linear (ResMLP layout) with LayerNorm: B[k = token, n = (image, channel)]
+                # needs the stats of token (n // b_ni, k).
+                st = (rn // b_ni).to(tl.int64)[None, :] * K + rk[:, None]
+                mk = tl.load(b_mean_ptr + st, mask=b_mask, other=0.0)
+                sk = tl.load(b_rstd_ptr + st, mask=b_mask, other=0.0)
+                bf = (bf - mk) * sk * b_wn[None, :] + b_bn[None, :]
+            elif B_PRO == 3:
+                wk = tl.load(b_w_ptr + rk % b_ki, mask=mask_k, other=0.0).to(tl.float32)
+                bk = tl.load(b_b_ptr + rk % b_ki, mask=mask_k, other=0.0).to(tl.float32)
+                bf = bf * wk[:, None] + bk[:, None]
+            else:
+                bf = gelu(bf, APPROX_TANH)
+            b = tl.where(b_mask, bf, 0.0).to(b_ptr.dtype.element_ty)
+        if UPCAST:  # Triton's interpreter mis-multiplies bf16 dots; products of bf16/fp16 are exact in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        if BIAS_ON_M:
+            acc += tl.load(bias_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+        else:
+            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    o_row = _offsets(rm, o_mi, o_smo, o_smi)
+    o_col = _offsets(rn, o_ni, o_sno, o_sni)
+    x_off = _offsets(rm, o_mi, x_smo, x_smi)[:, None] + _offsets(rn, o_ni, x_sno, x_sni)[None, :]
+    if EPI_GELU:
+        tl.store(aux_ptr + x_off, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+        acc = gelu(acc, APPROX_TANH)
+    if EPI_GELU_GRAD:
+        z = tl.load(aux_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        acc = acc * gelu_grad(z, APPROX_TANH)
+    if STORE_BRANCH:
+        tl.store(aux_ptr + x_off, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + rn % o_ni, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_SS:
+        if SS_ON_N:
+            acc *= tl.load(ss_ptr + rn // o_ni, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        else:
+            acc *= tl.load(ss_ptr + rm // o_mi, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    if HAS_RES:
+        r_off = _offsets(rm, o_mi, r_smo, r_smi)[:, None] + _offsets(rn, o_ni, r_sno, r_sni)[None, :]
+        acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + o_row[:, None] + o_col[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launcher
+
+from dataclasses import dataclass  # noqa: E402
+from typing import Optional, Sequence, Tuple  # noqa: E402
+
+import torch  # noqa: E402
+
+from . import _launch  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Axis:
+    """How one logical GEMM axis maps to memory: i → (i // inner) · outer + (i % inner) · stride."""
+
+    inner: int
+    outer: int
+    stride: int
+
+
+def flat(size: int, stride: int) -> Axis:
+    """A plain axis of ``size`` elements ``stride`` apart."""
+    return Axis(max(int(size), 1), 0, int(stride))
+
+
+def split(inner: int, outer_stride: int, inner_stride: int) -> Axis:
+    """An axis spanning two tensor dims: (outer, inner) with the inner dim of ``inner`` elements."""
+    return Axis(max(int(inner), 1), int(outer_stride), int(inner_stride))
+
+
+_DUMMY = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    if device not in _DUMMY:
+        _DUMMY[device] = torch.zeros(1, device=device)
+    return _DUMMY[device]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried by the autotuner on a GPU.
+GPU_CONFIGS: Sequence[Tuple[int, int, int, int, int]] = (
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 3),
+)
+INTERPRET_CONFIG = (32, 32, 32, 4, 1)
+AUTOTUNE_KEY = ["M", "N", "K", "A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "PRECISION"]
+_tuned = None
+
+
+def _kernel():
+    global _tuned
+    if _launch.INTERPRET:
+        return fused_matmul_kernel
+    if _tuned is None:
+        import triton as _triton
+
+        configs = [_triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
+                                  num_stages=s) for m, n, k, w, s in GPU_CONFIGS]
+        _tuned = _triton.autotune(configs, key=AUTOTUNE_KEY)(fused_matmul_kernel)
+    return _tuned
+
+
+def fused_matmul(
+    a: torch.Tensor, a_axes: Tuple[Axis, Axis], b: torch.Tensor, b_axes: Tuple[Axis, Axis],
+    out: torch.Tensor, out_axes: Tuple[Axis, Axis], M: int, N: int, K: int, *,
+    a_pro: int = 0, a_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    a_vec: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    b_pro: int = 0, b_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    b_vec: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    bias: Optional[torch.Tensor] = None, bias_on_m: bool = False,
+    aux: Optional[torch.Tensor] = None, aux_axes: Optional[Tuple[Axis, Axis]] = None,
+    epi_gelu: bool = False, epi_gelu_grad: bool = False, store_branch: bool = False,
+    scale: Optional[torch.Tensor] = None, ss: Optional[torch.Tensor] = None, ss_on_n: bool = False,
+    res: Optional[torch.Tensor] = None, res_axes: Optional[Tuple[Axis, Axis]] = None,
+    approximate: str = "none", allow_tf32: bool = False,
+) -> torch.Tensor:
+    """out[m, n] = epilogue(Σ_k pro_A(a)[m, k] · pro_B(b)[k, n]) (see the module docstring). ``aux`` and
+    ``res`` share ``out``'s axis decomposition (same ``inner``), with their own strides."""
+    if M == 0 or N == 0:
+        return out
+    dummy = _dummy(out.device)
+    am, ak = a_axes
+    bk, bn = b_axes
+    om, on = out_axes
+    xm, xn = aux_axes or out_axes
+    rm, rn = res_axes or out_axes
+    assert (xm.inner, xn.inner, rm.inner, rn.inner) == (om.inner, on.inner, om.inner, on.inner)
+    a_mean, a_rstd = a_stats or (dummy, dummy)
+    a_w, a_b = a_vec or (dummy, dummy)
+    b_mean, b_rstd = b_stats or (dummy, dummy)
+    b_w, b_b = b_vec or (dummy, dummy)
+    kernel = _kernel()
+    meta = dict(
+        A_PRO=a_pro, B_PRO=b_pro, HAS_BIAS=bias is not None, BIAS_ON_M=bias_on_m,
+        EPI_GELU=epi_gelu, EPI_GELU_GRAD=epi_gelu_grad, STORE_BRANCH=store_branch,
+        HAS_SCALE=scale is not None, HAS_SS=ss is not None, SS_ON_N=ss_on_n, HAS_RES=res is not None,
+        APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(a.dtype, allow_tf32),
+        UPCAST=_launch.upcast(a.dtype),
+    )
+    if _launch.INTERPRET:
+        bm, bn_, bk_, warps, stages = INTERPRET_CONFIG
+        meta.update(BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=8)
+        grid = (((M + bm - 1) // bm) * ((N + bn_ - 1) // bn_),)
+    else:
+        def grid(META):
+            return (((M + META["BLOCK_M"] - 1) // META["BLOCK_M"]) * ((N + META["BLOCK_N"] - 1) // META["BLOCK_N"]),)
+    kernel[grid](
+        a, b, out, aux if aux is not None else dummy, res if res is not None else dummy,
+        a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
+        bias if bias is not None else dummy, scale if scale is not None else dummy, ss if ss is not None else dummy,
+        M, N, K,
+        am.inner, am.outer, am.stride, ak.inner, ak.outer, ak.stride,
+        bk.inner, bk.outer, bk.stride, bn.inner, bn.outer, bn.stride,
+        om.inner, om.outer, om.stride, on.inner, on.outer, on.stride,
+        xm.outer, xm.stride, xn.outer, xn.stride,
+        rm.outer, rm.stride, rn.outer, rn.stride,
+        **meta,
+    )
+    return out

@@ -1,0 +1,368 @@
+"""Fused token-mixing MLP kernels: per image, LN → W1 · (·) + b1 → GELU → W2 · (·) + b2 → scale → + x.
+
+One program owns one image's S × BLOCK_C slab: the normalised slab is loaded once, and the hidden
+D_S × BLOCK_C tile lives only in registers/shared memory, one BLOCK_D slice at a time, so the hidden
+activations never reach global memory (forward or backward) and no transpose is materialised: the
+token MLP is a left-multiplication of the S × C table. S is padded to S_PAD, a power of two.
+
+Backward: ``token_mlp_dx_kernel`` (per image and channel slab) recomputes the hidden tile and produces
+dL/dLN(x); ``token_mlp_dw_kernel`` (per BLOCK_D slice of the hidden, over a share of the images)
+recomputes it again and accumulates dW1, dW2, db1 in registers, one partial per share, summed in a
+fixed order afterwards (deterministic: no atomics).
+"""
+import triton
+import triton.language as tl
+
+from .activations import gelu, gelu_grad
+
+
+@triton.jit
+def _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc):
+    mask = (offs_s < S)[:, None] & (offs_c < C)[None, :]
+    off = b.to(tl.int64) * sxb + offs_s.to(tl.int64)[:, None] * sxs + offs_c.to(tl.int64)[None, :] * sxc
+    return tl.load(x_ptr + off, mask=mask, other=0.0), mask, off
+
+
+@triton.jit
+def _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM: tl.constexpr):
+    """N(x) of a slab in fp32 (zero outside ``mask``): LayerNorm with stored stats, or ResMLP's affine."""
+    xf = x.to(tl.float32)
+    if NORM == 1:
+        rows = b.to(tl.int64) * S + offs_s
+        mean = tl.load(mean_ptr + rows, mask=offs_s < S, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=offs_s < S, other=0.0)
+        xf = (xf - mean[:, None]) * rstd[:, None]
+    w = tl.load(nw_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+    bias = tl.load(nb_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+    return tl.where(mask, xf * w[None, :] + bias[None, :], 0.0)
+
+
+@triton.jit
+def token_mlp_fwd_kernel(
+    x_ptr, out_ptr, branch_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale_ptr, ss_ptr,
+    S, C, D,
+    sxb, sxs, sxc, sob, sos, soc,
+    sw1d, sw1s, sw2s, sw2d,
+    NORM: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SS: tl.constexpr, STORE_BRANCH: tl.constexpr, APPROX_TANH: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    x, mask, x_off = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc)
+    xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM).to(x.dtype)
+    if UPCAST:  # Triton's interpreter mis-multiplies bf16 dots; bf16/fp16 products are exact in fp32
+        xn = xn.to(tl.float32)
+    acc = tl.zeros((S_PAD, BLOCK_C), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        w1 = tl.load(w1_ptr + offs_d[:, None] * sw1d + offs_s[None, :] * sw1s,
+                     mask=mask_d[:, None] & (offs_s < S)[None, :], other=0.0)
+        w2 = tl.load(w2_ptr + offs_s[:, None] * sw2s + offs_d[None, :] * sw2d,
+                     mask=(offs_s < S)[:, None] & mask_d[None, :], other=0.0)
+        if UPCAST:
+            w1 = w1.to(tl.float32)
+            w2 = w2.to(tl.float32)
+        z = tl.dot(w1, xn, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
+        if HAS_B1:
+            z += tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+        h = gelu(z, APPROX_TANH).to(x.dtype)
+        if UPCAST:
+            h = h.to(tl.float32)
+        acc = tl.dot(w2, h, acc, input_precision=PRECISION)  # padded rows of w2 are zero
+    if HAS_B2:
+        acc += tl.load(b2_ptr + offs_s, mask=offs_s < S, other=0.0).to(tl.float32)[:, None]
+    out_off = b.to(tl.int64) * sob + offs_s.to(tl.int64)[:, None] * sos + offs_c.to(tl.int64)[None, :] * soc
+    if STORE_BRANCH:
+        tl.store(branch_ptr + out_off, acc.to(branch_ptr.dtype.element_ty), mask=mask)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+    if HAS_SS:
+        acc *= tl.load(ss_ptr + b).to(tl.float32)
+    tl.store(out_ptr + out_off, (x.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def token_mlp_dx_kernel(
+    x_ptr, do_ptr, g_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
+    w1_ptr, b1_ptr, w2_ptr,
+    S, C, D,
+    sxb, sxs, sxc, sdb, sds, sdc,
+    sw1d, sw1s, sw2s, sw2d,
+    NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """g = dL/dN(x) = W1ᵀ · (GELU'(Z) ⊙ (W2ᵀ · dO)) for one image's slab, written in fp32 to ``g``
+    ((B·S, C) contiguous); dO = dL/d(branch before scale)."""
+    pid_c = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc)
+    xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM).to(x.dtype)
+    do, _, _ = _load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc)
+    if UPCAST:
+        xn = xn.to(tl.float32)
+        do = do.to(tl.float32)
+    g = tl.zeros((S_PAD, BLOCK_C), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        w1 = tl.load(w1_ptr + offs_d[:, None] * sw1d + offs_s[None, :] * sw1s,
+                     mask=mask_d[:, None] & (offs_s < S)[None, :], other=0.0)
+        w2t = tl.load(w2_ptr + offs_s[None, :] * sw2s + offs_d[:, None] * sw2d,
+                      mask=(offs_s < S)[None, :] & mask_d[:, None], other=0.0)  # W2ᵀ slice (BLOCK_D, S_PAD)
+        if UPCAST:
+            w1 = w1.to(tl.float32)
+            w2t = w2t.to(tl.float32)
+        z = tl.dot(w1, xn, input_precision=PRECISION)
+        if HAS_B1:
+            z += tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+        da = tl.dot(w2t, do, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
+        dz = (da * gelu_grad(z, APPROX_TANH)).to(x.dtype)
+        if UPCAST:
+            dz = dz.to(tl.float32)
+        g = tl.dot(tl.trans(w1), dz, g, input_precision=PRECISION)
+    g_off = (b.to(tl.int64) * S + offs_s.to(tl.int64))[:, None] * C + offs_c[None, :]
+    tl.store(g_ptr + g_off, g, mask=mask)
+
+
+@triton.jit
+def token_mlp_dw_kernel(
+    x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
+    w1_ptr, b1_ptr, w2_ptr, dw1_ptr, dw2_ptr, db1_ptr,
+    B, S, C, D, SPLITS,
+    sxb, sxs, sxc, sdb, sds, sdc,
+    sw1d, sw1s, sw2s, sw2d,
+    NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Partial dW1 (D, S), dW2 (S, D), db1 (D,) over images split, split + SPLITS, … for one BLOCK_D
+    slice, written to slot ``split`` of fp32 buffers shaped (SPLITS, …)."""
+    pid_d = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_s = offs_s < S
+    w1 = tl.load(w1_ptr + offs_d[:, None] * sw1d + offs_s[None, :] * sw1s,
+                 mask=mask_d[:, None] & mask_s[None, :], other=0.0)
+    w2t = tl.load(w2_ptr + offs_s[None, :] * sw2s + offs_d[:, None] * sw2d,
+                  mask=mask_s[None, :] & mask_d[:, None], other=0.0)
+    if UPCAST:
+        w1 = w1.to(tl.float32)
+        w2t = w2t.to(tl.float32)
+    if HAS_B1:
+        b1 = tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dw1 = tl.zeros((BLOCK_D, S_PAD), dtype=tl.float32)
+    dw2t = tl.zeros((BLOCK_D, S_PAD), dtype=tl.float32)
+    db1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    n_c = tl.cdiv(C, BLOCK_C)
+    for item in range(split, B * n_c, SPLITS):
+        b = item // n_c
+        offs_c = (item % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+        x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc)
+        xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM).to(x.dtype)
+        do, _, _ = _load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc)
+        if UPCAST:
+            xn = xn.to(tl.float32)
+            do = do.to(tl.float32)
+        z = tl.dot(w1, xn, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
+        if HAS_B1:
+            z += b1[:, None]
+        h = gelu(z, APPROX_TANH).to(x.dtype)
+        if UPCAST:
+            h = h.to(tl.float32)
+        dw2t = tl.dot(h, tl.trans(do), dw2t, input_precision=PRECISION)  # (BLOCK_D, S_PAD) = (dO · Hᵀ)ᵀ
+        da = tl.dot(w2t, do, input_precision=PRECISION)
+        dz = da * gelu_grad(z, APPROX_TANH)
+        dz = tl.where((offs_c < C)[None, :], dz, 0.0)
+        db1 += tl.sum(dz, axis=1)
+        dz = dz.to(x.dtype)
+        if UPCAST:
+            dz = dz.to(tl.float32)
+        dw1 = tl.dot(dz, tl.trans(xn), dw1, input_precision=PRECISION)
+    out_mask = mask_d[:, None] & mask_s[None, :]
+    base = split.to(tl.int64) * D * S
+    tl.store(dw1_ptr + base + offs_d[:, None] * S + offs_s[None, :], dw1, mask=out_mask)
+    tl.store(dw2_ptr + base + offs_s[None, :] * D + offs_d[:, None], dw2t, mask=out_mask)
+    tl.store(db1_ptr + split.to(tl.int64) * D + offs_d, db1, mask=mask_d)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+
+from typing import Dict, Optional, Tuple  # noqa: E402
+
+import torch  # noqa: E402
+
+from . import _launch  # noqa: E402
+from .layer_norm import layer_norm_backward, layer_norm_stats  # noqa: E402
+from .matmul import flat, fused_matmul, split  # noqa: E402
+
+Tensor = torch.Tensor
+NORMS = {"layernorm": 1, "affine": 2}
+
+
+def _blocks(S_PAD: int, D: int) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_D, num_warps) for the fused token MLP: keep the S_PAD × BLOCK_C accumulator at
+    ≤ 16K fp32 values (64 registers per thread at 8 warps)."""
+    block_c = max(16, min(64, 16384 // S_PAD))
+    block_d = 16 if _launch.INTERPRET else min(64, _launch.pow2(D))
+    return block_c, block_d, 8
+
+
+def _splits(n_d_tiles: int, work: int) -> int:
+    """Image shares for the dW kernel: enough programs to fill a GPU, each a deterministic partial."""
+    if _launch.INTERPRET:
+        return min(2, work)
+    return max(1, min(work, 264 // max(n_d_tiles, 1)))
+
+
+def token_mixing_forward(
+    x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor], *,
+    eps: float, approximate: str, norm: str, scale: Optional[Tensor], sample_scale: Optional[Tensor],
+    store_branch: bool, allow_tf32: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """x (B, S, C) → (out (B, S, C), mean, rstd (B·S,) fp32 or None, branch (B, S, C) or None).
+
+    ``branch`` is the MLP output before scale/sample_scale, kept only when ``store_branch`` (the
+    backward needs it for the gradient of ``scale``)."""
+    _launch.check_device(x)
+    B, S, C = x.shape
+    out = torch.empty((B, S, C), device=x.device, dtype=x.dtype)
+    branch = torch.empty_like(out) if store_branch else None
+    mean = rstd = None
+    if norm == "layernorm":
+        mean, rstd = layer_norm_stats(x, eps)
+    nw = _launch.vec_or(norm_weight, C, 1.0, x)
+    nb = _launch.vec_or(norm_bias, C, 0.0, x)
+    if B == 0:
+        return out, mean, rstd, branch
+    if fc2_weight is None:
+        # ResMLP: one S×S linear per image, out_b = x_b + scale·ss_b·(W · N(x_b) + bias) — a GEMM over
+        # M = S output tokens, N = (image, channel), K = S tokens, with the norm applied to the B tile.
+        xs = x.stride()
+        n_axis = split(C, xs[0], xs[2])
+        o_axes = (flat(S, out.stride(1)), split(C, out.stride(0), out.stride(2)))
+        fused_matmul(
+            fc1_weight, (flat(S, fc1_weight.stride(0)), flat(S, fc1_weight.stride(1))),
+            x, (flat(S, xs[1]), n_axis), out, o_axes, S, B * C, S,
+            b_pro=5 if norm == "layernorm" else 2, b_vec=(nw, nb),
+            b_stats=(mean, rstd) if mean is not None else None, bias=fc1_bias, bias_on_m=True,
+            aux=branch, aux_axes=o_axes if branch is not None else None, store_branch=store_branch,
+            scale=scale, ss=sample_scale, ss_on_n=True, res=x, res_axes=(flat(S, xs[1]), n_axis),
+            approximate=approximate, allow_tf32=allow_tf32)
+        return out, mean, rstd, branch
+    D = fc1_weight.shape[0]
+    S_PAD = _launch.pow2(S)
+    block_c, block_d, warps = _blocks(S_PAD, D)
+    dummy = nw
+    token_mlp_fwd_kernel[(triton.cdiv(C, block_c), B)](
+        x, out, branch if branch is not None else out, mean if mean is not None else nw,
+        rstd if rstd is not None else nw, nw, nb,
+        fc1_weight, fc1_bias if fc1_bias is not None else dummy, fc2_weight,
+        fc2_bias if fc2_bias is not None else dummy, scale if scale is not None else dummy,
+        sample_scale if sample_scale is not None else dummy,
+        S, C, D, *x.stride(), *out.stride(), *fc1_weight.stride(), *fc2_weight.stride(),
+        NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
+        HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
+        APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(x.dtype, allow_tf32),
+        UPCAST=_launch.upcast(x.dtype), S_PAD=S_PAD, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
+    return out, mean, rstd, branch
+
+
+def branch_grad(dout: Tensor, scale: Optional[Tensor], sample_scale: Optional[Tensor]) -> Tensor:
+    """dL/d(branch before scale) = dout · scale · sample_scale, in dout's dtype (dout itself if neither)."""
+    if scale is None and sample_scale is None:
+        return dout
+    g = dout.float()
+    if scale is not None:
+        g = g * scale.float()
+    if sample_scale is not None:
+        g = g * sample_scale.float().view(-1, 1, 1)
+    return g.to(dout.dtype)
+
+
+def norm_backward(g: Tensor, x: Tensor, dout: Tensor, norm_weight: Optional[Tensor], mean: Optional[Tensor],
+                  rstd: Optional[Tensor], norm: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dnorm_weight, dnorm_bias) from g = dL/dN(x) (B·S, C) fp32 and the residual's dout."""
+    if norm == "layernorm":
+        return layer_norm_backward(g, x, dout, mean, rstd, norm_weight)
+    B, S, C = x.shape
+    g3 = g.view(B, S, C)
+    w = norm_weight.float() if norm_weight is not None else 1.0
+    dx = (dout.float() + g3 * w).to(x.dtype)
+    return dx, (g3 * x.float()).sum((0, 1)), g3.sum((0, 1))
+
+
+def token_mixing_backward(
+    dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor],
+    mean: Optional[Tensor], rstd: Optional[Tensor], branch: Optional[Tensor], *, eps: float, approximate: str,
+    norm: str, scale: Optional[Tensor], sample_scale: Optional[Tensor], allow_tf32: bool = False,
+) -> Dict[str, Optional[Tensor]]:
+    """Gradients of token mixing for dout = dL/dout (B, S, C): keys x, norm_weight, norm_bias, fc1_weight,
+    fc1_bias, fc2_weight, fc2_bias, scale (fp32 for parameters; cast by the caller)."""
+    B, S, C = x.shape
+    grads: Dict[str, Optional[Tensor]] = {}
+    do = branch_grad(dout, scale, sample_scale)
+    nw = _launch.vec_or(norm_weight, C, 1.0, x)
+    nb = _launch.vec_or(norm_bias, C, 0.0, x)
+    g = torch.empty((B * S, C), device=x.device, dtype=torch.float32)
+    prec = _launch.precision(x.dtype, allow_tf32)
+    if scale is not None:
+        ss = sample_scale.float().view(-1, 1, 1) if sample_scale is not None else 1.0
+        grads["scale"] = (dout.float() * branch.float() * ss).sum((0, 1))
+    if fc2_weight is None:
+        ws, ds, xs = fc1_weight.stride(), do.stride(), x.stride()
+        fused_matmul(fc1_weight, (flat(S, ws[1]), flat(S, ws[0])), do, (flat(S, ds[1]), split(C, ds[0], ds[2])),
+                     g, (flat(S, C), split(C, S * C, 1)), S, B * C, S, allow_tf32=allow_tf32)
+        xn_src, b_pro, b_vec = x, 3, (nw, nb)
+        if norm == "layernorm":
+            # Rare combination (no named model uses it): normalise once here rather than add a kernel mode.
+            xn_src = torch.nn.functional.layer_norm(x, (C,), norm_weight, norm_bias, eps)
+            b_pro, b_vec = 0, None
+        xs = xn_src.stride()
+        dw = torch.empty((S, S), device=x.device, dtype=torch.float32)
+        fused_matmul(do, (flat(S, ds[1]), split(C, ds[0], ds[2])), xn_src, (split(C, xs[0], xs[2]), flat(S, xs[1])),
+                     dw, (flat(S, S), flat(S, 1)), S, S, B * C, b_pro=b_pro, b_vec=b_vec, allow_tf32=allow_tf32)
+        grads["fc1_weight"] = dw
+        grads["fc1_bias"] = do.float().sum((0, 2)) if fc1_bias is not None else None
+    else:
+        D = fc1_weight.shape[0]
+        S_PAD = _launch.pow2(S)
+        block_c, block_d, warps = _blocks(S_PAD, D)
+        stats = (mean, rstd) if mean is not None else (nw, nw)
+        common = dict(NORM=NORMS[norm], HAS_B1=fc1_bias is not None, APPROX_TANH=approximate == "tanh",
+                      PRECISION=prec, UPCAST=_launch.upcast(x.dtype), S_PAD=S_PAD, BLOCK_C=block_c,
+                      BLOCK_D=block_d, num_warps=warps)
+        b1 = fc1_bias if fc1_bias is not None else nw
+        if B:
+            token_mlp_dx_kernel[(triton.cdiv(C, block_c), B)](
+                x, do, g, *stats, nw, nb, fc1_weight, b1, fc2_weight, S, C, D, *x.stride(), *do.stride(),
+                *fc1_weight.stride(), *fc2_weight.stride(), **common)
+        n_d = triton.cdiv(D, block_d)
+        splits = max(1, _splits(n_d, B * triton.cdiv(C, block_c)))
+        dw1 = torch.zeros((splits, D, S), device=x.device, dtype=torch.float32)
+        dw2 = torch.zeros((splits, S, D), device=x.device, dtype=torch.float32)
+        db1 = torch.zeros((splits, D), device=x.device, dtype=torch.float32)
+        if B:
+            token_mlp_dw_kernel[(n_d, splits)](
+                x, do, *stats, nw, nb, fc1_weight, b1, fc2_weight, dw1, dw2, db1, B, S, C, D, splits,
+                *x.stride(), *do.stride(), *fc1_weight.stride(), *fc2_weight.stride(), **common)
+        grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
+        grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
+        grads["fc2_bias"] = do.float().sum((0, 2)) if fc2_bias is not None else None
+    grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
+    grads["norm_weight"] = dnw if norm_weight is not None else None
+    grads["norm_bias"] = dnb if norm_bias is not None else None
+    return grads
