@@ -19,12 +19,6 @@ def precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
 
-def upcast(dtype: torch.dtype) -> bool:
-    """Whether dot operands are widened to fp32 before tl.dot: only in the interpreter, whose bf16 dot
-    is wrong (the products of 16-bit floats are exact in fp32, so the result is what the GPU computes)."""
-    return INTERPRET
-
-
 def pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
 

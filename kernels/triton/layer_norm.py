@@ -8,6 +8,8 @@ Tokens are addressed as row r → (r // S, r % S) of a (B, S, C) tensor with arb
 import triton
 import triton.language as tl
 
+from .elementwise import round_to
+
 
 @triton.jit
 def ln_stats_kernel(
@@ -44,7 +46,7 @@ def ln_backward_kernel(
     g_ptr, x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, dw_part_ptr, db_part_ptr,
     R, S, C,
     sgr, sgc, sxb, sxs, sxc, syb, sys, syc, sdb, sds, sdc,
-    HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx = dy + rstd · (ĝ − mean_c(ĝ) − x̂ · mean_c(ĝ · x̂)), ĝ = g · w, per token; and this program's
     partial sums over its rows of g · x̂ and g (the LayerNorm weight and bias gradients), one row of
@@ -88,7 +90,7 @@ def ln_backward_kernel(
         if HAS_W:
             g = g * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         dx = dy + rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-        tl.store(dx_ptr + d_base[:, None] + c64[None, :] * sdc, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        tl.store(dx_ptr + d_base[:, None] + c64[None, :] * sdc, round_to(dx, dx_ptr.dtype.element_ty, INTERPRETER), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,5 +135,5 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, mean
         ln_backward_kernel[(programs,)](
             g, x, dy, dx, mean, rstd, weight if weight is not None else mean, dw_part, db_part,
             R, S, C, *g.stride(), *x.stride(), *dy.stride(), *dx.stride(),
-            HAS_W=weight is not None, BLOCK_R=_ROWS, BLOCK_C=_block_c(C))
+            HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=_ROWS, BLOCK_C=_block_c(C))
     return dx, dw_part.sum(0), db_part.sum(0)

@@ -11,13 +11,13 @@ Prologues (applied to each loaded tile in fp32, then rounded to the operand dtyp
     A: 0 none | 1 LayerNorm (row stats per m, weight/bias per k) | 2 affine (per k)
     B: 0 none | 1 LayerNorm (stats per k, weight/bias per n) | 2 affine (per n) | 3 affine (per k) | 4 GELU
        | 5 LayerNorm for the per-image token linear (stats of token (n // inner, k), weight/bias per n)
-Epilogue, in order: + bias (per n, or per m), GELU (storing the pre-activation to ``aux``) or × GELU'(aux),
-store the branch to ``aux``, × scale[n % inner], × sample_scale[sample], + residual.
+Epilogue, in order: + bias (per n, or per m), store to ``aux`` (the pre-activation, or the branch before
+scale), GELU or × GELU'(aux), × scale[n % inner], × sample_scale[sample], + residual.
 """
 import triton
 import triton.language as tl
 
-from .activations import gelu, gelu_grad
+from .elementwise import gelu, gelu_grad, round_to
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def fused_matmul_kernel(
     HAS_BIAS: tl.constexpr, BIAS_ON_M: tl.constexpr,
     EPI_GELU: tl.constexpr, EPI_GELU_GRAD: tl.constexpr, STORE_BRANCH: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SS: tl.constexpr, SS_ON_N: tl.constexpr, HAS_RES: tl.constexpr,
-    APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each column of B while it is in L2.
@@ -83,7 +83,7 @@ def fused_matmul_kernel(
             if A_PRO == 1:
                 af = (af - a_mean[:, None]) * a_rstd[:, None]
             af = af * wk[None, :] + bk[None, :]
-            a = tl.where(a_mask, af, 0.0).to(a_ptr.dtype.element_ty)
+            a = round_to(tl.where(a_mask, af, 0.0), a_ptr.dtype.element_ty, INTERPRETER)
         if B_PRO != 0:
             bf = b.to(tl.float32)
             if B_PRO == 1:
@@ -105,8 +105,8 @@ def fused_matmul_kernel(
                 bf = bf * wk[:, None] + bk[:, None]
             else:
                 bf = gelu(bf, APPROX_TANH)
-            b = tl.where(b_mask, bf, 0.0).to(b_ptr.dtype.element_ty)
-        if UPCAST:  # Triton's interpreter mis-multiplies bf16 dots; products of bf16/fp16 are exact in fp32
+            b = round_to(tl.where(b_mask, bf, 0.0), b_ptr.dtype.element_ty, INTERPRETER)
+        if INTERPRETER:  # Triton's interpreter mis-multiplies bf16 dots; products of bf16/fp16 are exact in fp32
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -120,14 +120,13 @@ def fused_matmul_kernel(
     o_row = _offsets(rm, o_mi, o_smo, o_smi)
     o_col = _offsets(rn, o_ni, o_sno, o_sni)
     x_off = _offsets(rm, o_mi, x_smo, x_smi)[:, None] + _offsets(rn, o_ni, x_sno, x_sni)[None, :]
+    if STORE_BRANCH:  # the pre-activation (with EPI_GELU) or the branch before scale
+        tl.store(aux_ptr + x_off, round_to(acc, aux_ptr.dtype.element_ty, INTERPRETER), mask=mask)
     if EPI_GELU:
-        tl.store(aux_ptr + x_off, acc.to(aux_ptr.dtype.element_ty), mask=mask)
         acc = gelu(acc, APPROX_TANH)
     if EPI_GELU_GRAD:
         z = tl.load(aux_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
         acc = acc * gelu_grad(z, APPROX_TANH)
-    if STORE_BRANCH:
-        tl.store(aux_ptr + x_off, acc.to(aux_ptr.dtype.element_ty), mask=mask)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + rn % o_ni, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_SS:
@@ -138,7 +137,7 @@ def fused_matmul_kernel(
     if HAS_RES:
         r_off = _offsets(rm, o_mi, r_smo, r_smi)[:, None] + _offsets(rn, o_ni, r_sno, r_sni)[None, :]
         acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + o_row[:, None] + o_col[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + o_row[:, None] + o_col[None, :], round_to(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,7 +241,7 @@ def fused_matmul(
         EPI_GELU=epi_gelu, EPI_GELU_GRAD=epi_gelu_grad, STORE_BRANCH=store_branch,
         HAS_SCALE=scale is not None, HAS_SS=ss is not None, SS_ON_N=ss_on_n, HAS_RES=res is not None,
         APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(a.dtype, allow_tf32),
-        UPCAST=_launch.upcast(a.dtype),
+        INTERPRETER=_launch.INTERPRET,
     )
     if _launch.INTERPRET:
         bm, bn_, bk_, warps, stages = INTERPRET_CONFIG

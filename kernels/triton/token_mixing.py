@@ -13,7 +13,7 @@ fixed order afterwards (deterministic: no atomics).
 import triton
 import triton.language as tl
 
-from .activations import gelu, gelu_grad
+from .elementwise import gelu, gelu_grad, round_to
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def token_mlp_fwd_kernel(
     sw1d, sw1s, sw2s, sw2d,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SS: tl.constexpr, STORE_BRANCH: tl.constexpr, APPROX_TANH: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -54,8 +54,9 @@ def token_mlp_fwd_kernel(
     offs_s = tl.arange(0, S_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     x, mask, x_off = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc)
-    xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM).to(x.dtype)
-    if UPCAST:  # Triton's interpreter mis-multiplies bf16 dots; bf16/fp16 products are exact in fp32
+    xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
+    xn = round_to(xn, x.dtype, INTERPRETER)
+    if INTERPRETER:  # Triton's interpreter mis-multiplies bf16 dots; bf16/fp16 products are exact in fp32
         xn = xn.to(tl.float32)
     acc = tl.zeros((S_PAD, BLOCK_C), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -65,26 +66,26 @@ def token_mlp_fwd_kernel(
                      mask=mask_d[:, None] & (offs_s < S)[None, :], other=0.0)
         w2 = tl.load(w2_ptr + offs_s[:, None] * sw2s + offs_d[None, :] * sw2d,
                      mask=(offs_s < S)[:, None] & mask_d[None, :], other=0.0)
-        if UPCAST:
+        if INTERPRETER:
             w1 = w1.to(tl.float32)
             w2 = w2.to(tl.float32)
         z = tl.dot(w1, xn, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
         if HAS_B1:
             z += tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-        h = gelu(z, APPROX_TANH).to(x.dtype)
-        if UPCAST:
+        h = round_to(gelu(z, APPROX_TANH), x.dtype, INTERPRETER)
+        if INTERPRETER:
             h = h.to(tl.float32)
         acc = tl.dot(w2, h, acc, input_precision=PRECISION)  # padded rows of w2 are zero
     if HAS_B2:
         acc += tl.load(b2_ptr + offs_s, mask=offs_s < S, other=0.0).to(tl.float32)[:, None]
     out_off = b.to(tl.int64) * sob + offs_s.to(tl.int64)[:, None] * sos + offs_c.to(tl.int64)[None, :] * soc
     if STORE_BRANCH:
-        tl.store(branch_ptr + out_off, acc.to(branch_ptr.dtype.element_ty), mask=mask)
+        tl.store(branch_ptr + out_off, round_to(acc, branch_ptr.dtype.element_ty, INTERPRETER), mask=mask)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
     if HAS_SS:
         acc *= tl.load(ss_ptr + b).to(tl.float32)
-    tl.store(out_ptr + out_off, (x.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_off, round_to(x.to(tl.float32) + acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 @triton.jit
@@ -95,7 +96,7 @@ def token_mlp_dx_kernel(
     sxb, sxs, sxc, sdb, sds, sdc,
     sw1d, sw1s, sw2s, sw2d,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """g = dL/dN(x) = W1ᵀ · (GELU'(Z) ⊙ (W2ᵀ · dO)) for one image's slab, written in fp32 to ``g``
@@ -105,9 +106,10 @@ def token_mlp_dx_kernel(
     offs_s = tl.arange(0, S_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc)
-    xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM).to(x.dtype)
+    xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
+    xn = round_to(xn, x.dtype, INTERPRETER)
     do, _, _ = _load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc)
-    if UPCAST:
+    if INTERPRETER:
         xn = xn.to(tl.float32)
         do = do.to(tl.float32)
     g = tl.zeros((S_PAD, BLOCK_C), dtype=tl.float32)
@@ -118,15 +120,15 @@ def token_mlp_dx_kernel(
                      mask=mask_d[:, None] & (offs_s < S)[None, :], other=0.0)
         w2t = tl.load(w2_ptr + offs_s[None, :] * sw2s + offs_d[:, None] * sw2d,
                       mask=(offs_s < S)[None, :] & mask_d[:, None], other=0.0)  # W2ᵀ slice (BLOCK_D, S_PAD)
-        if UPCAST:
+        if INTERPRETER:
             w1 = w1.to(tl.float32)
             w2t = w2t.to(tl.float32)
         z = tl.dot(w1, xn, input_precision=PRECISION)
         if HAS_B1:
             z += tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
         da = tl.dot(w2t, do, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
-        dz = (da * gelu_grad(z, APPROX_TANH)).to(x.dtype)
-        if UPCAST:
+        dz = round_to(da * gelu_grad(z, APPROX_TANH), x.dtype, INTERPRETER)
+        if INTERPRETER:
             dz = dz.to(tl.float32)
         g = tl.dot(tl.trans(w1), dz, g, input_precision=PRECISION)
     g_off = (b.to(tl.int64) * S + offs_s.to(tl.int64))[:, None] * C + offs_c[None, :]
@@ -141,7 +143,7 @@ def token_mlp_dw_kernel(
     sxb, sxs, sxc, sdb, sds, sdc,
     sw1d, sw1s, sw2s, sw2d,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial dW1 (D, S), dW2 (S, D), db1 (D,) over images split, split + SPLITS, … for one BLOCK_D
@@ -156,7 +158,7 @@ def token_mlp_dw_kernel(
                  mask=mask_d[:, None] & mask_s[None, :], other=0.0)
     w2t = tl.load(w2_ptr + offs_s[None, :] * sw2s + offs_d[:, None] * sw2d,
                   mask=mask_s[None, :] & mask_d[:, None], other=0.0)
-    if UPCAST:
+    if INTERPRETER:
         w1 = w1.to(tl.float32)
         w2t = w2t.to(tl.float32)
     if HAS_B1:
@@ -169,24 +171,25 @@ def token_mlp_dw_kernel(
         b = item // n_c
         offs_c = (item % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
         x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc)
-        xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM).to(x.dtype)
+        xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
+        xn = round_to(xn, x.dtype, INTERPRETER)
         do, _, _ = _load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc)
-        if UPCAST:
+        if INTERPRETER:
             xn = xn.to(tl.float32)
             do = do.to(tl.float32)
         z = tl.dot(w1, xn, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
         if HAS_B1:
             z += b1[:, None]
-        h = gelu(z, APPROX_TANH).to(x.dtype)
-        if UPCAST:
+        h = round_to(gelu(z, APPROX_TANH), x.dtype, INTERPRETER)
+        if INTERPRETER:
             h = h.to(tl.float32)
         dw2t = tl.dot(h, tl.trans(do), dw2t, input_precision=PRECISION)  # (BLOCK_D, S_PAD) = (dO · Hᵀ)ᵀ
         da = tl.dot(w2t, do, input_precision=PRECISION)
         dz = da * gelu_grad(z, APPROX_TANH)
         dz = tl.where((offs_c < C)[None, :], dz, 0.0)
         db1 += tl.sum(dz, axis=1)
-        dz = dz.to(x.dtype)
-        if UPCAST:
+        dz = round_to(dz, x.dtype, INTERPRETER)
+        if INTERPRETER:
             dz = dz.to(tl.float32)
         dw1 = tl.dot(dz, tl.trans(xn), dw1, input_precision=PRECISION)
     out_mask = mask_d[:, None] & mask_s[None, :]
@@ -276,7 +279,7 @@ def token_mixing_forward(
         NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
         HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
         APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(x.dtype, allow_tf32),
-        UPCAST=_launch.upcast(x.dtype), S_PAD=S_PAD, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
+        INTERPRETER=_launch.INTERPRET, S_PAD=S_PAD, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
     return out, mean, rstd, branch
 
 
@@ -343,7 +346,7 @@ def token_mixing_backward(
         block_c, block_d, warps = _blocks(S_PAD, D)
         stats = (mean, rstd) if mean is not None else (nw, nw)
         common = dict(NORM=NORMS[norm], HAS_B1=fc1_bias is not None, APPROX_TANH=approximate == "tanh",
-                      PRECISION=prec, UPCAST=_launch.upcast(x.dtype), S_PAD=S_PAD, BLOCK_C=block_c,
+                      PRECISION=prec, INTERPRETER=_launch.INTERPRET, S_PAD=S_PAD, BLOCK_C=block_c,
                       BLOCK_D=block_d, num_warps=warps)
         b1 = fc1_bias if fc1_bias is not None else nw
         if B:

@@ -1,0 +1,108 @@
+"""Channel mixing: x + scale · ss · (GELU(N(x) · W1ᵀ + b1) · W2ᵀ + b2), as two fused GEMMs.
+
+LayerNorm (or ResMLP's affine) is the first GEMM's prologue, applied to each x tile as it is loaded
+with per-token statistics computed once; bias + GELU is its epilogue, which also keeps the
+pre-activation Z for the backward (GELU is recomputed from Z, never stored). Bias, layer scale, drop
+path and the residual add are the second GEMM's epilogue. Fusing the two GEMMs is not worth it at
+C ≥ 512 (DESIGN.md): the hidden row would not fit on chip.
+
+Backward, all GEMMs of the same kernel: dZ = (dO · W2) ⊙ GELU'(Z); g = dZ · W1 (then the row-wise
+LayerNorm backward); dW1 = dZᵀ · N(x) with N recomputed on load; dW2 = dOᵀ · GELU(Z) with GELU
+recomputed on load. Reductions run over fixed tiles in a fixed order: deterministic.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import _launch
+from .matmul import flat, fused_matmul, split
+from .token_mixing import branch_grad, norm_backward
+from .layer_norm import layer_norm_stats
+
+Tensor = torch.Tensor
+
+
+def _token_axis(t: Tensor, S: int):
+    """The (b, s) token axis of a (B, S, C) tensor."""
+    return split(S, t.stride(0), t.stride(1))
+
+
+def channel_mixing_forward(
+    x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor], *,
+    eps: float, approximate: str, norm: str, scale: Optional[Tensor], sample_scale: Optional[Tensor],
+    save_hidden: bool, store_branch: bool, allow_tf32: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """x (B, S, C) → (out (B, S, C), mean, rstd (B·S,) fp32 or None, Z (B·S, D_C) pre-activation or None,
+    branch (B, S, C) before scale or None)."""
+    _launch.check_device(x)
+    B, S, C = x.shape
+    D = fc1_weight.shape[0]
+    M = B * S
+    mean = rstd = None
+    if norm == "layernorm":
+        mean, rstd = layer_norm_stats(x, eps)
+    nw = _launch.vec_or(norm_weight, C, 1.0, x)
+    nb = _launch.vec_or(norm_bias, C, 0.0, x)
+    hidden = torch.empty((M, D), device=x.device, dtype=x.dtype)
+    z = torch.empty((M, D), device=x.device, dtype=x.dtype) if save_hidden else None
+    out = torch.empty((B, S, C), device=x.device, dtype=x.dtype)
+    branch = torch.empty_like(out) if store_branch else None
+    h_axes = (flat(M, D), flat(D, 1))
+    fused_matmul(
+        x, (_token_axis(x, S), flat(C, x.stride(2))),
+        fc1_weight, (flat(C, fc1_weight.stride(1)), flat(D, fc1_weight.stride(0))),
+        hidden, h_axes, M, D, C,
+        a_pro=1 if norm == "layernorm" else 2, a_stats=(mean, rstd) if mean is not None else None, a_vec=(nw, nb),
+        bias=fc1_bias, aux=z, aux_axes=h_axes if z is not None else None, store_branch=z is not None,
+        epi_gelu=True, approximate=approximate, allow_tf32=allow_tf32)
+    o_axes = (split(S, S * C, C), flat(C, 1))
+    fused_matmul(
+        hidden, h_axes, fc2_weight, (flat(D, fc2_weight.stride(1)), flat(C, fc2_weight.stride(0))),
+        out, o_axes, M, C, D,
+        bias=fc2_bias, aux=branch, aux_axes=o_axes if branch is not None else None, store_branch=store_branch,
+        scale=scale, ss=sample_scale, res=x, res_axes=(_token_axis(x, S), flat(C, x.stride(2))),
+        allow_tf32=allow_tf32)
+    return out, mean, rstd, z, branch
+
+
+def channel_mixing_backward(
+    dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+    mean: Optional[Tensor], rstd: Optional[Tensor], z: Tensor, branch: Optional[Tensor], *, approximate: str,
+    norm: str, scale: Optional[Tensor], sample_scale: Optional[Tensor], allow_tf32: bool = False,
+) -> Dict[str, Optional[Tensor]]:
+    """Gradients for dout = dL/dout (B, S, C); same keys as token_mixing_backward (parameters in fp32)."""
+    B, S, C = x.shape
+    D = fc1_weight.shape[0]
+    M = B * S
+    grads: Dict[str, Optional[Tensor]] = {}
+    do = branch_grad(dout, scale, sample_scale)
+    nw = _launch.vec_or(norm_weight, C, 1.0, x)
+    nb = _launch.vec_or(norm_bias, C, 0.0, x)
+    if scale is not None:
+        ss = sample_scale.float().view(-1, 1, 1) if sample_scale is not None else 1.0
+        grads["scale"] = (dout.float() * branch.float() * ss).sum((0, 1))
+    h_axes = (flat(M, D), flat(D, 1))
+    do_tok, do_ch = _token_axis(do, S), flat(C, do.stride(2))
+    x_tok, x_ch = _token_axis(x, S), flat(C, x.stride(2))
+    dz = torch.empty((M, D), device=x.device, dtype=x.dtype)
+    fused_matmul(do, (do_tok, do_ch), fc2_weight, (flat(C, fc2_weight.stride(0)), flat(D, fc2_weight.stride(1))),
+                 dz, h_axes, M, D, C, aux=z, epi_gelu_grad=True, approximate=approximate, allow_tf32=allow_tf32)
+    g = torch.empty((M, C), device=x.device, dtype=torch.float32)
+    fused_matmul(dz, h_axes, fc1_weight, (flat(D, fc1_weight.stride(0)), flat(C, fc1_weight.stride(1))),
+                 g, (flat(M, C), flat(C, 1)), M, C, D, allow_tf32=allow_tf32)
+    dw1 = torch.empty((D, C), device=x.device, dtype=torch.float32)
+    fused_matmul(dz, (flat(D, 1), flat(M, D)), x, (x_tok, x_ch), dw1, (flat(D, C), flat(C, 1)), D, C, M,
+                 b_pro=1 if norm == "layernorm" else 2, b_stats=(mean, rstd) if mean is not None else None,
+                 b_vec=(nw, nb), allow_tf32=allow_tf32)
+    dw2 = torch.empty((C, D), device=x.device, dtype=torch.float32)
+    fused_matmul(do, (do_ch, do_tok), z, h_axes, dw2, (flat(C, D), flat(D, 1)), C, D, M,
+                 b_pro=4, approximate=approximate, allow_tf32=allow_tf32)
+    grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
+    grads["fc1_bias"] = dz.float().sum(0) if fc1_bias is not None else None
+    grads["fc2_bias"] = do.float().sum((0, 1)) if fc2_bias is not None else None
+    grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
+    grads["norm_weight"] = dnw if norm_weight is not None else None
+    grads["norm_bias"] = dnb if norm_bias is not None else None
+    return grads
