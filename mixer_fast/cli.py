@@ -29,7 +29,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"\n{framework} backends (automatic choice in this order, per device):")
         for spec, ok, reason in dispatch.status(framework):
             state = "loaded" if ok else "unavailable"
-            print(f"  {spec.name:<10} {state:<12} {spec.description if ok else reason}")
+            print(f"  {spec.name:<10} {state:<12} {reason}")
     return 0
 
 

@@ -104,8 +104,13 @@ def load(name: str, framework: str = "torch") -> Any:
         return impl
 
 
+def loaded(name: str, framework: str = "torch") -> Any:
+    """A backend that :func:`choose` or :func:`load` has loaded (a plain dict read, traceable by dynamo)."""
+    return _loaded[(framework, name)]
+
+
 def status(framework: Optional[str] = None) -> List[Tuple[BackendSpec, bool, str]]:
-    """(spec, loaded, reason or "") for every backend, loading each one: what ``mixer-fast info`` prints."""
+    """(spec, loaded, what runs or why not) for every backend, loading each: what ``mixer-fast info`` prints."""
     if framework is not None:
         _check_framework(framework)
     rows = []
@@ -113,8 +118,8 @@ def status(framework: Optional[str] = None) -> List[Tuple[BackendSpec, bool, str
         if framework is not None and spec.framework != framework:
             continue
         try:
-            load(spec.name, spec.framework)
-            rows.append((spec, True, ""))
+            impl = load(spec.name, spec.framework)
+            rows.append((spec, True, getattr(impl, "detail", spec.description)))
         except BackendUnavailable as e:
             rows.append((spec, False, str(e).split(": ", 1)[-1]))
     return rows

@@ -4,8 +4,14 @@ from __future__ import annotations
 import importlib
 import os
 
-import pytest
 import torch
+
+# Triton's interpreter must be chosen before triton is first imported (it rewrites Triton's own jit
+# functions too): on a machine without CUDA the triton backend is tested in it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -23,6 +29,20 @@ def require(module: str):
 @pytest.fixture
 def timm():
     return require("timm")
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """The loaded triton backend with output poisoning on (skip without triton, except in CI)."""
+    require("triton")
+    from mixer_fast import dispatch
+    from mixer_fast.kernels.triton import _launch
+
+    monkeypatch.setattr(_launch, "POISON", True)
+    return dispatch.load("triton")
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)

@@ -35,3 +35,14 @@ def check_device(t: torch.Tensor) -> None:
 def vec_or(v: Optional[torch.Tensor], n: int, fill: float, like: torch.Tensor) -> torch.Tensor:
     """v itself, or a length-n vector of ``fill`` (for a missing LayerNorm/Affine weight or bias)."""
     return v if v is not None else torch.full((n,), fill, dtype=like.dtype, device=like.device)
+
+
+# Tests set this to fill every output with NaN before a kernel writes it, so an element a kernel
+# forgets to write cannot pass for a right answer.
+POISON = os.environ.get("MIXER_FAST_POISON", "0") == "1"
+
+
+def new_output(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An uninitialised output tensor on ``like``'s device (NaN-filled when POISON is on)."""
+    t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    return t.fill_(float("nan")) if POISON else t

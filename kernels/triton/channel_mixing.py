@@ -44,10 +44,10 @@ def channel_mixing_forward(
         mean, rstd = layer_norm_stats(x, eps)
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
-    hidden = torch.empty((M, D), device=x.device, dtype=x.dtype)
-    z = torch.empty((M, D), device=x.device, dtype=x.dtype) if save_hidden else None
-    out = torch.empty((B, S, C), device=x.device, dtype=x.dtype)
-    branch = torch.empty_like(out) if store_branch else None
+    hidden = _launch.new_output((M, D), x, x.dtype)
+    z = _launch.new_output((M, D), x, x.dtype) if save_hidden else None
+    out = _launch.new_output((B, S, C), x, x.dtype)
+    branch = _launch.new_output(out.shape, out) if store_branch else None
     h_axes = (flat(M, D), flat(D, 1))
     fused_matmul(
         x, (_token_axis(x, S), flat(C, x.stride(2))),
@@ -86,17 +86,17 @@ def channel_mixing_backward(
     h_axes = (flat(M, D), flat(D, 1))
     do_tok, do_ch = _token_axis(do, S), flat(C, do.stride(2))
     x_tok, x_ch = _token_axis(x, S), flat(C, x.stride(2))
-    dz = torch.empty((M, D), device=x.device, dtype=x.dtype)
+    dz = _launch.new_output((M, D), x, x.dtype)
     fused_matmul(do, (do_tok, do_ch), fc2_weight, (flat(C, fc2_weight.stride(0)), flat(D, fc2_weight.stride(1))),
                  dz, h_axes, M, D, C, aux=z, epi_gelu_grad=True, approximate=approximate, allow_tf32=allow_tf32)
-    g = torch.empty((M, C), device=x.device, dtype=torch.float32)
+    g = _launch.new_output((M, C), x, torch.float32)
     fused_matmul(dz, h_axes, fc1_weight, (flat(D, fc1_weight.stride(0)), flat(C, fc1_weight.stride(1))),
                  g, (flat(M, C), flat(C, 1)), M, C, D, allow_tf32=allow_tf32)
-    dw1 = torch.empty((D, C), device=x.device, dtype=torch.float32)
+    dw1 = _launch.new_output((D, C), x, torch.float32)
     fused_matmul(dz, (flat(D, 1), flat(M, D)), x, (x_tok, x_ch), dw1, (flat(D, C), flat(C, 1)), D, C, M,
                  b_pro=1 if norm == "layernorm" else 2, b_stats=(mean, rstd) if mean is not None else None,
                  b_vec=(nw, nb), allow_tf32=allow_tf32)
-    dw2 = torch.empty((C, D), device=x.device, dtype=torch.float32)
+    dw2 = _launch.new_output((C, D), x, torch.float32)
     fused_matmul(do, (do_ch, do_tok), z, h_axes, dw2, (flat(C, D), flat(D, 1)), C, D, M,
                  b_pro=4, approximate=approximate, allow_tf32=allow_tf32)
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2

@@ -113,8 +113,8 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.T
     """Per-token mean and 1/std over C of x (B, S, C), each fp32 (B·S,)."""
     B, S, C = x.shape
     R = B * S
-    mean = torch.empty(R, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(R, device=x.device, dtype=torch.float32)
+    mean = _launch.new_output((R,), x, torch.float32)
+    rstd = _launch.new_output((R,), x, torch.float32)
     if R:
         ln_stats_kernel[(triton.cdiv(R, _ROWS),)](
             x, mean, rstd, R, S, C, eps, *x.stride(), BLOCK_R=_ROWS, BLOCK_C=_block_c(C))
@@ -128,9 +128,9 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, mean
     B, S, C = x.shape
     R = B * S
     programs = triton.cdiv(R, _ROWS)
-    dx = torch.empty((B, S, C), device=x.device, dtype=x.dtype)
-    dw_part = torch.empty((programs, C), device=x.device, dtype=torch.float32)
-    db_part = torch.empty((programs, C), device=x.device, dtype=torch.float32)
+    dx = _launch.new_output((B, S, C), x, x.dtype)
+    dw_part = _launch.new_output((programs, C), x, torch.float32)
+    db_part = _launch.new_output((programs, C), x, torch.float32)
     if R:
         ln_backward_kernel[(programs,)](
             g, x, dy, dx, mean, rstd, weight if weight is not None else mean, dw_part, db_part,

@@ -241,8 +241,8 @@ def token_mixing_forward(
     backward needs it for the gradient of ``scale``)."""
     _launch.check_device(x)
     B, S, C = x.shape
-    out = torch.empty((B, S, C), device=x.device, dtype=x.dtype)
-    branch = torch.empty_like(out) if store_branch else None
+    out = _launch.new_output((B, S, C), x, x.dtype)
+    branch = _launch.new_output(out.shape, out) if store_branch else None
     mean = rstd = None
     if norm == "layernorm":
         mean, rstd = layer_norm_stats(x, eps)
@@ -320,7 +320,7 @@ def token_mixing_backward(
     do = branch_grad(dout, scale, sample_scale)
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
-    g = torch.empty((B * S, C), device=x.device, dtype=torch.float32)
+    g = _launch.new_output((B * S, C), x, torch.float32)
     prec = _launch.precision(x.dtype, allow_tf32)
     if scale is not None:
         ss = sample_scale.float().view(-1, 1, 1) if sample_scale is not None else 1.0
@@ -335,7 +335,7 @@ def token_mixing_backward(
             xn_src = torch.nn.functional.layer_norm(x, (C,), norm_weight, norm_bias, eps)
             b_pro, b_vec = 0, None
         xs = xn_src.stride()
-        dw = torch.empty((S, S), device=x.device, dtype=torch.float32)
+        dw = _launch.new_output((S, S), x, torch.float32)
         fused_matmul(do, (flat(S, ds[1]), split(C, ds[0], ds[2])), xn_src, (split(C, xs[0], xs[2]), flat(S, xs[1])),
                      dw, (flat(S, S), flat(S, 1)), S, S, B * C, b_pro=b_pro, b_vec=b_vec, allow_tf32=allow_tf32)
         grads["fc1_weight"] = dw
@@ -355,13 +355,12 @@ def token_mixing_backward(
                 *fc1_weight.stride(), *fc2_weight.stride(), **common)
         n_d = triton.cdiv(D, block_d)
         splits = max(1, _splits(n_d, B * triton.cdiv(C, block_c)))
-        dw1 = torch.zeros((splits, D, S), device=x.device, dtype=torch.float32)
-        dw2 = torch.zeros((splits, S, D), device=x.device, dtype=torch.float32)
-        db1 = torch.zeros((splits, D), device=x.device, dtype=torch.float32)
-        if B:
-            token_mlp_dw_kernel[(n_d, splits)](
-                x, do, *stats, nw, nb, fc1_weight, b1, fc2_weight, dw1, dw2, db1, B, S, C, D, splits,
-                *x.stride(), *do.stride(), *fc1_weight.stride(), *fc2_weight.stride(), **common)
+        dw1 = _launch.new_output((splits, D, S), x, torch.float32)
+        dw2 = _launch.new_output((splits, S, D), x, torch.float32)
+        db1 = _launch.new_output((splits, D), x, torch.float32)
+        token_mlp_dw_kernel[(n_d, splits)](  # runs with B = 0 too: it writes the zero gradients
+            x, do, *stats, nw, nb, fc1_weight, b1, fc2_weight, dw1, dw2, db1, B, S, C, D, splits,
+            *x.stride(), *do.stride(), *fc1_weight.stride(), *fc2_weight.stride(), **common)
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
         grads["fc2_bias"] = do.float().sum((0, 2)) if fc2_bias is not None else None

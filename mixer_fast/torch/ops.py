@@ -4,7 +4,7 @@ Weights are in nn.Linear layout (out, in); each op returns the block input plus 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -14,15 +14,20 @@ from . import checks
 Tensor = torch.Tensor
 
 
+@torch._dynamo.assume_constant_result
+def _backend_name(device_type: str, backend: Optional[str], needs: Tuple[str, ...]) -> str:
+    # Under torch.compile the choice (registry lock, imports, the environment variable) is made once,
+    # at trace time, and the graph calls the chosen backend's ops directly: no graph break.
+    return dispatch.choose("torch", device_type, backend, needs).name
+
+
 def _run(op: str, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, eps, approximate,
          norm, scale, sample_scale, dropout, backend) -> Tensor:
     eps = checks.mixing_args(op, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                              eps=eps, approximate=approximate, norm=norm, scale=scale,
                              sample_scale=sample_scale, dropout=dropout)
-    needs = {"dropout"} if dropout > 0 else set()
-    if torch.is_autocast_enabled(x.device.type):
-        needs.add("autocast")
-    impl = dispatch.choose("torch", x.device.type, backend, needs)
+    needs = ("dropout",) * (dropout > 0) + ("autocast",) * torch.is_autocast_enabled(x.device.type)
+    impl = dispatch.loaded(_backend_name(x.device.type, backend, needs), "torch")
     return getattr(impl, op)(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps,
                              approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale,
                              dropout=float(dropout))

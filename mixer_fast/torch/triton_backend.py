@@ -1,0 +1,228 @@
+"""The ``triton`` torch backend: the fused Triton kernels as torch.library custom ops with autograd.
+
+Each op is a forward and a backward custom op (``mixer_fast::*``), so ``torch.compile(fullgraph=True)``
+traces a model of mixer_fast blocks without a graph break and CUDA graphs can capture them. Tensors
+the backward needs (LayerNorm statistics, the channel-mixing pre-activation, the branch when a layer
+scale is learned) travel as extra outputs of the forward op; the token-mixing hidden activations are
+never kept. No reduction uses atomics, so results are deterministic run to run.
+
+On a machine without a CUDA device the kernels run in Triton's interpreter on CPU tensors, which
+must be enabled before triton is first imported in the process; ``load()`` does that, or says why
+it cannot. FP32 matmuls are exact (no TF32) unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..dispatch import BackendUnavailable
+
+Tensor = torch.Tensor
+
+
+def load() -> SimpleNamespace:
+    if not torch.cuda.is_available():
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailable(
+                "no CUDA device, and triton was imported before mixer_fast could enable Triton's interpreter "
+                "(set TRITON_INTERPRET=1 before importing triton or torch.compile to use it)")
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable(f"triton is not installed ({e})") from None
+    from ..kernels.triton import _launch
+
+    _register_ops()
+    detail = ("Triton's interpreter on CPU tensors (no CUDA device; for testing, slow)" if _launch.INTERPRET
+              else f"compiled Triton kernels on {torch.cuda.get_device_name()}")
+    return SimpleNamespace(name="triton", features=frozenset({"deterministic"}), detail=detail,
+                           token_mixing=token_mixing, channel_mixing=channel_mixing)
+
+
+def _none(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None or t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """t, or a fresh empty tensor standing for None (custom ops return no None, and no two outputs may alias)."""
+    return t if t is not None else like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def _allow_tf32() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+_registered = False
+
+
+def _register_ops() -> None:
+    """Defines the custom ops once per process (they close over the kernel modules, imported lazily)."""
+    global _registered
+    if _registered:
+        return
+    from ..kernels.triton.channel_mixing import channel_mixing_backward, channel_mixing_forward
+    from ..kernels.triton.token_mixing import token_mixing_backward, token_mixing_forward
+
+    grad_names = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "scale")
+
+    def _grads_out(g, params: Tuple[Optional[Tensor], ...], x: Tensor) -> List[Tensor]:
+        # Parameter gradients come back in fp32 and are cast to each parameter's dtype.
+        out = []
+        for name, p in zip(grad_names, (x, *params)):
+            v = g.get(name)
+            out.append(_empty(x) if v is None or p is None else v.to(p.dtype))
+        return out
+
+    # ------------------------------------------------------------------ token mixing
+    @torch.library.custom_op("mixer_fast::token_mixing_fwd", mutates_args=())
+    def token_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+                  fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor],
+                  scale: Optional[Tensor], sample_scale: Optional[Tensor], eps: float, approximate: str, norm: str,
+                  store_branch: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        out, mean, rstd, branch = token_mixing_forward(
+            x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
+            norm=norm, scale=scale, sample_scale=sample_scale, store_branch=store_branch, allow_tf32=allow_tf32)
+        return out, _or_empty(mean, x, torch.float32), _or_empty(rstd, x, torch.float32), _or_empty(branch, x)
+
+    @token_fwd.register_fake
+    def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, eps,
+          approximate, norm, store_branch, allow_tf32):
+        B, S, C = x.shape
+        stats = (B * S,) if norm == "layernorm" else (0,)
+        return (x.new_empty((B, S, C)), x.new_empty(stats, dtype=torch.float32),
+                x.new_empty(stats, dtype=torch.float32), x.new_empty((B, S, C) if store_branch else (0,)))
+
+    @torch.library.custom_op("mixer_fast::token_mixing_bwd", mutates_args=())
+    def token_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                  fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
+                  fc2_bias: Optional[Tensor], scale: Optional[Tensor], sample_scale: Optional[Tensor], mean: Tensor,
+                  rstd: Tensor, branch: Tensor, eps: float, approximate: str, norm: str,
+                  allow_tf32: bool) -> List[Tensor]:
+        g = token_mixing_backward(
+            dout.contiguous(), x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _none(mean),
+            _none(rstd), _none(branch), eps=eps, approximate=approximate, norm=norm, scale=scale,
+            sample_scale=sample_scale, allow_tf32=allow_tf32)
+        return _grads_out(g, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale), x)
+
+    @token_bwd.register_fake
+    def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, mean,
+          rstd, branch, eps, approximate, norm, allow_tf32):
+        return [torch.empty_like(t) if t is not None else _empty(x)
+                for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)]
+
+    def token_setup(ctx, inputs, output):
+        (x, nw, nb, w1, b1, w2, b2, scale, ss, eps, approximate, norm, store_branch, allow_tf32) = inputs
+        _, mean, rstd, branch = output
+        ctx.save_for_backward(x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, branch)
+        ctx.args = (eps, approximate, norm, allow_tf32)
+
+    def token_backward(ctx, dout, *_unused):
+        x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, branch = ctx.saved_tensors
+        eps, approximate, norm, allow_tf32 = ctx.args
+        g = token_bwd(dout, x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, branch, eps, approximate, norm,
+                      allow_tf32)
+        return (*[_none(t) if p is not None else None for t, p in zip(g, (x, nw, nb, w1, b1, w2, b2, scale))],
+                None, None, None, None, None, None)
+
+    token_fwd.register_autograd(token_backward, setup_context=token_setup)
+
+    # ------------------------------------------------------------------ channel mixing
+    @torch.library.custom_op("mixer_fast::channel_mixing_fwd", mutates_args=())
+    def channel_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+                    fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+                    scale: Optional[Tensor], sample_scale: Optional[Tensor], eps: float, approximate: str, norm: str,
+                    save_hidden: bool, store_branch: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        out, mean, rstd, z, branch = channel_mixing_forward(
+            x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
+            norm=norm, scale=scale, sample_scale=sample_scale, save_hidden=save_hidden, store_branch=store_branch,
+            allow_tf32=allow_tf32)
+        return (out, _or_empty(mean, x, torch.float32), _or_empty(rstd, x, torch.float32), _or_empty(z, x),
+                _or_empty(branch, x))
+
+    @channel_fwd.register_fake
+    def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, eps,
+          approximate, norm, save_hidden, store_branch, allow_tf32):
+        B, S, C = x.shape
+        stats = (B * S,) if norm == "layernorm" else (0,)
+        return (x.new_empty((B, S, C)), x.new_empty(stats, dtype=torch.float32),
+                x.new_empty(stats, dtype=torch.float32),
+                x.new_empty((B * S, fc1_weight.shape[0]) if save_hidden else (0,)),
+                x.new_empty((B, S, C) if store_branch else (0,)))
+
+    @torch.library.custom_op("mixer_fast::channel_mixing_bwd", mutates_args=())
+    def channel_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                    fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+                    scale: Optional[Tensor], sample_scale: Optional[Tensor], mean: Tensor, rstd: Tensor, z: Tensor,
+                    branch: Tensor, approximate: str, norm: str, allow_tf32: bool) -> List[Tensor]:
+        g = channel_mixing_backward(
+            dout.contiguous(), x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _none(mean),
+            _none(rstd), z, _none(branch), approximate=approximate, norm=norm, scale=scale,
+            sample_scale=sample_scale, allow_tf32=allow_tf32)
+        return _grads_out(g, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale), x)
+
+    @channel_bwd.register_fake
+    def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, mean,
+          rstd, z, branch, approximate, norm, allow_tf32):
+        return [torch.empty_like(t) if t is not None else _empty(x)
+                for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)]
+
+    def channel_setup(ctx, inputs, output):
+        (x, nw, nb, w1, b1, w2, b2, scale, ss, eps, approximate, norm, save_hidden, store_branch, allow_tf32) = inputs
+        _, mean, rstd, z, branch = output
+        ctx.save_for_backward(x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, z, branch)
+        ctx.args = (approximate, norm, allow_tf32)
+
+    def channel_backward(ctx, dout, *_unused):
+        x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, z, branch = ctx.saved_tensors
+        approximate, norm, allow_tf32 = ctx.args
+        g = channel_bwd(dout, x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, z, branch, approximate, norm,
+                        allow_tf32)
+        return (*[_none(t) if p is not None else None for t, p in zip(g, (x, nw, nb, w1, b1, w2, b2, scale))],
+                None, None, None, None, None, None, None)
+
+    channel_fwd.register_autograd(channel_backward, setup_context=channel_setup)
+
+    global _token_fwd, _channel_fwd
+    _token_fwd, _channel_fwd = token_fwd, channel_fwd
+    _registered = True
+
+
+_token_fwd = _channel_fwd = None
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_sample_scale(sample_scale: Optional[Tensor]) -> None:
+    if sample_scale is not None and sample_scale.requires_grad:
+        raise NotImplementedError("sample_scale: the triton backend treats the drop-path factor as a constant "
+                                  "and does not differentiate it; pass a tensor that does not require grad")
+
+
+def token_mixing(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, eps, approximate, norm,
+                 scale, sample_scale, dropout) -> Tensor:
+    """The ``triton`` backend's token mixing (arguments as mixer_fast.ops.token_mixing, already checked)."""
+    _check_sample_scale(sample_scale)
+    store_branch = scale is not None and _needs_grad(scale)
+    return _token_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale,
+                      eps, approximate, norm, store_branch, _allow_tf32())[0]
+
+
+def channel_mixing(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, eps, approximate, norm,
+                   scale, sample_scale, dropout) -> Tensor:
+    """The ``triton`` backend's channel mixing (arguments as mixer_fast.ops.channel_mixing, already checked)."""
+    _check_sample_scale(sample_scale)
+    params = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
+    store_branch = scale is not None and _needs_grad(scale)
+    return _channel_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale,
+                        eps, approximate, norm, _needs_grad(*params), store_branch, _allow_tf32())[0]

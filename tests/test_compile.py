@@ -1,0 +1,36 @@
+"""torch.compile(fullgraph=True) traces models of mixer_fast blocks without a graph break."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mixer_fast
+from conftest import DEVICE, grads, perturb_
+from tolerances import max_err
+
+
+def _model(backend):
+    return perturb_(nn.Sequential(mixer_fast.MixerBlock(32, 16, backend=backend),
+                                  mixer_fast.ResMLPBlock(32, 16, backend=backend))).to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compile_fullgraph_forward_backward(request, backend):
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    torch._dynamo.reset()
+    model = _model(backend)
+    x = torch.randn(3, 16, 32, device=DEVICE)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    eager_out = model(x)
+    eager_out.square().sum().backward()
+    eager_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    assert max_err(out, eager_out) < 1e-5
+    for name, g in grads(model).items():
+        assert max_err(g, eager_grads[name]) < 1e-4, name
