@@ -1,4 +1,5 @@
-"""The ``mixer-fast`` command: ``info`` (backends and why not) and ``demo`` (the README's main job)."""
+"""The ``mixer-fast`` command: ``info`` (backends and why not), ``demo`` (the README's main job) and
+``report`` (the static compile report of the Triton kernels)."""
 from __future__ import annotations
 
 import argparse
@@ -142,6 +143,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import subprocess
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Ahead-of-time compilation needs triton in compiled mode, fixed at its first import: re-run clean.
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        return subprocess.call([sys.executable, "-m", "mixer_fast", *sys.argv[1:]] if args.argv is None
+                               else [sys.executable, "-m", "mixer_fast", *args.argv], env=env)
+    try:
+        from .kernels.triton import aot
+    except ImportError as e:
+        print(f"mixer-fast report needs triton: {e}", file=sys.stderr)
+        return 1
+    rows = aot.report(args.arch, args.dtype)
+    if args.format == "json":
+        print(json.dumps([r.as_dict() for r in rows], indent=1))
+        return 0
+    print(f"Static report: every Triton kernel variant and GPU config compiled ahead of time for {args.arch} "
+          f"({args.dtype}); no GPU used.")
+    print(f"{'kernel':<28} {'config':<32} {'regs':>5} {'spills':>7} {'smem':>8} {'wgmma':>6}")
+    for r in rows:
+        print(f"{r.kernel:<28} {r.config:<32} {r.registers:>5} {r.spills:>7} {r.shared_bytes:>8} "
+              f"{('yes' if r.wgmma else 'no') if r.has_dot else '-':>6}")
+    spilling = sum(r.spills > 0 for r in rows)
+    print(f"{len(rows)} variants, {spilling} with spills, "
+          f"{sum(r.has_dot and not r.wgmma for r in rows)} dot kernels without wgmma")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixer-fast", description="Fused MLP-Mixer / ResMLP mixing core.")
     parser.add_argument("--version", action="version", version=f"mixer_fast {__version__}")
@@ -157,12 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default=None, help="force a backend (default: automatic)")
     demo.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile run")
     demo.set_defaults(func=cmd_demo)
+    report = sub.add_parser("report", help="compile every Triton kernel and config ahead of time (no GPU needed) "
+                                           "and print registers, spills, shared memory, wgmma use")
+    report.add_argument("--arch", choices=("sm_90a", "sm_80"), default="sm_90a")
+    report.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    report.add_argument("--format", choices=("table", "json"), default="table")
+    report.set_defaults(func=cmd_report, argv=None)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is cmd_report and argv is not None:
+        args.argv = list(argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -19,6 +19,16 @@ def precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
 
+def needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether some element of these tensors lies 2³¹ or more elements from its base pointer, so that
+    kernel offsets must be int64 (they are int32 otherwise: half the registers)."""
+    for t in tensors:
+        if t is not None and t.numel():
+            if t.storage_offset() + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 - 1:
+                return True
+    return False
+
+
 def pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
 

@@ -53,14 +53,14 @@ def channel_mixing_forward(
         x, (_token_axis(x, S), flat(C, x.stride(2))),
         fc1_weight, (flat(C, fc1_weight.stride(1)), flat(D, fc1_weight.stride(0))),
         hidden, h_axes, M, D, C,
-        a_pro=1 if norm == "layernorm" else 2, a_stats=(mean, rstd) if mean is not None else None, a_vec=(nw, nb),
+        variant="ln_gelu", a_pro=1 if norm == "layernorm" else 2, a_stats=(mean, rstd) if mean is not None else None, a_vec=(nw, nb),
         bias=fc1_bias, aux=z, aux_axes=h_axes if z is not None else None, store_branch=z is not None,
         epi_gelu=True, approximate=approximate, allow_tf32=allow_tf32)
     o_axes = (split(S, S * C, C), flat(C, 1))
     fused_matmul(
         hidden, h_axes, fc2_weight, (flat(D, fc2_weight.stride(1)), flat(C, fc2_weight.stride(0))),
         out, o_axes, M, C, D,
-        bias=fc2_bias, aux=branch, aux_axes=o_axes if branch is not None else None, store_branch=store_branch,
+        variant="residual", bias=fc2_bias, aux=branch, aux_axes=o_axes if branch is not None else None, store_branch=store_branch,
         scale=scale, ss=sample_scale, res=x, res_axes=(_token_axis(x, S), flat(C, x.stride(2))),
         allow_tf32=allow_tf32)
     return out, mean, rstd, z, branch
@@ -88,17 +88,17 @@ def channel_mixing_backward(
     x_tok, x_ch = _token_axis(x, S), flat(C, x.stride(2))
     dz = _launch.new_output((M, D), x, x.dtype)
     fused_matmul(do, (do_tok, do_ch), fc2_weight, (flat(C, fc2_weight.stride(0)), flat(D, fc2_weight.stride(1))),
-                 dz, h_axes, M, D, C, aux=z, epi_gelu_grad=True, approximate=approximate, allow_tf32=allow_tf32)
+                 dz, h_axes, M, D, C, variant="gelu_grad", aux=z, epi_gelu_grad=True, approximate=approximate, allow_tf32=allow_tf32)
     g = _launch.new_output((M, C), x, torch.float32)
     fused_matmul(dz, h_axes, fc1_weight, (flat(D, fc1_weight.stride(0)), flat(C, fc1_weight.stride(1))),
-                 g, (flat(M, C), flat(C, 1)), M, C, D, allow_tf32=allow_tf32)
+                 g, (flat(M, C), flat(C, 1)), M, C, D, variant="plain", allow_tf32=allow_tf32)
     dw1 = _launch.new_output((D, C), x, torch.float32)
     fused_matmul(dz, (flat(D, 1), flat(M, D)), x, (x_tok, x_ch), dw1, (flat(D, C), flat(C, 1)), D, C, M,
-                 b_pro=1 if norm == "layernorm" else 2, b_stats=(mean, rstd) if mean is not None else None,
+                 variant="ln_b", b_pro=1 if norm == "layernorm" else 2, b_stats=(mean, rstd) if mean is not None else None,
                  b_vec=(nw, nb), allow_tf32=allow_tf32)
     dw2 = _launch.new_output((C, D), x, torch.float32)
     fused_matmul(do, (do_ch, do_tok), z, h_axes, dw2, (flat(C, D), flat(D, 1)), C, D, M,
-                 b_pro=4, approximate=approximate, allow_tf32=allow_tf32)
+                 variant="gelu_b", b_pro=4, approximate=approximate, allow_tf32=allow_tf32)
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
     grads["fc1_bias"] = dz.float().sum(0) if fc1_bias is not None else None
     grads["fc2_bias"] = do.float().sum((0, 1)) if fc2_bias is not None else None

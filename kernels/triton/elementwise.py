@@ -6,10 +6,10 @@ needs only exp (no tanh in tl core).
 import triton
 import triton.language as tl
 
-SQRT_1_2 = 0.7071067811865476  # 1/√2
-INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π)
-SQRT_2_PI = 0.7978845608028654  # √(2/π)
-COEF = 0.044715
+SQRT_1_2 = tl.constexpr(0.7071067811865476)  # 1/√2
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π)
+SQRT_2_PI = tl.constexpr(0.7978845608028654)  # √(2/π)
+COEF = tl.constexpr(0.044715)
 
 
 @triton.jit

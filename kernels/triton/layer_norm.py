@@ -102,11 +102,16 @@ import torch  # noqa: E402
 
 from . import _launch  # noqa: E402
 
-_ROWS = 16
+ROWS = 8
+
+
+def gpu_block_c(C: int) -> int:
+    # 8 rows × 256 channels: no spills on sm_90a (measured: 16 × 1024 spilled 38 KB in the backward).
+    return min(_launch.pow2(C), 256)
 
 
 def _block_c(C: int) -> int:
-    return min(_launch.pow2(C), 128 if _launch.INTERPRET else 1024)
+    return min(_launch.pow2(C), 128) if _launch.INTERPRET else gpu_block_c(C)
 
 
 def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +121,8 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.T
     mean = _launch.new_output((R,), x, torch.float32)
     rstd = _launch.new_output((R,), x, torch.float32)
     if R:
-        ln_stats_kernel[(triton.cdiv(R, _ROWS),)](
-            x, mean, rstd, R, S, C, eps, *x.stride(), BLOCK_R=_ROWS, BLOCK_C=_block_c(C))
+        ln_stats_kernel[(triton.cdiv(R, ROWS),)](
+            x, mean, rstd, R, S, C, eps, *x.stride(), BLOCK_R=ROWS, BLOCK_C=_block_c(C))
     return mean, rstd
 
 
@@ -127,7 +132,7 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, mean
     (dx (B, S, C) in x's dtype, dweight (C,) fp32, dbias (C,) fp32)."""
     B, S, C = x.shape
     R = B * S
-    programs = triton.cdiv(R, _ROWS)
+    programs = triton.cdiv(R, ROWS)
     dx = _launch.new_output((B, S, C), x, x.dtype)
     dw_part = _launch.new_output((programs, C), x, torch.float32)
     db_part = _launch.new_output((programs, C), x, torch.float32)
@@ -135,5 +140,5 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, mean
         ln_backward_kernel[(programs,)](
             g, x, dy, dx, mean, rstd, weight if weight is not None else mean, dw_part, db_part,
             R, S, C, *g.stride(), *x.stride(), *dy.stride(), *dx.stride(),
-            HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=_ROWS, BLOCK_C=_block_c(C))
+            HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=_block_c(C))
     return dx, dw_part.sum(0), db_part.sum(0)

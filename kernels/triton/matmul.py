@@ -21,9 +21,16 @@ from .elementwise import gelu, gelu_grad, round_to
 
 
 @triton.jit
-def _offsets(i, inner, stride_outer, stride_inner):
-    i = i.to(tl.int64)
-    return (i // inner) * stride_outer + (i % inner) * stride_inner
+def _offsets(i, inner, stride_outer, stride_inner, SPLIT: tl.constexpr, IDX64: tl.constexpr):
+    # Division in int32 (indices < 2³¹; int64 division is a slow, register-hungry software routine), and
+    # only for axes that really span two dims. Offsets are int64 only when a tensor of the launch spans
+    # 2³¹ elements or more (IDX64, set by the launcher): 2-D int64 offsets cost twice the registers.
+    if IDX64:
+        i = i.to(tl.int64)
+    if SPLIT:
+        return (i // inner) * stride_outer + (i % inner) * stride_inner
+    else:
+        return i * stride_inner
 
 
 @triton.jit
@@ -43,6 +50,9 @@ def fused_matmul_kernel(
     EPI_GELU: tl.constexpr, EPI_GELU_GRAD: tl.constexpr, STORE_BRANCH: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SS: tl.constexpr, SS_ON_N: tl.constexpr, HAS_RES: tl.constexpr,
     APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    A_M_SPLIT: tl.constexpr, A_K_SPLIT: tl.constexpr, B_K_SPLIT: tl.constexpr, B_N_SPLIT: tl.constexpr,
+    O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr, X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr,
+    R_M_SPLIT: tl.constexpr, R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each column of B while it is in L2.
@@ -59,8 +69,8 @@ def fused_matmul_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
     mask_n = rn < N
-    a_row = _offsets(rm, a_mi, a_smo, a_smi)
-    b_col = _offsets(rn, b_ni, b_sno, b_sni)
+    a_row = _offsets(rm, a_mi, a_smo, a_smi, A_M_SPLIT, IDX64)
+    b_col = _offsets(rn, b_ni, b_sno, b_sni, B_N_SPLIT, IDX64)
     if A_PRO == 1:
         a_mean = tl.load(a_mean_ptr + rm, mask=mask_m, other=0.0)
         a_rstd = tl.load(a_rstd_ptr + rm, mask=mask_m, other=0.0)
@@ -74,8 +84,8 @@ def fused_matmul_kernel(
         mask_k = rk < K
         a_mask = mask_m[:, None] & mask_k[None, :]
         b_mask = mask_k[:, None] & mask_n[None, :]
-        a = tl.load(a_ptr + a_row[:, None] + _offsets(rk, a_ki, a_sko, a_ski)[None, :], mask=a_mask, other=0.0)
-        b = tl.load(b_ptr + _offsets(rk, b_ki, b_sko, b_ski)[:, None] + b_col[None, :], mask=b_mask, other=0.0)
+        a = tl.load(a_ptr + a_row[:, None] + _offsets(rk, a_ki, a_sko, a_ski, A_K_SPLIT, IDX64)[None, :], mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + _offsets(rk, b_ki, b_sko, b_ski, B_K_SPLIT, IDX64)[:, None] + b_col[None, :], mask=b_mask, other=0.0)
         if A_PRO != 0:
             af = a.to(tl.float32)
             wk = tl.load(a_w_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
@@ -95,7 +105,9 @@ def fused_matmul_kernel(
             elif B_PRO == 5:
                 # Per-image token linear (ResMLP layout) with LayerNorm: B[k = token, n = (image, channel)]
                 # needs the stats of token (n // b_ni, k).
-                st = (rn // b_ni).to(tl.int64)[None, :] * K + rk[:, None]
+                st = (rn // b_ni)[None, :] * K + rk[:, None]
+                if IDX64:
+                    st = st.to(tl.int64)
                 mk = tl.load(b_mean_ptr + st, mask=b_mask, other=0.0)
                 sk = tl.load(b_rstd_ptr + st, mask=b_mask, other=0.0)
                 bf = (bf - mk) * sk * b_wn[None, :] + b_bn[None, :]
@@ -117,9 +129,10 @@ def fused_matmul_kernel(
             acc += tl.load(bias_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         else:
             acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    o_row = _offsets(rm, o_mi, o_smo, o_smi)
-    o_col = _offsets(rn, o_ni, o_sno, o_sni)
-    x_off = _offsets(rm, o_mi, x_smo, x_smi)[:, None] + _offsets(rn, o_ni, x_sno, x_sni)[None, :]
+    o_row = _offsets(rm, o_mi, o_smo, o_smi, O_M_SPLIT, IDX64)
+    o_col = _offsets(rn, o_ni, o_sno, o_sni, O_N_SPLIT, IDX64)
+    if STORE_BRANCH or EPI_GELU_GRAD:
+        x_off = _offsets(rm, o_mi, x_smo, x_smi, X_M_SPLIT, IDX64)[:, None] + _offsets(rn, o_ni, x_sno, x_sni, X_N_SPLIT, IDX64)[None, :]
     if STORE_BRANCH:  # the pre-activation (with EPI_GELU) or the branch before scale
         tl.store(aux_ptr + x_off, round_to(acc, aux_ptr.dtype.element_ty, INTERPRETER), mask=mask)
     if EPI_GELU:
@@ -135,7 +148,7 @@ def fused_matmul_kernel(
         else:
             acc *= tl.load(ss_ptr + rm // o_mi, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     if HAS_RES:
-        r_off = _offsets(rm, o_mi, r_smo, r_smi)[:, None] + _offsets(rn, o_ni, r_sno, r_sni)[None, :]
+        r_off = _offsets(rm, o_mi, r_smo, r_smi, R_M_SPLIT, IDX64)[:, None] + _offsets(rn, o_ni, r_sno, r_sni, R_N_SPLIT, IDX64)[None, :]
         acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + o_row[:, None] + o_col[None, :], round_to(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
@@ -144,7 +157,7 @@ def fused_matmul_kernel(
 # Launcher
 
 from dataclasses import dataclass  # noqa: E402
-from typing import Optional, Sequence, Tuple  # noqa: E402
+from typing import Dict, Optional, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -153,21 +166,26 @@ from . import _launch  # noqa: E402
 
 @dataclass(frozen=True)
 class Axis:
-    """How one logical GEMM axis maps to memory: i → (i // inner) · outer + (i % inner) · stride."""
+    """How one logical GEMM axis maps to memory: i → (i // inner) · outer + (i % inner) · stride.
+
+    ``inner`` also gives the per-channel / per-sample indexing of the epilogue vectors; ``split`` is
+    False when the two dims collapse into one stride (the kernel then skips the division)."""
 
     inner: int
     outer: int
     stride: int
+    split: bool
 
 
 def flat(size: int, stride: int) -> Axis:
     """A plain axis of ``size`` elements ``stride`` apart."""
-    return Axis(max(int(size), 1), 0, int(stride))
+    return Axis(max(int(size), 1), 0, int(stride), False)
 
 
 def split(inner: int, outer_stride: int, inner_stride: int) -> Axis:
     """An axis spanning two tensor dims: (outer, inner) with the inner dim of ``inner`` elements."""
-    return Axis(max(int(inner), 1), int(outer_stride), int(inner_stride))
+    inner = max(int(inner), 1)
+    return Axis(inner, int(outer_stride), int(inner_stride), int(outer_stride) != inner * int(inner_stride))
 
 
 _DUMMY = {}
@@ -179,36 +197,49 @@ def _dummy(device: torch.device) -> torch.Tensor:
     return _DUMMY[device]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried by the autotuner on a GPU.
-GPU_CONFIGS: Sequence[Tuple[int, int, int, int, int]] = (
-    (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 3),
-)
+# Per launch site: the flags the static report compiles (the heaviest combination the site uses) and the
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) configs the autotuner tries on a GPU. Only configs
+# that compile for sm_90a with wgmma and without register spills are listed (``mixer-fast report``;
+# bench/NOTES.md has the pruning table): the epilogue-heavy sites spill at 128 × 128 tiles.
+VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int], ...]]] = {
+    # channel fc1: LayerNorm prologue, bias + GELU epilogue keeping Z
+    "ln_gelu": (dict(A_PRO=1, HAS_BIAS=True, EPI_GELU=True, STORE_BRANCH=True),
+                ((64, 64, 64, 4, 3), (64, 64, 32, 4, 3))),
+    # channel fc2: bias, layer scale, drop path, residual
+    "residual": (dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SS=True, HAS_RES=True, STORE_BRANCH=True),
+                 ((64, 64, 64, 4, 3), (64, 64, 32, 4, 3))),
+    # dZ = (dO · W2) ⊙ GELU'(Z)
+    "gelu_grad": (dict(EPI_GELU_GRAD=True), ((64, 128, 32, 4, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3))),
+    # weight gradients with the norm recomputed on the B tile (dW1 = dZᵀ · LN(x); ResMLP's dW)
+    "ln_b": (dict(B_PRO=1), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (64, 128, 32, 4, 3))),
+    # dW2 = dOᵀ · GELU(Z), GELU recomputed on the B tile
+    "gelu_b": (dict(B_PRO=4), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3))),
+    # ResMLP's per-image S×S token linear with its whole epilogue
+    "token_linear": (dict(B_PRO=2, HAS_BIAS=True, BIAS_ON_M=True, HAS_SCALE=True, HAS_SS=True, SS_ON_N=True,
+                          HAS_RES=True, STORE_BRANCH=True), ((64, 128, 32, 4, 3), (64, 64, 64, 4, 3))),
+    # g = dZ · W1 and ResMLP's dx GEMM
+    "plain": (dict(), ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3))),
+}
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
-AUTOTUNE_KEY = ["M", "N", "K", "A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "PRECISION"]
-_tuned = None
+AUTOTUNE_KEY = ["M", "N", "K", "A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "PRECISION", "IDX64"]
+_tuned: Dict[str, object] = {}
 
 
-def _kernel():
-    global _tuned
+def _kernel(variant: str):
     if _launch.INTERPRET:
         return fused_matmul_kernel
-    if _tuned is None:
+    if variant not in _tuned:
         import triton as _triton
 
         configs = [_triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
-                                  num_stages=s) for m, n, k, w, s in GPU_CONFIGS]
-        _tuned = _triton.autotune(configs, key=AUTOTUNE_KEY)(fused_matmul_kernel)
-    return _tuned
+                                  num_stages=s) for m, n, k, w, s in VARIANTS[variant][1]]
+        _tuned[variant] = _triton.autotune(configs, key=AUTOTUNE_KEY)(fused_matmul_kernel)
+    return _tuned[variant]
 
 
 def fused_matmul(
     a: torch.Tensor, a_axes: Tuple[Axis, Axis], b: torch.Tensor, b_axes: Tuple[Axis, Axis],
-    out: torch.Tensor, out_axes: Tuple[Axis, Axis], M: int, N: int, K: int, *,
+    out: torch.Tensor, out_axes: Tuple[Axis, Axis], M: int, N: int, K: int, *, variant: str,
     a_pro: int = 0, a_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     a_vec: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     b_pro: int = 0, b_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
@@ -221,7 +252,8 @@ def fused_matmul(
     approximate: str = "none", allow_tf32: bool = False,
 ) -> torch.Tensor:
     """out[m, n] = epilogue(Σ_k pro_A(a)[m, k] · pro_B(b)[k, n]) (see the module docstring). ``aux`` and
-    ``res`` share ``out``'s axis decomposition (same ``inner``), with their own strides."""
+    ``res`` share ``out``'s axis decomposition (same ``inner``), with their own strides. ``variant`` names
+    the launch site in VARIANTS, whose configs the autotuner tries."""
     if M == 0 or N == 0:
         return out
     dummy = _dummy(out.device)
@@ -235,13 +267,16 @@ def fused_matmul(
     a_w, a_b = a_vec or (dummy, dummy)
     b_mean, b_rstd = b_stats or (dummy, dummy)
     b_w, b_b = b_vec or (dummy, dummy)
-    kernel = _kernel()
+    kernel = _kernel(variant)
     meta = dict(
         A_PRO=a_pro, B_PRO=b_pro, HAS_BIAS=bias is not None, BIAS_ON_M=bias_on_m,
         EPI_GELU=epi_gelu, EPI_GELU_GRAD=epi_gelu_grad, STORE_BRANCH=store_branch,
         HAS_SCALE=scale is not None, HAS_SS=ss is not None, SS_ON_N=ss_on_n, HAS_RES=res is not None,
         APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(a.dtype, allow_tf32),
         INTERPRETER=_launch.INTERPRET,
+        A_M_SPLIT=am.split, A_K_SPLIT=ak.split, B_K_SPLIT=bk.split, B_N_SPLIT=bn.split, O_M_SPLIT=om.split,
+        O_N_SPLIT=on.split, X_M_SPLIT=xm.split, X_N_SPLIT=xn.split, R_M_SPLIT=rm.split, R_N_SPLIT=rn.split,
+        IDX64=_launch.needs_int64(a, b, out, aux, res),
     )
     if _launch.INTERPRET:
         bm, bn_, bk_, warps, stages = INTERPRET_CONFIG

@@ -17,10 +17,36 @@ from .elementwise import gelu, gelu_grad, round_to
 
 
 @triton.jit
-def _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc):
+def _slab_offsets(b, offs_s, offs_c, sb, ss, sc, IDX64: tl.constexpr):
+    # int64 only when the launch has a tensor of 2³¹ or more elements (2-D int64 offsets cost registers).
+    if IDX64:
+        return b.to(tl.int64) * sb + offs_s.to(tl.int64)[:, None] * ss + offs_c.to(tl.int64)[None, :] * sc
+    else:
+        return b * sb + offs_s[:, None] * ss + offs_c[None, :] * sc
+
+
+@triton.jit
+def _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64: tl.constexpr):
     mask = (offs_s < S)[:, None] & (offs_c < C)[None, :]
-    off = b.to(tl.int64) * sxb + offs_s.to(tl.int64)[:, None] * sxs + offs_c.to(tl.int64)[None, :] * sxc
+    off = _slab_offsets(b, offs_s, offs_c, sxb, sxs, sxc, IDX64)
     return tl.load(x_ptr + off, mask=mask, other=0.0), mask, off
+
+
+@triton.jit
+def _w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr):
+    """W1[d0:d0+BLOCK_D, :S_PAD], zero outside W1. A block pointer, not a tensor of per-element pointers:
+    a 64 × 256 slice of those holds 128 registers a thread at 8 warps (measured: spills)."""
+    bp = tl.make_block_ptr(w1_ptr, shape=(D, S), strides=(sw1d, sw1s), offsets=(d0, 0),
+                           block_shape=(BLOCK_D, S_PAD), order=(1, 0))
+    return tl.load(bp, boundary_check=(0, 1), padding_option="zero")
+
+
+@triton.jit
+def _w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr):
+    """W2ᵀ[d0:d0+BLOCK_D, :S_PAD] (W2 is (S, D)), zero outside W2."""
+    bp = tl.make_block_ptr(w2_ptr, shape=(D, S), strides=(sw2d, sw2s), offsets=(d0, 0),
+                           block_shape=(BLOCK_D, S_PAD), order=(0, 1))
+    return tl.load(bp, boundary_check=(0, 1), padding_option="zero")
 
 
 @triton.jit
@@ -46,14 +72,14 @@ def token_mlp_fwd_kernel(
     sw1d, sw1s, sw2s, sw2d,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SS: tl.constexpr, STORE_BRANCH: tl.constexpr, APPROX_TANH: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     b = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    x, mask, x_off = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc)
+    x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
     xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
     xn = round_to(xn, x.dtype, INTERPRETER)
     if INTERPRETER:  # Triton's interpreter mis-multiplies bf16 dots; bf16/fp16 products are exact in fp32
@@ -62,10 +88,8 @@ def token_mlp_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        w1 = tl.load(w1_ptr + offs_d[:, None] * sw1d + offs_s[None, :] * sw1s,
-                     mask=mask_d[:, None] & (offs_s < S)[None, :], other=0.0)
-        w2 = tl.load(w2_ptr + offs_s[:, None] * sw2s + offs_d[None, :] * sw2d,
-                     mask=(offs_s < S)[:, None] & mask_d[None, :], other=0.0)
+        w1 = _w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D, S_PAD)
+        w2 = tl.trans(_w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D, S_PAD))
         if INTERPRETER:
             w1 = w1.to(tl.float32)
             w2 = w2.to(tl.float32)
@@ -78,13 +102,15 @@ def token_mlp_fwd_kernel(
         acc = tl.dot(w2, h, acc, input_precision=PRECISION)  # padded rows of w2 are zero
     if HAS_B2:
         acc += tl.load(b2_ptr + offs_s, mask=offs_s < S, other=0.0).to(tl.float32)[:, None]
-    out_off = b.to(tl.int64) * sob + offs_s.to(tl.int64)[:, None] * sos + offs_c.to(tl.int64)[None, :] * soc
+    out_off = _slab_offsets(b, offs_s, offs_c, sob, sos, soc, IDX64)
     if STORE_BRANCH:
         tl.store(branch_ptr + out_off, round_to(acc, branch_ptr.dtype.element_ty, INTERPRETER), mask=mask)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
     if HAS_SS:
         acc *= tl.load(ss_ptr + b).to(tl.float32)
+    # x is re-read here rather than kept live through the loop: it would cost S_PAD·BLOCK_C registers.
+    x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
     tl.store(out_ptr + out_off, round_to(x.to(tl.float32) + acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
@@ -96,7 +122,7 @@ def token_mlp_dx_kernel(
     sxb, sxs, sxc, sdb, sds, sdc,
     sw1d, sw1s, sw2s, sw2d,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """g = dL/dN(x) = W1ᵀ · (GELU'(Z) ⊙ (W2ᵀ · dO)) for one image's slab, written in fp32 to ``g``
@@ -105,10 +131,10 @@ def token_mlp_dx_kernel(
     b = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc)
+    x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
     xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
     xn = round_to(xn, x.dtype, INTERPRETER)
-    do, _, _ = _load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc)
+    do, _, _ = _load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc, IDX64)
     if INTERPRETER:
         xn = xn.to(tl.float32)
         do = do.to(tl.float32)
@@ -116,10 +142,8 @@ def token_mlp_dx_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        w1 = tl.load(w1_ptr + offs_d[:, None] * sw1d + offs_s[None, :] * sw1s,
-                     mask=mask_d[:, None] & (offs_s < S)[None, :], other=0.0)
-        w2t = tl.load(w2_ptr + offs_s[None, :] * sw2s + offs_d[:, None] * sw2d,
-                      mask=(offs_s < S)[None, :] & mask_d[:, None], other=0.0)  # W2ᵀ slice (BLOCK_D, S_PAD)
+        w1 = _w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D, S_PAD)
+        w2t = _w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D, S_PAD)
         if INTERPRETER:
             w1 = w1.to(tl.float32)
             w2t = w2t.to(tl.float32)
@@ -131,7 +155,7 @@ def token_mlp_dx_kernel(
         if INTERPRETER:
             dz = dz.to(tl.float32)
         g = tl.dot(tl.trans(w1), dz, g, input_precision=PRECISION)
-    g_off = (b.to(tl.int64) * S + offs_s.to(tl.int64))[:, None] * C + offs_c[None, :]
+    g_off = _slab_offsets(b, offs_s, offs_c, S * C, C, 1, IDX64)
     tl.store(g_ptr + g_off, g, mask=mask)
 
 
@@ -143,21 +167,21 @@ def token_mlp_dw_kernel(
     sxb, sxs, sxc, sdb, sds, sdc,
     sw1d, sw1s, sw2s, sw2d,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr, PART: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Partial dW1 (D, S), dW2 (S, D), db1 (D,) over images split, split + SPLITS, … for one BLOCK_D
-    slice, written to slot ``split`` of fp32 buffers shaped (SPLITS, …)."""
+    """Partial dW1 (D, S) and db1 (D,) (PART 0 or 1) and dW2 (S, D) (PART 0 or 2) over images split,
+    split + SPLITS, … for one BLOCK_D slice, written to slot ``split`` of fp32 buffers (SPLITS, …).
+    At S_PAD ≥ 128 the two BLOCK_D × S_PAD accumulators do not fit in registers together (measured:
+    spills), so the launcher runs PART 1 and PART 2 as two kernels, each recomputing the hidden tile."""
     pid_d = tl.program_id(0)
     split = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask_s = offs_s < S
-    w1 = tl.load(w1_ptr + offs_d[:, None] * sw1d + offs_s[None, :] * sw1s,
-                 mask=mask_d[:, None] & mask_s[None, :], other=0.0)
-    w2t = tl.load(w2_ptr + offs_s[None, :] * sw2s + offs_d[:, None] * sw2d,
-                  mask=mask_s[None, :] & mask_d[:, None], other=0.0)
+    w1 = _w1_slice(w1_ptr, pid_d * BLOCK_D, D, S, sw1d, sw1s, BLOCK_D, S_PAD)
+    w2t = _w2t_slice(w2_ptr, pid_d * BLOCK_D, D, S, sw2s, sw2d, BLOCK_D, S_PAD)
     if INTERPRETER:
         w1 = w1.to(tl.float32)
         w2t = w2t.to(tl.float32)
@@ -170,10 +194,10 @@ def token_mlp_dw_kernel(
     for item in range(split, B * n_c, SPLITS):
         b = item // n_c
         offs_c = (item % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-        x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc)
+        x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
         xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
         xn = round_to(xn, x.dtype, INTERPRETER)
-        do, _, _ = _load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc)
+        do, _, _ = _load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc, IDX64)
         if INTERPRETER:
             xn = xn.to(tl.float32)
             do = do.to(tl.float32)
@@ -183,20 +207,24 @@ def token_mlp_dw_kernel(
         h = round_to(gelu(z, APPROX_TANH), x.dtype, INTERPRETER)
         if INTERPRETER:
             h = h.to(tl.float32)
-        dw2t = tl.dot(h, tl.trans(do), dw2t, input_precision=PRECISION)  # (BLOCK_D, S_PAD) = (dO · Hᵀ)ᵀ
-        da = tl.dot(w2t, do, input_precision=PRECISION)
-        dz = da * gelu_grad(z, APPROX_TANH)
-        dz = tl.where((offs_c < C)[None, :], dz, 0.0)
-        db1 += tl.sum(dz, axis=1)
-        dz = round_to(dz, x.dtype, INTERPRETER)
-        if INTERPRETER:
-            dz = dz.to(tl.float32)
-        dw1 = tl.dot(dz, tl.trans(xn), dw1, input_precision=PRECISION)
+        if PART != 1:
+            dw2t = tl.dot(h, tl.trans(do), dw2t, input_precision=PRECISION)  # (BLOCK_D, S_PAD) = (dO · Hᵀ)ᵀ
+        if PART != 2:
+            da = tl.dot(w2t, do, input_precision=PRECISION)
+            dz = da * gelu_grad(z, APPROX_TANH)
+            dz = tl.where((offs_c < C)[None, :], dz, 0.0)
+            db1 += tl.sum(dz, axis=1)
+            dz = round_to(dz, x.dtype, INTERPRETER)
+            if INTERPRETER:
+                dz = dz.to(tl.float32)
+            dw1 = tl.dot(dz, tl.trans(xn), dw1, input_precision=PRECISION)
     out_mask = mask_d[:, None] & mask_s[None, :]
     base = split.to(tl.int64) * D * S
-    tl.store(dw1_ptr + base + offs_d[:, None] * S + offs_s[None, :], dw1, mask=out_mask)
-    tl.store(dw2_ptr + base + offs_s[None, :] * D + offs_d[:, None], dw2t, mask=out_mask)
-    tl.store(db1_ptr + split.to(tl.int64) * D + offs_d, db1, mask=mask_d)
+    if PART != 2:
+        tl.store(dw1_ptr + base + offs_d[:, None] * S + offs_s[None, :], dw1, mask=out_mask)
+        tl.store(db1_ptr + split.to(tl.int64) * D + offs_d, db1, mask=mask_d)
+    if PART != 1:
+        tl.store(dw2_ptr + base + offs_s[None, :] * D + offs_d[:, None], dw2t, mask=out_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,12 +242,26 @@ Tensor = torch.Tensor
 NORMS = {"layernorm": 1, "affine": 2}
 
 
-def _blocks(S_PAD: int, D: int) -> Tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_D, num_warps) for the fused token MLP: keep the S_PAD × BLOCK_C accumulator at
-    ≤ 16K fp32 values (64 registers per thread at 8 warps)."""
-    block_c = max(16, min(64, 16384 // S_PAD))
-    block_d = 16 if _launch.INTERPRET else min(64, _launch.pow2(D))
-    return block_c, block_d, 8
+def gpu_config(kernel: str, S_PAD: int, D: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_D, num_warps, num_stages) on a GPU for ``kernel`` (token_mlp_fwd / _dx / _dw).
+
+    The S_PAD × BLOCK_C accumulator and the BLOCK_D × S_PAD weight slices share the register file;
+    these sizes compile without spills on sm_90a (``mixer-fast report``; bench/NOTES.md)."""
+    block_d = min(64, _launch.pow2(D))
+    if S_PAD <= 64:
+        return 64, block_d, 8, 1
+    return (32 if kernel == "token_mlp_dx" else 16), block_d, 8, 1
+
+
+def dw_parts(S_PAD: int) -> Tuple[int, ...]:
+    """token_mlp_dw_kernel launches: both gradients at once, or dW1 and dW2 apart when they don't fit."""
+    return (0,) if (_launch.INTERPRET or S_PAD <= 64) else (1, 2)
+
+
+def _blocks(kernel: str, S_PAD: int, D: int) -> Tuple[int, int, int]:
+    if _launch.INTERPRET:
+        return max(16, min(64, 16384 // S_PAD)), 16, 4
+    return gpu_config(kernel, S_PAD, D)[:3]
 
 
 def _splits(n_d_tiles: int, work: int) -> int:
@@ -258,7 +300,7 @@ def token_mixing_forward(
         o_axes = (flat(S, out.stride(1)), split(C, out.stride(0), out.stride(2)))
         fused_matmul(
             fc1_weight, (flat(S, fc1_weight.stride(0)), flat(S, fc1_weight.stride(1))),
-            x, (flat(S, xs[1]), n_axis), out, o_axes, S, B * C, S,
+            x, (flat(S, xs[1]), n_axis), out, o_axes, S, B * C, S, variant="token_linear",
             b_pro=5 if norm == "layernorm" else 2, b_vec=(nw, nb),
             b_stats=(mean, rstd) if mean is not None else None, bias=fc1_bias, bias_on_m=True,
             aux=branch, aux_axes=o_axes if branch is not None else None, store_branch=store_branch,
@@ -267,7 +309,7 @@ def token_mixing_forward(
         return out, mean, rstd, branch
     D = fc1_weight.shape[0]
     S_PAD = _launch.pow2(S)
-    block_c, block_d, warps = _blocks(S_PAD, D)
+    block_c, block_d, warps = _blocks("token_mlp_fwd", S_PAD, D)
     dummy = nw
     token_mlp_fwd_kernel[(triton.cdiv(C, block_c), B)](
         x, out, branch if branch is not None else out, mean if mean is not None else nw,
@@ -279,7 +321,8 @@ def token_mixing_forward(
         NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
         HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
         APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(x.dtype, allow_tf32),
-        INTERPRETER=_launch.INTERPRET, S_PAD=S_PAD, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
+        INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), S_PAD=S_PAD, BLOCK_C=block_c,
+        BLOCK_D=block_d, num_warps=warps)
     return out, mean, rstd, branch
 
 
@@ -328,7 +371,7 @@ def token_mixing_backward(
     if fc2_weight is None:
         ws, ds, xs = fc1_weight.stride(), do.stride(), x.stride()
         fused_matmul(fc1_weight, (flat(S, ws[1]), flat(S, ws[0])), do, (flat(S, ds[1]), split(C, ds[0], ds[2])),
-                     g, (flat(S, C), split(C, S * C, 1)), S, B * C, S, allow_tf32=allow_tf32)
+                     g, (flat(S, C), split(C, S * C, 1)), S, B * C, S, variant="plain", allow_tf32=allow_tf32)
         xn_src, b_pro, b_vec = x, 3, (nw, nb)
         if norm == "layernorm":
             # Rare combination (no named model uses it): normalise once here rather than add a kernel mode.
@@ -337,30 +380,33 @@ def token_mixing_backward(
         xs = xn_src.stride()
         dw = _launch.new_output((S, S), x, torch.float32)
         fused_matmul(do, (flat(S, ds[1]), split(C, ds[0], ds[2])), xn_src, (split(C, xs[0], xs[2]), flat(S, xs[1])),
-                     dw, (flat(S, S), flat(S, 1)), S, S, B * C, b_pro=b_pro, b_vec=b_vec, allow_tf32=allow_tf32)
+                     dw, (flat(S, S), flat(S, 1)), S, S, B * C, variant="ln_b", b_pro=b_pro, b_vec=b_vec, allow_tf32=allow_tf32)
         grads["fc1_weight"] = dw
         grads["fc1_bias"] = do.float().sum((0, 2)) if fc1_bias is not None else None
     else:
         D = fc1_weight.shape[0]
         S_PAD = _launch.pow2(S)
-        block_c, block_d, warps = _blocks(S_PAD, D)
         stats = (mean, rstd) if mean is not None else (nw, nw)
         common = dict(NORM=NORMS[norm], HAS_B1=fc1_bias is not None, APPROX_TANH=approximate == "tanh",
-                      PRECISION=prec, INTERPRETER=_launch.INTERPRET, S_PAD=S_PAD, BLOCK_C=block_c,
-                      BLOCK_D=block_d, num_warps=warps)
+                      PRECISION=prec, INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, do, g), S_PAD=S_PAD)
         b1 = fc1_bias if fc1_bias is not None else nw
+        block_c, block_d, warps = _blocks("token_mlp_dx", S_PAD, D)
         if B:
             token_mlp_dx_kernel[(triton.cdiv(C, block_c), B)](
                 x, do, g, *stats, nw, nb, fc1_weight, b1, fc2_weight, S, C, D, *x.stride(), *do.stride(),
-                *fc1_weight.stride(), *fc2_weight.stride(), **common)
+                *fc1_weight.stride(), *fc2_weight.stride(), **common, BLOCK_C=block_c, BLOCK_D=block_d,
+                num_warps=warps)
+        block_c, block_d, warps = _blocks("token_mlp_dw", S_PAD, D)
         n_d = triton.cdiv(D, block_d)
         splits = max(1, _splits(n_d, B * triton.cdiv(C, block_c)))
         dw1 = _launch.new_output((splits, D, S), x, torch.float32)
         dw2 = _launch.new_output((splits, S, D), x, torch.float32)
         db1 = _launch.new_output((splits, D), x, torch.float32)
-        token_mlp_dw_kernel[(n_d, splits)](  # runs with B = 0 too: it writes the zero gradients
-            x, do, *stats, nw, nb, fc1_weight, b1, fc2_weight, dw1, dw2, db1, B, S, C, D, splits,
-            *x.stride(), *do.stride(), *fc1_weight.stride(), *fc2_weight.stride(), **common)
+        for part in dw_parts(S_PAD):  # runs with B = 0 too: it writes the zero gradients
+            token_mlp_dw_kernel[(n_d, splits)](
+                x, do, *stats, nw, nb, fc1_weight, b1, fc2_weight, dw1, dw2, db1, B, S, C, D, splits,
+                *x.stride(), *do.stride(), *fc1_weight.stride(), *fc2_weight.stride(), **common, PART=part,
+                BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
         grads["fc2_bias"] = do.float().sum((0, 2)) if fc2_bias is not None else None

@@ -1,0 +1,130 @@
+"""Ahead-of-time compilation of every kernel and GPU config, with no GPU: the static report.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` yields PTX and a cubin on any
+machine; ptxas (shipped with triton) reports registers and spills, the PTX shows whether Hopper's
+wgmma is used, and the compile metadata the shared memory. Needs triton imported in compiled mode
+(TRITON_INTERPRET unset or 0): the CLI runs it in a process of its own.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ARCHS = {"sm_90a": 90, "sm_80": 80}
+_FP32_PTRS = {"mean_ptr", "rstd_ptr", "a_mean_ptr", "a_rstd_ptr", "b_mean_ptr", "b_rstd_ptr", "g_ptr", "dw1_ptr",
+              "dw2_ptr", "db1_ptr", "dw_part_ptr", "db_part_ptr"}
+_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+@dataclass
+class Row:
+    """One compiled kernel variant: the JSON row of ``mixer-fast report``."""
+
+    kernel: str
+    config: str
+    arch: str
+    dtype: str
+    registers: int
+    spills: int
+    shared_bytes: int
+    wgmma: bool
+    has_dot: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ptxas() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _signature(fn, dtype: str, ptr_dtypes: Dict[str, str]) -> Dict[str, str]:
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*" + ptr_dtypes.get(p.name, "fp32" if p.name in _FP32_PTRS else dtype)
+        elif p.name == "eps":
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    return sig
+
+
+def compile_row(fn, name: str, config: str, constexprs: Dict[str, object], *, arch: str, dtype: str,
+                num_warps: int, num_stages: int, ptr_dtypes: Optional[Dict[str, str]] = None) -> Row:
+    """Compile one kernel variant for ``arch`` and measure it."""
+    src = ASTSource(fn, _signature(fn, _DTYPES[dtype], ptr_dtypes or {}), constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([_ptxas(), "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", path, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return Row(name, config, arch, dtype, regs, spills, int(compiled.metadata.shared), "wgmma.mma_async" in ptx,
+               "mma" in ptx)
+
+
+def variants(dtype: str) -> Iterator[Tuple]:
+    """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes) for every kernel
+    variant and GPU config the launchers use on a GPU, at the named models' shapes."""
+    from . import layer_norm, matmul, token_mixing
+
+    prec = "ieee"
+    base = dict(A_PRO=0, B_PRO=0, HAS_BIAS=False, BIAS_ON_M=False, EPI_GELU=False, EPI_GELU_GRAD=False,
+                STORE_BRANCH=False, HAS_SCALE=False, HAS_SS=False, SS_ON_N=False, HAS_RES=False, APPROX_TANH=False,
+                PRECISION=prec, INTERPRETER=False, A_M_SPLIT=False, A_K_SPLIT=False, B_K_SPLIT=False,
+                B_N_SPLIT=False, O_M_SPLIT=False, O_N_SPLIT=False, X_M_SPLIT=False, X_N_SPLIT=False, R_M_SPLIT=False,
+                R_N_SPLIT=False, IDX64=False)
+    for label, (flags, configs) in matmul.VARIANTS.items():
+        for bm, bn, bk, warps, stages in configs:
+            cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+            yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
+                   cfg, warps, stages, None)
+    for S in (49, 196):
+        S_PAD = token_mixing._launch.pow2(S)
+        for kname, fn in (("token_mlp_fwd", token_mixing.token_mlp_fwd_kernel),
+                          ("token_mlp_dx", token_mixing.token_mlp_dx_kernel),
+                          ("token_mlp_dw", token_mixing.token_mlp_dw_kernel)):
+            block_c, block_d, warps, stages = token_mixing.gpu_config(kname, S_PAD, 512)
+            cfg = dict(NORM=1, HAS_B1=True, APPROX_TANH=False, PRECISION=prec, INTERPRETER=False, IDX64=False, S_PAD=S_PAD,
+                       BLOCK_C=block_c, BLOCK_D=block_d)
+            parts = token_mixing.dw_parts(S_PAD) if kname == "token_mlp_dw" else (None,)
+            if kname == "token_mlp_fwd":
+                cfg.update(HAS_B2=True, HAS_SCALE=False, HAS_SS=True, STORE_BRANCH=False)
+            for part in parts:
+                label = f"S_PAD={S_PAD} C{block_c} D{block_d} w{warps} s{stages}"
+                if part is not None:
+                    cfg = dict(cfg, PART=part)
+                    label += f" part{part}"
+                yield fn, f"{kname}[S={S}]", label, cfg, warps, stages, None
+    for C in (384, 768, 1024):
+        block_c = layer_norm.gpu_block_c(C)
+        yield (layer_norm.ln_stats_kernel, f"ln_stats[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4",
+               dict(BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 1, None)
+        yield (layer_norm.ln_backward_kernel, f"ln_backward[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4",
+               dict(HAS_W=True, INTERPRETER=False, BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 1, None)
+
+
+def report(arch: str, dtype: str = "bf16") -> List[Row]:
+    """Compile every variant for ``arch`` ("sm_90a" or "sm_80")."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch: expected one of {sorted(ARCHS)}, got {arch!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    return [compile_row(fn, name, config, cfg, arch=arch, dtype=dtype, num_warps=w, num_stages=s, ptr_dtypes=p)
+            for fn, name, config, cfg, w, s, p in variants(dtype)]

@@ -1,0 +1,47 @@
+"""``mixer-fast report``: every Triton kernel and GPU config compiles for sm_90a ahead of time, with no
+register spills, and every kernel with a dot uses Hopper's wgmma."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import require
+
+
+@pytest.fixture(scope="module")
+def rows():
+    require("triton")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-m", "mixer_fast", "report", "--arch", "sm_90a", "--format", "json"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def test_report_rows_have_the_keys(rows):
+    assert rows
+    for row in rows:
+        assert {"kernel", "config", "registers", "spills", "shared_bytes", "wgmma"} <= row.keys()
+    kernels = {row["kernel"].split("[")[0] for row in rows}
+    assert kernels == {"fused_matmul", "token_mlp_fwd", "token_mlp_dx", "token_mlp_dw", "ln_stats", "ln_backward"}
+
+
+def test_no_config_spills(rows):
+    spilling = [(r["kernel"], r["config"], r["spills"]) for r in rows if r["spills"]]
+    assert not spilling, spilling
+
+
+def test_every_dot_kernel_uses_wgmma_on_sm90a(rows):
+    missing = [(r["kernel"], r["config"]) for r in rows if r["has_dot"] and not r["wgmma"]]
+    assert not missing, missing
+    assert sum(r["has_dot"] for r in rows) >= 20
+
+
+def test_registers_and_shared_memory_fit_hopper(rows):
+    for r in rows:
+        assert 0 < r["registers"] <= 255
+        assert 0 <= r["shared_bytes"] <= 227 * 1024, r
