@@ -11,7 +11,7 @@ from torch import nn
 import mixer_fast
 from mixer_fast import reference as ref
 from conftest import grads, perturb_
-from tolerances import assert_rel_close
+from tolerances import assert_rel_close, max_err
 
 pytestmark = pytest.mark.timm
 
@@ -170,3 +170,25 @@ def test_convert_root_block_and_backend_argument(timm):
     assert_rel_close(fused(x), block(x))
     with pytest.raises(ValueError, match="backend: expected one of"):
         mixer_fast.convert(block, backend="cuda")
+
+
+def test_convert_to_triton_backend_matches_timm(timm, triton_backend):
+    from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
+
+    from conftest import DEVICE
+
+    for theirs in (_small_mixer(embed_dim=64),
+                   MlpMixer(patch_size=32, num_blocks=2, embed_dim=64, mlp_ratio=4, block_layer=ResBlock,
+                            norm_layer=Affine)):
+        theirs = perturb_(theirs, seed=9).eval()
+        ours = mixer_fast.convert(copy.deepcopy(theirs), backend="triton", strict=True).to(DEVICE)
+        assert all(b.backend == "triton" for b in ours.blocks)
+        x = _images()
+        out_theirs, g_theirs = _fwd_bwd(theirs, x)
+        out_ours, g_ours = _fwd_bwd(ours, x.to(DEVICE))
+        assert_rel_close(out_ours.cpu(), out_theirs, what="triton logits")
+        for n in g_theirs:
+            # The token-MLP fc2 bias adds a per-token constant that the next LayerNorm removes: its gradient
+            # is zero up to rounding (~1e-12 in timm), so an absolute floor is needed next to the relative bound.
+            err = max_err(g_ours[n].cpu(), g_theirs[n])
+            assert err <= 1e-4 * float(g_theirs[n].abs().max()) + 1e-6, (n, err)
