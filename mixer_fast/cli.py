@@ -106,9 +106,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"mixer_fast {__version__} demo: {args.model} from {source}, batch {args.batch}, {args.dtype}, "
           f"{device} ({torch.get_num_threads()} threads)")
     if chosen == "reference":
-        print("note: only the reference backend runs here (plain eager PyTorch, the spec the kernels are tested\n"
-              "      against); no fused kernel is built in this version, so expect a speed-up of about 1.0x.\n"
-              "      `mixer-fast info` says which backends exist and why the others are unavailable.")
+        print(f"note: only the reference backend runs here (plain eager PyTorch, the spec the kernels are tested\n"
+              f"      against): this version's fused kernels are Triton's, for CUDA GPUs, and the C++ CPU kernels\n"
+              f"      are not built yet, so on {device.type} expect a speed-up of about 1.0x.\n"
+              f"      `mixer-fast info` says which backends exist and why the others are unavailable.")
 
     torch.manual_seed(0)
     model = _build_model(args.model, use_timm).to(device=device, dtype=dtype)
