@@ -7,7 +7,7 @@ import copy
 import platform
 import sys
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import __version__, dispatch
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import pytest
 import torch
 
 from mixer_fast import ops
-from tolerances import assert_numerics
+from tolerances import assert_numerics, max_err
 
 NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "scale")
 
@@ -63,3 +64,40 @@ def check_backend(op: str, args, dtype: torch.dtype, backend: str, *, approximat
     for name in g64:
         assert g_fused[name].dtype == dtype, name
         assert_numerics(g_fused[name].cpu(), g_eager[name], g64[name], f"{op} mixing grad {name}")
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def triton_op_tests(op: str, shapes, hidden: int):
+    """The triton backend's tests of one op (``op``: "token" or "channel"), shared by test_token_mixing.py
+    and test_channel_mixing.py: every dtype × shape × variant, both GELUs, strided and empty input.
+    ``shapes`` are (B, S, C, D); ``hidden`` is D for the single-shape tests."""
+    from conftest import DEVICE
+
+    fn = ops.token_mixing if op == "token" else ops.channel_mixing
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("shape", shapes, ids=lambda s: "x".join(map(str, s)))
+    @pytest.mark.parametrize("variant", ["mixer", "droppath", "resmlp"])
+    def test_against_reference(triton_backend, dtype, shape, variant):
+        B, S, C, D = shape
+        approximate = "tanh" if (S + C) % 2 else "none"  # both GELUs over the shape list, without doubling it
+        check_backend(op, make_args(op, B, S, C, D, variant=variant), dtype, "triton", approximate=approximate,
+                      device=DEVICE)
+
+    @pytest.mark.parametrize("approximate", ["none", "tanh"])
+    def test_both_gelus(triton_backend, approximate):
+        check_backend(op, make_args(op, 2, 16, 64, hidden, variant="mixer", seed=3), torch.float32, "triton",
+                      approximate=approximate, device=DEVICE)
+
+    def test_non_contiguous_and_empty(triton_backend):
+        args = make_args(op, 3, 16, 64, hidden, variant="mixer")
+        x = torch.randn(3, 64, 16, dtype=torch.float32, device=DEVICE).transpose(1, 2)  # stride 1 along S
+        p = [args[k].float().to(DEVICE) for k in NAMES[1:7]]
+        got = fn(x, *p, backend="triton")
+        want = fn(x.contiguous(), *p, backend="reference")
+        assert max_err(got, want) < 1e-5
+        assert fn(torch.randn(0, 16, 64, device=DEVICE), *p, backend="triton").shape == (0, 16, 64)
+
+    return test_against_reference, test_both_gelus, test_non_contiguous_and_empty

@@ -1,43 +1,9 @@
-"""Token mixing on the triton backend (interpreter on CPU; compiled on a GPU) against the reference."""
-from __future__ import annotations
+"""Token mixing on the triton backend (interpreter on CPU; compiled on a GPU) against the reference,
+forward and every gradient, with outputs poisoned before launch (tests shared with channel mixing)."""
+from op_cases import triton_op_tests
 
-import pytest
-import torch
-
-from conftest import DEVICE
-from op_cases import check_backend, make_args
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, S, C, D_S): awkward S (196, 49, 16), C (100, 64), D_S not a power of two, B = 1 and 3.
 SHAPES = [(1, 49, 100, 24), (3, 16, 64, 30), (2, 196, 64, 98)]
 
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("variant", ["mixer", "droppath", "resmlp"])
-def test_triton_token_mixing(triton_backend, dtype, shape, variant):
-    B, S, C, D = shape
-    approximate = "tanh" if (S + C) % 2 else "none"  # both GELUs over the shape list, without doubling it
-    check_backend("token", make_args("token", B, S, C, D, variant=variant), dtype, "triton",
-                  approximate=approximate, device=DEVICE)
-
-
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_triton_token_mixing_both_gelus(triton_backend, approximate):
-    check_backend("token", make_args("token", 2, 16, 64, 40, variant="mixer", seed=3), torch.float32, "triton",
-                  approximate=approximate, device=DEVICE)
-
-
-def test_triton_token_mixing_non_contiguous_and_empty(triton_backend):
-    from mixer_fast import ops
-    from tolerances import max_err
-
-    args = make_args("token", 3, 16, 64, 24, variant="mixer")
-    base = torch.randn(3, 64, 16, dtype=torch.float32, device=DEVICE)
-    x = base.transpose(1, 2)  # (B, S, C) with stride 1 along S
-    p = [args[k].float().to(DEVICE) for k in ("norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
-    got = ops.token_mixing(x, *p, backend="triton")
-    want = ops.token_mixing(x.contiguous(), *p, backend="reference")
-    assert max_err(got, want) < 1e-5
-    empty = ops.token_mixing(torch.randn(0, 16, 64, device=DEVICE), *p, backend="triton")
-    assert empty.shape == (0, 16, 64)
+(test_triton_token_mixing, test_triton_token_mixing_both_gelus,
+ test_triton_token_mixing_non_contiguous_and_empty) = triton_op_tests("token", SHAPES, hidden=24)

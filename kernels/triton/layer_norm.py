@@ -5,9 +5,13 @@ while the GEMMs tile C, so they are computed once here (fp32 mean and 1/std per 
 The backward needs two sums over all C per token, so it runs once the GEMMs have produced dL/dLN(x).
 Tokens are addressed as row r → (r // S, r % S) of a (B, S, C) tensor with arbitrary strides.
 """
+from typing import Optional, Tuple
+
+import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from .elementwise import round_to
 
 
@@ -96,11 +100,8 @@ def ln_backward_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
 
-from typing import Optional, Tuple  # noqa: E402
 
-import torch  # noqa: E402
 
-from . import _launch  # noqa: E402
 
 ROWS = 8
 

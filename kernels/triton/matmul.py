@@ -14,9 +14,14 @@ Prologues (applied to each loaded tile in fp32, then rounded to the operand dtyp
 Epilogue, in order: + bias (per n, or per m), store to ``aux`` (the pre-activation, or the branch before
 scale), GELU or × GELU'(aux), × scale[n % inner], × sample_scale[sample], + residual.
 """
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
 
 
@@ -156,12 +161,8 @@ def fused_matmul_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Launcher
 
-from dataclasses import dataclass  # noqa: E402
-from typing import Dict, Optional, Tuple  # noqa: E402
 
-import torch  # noqa: E402
 
-from . import _launch  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,16 @@ dL/dLN(x); ``token_mlp_dw_kernel`` (per BLOCK_D slice of the hidden, over a shar
 recomputes it again and accumulates dW1, dW2, db1 in registers, one partial per share, summed in a
 fixed order afterwards (deterministic: no atomics).
 """
+from typing import Dict, Optional, Tuple
+
+import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
+from .layer_norm import layer_norm_backward, layer_norm_stats
+from .matmul import flat, fused_matmul, split
 
 
 @triton.jit
@@ -64,6 +70,25 @@ def _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_
 
 
 @triton.jit
+def _operand(t, INTERPRETER: tl.constexpr):
+    """A tl.dot operand: widened to fp32 in Triton's interpreter, whose bf16 dot is wrong (products of
+    16-bit floats are exact in fp32, so the result is the GPU's)."""
+    if INTERPRETER:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
+                     NORM: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr):
+    """N(x) of one image's S_PAD × BLOCK_C slab, rounded to x's dtype as eager's LayerNorm output is, as
+    a dot operand (zero outside the tensor); and the slab's mask."""
+    x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
+    xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
+    return _operand(round_to(xn, x.dtype, INTERPRETER), INTERPRETER), mask
+
+
+@triton.jit
 def token_mlp_fwd_kernel(
     x_ptr, out_ptr, branch_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale_ptr, ss_ptr,
@@ -79,26 +104,18 @@ def token_mlp_fwd_kernel(
     b = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
-    xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
-    xn = round_to(xn, x.dtype, INTERPRETER)
-    if INTERPRETER:  # Triton's interpreter mis-multiplies bf16 dots; bf16/fp16 products are exact in fp32
-        xn = xn.to(tl.float32)
+    xn, mask = _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
+                                NORM, INTERPRETER, IDX64)
     acc = tl.zeros((S_PAD, BLOCK_C), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        w1 = _w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D, S_PAD)
-        w2 = tl.trans(_w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D, S_PAD))
-        if INTERPRETER:
-            w1 = w1.to(tl.float32)
-            w2 = w2.to(tl.float32)
+        w1 = _operand(_w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D, S_PAD), INTERPRETER)
+        w2 = _operand(tl.trans(_w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D, S_PAD)), INTERPRETER)
         z = tl.dot(w1, xn, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
         if HAS_B1:
             z += tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-        h = round_to(gelu(z, APPROX_TANH), x.dtype, INTERPRETER)
-        if INTERPRETER:
-            h = h.to(tl.float32)
+        h = _operand(round_to(gelu(z, APPROX_TANH), x_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
         acc = tl.dot(w2, h, acc, input_precision=PRECISION)  # padded rows of w2 are zero
     if HAS_B2:
         acc += tl.load(b2_ptr + offs_s, mask=offs_s < S, other=0.0).to(tl.float32)[:, None]
@@ -131,29 +148,20 @@ def token_mlp_dx_kernel(
     b = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
-    xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
-    xn = round_to(xn, x.dtype, INTERPRETER)
-    do, _, _ = _load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc, IDX64)
-    if INTERPRETER:
-        xn = xn.to(tl.float32)
-        do = do.to(tl.float32)
+    xn, mask = _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
+                                NORM, INTERPRETER, IDX64)
+    do = _operand(_load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc, IDX64)[0], INTERPRETER)
     g = tl.zeros((S_PAD, BLOCK_C), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        w1 = _w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D, S_PAD)
-        w2t = _w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D, S_PAD)
-        if INTERPRETER:
-            w1 = w1.to(tl.float32)
-            w2t = w2t.to(tl.float32)
+        w1 = _operand(_w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D, S_PAD), INTERPRETER)
+        w2t = _operand(_w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D, S_PAD), INTERPRETER)
         z = tl.dot(w1, xn, input_precision=PRECISION)
         if HAS_B1:
             z += tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
         da = tl.dot(w2t, do, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
-        dz = round_to(da * gelu_grad(z, APPROX_TANH), x.dtype, INTERPRETER)
-        if INTERPRETER:
-            dz = dz.to(tl.float32)
+        dz = _operand(round_to(da * gelu_grad(z, APPROX_TANH), x_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
         g = tl.dot(tl.trans(w1), dz, g, input_precision=PRECISION)
     g_off = _slab_offsets(b, offs_s, offs_c, S * C, C, 1, IDX64)
     tl.store(g_ptr + g_off, g, mask=mask)
@@ -180,11 +188,8 @@ def token_mlp_dw_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask_s = offs_s < S
-    w1 = _w1_slice(w1_ptr, pid_d * BLOCK_D, D, S, sw1d, sw1s, BLOCK_D, S_PAD)
-    w2t = _w2t_slice(w2_ptr, pid_d * BLOCK_D, D, S, sw2s, sw2d, BLOCK_D, S_PAD)
-    if INTERPRETER:
-        w1 = w1.to(tl.float32)
-        w2t = w2t.to(tl.float32)
+    w1 = _operand(_w1_slice(w1_ptr, pid_d * BLOCK_D, D, S, sw1d, sw1s, BLOCK_D, S_PAD), INTERPRETER)
+    w2t = _operand(_w2t_slice(w2_ptr, pid_d * BLOCK_D, D, S, sw2s, sw2d, BLOCK_D, S_PAD), INTERPRETER)
     if HAS_B1:
         b1 = tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dw1 = tl.zeros((BLOCK_D, S_PAD), dtype=tl.float32)
@@ -194,19 +199,13 @@ def token_mlp_dw_kernel(
     for item in range(split, B * n_c, SPLITS):
         b = item // n_c
         offs_c = (item % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-        x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
-        xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
-        xn = round_to(xn, x.dtype, INTERPRETER)
-        do, _, _ = _load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc, IDX64)
-        if INTERPRETER:
-            xn = xn.to(tl.float32)
-            do = do.to(tl.float32)
+        xn, _ = _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr,
+                                 nb_ptr, NORM, INTERPRETER, IDX64)
+        do = _operand(_load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc, IDX64)[0], INTERPRETER)
         z = tl.dot(w1, xn, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
         if HAS_B1:
             z += b1[:, None]
-        h = round_to(gelu(z, APPROX_TANH), x.dtype, INTERPRETER)
-        if INTERPRETER:
-            h = h.to(tl.float32)
+        h = _operand(round_to(gelu(z, APPROX_TANH), x_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
         if PART != 1:
             dw2t = tl.dot(h, tl.trans(do), dw2t, input_precision=PRECISION)  # (BLOCK_D, S_PAD) = (dO · Hᵀ)ᵀ
         if PART != 2:
@@ -214,9 +213,7 @@ def token_mlp_dw_kernel(
             dz = da * gelu_grad(z, APPROX_TANH)
             dz = tl.where((offs_c < C)[None, :], dz, 0.0)
             db1 += tl.sum(dz, axis=1)
-            dz = round_to(dz, x.dtype, INTERPRETER)
-            if INTERPRETER:
-                dz = dz.to(tl.float32)
+            dz = _operand(round_to(dz, x_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
             dw1 = tl.dot(dz, tl.trans(xn), dw1, input_precision=PRECISION)
     out_mask = mask_d[:, None] & mask_s[None, :]
     base = split.to(tl.int64) * D * S
@@ -230,13 +227,8 @@ def token_mlp_dw_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
 
-from typing import Dict, Optional, Tuple  # noqa: E402
 
-import torch  # noqa: E402
 
-from . import _launch  # noqa: E402
-from .layer_norm import layer_norm_backward, layer_norm_stats  # noqa: E402
-from .matmul import flat, fused_matmul, split  # noqa: E402
 
 Tensor = torch.Tensor
 NORMS = {"layernorm": 1, "affine": 2}

@@ -57,6 +57,16 @@ def _or_empty(t: Optional[Tensor], like: Tensor, dtype: Optional[torch.dtype] = 
     return t if t is not None else like.new_empty((0,), dtype=dtype or like.dtype)
 
 
+def _fake_grads(x: Tensor, *params: Optional[Tensor]) -> List[Tensor]:
+    """The backward ops' outputs under FakeTensor tracing: one per input of the op, empty for None."""
+    return [torch.empty_like(t) if t is not None else _empty(x) for t in (x, *params)]
+
+
+def _grads_in(grads: List[Tensor], inputs: Tuple[Optional[Tensor], ...]) -> List[Optional[Tensor]]:
+    """The backward op's outputs as autograd wants them: None for absent inputs and empty placeholders."""
+    return [_none(g) if t is not None else None for g, t in zip(grads, inputs)]
+
+
 def _allow_tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
@@ -116,8 +126,7 @@ def _register_ops() -> None:
     @token_bwd.register_fake
     def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, mean,
           rstd, branch, eps, approximate, norm, allow_tf32):
-        return [torch.empty_like(t) if t is not None else _empty(x)
-                for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)]
+        return _fake_grads(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
 
     def token_setup(ctx, inputs, output):
         (x, nw, nb, w1, b1, w2, b2, scale, ss, eps, approximate, norm, store_branch, allow_tf32) = inputs
@@ -130,8 +139,7 @@ def _register_ops() -> None:
         eps, approximate, norm, allow_tf32 = ctx.args
         g = token_bwd(dout, x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, branch, eps, approximate, norm,
                       allow_tf32)
-        return (*[_none(t) if p is not None else None for t, p in zip(g, (x, nw, nb, w1, b1, w2, b2, scale))],
-                None, None, None, None, None, None)
+        return (*_grads_in(g, (x, nw, nb, w1, b1, w2, b2, scale)), None, None, None, None, None, None)
 
     token_fwd.register_autograd(token_backward, setup_context=token_setup)
 
@@ -172,8 +180,7 @@ def _register_ops() -> None:
     @channel_bwd.register_fake
     def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, mean,
           rstd, z, branch, approximate, norm, allow_tf32):
-        return [torch.empty_like(t) if t is not None else _empty(x)
-                for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)]
+        return _fake_grads(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
 
     def channel_setup(ctx, inputs, output):
         (x, nw, nb, w1, b1, w2, b2, scale, ss, eps, approximate, norm, save_hidden, store_branch, allow_tf32) = inputs
@@ -186,8 +193,7 @@ def _register_ops() -> None:
         approximate, norm, allow_tf32 = ctx.args
         g = channel_bwd(dout, x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, z, branch, approximate, norm,
                         allow_tf32)
-        return (*[_none(t) if p is not None else None for t, p in zip(g, (x, nw, nb, w1, b1, w2, b2, scale))],
-                None, None, None, None, None, None, None)
+        return (*_grads_in(g, (x, nw, nb, w1, b1, w2, b2, scale)), None, None, None, None, None, None, None)
 
     channel_fwd.register_autograd(channel_backward, setup_context=channel_setup)
 
