@@ -26,6 +26,7 @@ def test_report_rows_have_the_keys(rows):
     assert rows
     for row in rows:
         assert {"kernel", "config", "registers", "spills", "shared_bytes", "wgmma"} <= row.keys()
+    assert any("autocast" in row["kernel"] for row in rows)
     kernels = {row["kernel"].split("[")[0] for row in rows}
     assert kernels == {"fused_matmul", "token_mlp_fwd", "token_mlp_dx", "token_mlp_dw", "ln_stats", "ln_backward"}
 

@@ -95,6 +95,22 @@ def variants(dtype: str) -> Iterator[Tuple]:
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, None)
+    # torch.autocast: fp32 activations meet bf16 weights in the same kernels.
+    if dtype != "fp32":
+        mixed = {"x_ptr": "fp32", "out_ptr": "fp32", "res_ptr": "fp32", "branch_ptr": "fp32"}
+        for label in ("ln_gelu", "token_linear"):
+            flags, configs = matmul.VARIANTS[label]
+            bm, bn, bk, warps, stages = configs[0]
+            side = "a_ptr" if label == "ln_gelu" else "b_ptr"
+            yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},autocast]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
+                   dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages,
+                   dict(mixed, **{side: "fp32"}))
+        block_c, block_d, warps, stages = token_mixing.gpu_config("token_mlp_fwd", 256, 512)
+        yield (token_mixing.token_mlp_fwd_kernel, "token_mlp_fwd[S=196,autocast]",
+               f"S_PAD=256 C{block_c} D{block_d} w{warps} s{stages}",
+               dict(NORM=1, HAS_B1=True, HAS_B2=True, HAS_SCALE=False, HAS_SS=True, STORE_BRANCH=False,
+                    APPROX_TANH=False, PRECISION=prec, INTERPRETER=False, IDX64=False, S_PAD=256, BLOCK_C=block_c,
+                    BLOCK_D=block_d), warps, stages, mixed)
     for S in (49, 196):
         S_PAD = token_mixing._launch.pow2(S)
         for kname, fn in (("token_mlp_fwd", token_mixing.token_mlp_fwd_kernel),

@@ -44,8 +44,9 @@ def channel_mixing_forward(
         mean, rstd = layer_norm_stats(x, eps)
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
-    hidden = _launch.new_output((M, D), x, x.dtype)
-    z = _launch.new_output((M, D), x, x.dtype) if save_hidden else None
+    # Hidden activations in the weights' dtype: x's own, or the autocast dtype.
+    hidden = _launch.new_output((M, D), x, fc1_weight.dtype)
+    z = _launch.new_output((M, D), x, fc1_weight.dtype) if save_hidden else None
     out = _launch.new_output((B, S, C), x, x.dtype)
     branch = _launch.new_output(out.shape, out) if store_branch else None
     h_axes = (flat(M, D), flat(D, 1))
@@ -77,7 +78,7 @@ def channel_mixing_backward(
     D = fc1_weight.shape[0]
     M = B * S
     grads: Dict[str, Optional[Tensor]] = {}
-    do = branch_grad(dout, scale, sample_scale)
+    do = branch_grad(dout, scale, sample_scale).to(fc1_weight.dtype)  # the autocast dtype, if any
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
     if scale is not None:
@@ -86,7 +87,7 @@ def channel_mixing_backward(
     h_axes = (flat(M, D), flat(D, 1))
     do_tok, do_ch = _token_axis(do, S), flat(C, do.stride(2))
     x_tok, x_ch = _token_axis(x, S), flat(C, x.stride(2))
-    dz = _launch.new_output((M, D), x, x.dtype)
+    dz = _launch.new_output((M, D), x, fc1_weight.dtype)
     fused_matmul(do, (do_tok, do_ch), fc2_weight, (flat(C, fc2_weight.stride(0)), flat(D, fc2_weight.stride(1))),
                  dz, h_axes, M, D, C, variant="gelu_grad", aux=z, epi_gelu_grad=True, approximate=approximate, allow_tf32=allow_tf32)
     g = _launch.new_output((M, C), x, torch.float32)

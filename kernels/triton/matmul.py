@@ -7,7 +7,9 @@ an axis can span two tensor dims, e.g. the token axis (b, s) of a (B, S, C) tens
 strides, or a (b, c) axis for ResMLP's per-image token linear. No input is ever copied to make it
 contiguous and no transpose is materialised. Offsets are computed in int64.
 
-Prologues (applied to each loaded tile in fp32, then rounded to the operand dtype, as eager does):
+Prologues (applied to each loaded tile in fp32, then rounded to the *other* operand's dtype, as eager does:
+under torch.autocast an fp32 activation meets a 16-bit weight, and the normalised tile is what autocast
+would have cast):
     A: 0 none | 1 LayerNorm (row stats per m, weight/bias per k) | 2 affine (per k)
     B: 0 none | 1 LayerNorm (stats per k, weight/bias per n) | 2 affine (per n) | 3 affine (per k) | 4 GELU
        | 5 LayerNorm for the per-image token linear (stats of token (n // inner, k), weight/bias per n)
@@ -98,7 +100,7 @@ def fused_matmul_kernel(
             if A_PRO == 1:
                 af = (af - a_mean[:, None]) * a_rstd[:, None]
             af = af * wk[None, :] + bk[None, :]
-            a = round_to(tl.where(a_mask, af, 0.0), a_ptr.dtype.element_ty, INTERPRETER)
+            a = round_to(tl.where(a_mask, af, 0.0), b_ptr.dtype.element_ty, INTERPRETER)
         if B_PRO != 0:
             bf = b.to(tl.float32)
             if B_PRO == 1:
@@ -122,7 +124,7 @@ def fused_matmul_kernel(
                 bf = bf * wk[:, None] + bk[:, None]
             else:
                 bf = gelu(bf, APPROX_TANH)
-            b = round_to(tl.where(b_mask, bf, 0.0), b_ptr.dtype.element_ty, INTERPRETER)
+            b = round_to(tl.where(b_mask, bf, 0.0), a_ptr.dtype.element_ty, INTERPRETER)
         if INTERPRETER:  # Triton's interpreter mis-multiplies bf16 dots; products of bf16/fp16 are exact in fp32
             a = a.to(tl.float32)
             b = b.to(tl.float32)

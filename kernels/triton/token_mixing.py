@@ -80,12 +80,13 @@ def _operand(t, INTERPRETER: tl.constexpr):
 
 @triton.jit
 def _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-                     NORM: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr):
-    """N(x) of one image's S_PAD × BLOCK_C slab, rounded to x's dtype as eager's LayerNorm output is, as
-    a dot operand (zero outside the tensor); and the slab's mask."""
+                     dtype: tl.constexpr, NORM: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr):
+    """N(x) of one image's S_PAD × BLOCK_C slab, rounded to the weights' ``dtype`` (x's own, or the
+    autocast dtype) as eager's LayerNorm output is, as a dot operand (zero outside the tensor); and the
+    slab's mask."""
     x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
     xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
-    return _operand(round_to(xn, x.dtype, INTERPRETER), INTERPRETER), mask
+    return _operand(round_to(xn, dtype, INTERPRETER), INTERPRETER), mask
 
 
 @triton.jit
@@ -105,7 +106,7 @@ def token_mlp_fwd_kernel(
     offs_s = tl.arange(0, S_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     xn, mask = _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-                                NORM, INTERPRETER, IDX64)
+                                w1_ptr.dtype.element_ty, NORM, INTERPRETER, IDX64)
     acc = tl.zeros((S_PAD, BLOCK_C), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -115,7 +116,7 @@ def token_mlp_fwd_kernel(
         z = tl.dot(w1, xn, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
         if HAS_B1:
             z += tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-        h = _operand(round_to(gelu(z, APPROX_TANH), x_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
+        h = _operand(round_to(gelu(z, APPROX_TANH), w2_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
         acc = tl.dot(w2, h, acc, input_precision=PRECISION)  # padded rows of w2 are zero
     if HAS_B2:
         acc += tl.load(b2_ptr + offs_s, mask=offs_s < S, other=0.0).to(tl.float32)[:, None]
@@ -149,7 +150,7 @@ def token_mlp_dx_kernel(
     offs_s = tl.arange(0, S_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     xn, mask = _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-                                NORM, INTERPRETER, IDX64)
+                                w1_ptr.dtype.element_ty, NORM, INTERPRETER, IDX64)
     do = _operand(_load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc, IDX64)[0], INTERPRETER)
     g = tl.zeros((S_PAD, BLOCK_C), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -161,7 +162,8 @@ def token_mlp_dx_kernel(
         if HAS_B1:
             z += tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
         da = tl.dot(w2t, do, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
-        dz = _operand(round_to(da * gelu_grad(z, APPROX_TANH), x_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
+        dz = _operand(round_to(da * gelu_grad(z, APPROX_TANH), w1_ptr.dtype.element_ty, INTERPRETER),
+                      INTERPRETER)
         g = tl.dot(tl.trans(w1), dz, g, input_precision=PRECISION)
     g_off = _slab_offsets(b, offs_s, offs_c, S * C, C, 1, IDX64)
     tl.store(g_ptr + g_off, g, mask=mask)
@@ -200,12 +202,12 @@ def token_mlp_dw_kernel(
         b = item // n_c
         offs_c = (item % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
         xn, _ = _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr,
-                                 nb_ptr, NORM, INTERPRETER, IDX64)
+                                 nb_ptr, w1_ptr.dtype.element_ty, NORM, INTERPRETER, IDX64)
         do = _operand(_load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc, IDX64)[0], INTERPRETER)
         z = tl.dot(w1, xn, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
         if HAS_B1:
             z += b1[:, None]
-        h = _operand(round_to(gelu(z, APPROX_TANH), x_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
+        h = _operand(round_to(gelu(z, APPROX_TANH), w2_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
         if PART != 1:
             dw2t = tl.dot(h, tl.trans(do), dw2t, input_precision=PRECISION)  # (BLOCK_D, S_PAD) = (dO · Hᵀ)ᵀ
         if PART != 2:
@@ -213,7 +215,7 @@ def token_mlp_dw_kernel(
             dz = da * gelu_grad(z, APPROX_TANH)
             dz = tl.where((offs_c < C)[None, :], dz, 0.0)
             db1 += tl.sum(dz, axis=1)
-            dz = _operand(round_to(dz, x_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
+            dz = _operand(round_to(dz, w1_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
             dw1 = tl.dot(dz, tl.trans(xn), dw1, input_precision=PRECISION)
     out_mask = mask_d[:, None] & mask_s[None, :]
     base = split.to(tl.int64) * D * S
@@ -312,7 +314,7 @@ def token_mixing_forward(
         S, C, D, *x.stride(), *out.stride(), *fc1_weight.stride(), *fc2_weight.stride(),
         NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
         HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
-        APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(x.dtype, allow_tf32),
+        APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
         INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), S_PAD=S_PAD, BLOCK_C=block_c,
         BLOCK_D=block_d, num_warps=warps)
     return out, mean, rstd, branch
@@ -352,11 +354,11 @@ def token_mixing_backward(
     fc1_bias, fc2_weight, fc2_bias, scale (fp32 for parameters; cast by the caller)."""
     B, S, C = x.shape
     grads: Dict[str, Optional[Tensor]] = {}
-    do = branch_grad(dout, scale, sample_scale)
+    do = branch_grad(dout, scale, sample_scale).to(fc1_weight.dtype)  # the autocast dtype, if any
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
     g = _launch.new_output((B * S, C), x, torch.float32)
-    prec = _launch.precision(x.dtype, allow_tf32)
+    prec = _launch.precision(fc1_weight.dtype, allow_tf32)
     if scale is not None:
         ss = sample_scale.float().view(-1, 1, 1) if sample_scale is not None else 1.0
         grads["scale"] = (dout.float() * branch.float() * ss).sum((0, 1))
@@ -367,7 +369,7 @@ def token_mixing_backward(
         xn_src, b_pro, b_vec = x, 3, (nw, nb)
         if norm == "layernorm":
             # Rare combination (no named model uses it): normalise once here rather than add a kernel mode.
-            xn_src = torch.nn.functional.layer_norm(x, (C,), norm_weight, norm_bias, eps)
+            xn_src = torch.nn.functional.layer_norm(x, (C,), norm_weight, norm_bias, eps).to(fc1_weight.dtype)
             b_pro, b_vec = 0, None
         xs = xn_src.stride()
         dw = _launch.new_output((S, S), x, torch.float32)

@@ -40,7 +40,7 @@ def load() -> SimpleNamespace:
     _register_ops()
     detail = ("Triton's interpreter on CPU tensors (no CUDA device; for testing, slow)" if _launch.INTERPRET
               else f"compiled Triton kernels on {torch.cuda.get_device_name()}")
-    return SimpleNamespace(name="triton", features=frozenset({"deterministic"}), detail=detail,
+    return SimpleNamespace(name="triton", features=frozenset({"deterministic", "autocast"}), detail=detail,
                            token_mixing=token_mixing, channel_mixing=channel_mixing)
 
 
@@ -163,7 +163,7 @@ def _register_ops() -> None:
         stats = (B * S,) if norm == "layernorm" else (0,)
         return (x.new_empty((B, S, C)), x.new_empty(stats, dtype=torch.float32),
                 x.new_empty(stats, dtype=torch.float32),
-                x.new_empty((B * S, fc1_weight.shape[0]) if save_hidden else (0,)),
+                fc1_weight.new_empty((B * S, fc1_weight.shape[0]) if save_hidden else (0,)),
                 x.new_empty((B, S, C) if store_branch else (0,)))
 
     @torch.library.custom_op("mixer_fast::channel_mixing_bwd", mutates_args=())
@@ -215,11 +215,22 @@ def _check_sample_scale(sample_scale: Optional[Tensor]) -> None:
                                   "and does not differentiate it; pass a tensor that does not require grad")
 
 
+def _autocast(x: Tensor, *weights: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """Under torch.autocast, the linear layers' weights and biases in the autocast dtype (a differentiable
+    cast, as autocast's own F.linear does); x, the norm parameters and the scales stay as they are, so the
+    statistics, the epilogues and the residual run in x's precision, as eager's do."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return weights
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(None if w is None else w.to(dtype) for w in weights)
+
+
 def token_mixing(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, eps, approximate, norm,
                  scale, sample_scale, dropout) -> Tensor:
     """The ``triton`` backend's token mixing (arguments as mixer_fast.ops.token_mixing, already checked)."""
     _check_sample_scale(sample_scale)
     store_branch = scale is not None and _needs_grad(scale)
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     return _token_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale,
                       eps, approximate, norm, store_branch, _allow_tf32())[0]
 
@@ -230,5 +241,6 @@ def channel_mixing(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, 
     _check_sample_scale(sample_scale)
     params = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
     store_branch = scale is not None and _needs_grad(scale)
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     return _channel_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale,
                         eps, approximate, norm, _needs_grad(*params), store_branch, _allow_tf32())[0]
