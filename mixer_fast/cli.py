@@ -1,5 +1,5 @@
 """The ``mixer-fast`` command: ``info`` (backends and why not), ``demo`` (the README's main job) and
-``report`` (the static compile report of the Triton kernels)."""
+``report`` (the static compile report of the Triton kernels) and ``roofline``."""
 from __future__ import annotations
 
 import argparse
@@ -175,6 +175,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_roofline(args: argparse.Namespace) -> int:
+    import datetime
+    import os
+
+    import torch
+
+    from .profiler import roofline
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    batch = args.batch or (256 if device.type == "cuda" else 8)
+    if args.backend:
+        backends = ["reference", *[b for b in args.backend.split(",") if b != "reference"]]
+    else:  # the reference and every fused backend that serves this device
+        backends = ["reference"] + [s.name for s in dispatch.REGISTRY if s.framework == "torch"
+                                    and s.name != "reference" and device.type in s.devices
+                                    and s.name in dispatch.available_backends("torch")]
+    result = roofline.measure(args.config, batch, dtype, backends, device)
+    print(roofline.table(result))
+    roofline.plot(result, args.out)
+    json_path = os.path.splitext(args.out)[0] + ".json"
+    roofline.save_json(result, json_path, {"date": datetime.date.today().isoformat(), "versions": _versions()})
+    print(f"wrote {args.out} and {json_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixer-fast", description="Fused MLP-Mixer / ResMLP mixing core.")
     parser.add_argument("--version", action="version", version=f"mixer_fast {__version__}")
@@ -196,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     report.add_argument("--format", choices=("table", "json"), default="table")
     report.set_defaults(func=cmd_report, argv=None)
+    roof = sub.add_parser("roofline", help="measure the device's ceilings, time token and channel mixing, "
+                                           "and write a roofline PNG + JSON")
+    roof.add_argument("--config", default="mixer_b16", help="named config (mixer_b16, resmlp_12, ...)")
+    roof.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 8 on a CPU")
+    roof.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                      help="default: bf16 on a GPU, fp32 on a CPU")
+    roof.add_argument("--backend", default=None, help="comma-separated backends besides the reference "
+                                                      "(default: every fused one that serves the device)")
+    roof.add_argument("--device", default=None)
+    roof.add_argument("--out", default="roofline.png")
+    roof.set_defaults(func=cmd_roofline)
     return parser
 
 
@@ -207,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "batch", 1) < 1 or getattr(args, "iters", 1) < 1:
+    if (getattr(args, "batch", 1) or 1) < 1 or getattr(args, "iters", 1) < 1:
         parser.error("--batch and --iters must be at least 1")
     return args.func(args)
 

@@ -1,0 +1,12 @@
+"""Benchmarks of token_mixing (`pytest bench/ --benchmark-only`); machinery in bench/conftest.py."""
+import pytest
+
+from conftest import BATCHES, CONFIGS, MODES, PROVIDERS, bench_op
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_token_mixing(benchmark, config, batch, mode, provider):
+    bench_op(benchmark, "token_mixing", config, batch, mode, provider)
