@@ -244,7 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if (getattr(args, "batch", 1) or 1) < 1 or getattr(args, "iters", 1) < 1:
+    batch = getattr(args, "batch", None)
+    if (batch is not None and batch < 1) or getattr(args, "iters", 1) < 1:
         parser.error("--batch and --iters must be at least 1")
     return args.func(args)
 

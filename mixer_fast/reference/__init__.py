@@ -1,14 +1,29 @@
-"""Plain eager references: the spec every backend is tested against.
+"""Plain references: the spec every backend is tested against.
 
-``functional`` holds the two ops as functions (the ``reference`` backend); ``modules`` the blocks and
-whole models with timm's parameter names; ``configs`` the named architectures.
+PyTorch: ``functional`` holds the two ops as functions (the ``reference`` backend), ``modules`` the blocks
+and whole models with timm's parameter names, ``configs`` the named architectures. JAX: ``jax_ops`` holds
+the two ops in jax.numpy (the ``xla`` backend). Names load on first use, so the JAX reference does not
+import torch and the PyTorch one does not import jax.
 """
-from .configs import CONFIGS, ModelConfig, create_model, get_config
-from .functional import channel_mixing, normalize, token_mixing
-from .modules import Affine, DropPath, MixerBlock, Mlp, MlpMixer, PatchEmbed, ResMLP, ResMLPBlock
+from __future__ import annotations
 
-__all__ = [
-    "CONFIGS", "ModelConfig", "create_model", "get_config",
-    "token_mixing", "channel_mixing", "normalize",
-    "Affine", "DropPath", "Mlp", "MixerBlock", "ResMLPBlock", "PatchEmbed", "MlpMixer", "ResMLP",
-]
+import importlib
+from typing import Any, List
+
+_NAMES = {
+    "CONFIGS": "configs", "ModelConfig": "configs", "create_model": "configs", "get_config": "configs",
+    "token_mixing": "functional", "channel_mixing": "functional", "normalize": "functional",
+    "Affine": "modules", "DropPath": "modules", "Mlp": "modules", "MixerBlock": "modules", "ResMLPBlock": "modules",
+    "PatchEmbed": "modules", "MlpMixer": "modules", "ResMLP": "modules",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_NAMES))

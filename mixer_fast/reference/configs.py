@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def get_config(name: str) -> ModelConfig:
     return CONFIGS[key]
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def create_model(name: str, **kwargs) -> "nn.Module":
     """A reference model of the named config (``mixer_b16``, ``resmlp_12``, …); kwargs go to the model
     (``num_classes``, ``block_layer``, ``act_layer``, ``drop_path_rate``, ``device``, ``dtype``, …)."""
     from .modules import MlpMixer, ResMLP
