@@ -1,1 +1,4 @@
-"""Flax linen modules (`mixer_fast.flax.MixerBlock`): not built yet in this version."""
+"""Flax linen blocks: ``MixerBlock`` (google-research/vision_transformer's parameter tree) and ``ResMLPBlock``."""
+from .blocks import MixerBlock, ResMLPBlock
+
+__all__ = ["MixerBlock", "ResMLPBlock"]
