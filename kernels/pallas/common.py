@@ -1,0 +1,60 @@
+"""Pieces shared by the Pallas kernels: GELU with an erf that Mosaic TPU can lower, tile choice."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Abramowitz & Stegun 7.1.26: |error| ≤ 1.5e-7 over the reals. Mosaic TPU has no erf/erfc lowering
+# (seen: the TPU export rejects jax.lax.erf), and exp/reciprocal are native.
+_P = 0.3275911
+_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def erf(x: jax.Array) -> jax.Array:
+    """erf in fp32 from exp and a rational polynomial (A&S 7.1.26)."""
+    a = jnp.abs(x)
+    t = 1.0 / (1.0 + _P * a)
+    poly = t * (_A[0] + t * (_A[1] + t * (_A[2] + t * (_A[3] + t * _A[4]))))
+    y = 1.0 - poly * jnp.exp(-a * a)
+    # jnp.where, not jnp.sign: sign's TPU lowering asks for the chip's kind, so it cannot be exported
+    # for TPU from a machine without one (seen: "Unsupported TPU device kind: cpu").
+    return jnp.where(x < 0, -y, y)
+
+
+def gelu(z: jax.Array, approximate: str) -> jax.Array:
+    """GELU of fp32 ``z``: tanh form (native on TPU) or exact via :func:`erf`."""
+    if approximate == "tanh":
+        return 0.5 * z * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z * z * z)))
+    return 0.5 * z * (1.0 + erf(z * (1.0 / math.sqrt(2.0))))
+
+
+def channel_tile(C: int) -> int:
+    """A lane-dim tile of C legal for Mosaic TPU: a multiple of 128 dividing C, else the whole of C."""
+    for t in (256, 128):
+        if C % t == 0:
+            return t
+    return C
+
+
+def hidden_tile(D: int) -> int:
+    """A tile of the hidden width D (lane dim of W1's block): a multiple of 128 dividing D, else D."""
+    for t in (512, 256, 128):
+        if D % t == 0:
+            return t
+    return D
+
+
+def row_tile(M: int) -> int:
+    """Rows (tokens) per channel-mixing block: a multiple of 8 dividing M, else M."""
+    for t in (256, 128, 64, 32, 16, 8):
+        if M % t == 0:
+            return t
+    return M
+
+
+def result_dtype(*arrays) -> jnp.dtype:
+    """The dtype the jax.numpy reference returns: x and the parameters promoted together (a bf16 x with
+    fp32 parameters gives fp32, as in Flax without a ``dtype``)."""
+    return jnp.result_type(*(a for a in arrays if a is not None))

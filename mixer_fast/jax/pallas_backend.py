@@ -1,0 +1,65 @@
+"""The ``pallas`` JAX backend: the Pallas kernels (kernels/pallas/) for TPU, in interpret mode on CPU.
+
+Forward: the fused Pallas kernels. Backward: for now the VJP of the jax.numpy reference, recomputed
+from the saved inputs (correct gradients, not yet fused kernels). On a CPU the kernels run in Pallas'
+interpret mode; tests switch that to TPU interpret mode (race detection, NaN-filled uninitialised
+memory) through ``INTERPRET``. GPU is not served: these kernels are written for Mosaic TPU.
+"""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+from typing import Any
+
+from ..dispatch import BackendUnavailable
+
+# What to pass as pallas_call(interpret=...) off TPU; tests may set a pltpu.InterpretParams here.
+INTERPRET: Any = True
+
+
+def load() -> SimpleNamespace:
+    try:
+        import jax  # noqa: F401
+        from jax.experimental import pallas  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable(f"jax with Pallas is not installed ({e})") from None
+    return SimpleNamespace(name="pallas", features=frozenset({"deterministic"}),
+                           detail="Pallas kernels (Mosaic TPU; interpret mode on CPU; backward: reference VJP)",
+                           token_mixing=functools.partial(_call, "token_mixing"),
+                           channel_mixing=functools.partial(_call, "channel_mixing"))
+
+
+def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *, eps, approximate,
+          norm, scale, sample_scale):
+    import jax
+
+    interpret = False if jax.default_backend() == "tpu" else INTERPRET
+    fn = _op(op, float(eps), approximate, norm, interpret)
+    return fn(x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale, sample_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _op(op: str, eps: float, approximate: str, norm: str, interpret: Any):
+    import jax
+
+    from ..kernels.pallas.channel_mixing import channel_mixing_forward
+    from ..kernels.pallas.token_mixing import token_mixing_forward
+    from ..reference import jax_ops
+
+    kernel = token_mixing_forward if op == "token_mixing" else channel_mixing_forward
+    reference = getattr(jax_ops, op)
+    kw = dict(eps=eps, approximate=approximate, norm=norm)
+
+    @jax.custom_vjp
+    def fused(x, nw, nb, k1, b1, k2, b2, scale, ss):
+        return kernel(x, nw, nb, k1, b1, k2, b2, scale=scale, sample_scale=ss, interpret=interpret, **kw)
+
+    def fwd(*args):
+        return fused(*args), args
+
+    def bwd(args, g):
+        _, vjp = jax.vjp(lambda *a: reference(*a[:7], scale=a[7], sample_scale=a[8], **kw), *args)
+        return vjp(g)
+
+    fused.defvjp(fwd, bwd)
+    return fused
