@@ -63,7 +63,13 @@ def skip_reason(provider: str, config: str) -> str:
             dispatch.load(name, "jax")
         except dispatch.BackendUnavailable as e:
             return f"JAX {provider}: {e}"
-        return f"JAX {provider}: no benchmark written for it yet"
+        import jax
+
+        platform = jax.default_backend()
+        if provider == "pallas" and platform != "tpu":
+            return f"JAX pallas: no TPU here ({platform}); its interpret mode is for testing, not timing"
+        if provider == "jax-triton" and platform != "gpu":
+            return f"JAX triton: no GPU here ({platform})"
     if provider == "triton":
         if not GPU:
             return "triton: no CUDA device (its interpreter is for testing, not timing)"
@@ -148,12 +154,7 @@ def run_benchmark(benchmark, op: str, config: str, batch: int, mode: str, provid
             sync()
         benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=1)
 
-    c = cost(op, shape, DTYPE_NAME, mode)
-    seconds = benchmark.stats.stats.min
-    benchmark.extra_info.update(
-        op=op, config=config, batch=batch, dtype=DTYPE_NAME, mode=mode, provider=provider, device=device_name(),
-        flops=c.flops, min_bytes=c.min_bytes, unfused_bytes=c.unfused_bytes, fused_bytes=c.fused_bytes,
-        tflops=c.flops / seconds / 1e12, gbs_min=c.min_bytes / seconds / 1e9, versions=versions())
+    record(benchmark, op, config, batch, mode, provider)
 
 
 def params_of(op: str, config: str, provider: str):
@@ -196,5 +197,20 @@ def bench_op(benchmark, op: str, config: str, batch: int, mode: str, provider: s
         pytest.skip(reason)
     benchmark.group = f"{op} {config} b{batch} {DTYPE_NAME} {mode}"
     torch.manual_seed(0)
+    if provider in ("xla", "pallas", "jax-triton"):
+        from jax_bench import run_jax_benchmark
+
+        run_jax_benchmark(benchmark, op, config, batch, mode, provider)
+        return
     fn, params = params_of(op, config, provider)
     run_benchmark(benchmark, op, config, batch, mode, provider, fn, params)
+
+
+def record(benchmark, op: str, config: str, batch: int, mode: str, provider: str) -> None:
+    """Store the cost figures and achieved rates of a finished benchmark in its extra_info."""
+    c = cost(op, Shape.from_config(config, batch), DTYPE_NAME, mode)
+    seconds = benchmark.stats.stats.min
+    benchmark.extra_info.update(
+        op=op, config=config, batch=batch, dtype=DTYPE_NAME, mode=mode, provider=provider, device=device_name(),
+        flops=c.flops, min_bytes=c.min_bytes, unfused_bytes=c.unfused_bytes, fused_bytes=c.fused_bytes,
+        tflops=c.flops / seconds / 1e12, gbs_min=c.min_bytes / seconds / 1e9, versions=versions())

@@ -107,3 +107,30 @@ def test_tpu_lowering_of_whole_block(monkeypatch, name, dtype):
     for fn, kernels in ((fwd, 2), (vjp, 1)):
         module = jax.export.export(jax.jit(fn), platforms=["tpu"])(params, x).mlir_module()
         assert module.count("tpu_custom_call") >= kernels, fn.__name__
+
+
+def test_tiles_are_checked_on_construction():
+    from mixer_fast.kernels.pallas.common import Tiles
+
+    Tiles(8, 128, 256, 392, 768, 3072)
+    with pytest.raises(ValueError, match="rows: expected a tile dividing 392, got 5"):
+        Tiles(5, 128, 256, 392, 768, 3072)
+    with pytest.raises(ValueError, match="rows: expected a multiple of 8 or all 392, got 7"):
+        Tiles(7, 128, 256, 392, 768, 3072)
+    with pytest.raises(ValueError, match="channels: expected a multiple of 128 or all 200, got 100"):
+        Tiles(8, 100, 256, 392, 200, 3072)
+    with pytest.raises(ValueError, match="hidden: expected a multiple of 128 or all 3072, got 96"):
+        Tiles(8, 128, 96, 392, 768, 3072)
+
+
+@pytest.mark.parametrize("name", ["mixer_s16", "mixer_b16", "mixer_l16", "mixer_l32", "resmlp_12", "resmlp_big_24"])
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_vmem_inside_the_scoped_default(name, itemsize):
+    from mixer_fast.kernels.pallas.common import VMEM_LIMIT, Tiles
+
+    c = get_config(name)
+    for batch in (1, 8, 256):
+        t = Tiles.choose(batch * c.seq_len, c.embed_dim, c.channels_dim)
+        assert t.channel_vmem_bytes(c.embed_dim, itemsize) <= VMEM_LIMIT
+        t = Tiles.choose(batch * c.seq_len, c.embed_dim, c.tokens_dim)
+        assert t.token_vmem_bytes(c.seq_len, c.tokens_dim, itemsize) <= VMEM_LIMIT

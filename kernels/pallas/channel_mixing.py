@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import gelu, hidden_tile, result_dtype, row_tile
+from .common import Tiles, check_vmem, gelu, result_dtype
 
 
 def _kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref, b2_ref, scale_ref, ss_ref, o_ref,
@@ -62,7 +62,9 @@ def channel_mixing_forward(x: jax.Array, norm_weight, norm_bias, fc1_kernel, fc1
     b2 = zeros_c if fc2_bias is None else fc2_bias.reshape(1, C)
     sc = ones_c if scale is None else scale.reshape(1, C)
     ss = jnp.repeat(jnp.ones((B,), f32) if sample_scale is None else sample_scale, S).reshape(M, 1)
-    tm, td = row_tile(M), hidden_tile(D)
+    tiles = Tiles.choose(M, C, D)
+    check_vmem(tiles.channel_vmem_bytes(C, jnp.dtype(fc1_kernel.dtype).itemsize), "channel mixing")
+    tm, td = tiles.rows, tiles.hidden
     rows = lambda w: pl.BlockSpec((tm, w), lambda i, k: (i, 0))  # noqa: E731
     vec_c = pl.BlockSpec((1, C), lambda i, k: (0, 0))
     kernel = lambda *refs: _kernel(*refs, norm=norm, approximate=approximate)  # noqa: E731

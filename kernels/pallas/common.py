@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
+# The default scoped VMEM limit of the smallest current TPU generation (v5e: 16 MiB); every launch's
+# estimate must stay inside it, double-buffered inputs and outputs included.
+VMEM_LIMIT = 16 * 1024 * 1024
 
 # Abramowitz & Stegun 7.1.26: |error| ≤ 1.5e-7 over the reals. Mosaic TPU has no erf/erfc lowering
 # (seen: the TPU export rejects jax.lax.erf), and exp/reciprocal are native.
@@ -58,3 +63,48 @@ def result_dtype(*arrays) -> jnp.dtype:
     """The dtype the jax.numpy reference returns: x and the parameters promoted together (a bf16 x with
     fp32 parameters gives fp32, as in Flax without a ``dtype``)."""
     return jnp.result_type(*(a for a in arrays if a is not None))
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The block sizes of one Pallas launch, checked on construction against Mosaic TPU's rules: a block's
+    last dim (lanes) is a multiple of 128 or the whole dim, the one before it (sublanes) a multiple of 8
+    or the whole dim, and each tile divides its dim (the grids have no ragged edge)."""
+
+    rows: int  # tokens per channel-mixing block (sublanes), of ``total_rows``
+    channels: int  # channels per token-mixing block (lanes), of ``total_channels``
+    hidden: int  # hidden units per channel-mixing step (lanes of W1's block), of ``total_hidden``
+    total_rows: int
+    total_channels: int
+    total_hidden: int
+
+    def __post_init__(self) -> None:
+        for name, tile, total, unit in (("rows", self.rows, self.total_rows, 8),
+                                        ("channels", self.channels, self.total_channels, 128),
+                                        ("hidden", self.hidden, self.total_hidden, 128)):
+            if tile <= 0 or total % tile:
+                raise ValueError(f"{name}: expected a tile dividing {total}, got {tile}")
+            if tile != total and tile % unit:
+                raise ValueError(f"{name}: expected a multiple of {unit} or all {total}, got {tile}")
+
+    @classmethod
+    def choose(cls, rows: int, channels: int, hidden: int) -> "Tiles":
+        return cls(row_tile(rows), channel_tile(channels), hidden_tile(hidden), rows, channels, hidden)
+
+    def token_vmem_bytes(self, S: int, D: int, itemsize: int) -> int:
+        """Token mixing per grid step: x and out slabs and both transposed weights (double-buffered),
+        the fp32 hidden and accumulator."""
+        slab = S * self.channels
+        return 2 * (2 * slab + 2 * S * D) * itemsize + (D * self.channels + slab) * 4
+
+    def channel_vmem_bytes(self, C: int, itemsize: int) -> int:
+        """Channel mixing per grid step: x and out row blocks, the W1/W2 tiles (double-buffered), the fp32
+        hidden tile and accumulator."""
+        return 2 * (2 * self.rows * C + 2 * C * self.hidden) * itemsize + (self.rows * self.hidden +
+                                                                            self.rows * C) * 4
+
+
+def check_vmem(nbytes: int, what: str) -> None:
+    if nbytes > VMEM_LIMIT:
+        raise ValueError(f"{what}: the blocks need about {nbytes / 2**20:.1f} MiB of VMEM, more than the "
+                         f"{VMEM_LIMIT / 2**20:.0f} MiB scoped default")

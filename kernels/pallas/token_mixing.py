@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import channel_tile, gelu, result_dtype
+from .common import Tiles, check_vmem, gelu, result_dtype
 
 
 def _kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1t_ref, b1_ref, w2t_ref, b2_ref, scale_ref, ss_ref, o_ref,
@@ -55,7 +55,9 @@ def token_mixing_forward(x: jax.Array, norm_weight, norm_bias, fc1_kernel, fc1_b
     b2 = (jnp.zeros((S,), f32) if fc2_bias is None else fc2_bias).reshape(S, 1)
     sc = ones_c if scale is None else scale.reshape(1, C)
     ss = (jnp.ones((B,), f32) if sample_scale is None else sample_scale).reshape(B, 1, 1)
-    tc = channel_tile(C)
+    tiles = Tiles.choose(B * S, C, D)
+    check_vmem(tiles.token_vmem_bytes(S, D, jnp.dtype(w1t.dtype).itemsize), "token mixing")
+    tc = tiles.channels
     whole = lambda a: pl.BlockSpec(a.shape, lambda b, c: (0,) * a.ndim)  # noqa: E731
     per_c = pl.BlockSpec((1, tc), lambda b, c: (0, c))
     kernel = lambda *refs: _kernel(*refs, norm=norm, approximate=approximate, one_linear=one_linear)  # noqa: E731
