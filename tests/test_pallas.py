@@ -134,3 +134,17 @@ def test_vmem_inside_the_scoped_default(name, itemsize):
         assert t.channel_vmem_bytes(c.embed_dim, itemsize) <= VMEM_LIMIT
         t = Tiles.choose(batch * c.seq_len, c.embed_dim, c.tokens_dim)
         assert t.token_vmem_bytes(c.seq_len, c.tokens_dim, itemsize) <= VMEM_LIMIT
+
+
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_pallas_gradients_of_scale_and_sample_scale(op):
+    args, kw = _args(op, 3, 16, 128, 256 if op == "channel" else 24, jnp.float32, "resmlp", seed=7)
+    fn = mfj.token_mixing if op == "token" else mfj.channel_mixing
+
+    def loss(backend):
+        return lambda sc, ss: jnp.sum(fn(*args, norm="affine", scale=sc, sample_scale=ss, backend=backend) ** 2)
+
+    got = jax.grad(loss("pallas"), argnums=(0, 1))(kw["scale"], kw["sample_scale"])
+    want = jax.grad(loss("xla"), argnums=(0, 1))(kw["scale"], kw["sample_scale"])
+    for a, b in zip(got, want):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(b))))

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import Tiles, check_vmem, gelu, result_dtype
+from .common import Tiles, check_vmem, gelu, gelu_grad, result_dtype
 
 
-def _kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref, b2_ref, scale_ref, ss_ref, o_ref,
-            acc_ref, *, norm: str, approximate: str):
+def _kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref, b2_ref, scale_ref, ss_ref, *refs,
+            norm: str, approximate: str, with_branch: bool):
+    o_ref, branch_ref, acc_ref = refs if with_branch else (refs[0], None, refs[1])
     k = pl.program_id(1)
 
     @pl.when(k == 0)
@@ -34,15 +35,19 @@ def _kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref, b
 
     @pl.when(k == pl.num_programs(1) - 1)
     def _():
-        out = (acc_ref[...] + b2_ref[...].astype(jnp.float32)) * scale_ref[...].astype(jnp.float32)
-        out = out * ss_ref[...].astype(jnp.float32)
+        branch = acc_ref[...] + b2_ref[...].astype(jnp.float32)
+        if with_branch:
+            branch_ref[...] = branch
+        out = branch * scale_ref[...].astype(jnp.float32) * ss_ref[...].astype(jnp.float32)
         o_ref[...] = (x_ref[...].astype(jnp.float32) + out).astype(o_ref.dtype)
 
 
 def channel_mixing_forward(x: jax.Array, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *,
                            eps: float, approximate: str, norm: str, scale: Optional[jax.Array],
-                           sample_scale: Optional[jax.Array], interpret=False) -> jax.Array:
-    """x (B, S, C) + branch, Flax-layout kernels fc1 (C, D_C), fc2 (D_C, C); see the module doc."""
+                           sample_scale: Optional[jax.Array], interpret=False, with_branch: bool = False):
+    """x (B, S, C) + branch, Flax-layout kernels fc1 (C, D_C), fc2 (D_C, C); see the module doc. With
+    ``with_branch``, returns (out, branch) where branch (B, S, C) fp32 is the MLP output before scale
+    and sample_scale (what the backward needs for their gradients)."""
     B, S, C = x.shape
     D = fc1_kernel.shape[1]
     M = B * S
@@ -67,16 +72,163 @@ def channel_mixing_forward(x: jax.Array, norm_weight, norm_bias, fc1_kernel, fc1
     tm, td = tiles.rows, tiles.hidden
     rows = lambda w: pl.BlockSpec((tm, w), lambda i, k: (i, 0))  # noqa: E731
     vec_c = pl.BlockSpec((1, C), lambda i, k: (0, 0))
-    kernel = lambda *refs: _kernel(*refs, norm=norm, approximate=approximate)  # noqa: E731
-    out = pl.pallas_call(
+    kernel = lambda *refs: _kernel(*refs, norm=norm, approximate=approximate, with_branch=with_branch)  # noqa: E731
+    out_shape = jax.ShapeDtypeStruct((M, C), out_dtype)
+    result = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((M, C), out_dtype),
+        out_shape=(out_shape, jax.ShapeDtypeStruct((M, C), f32)) if with_branch else out_shape,
         grid=(M // tm, D // td),
         in_specs=[rows(C), rows(1), rows(1), vec_c, vec_c,
                   pl.BlockSpec((C, td), lambda i, k: (0, k)), pl.BlockSpec((1, td), lambda i, k: (0, k)),
                   pl.BlockSpec((td, C), lambda i, k: (k, 0)), vec_c, vec_c, rows(1)],
-        out_specs=rows(C),
+        out_specs=(rows(C), rows(C)) if with_branch else rows(C),
         scratch_shapes=[pltpu.VMEM((tm, C), jnp.float32)],
         interpret=interpret,
     )(x2, mean, rstd, nw, nb, fc1_kernel, b1, fc2_kernel, b2, sc, ss)
-    return out.reshape(B, S, C)
+    if with_branch:
+        return result[0].reshape(B, S, C), result[1].reshape(B, S, C)
+    return result.reshape(B, S, C)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward: two kernels over the same blocks, each recomputing the hidden tile Z = N(x)·W1 + b1.
+#   g  = dL/dN(x) = Σ_k (GELU'(Z) ⊙ dO·W2ᵀ)[:, k] · W1[:, k]ᵀ   grid (row blocks, hidden tiles), k innermost
+#   dW1[:, k] = Σ_i N(x)ᵀ·dZ, dW2[k, :] = Σ_i GELU(Z)ᵀ·dO, db1   grid (hidden tiles, row blocks), i innermost
+# The LayerNorm backward (row reductions over all of C) and the bias/scale sums run in XLA afterwards.
+
+def _normalised(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, dtype, norm: str):
+    x = x_ref[...].astype(jnp.float32)
+    if norm == "layernorm":
+        x = (x - mean_ref[...]) * rstd_ref[...]
+    return (x * nw_ref[...].astype(jnp.float32) + nb_ref[...].astype(jnp.float32)).astype(dtype)
+
+
+def _dz(xn, do, w1, b1, w2, approximate: str):
+    """(Z, dZ) of one block: Z = xn·W1 + b1, dZ = GELU'(Z) ⊙ (dO·W2ᵀ), fp32."""
+    z = jnp.dot(xn, w1, preferred_element_type=jnp.float32) + b1.astype(jnp.float32)
+    da = jax.lax.dot_general(do, w2, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return z, da * gelu_grad(z, approximate)
+
+
+def _g_kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref, do_ref, g_ref, acc_ref, *,
+              norm: str, approximate: str):
+    k = pl.program_id(1)
+
+    @pl.when(k == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    xn = _normalised(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref.dtype, norm)
+    _, dz = _dz(xn, do_ref[...], w1_ref[...], b1_ref[...], w2_ref[...], approximate)
+    acc_ref[...] += jax.lax.dot_general(dz.astype(w1_ref.dtype), w1_ref[...], (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+
+    @pl.when(k == pl.num_programs(1) - 1)
+    def _():
+        g_ref[...] = acc_ref[...]
+
+
+def _w_kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref, do_ref, dw1_ref, dw2_ref, db1_ref,
+              *, norm: str, approximate: str):
+    i = pl.program_id(1)
+
+    @pl.when(i == 0)
+    def _():
+        dw1_ref[...] = jnp.zeros_like(dw1_ref)
+        dw2_ref[...] = jnp.zeros_like(dw2_ref)
+        db1_ref[...] = jnp.zeros_like(db1_ref)
+
+    xn = _normalised(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref.dtype, norm)
+    do = do_ref[...]
+    z, dz = _dz(xn, do, w1_ref[...], b1_ref[...], w2_ref[...], approximate)
+    a = gelu(z, approximate).astype(do.dtype)
+    tn = (((0,), (0,)), ((), ()))
+    dw1_ref[...] += jax.lax.dot_general(xn, dz.astype(xn.dtype), tn, preferred_element_type=jnp.float32)
+    dw2_ref[...] += jax.lax.dot_general(a, do, tn, preferred_element_type=jnp.float32)
+    db1_ref[...] += jnp.sum(dz, axis=0, keepdims=True)
+
+
+def channel_mixing_backward(dout, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, branch, *,
+                            eps: float, approximate: str, norm: str, scale, sample_scale, interpret=False):
+    """Cotangents of (x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale,
+    sample_scale) for dout (B, S, C); ``branch`` (B, S, C) is the forward's MLP output before scale and
+    sample_scale (needed only for their gradients, else None). None for absent inputs."""
+    B, S, C = x.shape
+    D = fc1_kernel.shape[1]
+    M = B * S
+    f32 = jnp.float32
+    wdt = fc1_kernel.dtype
+    x2 = x.reshape(M, C)
+    xf = x2.astype(f32)
+    if norm == "layernorm":
+        mean = xf.mean(-1, keepdims=True)
+        rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
+        xhat = (xf - mean) * rstd
+    else:
+        mean = rstd = jnp.zeros((M, 1), f32)
+        xhat = xf
+    nw = jnp.ones((1, C), f32) if norm_weight is None else norm_weight.reshape(1, C)
+    nb = jnp.zeros((1, C), f32) if norm_bias is None else norm_bias.reshape(1, C)
+    b1 = (jnp.zeros((D,), f32) if fc1_bias is None else fc1_bias).reshape(1, D)
+    ss_rows = None if sample_scale is None else jnp.repeat(sample_scale.astype(f32), S).reshape(M, 1)
+    dout2 = dout.reshape(M, C).astype(f32)
+    do = dout2 * (1.0 if scale is None else scale.reshape(1, C).astype(f32))
+    do = (do if ss_rows is None else do * ss_rows).astype(wdt)
+    tiles = Tiles.choose(M, C, D)
+    tm, td = tiles.rows, tiles.hidden
+    rows = lambda w, f: pl.BlockSpec((tm, w), f)  # noqa: E731
+    vec_c = lambda f: pl.BlockSpec((1, C), f)  # noqa: E731
+    args = (x2, mean, rstd, nw, nb, fc1_kernel, b1, fc2_kernel, do)
+    kw = dict(norm=norm, approximate=approximate)
+    g = pl.pallas_call(
+        lambda *refs: _g_kernel(*refs, **kw),
+        out_shape=jax.ShapeDtypeStruct((M, C), f32),
+        grid=(M // tm, D // td),
+        in_specs=[rows(C, lambda i, k: (i, 0)), rows(1, lambda i, k: (i, 0)), rows(1, lambda i, k: (i, 0)),
+                  vec_c(lambda i, k: (0, 0)), vec_c(lambda i, k: (0, 0)),
+                  pl.BlockSpec((C, td), lambda i, k: (0, k)), pl.BlockSpec((1, td), lambda i, k: (0, k)),
+                  pl.BlockSpec((td, C), lambda i, k: (k, 0)), rows(C, lambda i, k: (i, 0))],
+        out_specs=rows(C, lambda i, k: (i, 0)),
+        scratch_shapes=[pltpu.VMEM((tm, C), f32)],
+        interpret=interpret,
+    )(*args)
+    dw1, dw2, db1 = pl.pallas_call(
+        lambda *refs: _w_kernel(*refs, **kw),
+        out_shape=(jax.ShapeDtypeStruct((C, D), f32), jax.ShapeDtypeStruct((D, C), f32),
+                   jax.ShapeDtypeStruct((1, D), f32)),
+        grid=(D // td, M // tm),
+        in_specs=[rows(C, lambda k, i: (i, 0)), rows(1, lambda k, i: (i, 0)), rows(1, lambda k, i: (i, 0)),
+                  vec_c(lambda k, i: (0, 0)), vec_c(lambda k, i: (0, 0)),
+                  pl.BlockSpec((C, td), lambda k, i: (0, k)), pl.BlockSpec((1, td), lambda k, i: (0, k)),
+                  pl.BlockSpec((td, C), lambda k, i: (k, 0)), rows(C, lambda k, i: (i, 0))],
+        out_specs=(pl.BlockSpec((C, td), lambda k, i: (0, k)), pl.BlockSpec((td, C), lambda k, i: (k, 0)),
+                   pl.BlockSpec((1, td), lambda k, i: (0, k))),
+        interpret=interpret,
+    )(*args)
+    # Norm backward (row reductions over all of C) in XLA: dx = dout + N'(x)ᵀ g.
+    gw = g * nw.astype(f32)
+    if norm == "layernorm":
+        dxn = rstd * (gw - gw.mean(-1, keepdims=True) - xhat * (gw * xhat).mean(-1, keepdims=True))
+    else:
+        dxn = gw
+    dx = (dout2 + dxn).reshape(B, S, C).astype(x.dtype)
+    dof = do.astype(f32)
+    grads = [dx,
+             None if norm_weight is None else (g * xhat).sum(0).astype(norm_weight.dtype),
+             None if norm_bias is None else g.sum(0).astype(norm_bias.dtype),
+             dw1.astype(fc1_kernel.dtype),
+             None if fc1_bias is None else db1.reshape(D).astype(fc1_bias.dtype),
+             dw2.astype(fc2_kernel.dtype),
+             None if fc2_bias is None else dof.sum(0).astype(fc2_bias.dtype)]
+    br = None if branch is None else branch.reshape(M, C).astype(f32)
+    if scale is None:
+        grads.append(None)
+    else:
+        t = dout2 * br if ss_rows is None else dout2 * br * ss_rows
+        grads.append(t.sum(0).astype(scale.dtype))
+    if sample_scale is None:
+        grads.append(None)
+    else:
+        t = dout2 * br * (1.0 if scale is None else scale.reshape(1, C).astype(f32))
+        grads.append(t.reshape(B, S * C).sum(1).astype(sample_scale.dtype))
+    return tuple(grads)

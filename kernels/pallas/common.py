@@ -35,6 +35,15 @@ def gelu(z: jax.Array, approximate: str) -> jax.Array:
     return 0.5 * z * (1.0 + erf(z * (1.0 / math.sqrt(2.0))))
 
 
+def gelu_grad(z: jax.Array, approximate: str) -> jax.Array:
+    """d GELU(z) / dz in fp32, tanh form or exact (via :func:`erf`)."""
+    if approximate == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        t = jnp.tanh(k * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * z * z)
+    return 0.5 * (1.0 + erf(z * (1.0 / math.sqrt(2.0)))) + z * jnp.exp(-0.5 * z * z) * (1.0 / math.sqrt(2 * math.pi))
+
+
 def channel_tile(C: int) -> int:
     """A lane-dim tile of C legal for Mosaic TPU: a multiple of 128 dividing C, else the whole of C."""
     for t in (256, 128):

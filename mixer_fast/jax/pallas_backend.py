@@ -1,7 +1,8 @@
 """The ``pallas`` JAX backend: the Pallas kernels (kernels/pallas/) for TPU, in interpret mode on CPU.
 
-Forward: the fused Pallas kernels. Backward: for now the VJP of the jax.numpy reference, recomputed
-from the saved inputs (correct gradients, not yet fused kernels). On a CPU the kernels run in Pallas'
+Forward: the fused Pallas kernels. Backward: channel mixing by Pallas kernels that recompute the hidden
+tile (the LayerNorm backward and bias sums in XLA); token mixing, for now, by the VJP of the jax.numpy
+reference, recomputed from the saved inputs (correct gradients, not yet a fused kernel). On a CPU the kernels run in Pallas'
 interpret mode; tests switch that to TPU interpret mode (race detection, NaN-filled uninitialised
 memory) through ``INTERPRET``. GPU is not served: these kernels are written for Mosaic TPU.
 """
@@ -24,7 +25,7 @@ def load() -> SimpleNamespace:
     except ImportError as e:
         raise BackendUnavailable(f"jax with Pallas is not installed ({e})") from None
     return SimpleNamespace(name="pallas", features=frozenset({"deterministic"}),
-                           detail="Pallas kernels (Mosaic TPU; interpret mode on CPU; backward: reference VJP)",
+                           detail="Pallas kernels (Mosaic TPU; interpret mode on CPU; token-mixing backward: reference VJP)",
                            token_mixing=functools.partial(_call, "token_mixing"),
                            channel_mixing=functools.partial(_call, "channel_mixing"))
 
@@ -42,24 +43,43 @@ def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, 
 def _op(op: str, eps: float, approximate: str, norm: str, interpret: Any):
     import jax
 
-    from ..kernels.pallas.channel_mixing import channel_mixing_forward
+    from ..kernels.pallas.channel_mixing import channel_mixing_backward, channel_mixing_forward
     from ..kernels.pallas.token_mixing import token_mixing_forward
     from ..reference import jax_ops
 
-    kernel = token_mixing_forward if op == "token_mixing" else channel_mixing_forward
-    reference = getattr(jax_ops, op)
     kw = dict(eps=eps, approximate=approximate, norm=norm)
+    if op == "channel_mixing":
+        @jax.custom_vjp
+        def fused(x, nw, nb, k1, b1, k2, b2, scale, ss):
+            return channel_mixing_forward(x, nw, nb, k1, b1, k2, b2, scale=scale, sample_scale=ss,
+                                          interpret=interpret, **kw)
 
-    @jax.custom_vjp
-    def fused(x, nw, nb, k1, b1, k2, b2, scale, ss):
-        return kernel(x, nw, nb, k1, b1, k2, b2, scale=scale, sample_scale=ss, interpret=interpret, **kw)
+        def fwd(*args):
+            scale, ss = args[7], args[8]
+            if scale is None and ss is None:
+                return fused(*args), (args, None)
+            out, branch = channel_mixing_forward(*args[:7], scale=scale, sample_scale=ss, interpret=interpret,
+                                                 with_branch=True, **kw)
+            return out, (args, branch)
 
-    def fwd(*args):
-        return fused(*args), args
+        def bwd(saved, g):
+            args, branch = saved
+            return channel_mixing_backward(g, *args[:7], branch, scale=args[7], sample_scale=args[8],
+                                           interpret=interpret, **kw)
+    else:
+        reference = jax_ops.token_mixing
 
-    def bwd(args, g):
-        _, vjp = jax.vjp(lambda *a: reference(*a[:7], scale=a[7], sample_scale=a[8], **kw), *args)
-        return vjp(g)
+        @jax.custom_vjp
+        def fused(x, nw, nb, k1, b1, k2, b2, scale, ss):
+            return token_mixing_forward(x, nw, nb, k1, b1, k2, b2, scale=scale, sample_scale=ss,
+                                        interpret=interpret, **kw)
+
+        def fwd(*args):
+            return fused(*args), args
+
+        def bwd(args, g):  # the token-mixing backward kernels are not written yet: the reference's VJP
+            _, vjp = jax.vjp(lambda *a: reference(*a[:7], scale=a[7], sample_scale=a[8], **kw), *args)
+            return vjp(g)
 
     fused.defvjp(fwd, bwd)
     return fused
