@@ -54,6 +54,13 @@ class _NormParams(nn.Module):
         return w, b
 
 
+def _dims(x: Array, approximate_gelu: bool) -> Tuple[int, int, str]:
+    """(S, C, the ops' GELU name) for a block input x (B, S, C); ValueError for another rank."""
+    if x.ndim != 3:
+        raise ValueError(f"x: expected a 3-D array (B, S, C), got shape {tuple(x.shape)}")
+    return x.shape[1], x.shape[2], "tanh" if approximate_gelu else "none"
+
+
 class MixerBlock(nn.Module):
     """MLP-Mixer block (B, S, C) → (B, S, C), vision_transformer's parameter tree and numerics (tanh GELU
     by default, LayerNorm epsilon 1e-6), run by mixer_fast.jax's token and channel mixing."""
@@ -66,10 +73,7 @@ class MixerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        if x.ndim != 3:
-            raise ValueError(f"x: expected a 3-D array (B, S, C), got shape {tuple(x.shape)}")
-        _, S, C = x.shape
-        approximate = "tanh" if self.approximate_gelu else "none"
+        S, C, approximate = _dims(x, self.approximate_gelu)
         ln0 = _NormParams(name="LayerNorm_0")(C)
         tok = _MlpParams(self.tokens_mlp_dim, name="token_mixing")(S)
         x = mf_jax.token_mixing(x, *ln0, *tok, eps=self.eps, approximate=approximate, backend=self.backend)
@@ -90,10 +94,7 @@ class ResMLPBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        if x.ndim != 3:
-            raise ValueError(f"x: expected a 3-D array (B, S, C), got shape {tuple(x.shape)}")
-        _, S, C = x.shape
-        approximate = "tanh" if self.approximate_gelu else "none"
+        S, C, approximate = _dims(x, self.approximate_gelu)
         ls = nn.initializers.constant(self.init_values)
         a0 = _NormParams(("alpha", "beta"), name="Affine_0")(C)
         k, b = _DenseParams(S, name="linear_tokens")(S)
