@@ -163,10 +163,8 @@ def channel_mixing_backward(dout, x, norm_weight, norm_bias, fc1_kernel, fc1_bia
     if norm == "layernorm":
         mean = xf.mean(-1, keepdims=True)
         rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-        xhat = (xf - mean) * rstd
     else:
         mean = rstd = jnp.zeros((M, 1), f32)
-        xhat = xf
     nw = jnp.ones((1, C), f32) if norm_weight is None else norm_weight.reshape(1, C)
     nb = jnp.zeros((1, C), f32) if norm_bias is None else norm_bias.reshape(1, C)
     b1 = (jnp.zeros((D,), f32) if fc1_bias is None else fc1_bias).reshape(1, D)
@@ -205,30 +203,39 @@ def channel_mixing_backward(dout, x, norm_weight, norm_bias, fc1_kernel, fc1_bia
                    pl.BlockSpec((1, td), lambda k, i: (0, k))),
         interpret=interpret,
     )(*args)
-    # Norm backward (row reductions over all of C) in XLA: dx = dout + N'(x)ᵀ g.
+    dx, dnw, dnb, dscale, dss = norm_and_scale_grads(g, x, dout, mean, rstd, nw, norm, branch, scale,
+                                                     sample_scale)
+    return (dx,
+            None if norm_weight is None else dnw.astype(norm_weight.dtype),
+            None if norm_bias is None else dnb.astype(norm_bias.dtype),
+            dw1.astype(fc1_kernel.dtype),
+            None if fc1_bias is None else db1.reshape(D).astype(fc1_bias.dtype),
+            dw2.astype(fc2_kernel.dtype),
+            None if fc2_bias is None else do.astype(f32).sum(0).astype(fc2_bias.dtype),
+            dscale, dss)
+
+
+def norm_and_scale_grads(g, x, dout, mean, rstd, nw, norm: str, branch, scale, sample_scale):
+    """The XLA tail of both backwards: from g = dL/dN(x) (B·S, C) fp32, (dx, d norm weight, d norm bias,
+    d scale, d sample_scale); the last two from the forward's ``branch`` (None where not needed)."""
+    B, S, C = x.shape
+    f32 = jnp.float32
+    xf = x.reshape(B * S, C).astype(f32)
+    dout2 = dout.reshape(B * S, C).astype(f32)
+    xhat = (xf - mean) * rstd if norm == "layernorm" else xf
     gw = g * nw.astype(f32)
     if norm == "layernorm":
         dxn = rstd * (gw - gw.mean(-1, keepdims=True) - xhat * (gw * xhat).mean(-1, keepdims=True))
     else:
         dxn = gw
     dx = (dout2 + dxn).reshape(B, S, C).astype(x.dtype)
-    dof = do.astype(f32)
-    grads = [dx,
-             None if norm_weight is None else (g * xhat).sum(0).astype(norm_weight.dtype),
-             None if norm_bias is None else g.sum(0).astype(norm_bias.dtype),
-             dw1.astype(fc1_kernel.dtype),
-             None if fc1_bias is None else db1.reshape(D).astype(fc1_bias.dtype),
-             dw2.astype(fc2_kernel.dtype),
-             None if fc2_bias is None else dof.sum(0).astype(fc2_bias.dtype)]
-    br = None if branch is None else branch.reshape(M, C).astype(f32)
-    if scale is None:
-        grads.append(None)
-    else:
-        t = dout2 * br if ss_rows is None else dout2 * br * ss_rows
-        grads.append(t.sum(0).astype(scale.dtype))
-    if sample_scale is None:
-        grads.append(None)
-    else:
-        t = dout2 * br * (1.0 if scale is None else scale.reshape(1, C).astype(f32))
-        grads.append(t.reshape(B, S * C).sum(1).astype(sample_scale.dtype))
-    return tuple(grads)
+    dscale = dss = None
+    if scale is not None or sample_scale is not None:
+        t = dout2 * branch.reshape(B * S, C).astype(f32)
+        ss_rows = None if sample_scale is None else jnp.repeat(sample_scale.astype(f32), S).reshape(B * S, 1)
+        if scale is not None:
+            dscale = (t if ss_rows is None else t * ss_rows).sum(0).astype(scale.dtype)
+        if sample_scale is not None:
+            u = t if scale is None else t * scale.reshape(1, C).astype(f32)
+            dss = u.reshape(B, S * C).sum(1).astype(sample_scale.dtype)
+    return dx, (g * xhat).sum(0), g.sum(0), dscale, dss

@@ -1,8 +1,7 @@
 """The ``pallas`` JAX backend: the Pallas kernels (kernels/pallas/) for TPU, in interpret mode on CPU.
 
-Forward: the fused Pallas kernels. Backward: channel mixing by Pallas kernels that recompute the hidden
-tile (the LayerNorm backward and bias sums in XLA); token mixing, for now, by the VJP of the jax.numpy
-reference, recomputed from the saved inputs (correct gradients, not yet a fused kernel). On a CPU the kernels run in Pallas'
+Forward and backward: the fused Pallas kernels; the backward recomputes the hidden tiles rather than
+storing them, and leaves the norm backward (reductions over all of C) and the bias/scale sums to XLA. On a CPU the kernels run in Pallas'
 interpret mode; tests switch that to TPU interpret mode (race detection, NaN-filled uninitialised
 memory) through ``INTERPRET``. GPU is not served: these kernels are written for Mosaic TPU.
 """
@@ -25,7 +24,7 @@ def load() -> SimpleNamespace:
     except ImportError as e:
         raise BackendUnavailable(f"jax with Pallas is not installed ({e})") from None
     return SimpleNamespace(name="pallas", features=frozenset({"deterministic"}),
-                           detail="Pallas kernels (Mosaic TPU; interpret mode on CPU; token-mixing backward: reference VJP)",
+                           detail="Pallas kernels, forward and backward (Mosaic TPU; interpret mode on CPU)",
                            token_mixing=functools.partial(_call, "token_mixing"),
                            channel_mixing=functools.partial(_call, "channel_mixing"))
 
@@ -44,42 +43,26 @@ def _op(op: str, eps: float, approximate: str, norm: str, interpret: Any):
     import jax
 
     from ..kernels.pallas.channel_mixing import channel_mixing_backward, channel_mixing_forward
-    from ..kernels.pallas.token_mixing import token_mixing_forward
-    from ..reference import jax_ops
+    from ..kernels.pallas.token_mixing import token_mixing_backward, token_mixing_forward
 
     kw = dict(eps=eps, approximate=approximate, norm=norm)
-    if op == "channel_mixing":
-        @jax.custom_vjp
-        def fused(x, nw, nb, k1, b1, k2, b2, scale, ss):
-            return channel_mixing_forward(x, nw, nb, k1, b1, k2, b2, scale=scale, sample_scale=ss,
-                                          interpret=interpret, **kw)
+    forward, backward = ((channel_mixing_forward, channel_mixing_backward) if op == "channel_mixing"
+                         else (token_mixing_forward, token_mixing_backward))
 
-        def fwd(*args):
-            scale, ss = args[7], args[8]
-            if scale is None and ss is None:
-                return fused(*args), (args, None)
-            out, branch = channel_mixing_forward(*args[:7], scale=scale, sample_scale=ss, interpret=interpret,
-                                                 with_branch=True, **kw)
-            return out, (args, branch)
+    @jax.custom_vjp
+    def fused(x, nw, nb, k1, b1, k2, b2, scale, ss):
+        return forward(x, nw, nb, k1, b1, k2, b2, scale=scale, sample_scale=ss, interpret=interpret, **kw)
 
-        def bwd(saved, g):
-            args, branch = saved
-            return channel_mixing_backward(g, *args[:7], branch, scale=args[7], sample_scale=args[8],
-                                           interpret=interpret, **kw)
-    else:
-        reference = jax_ops.token_mixing
+    def fwd(*args):
+        scale, ss = args[7], args[8]
+        if scale is None and ss is None:
+            return fused(*args), (args, None)
+        out, branch = forward(*args[:7], scale=scale, sample_scale=ss, interpret=interpret, with_branch=True, **kw)
+        return out, (args, branch)
 
-        @jax.custom_vjp
-        def fused(x, nw, nb, k1, b1, k2, b2, scale, ss):
-            return token_mixing_forward(x, nw, nb, k1, b1, k2, b2, scale=scale, sample_scale=ss,
-                                        interpret=interpret, **kw)
-
-        def fwd(*args):
-            return fused(*args), args
-
-        def bwd(args, g):  # the token-mixing backward kernels are not written yet: the reference's VJP
-            _, vjp = jax.vjp(lambda *a: reference(*a[:7], scale=a[7], sample_scale=a[8], **kw), *args)
-            return vjp(g)
+    def bwd(saved, g):
+        args, branch = saved
+        return backward(g, *args[:7], branch, scale=args[7], sample_scale=args[8], interpret=interpret, **kw)
 
     fused.defvjp(fwd, bwd)
     return fused
