@@ -13,7 +13,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import Tiles, check_vmem, gelu, gelu_grad, result_dtype
+from .common import Tiles, check_vmem, gelu, gelu_grad, norm_inputs, normalise, result_dtype
+
+
+def _normalised(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, dtype, norm: str):
+    return normalise(x_ref[...], mean_ref[...], rstd_ref[...], nw_ref[...], nb_ref[...], norm, dtype)
 
 
 def _kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref, b2_ref, scale_ref, ss_ref, *refs,
@@ -25,10 +29,7 @@ def _kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref, b
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    x = x_ref[...].astype(jnp.float32)  # (TM, C)
-    if norm == "layernorm":
-        x = (x - mean_ref[...]) * rstd_ref[...]
-    xn = (x * nw_ref[...].astype(jnp.float32) + nb_ref[...].astype(jnp.float32)).astype(w1_ref.dtype)
+    xn = _normalised(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref.dtype, norm)  # (TM, C)
     h = jnp.dot(xn, w1_ref[...], preferred_element_type=jnp.float32) + b1_ref[...].astype(jnp.float32)
     a = gelu(h, approximate).astype(w2_ref.dtype)
     acc_ref[...] += jnp.dot(a, w2_ref[...], preferred_element_type=jnp.float32)
@@ -54,18 +55,10 @@ def channel_mixing_forward(x: jax.Array, norm_weight, norm_bias, fc1_kernel, fc1
     f32 = jnp.float32
     out_dtype = result_dtype(x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale)
     x2 = x.reshape(M, C)
-    if norm == "layernorm":
-        xf = x2.astype(f32)
-        mean = xf.mean(-1, keepdims=True)
-        rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-    else:
-        mean = rstd = jnp.zeros((M, 1), f32)
-    ones_c, zeros_c = jnp.ones((1, C), f32), jnp.zeros((1, C), f32)
-    nw = ones_c if norm_weight is None else norm_weight.reshape(1, C)
-    nb = zeros_c if norm_bias is None else norm_bias.reshape(1, C)
+    mean, rstd, nw, nb = norm_inputs(x2, norm_weight, norm_bias, norm, eps)
     b1 = (jnp.zeros((D,), f32) if fc1_bias is None else fc1_bias).reshape(1, D)
-    b2 = zeros_c if fc2_bias is None else fc2_bias.reshape(1, C)
-    sc = ones_c if scale is None else scale.reshape(1, C)
+    b2 = jnp.zeros((1, C), f32) if fc2_bias is None else fc2_bias.reshape(1, C)
+    sc = jnp.ones((1, C), f32) if scale is None else scale.reshape(1, C)
     ss = jnp.repeat(jnp.ones((B,), f32) if sample_scale is None else sample_scale, S).reshape(M, 1)
     tiles = Tiles.choose(M, C, D)
     check_vmem(tiles.channel_vmem_bytes(C, jnp.dtype(fc1_kernel.dtype).itemsize), "channel mixing")
@@ -95,13 +88,6 @@ def channel_mixing_forward(x: jax.Array, norm_weight, norm_bias, fc1_kernel, fc1
 #   g  = dL/dN(x) = Σ_k (GELU'(Z) ⊙ dO·W2ᵀ)[:, k] · W1[:, k]ᵀ   grid (row blocks, hidden tiles), k innermost
 #   dW1[:, k] = Σ_i N(x)ᵀ·dZ, dW2[k, :] = Σ_i GELU(Z)ᵀ·dO, db1   grid (hidden tiles, row blocks), i innermost
 # The LayerNorm backward (row reductions over all of C) and the bias/scale sums run in XLA afterwards.
-
-def _normalised(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, dtype, norm: str):
-    x = x_ref[...].astype(jnp.float32)
-    if norm == "layernorm":
-        x = (x - mean_ref[...]) * rstd_ref[...]
-    return (x * nw_ref[...].astype(jnp.float32) + nb_ref[...].astype(jnp.float32)).astype(dtype)
-
 
 def _dz(xn, do, w1, b1, w2, approximate: str):
     """(Z, dZ) of one block: Z = xn·W1 + b1, dZ = GELU'(Z) ⊙ (dO·W2ᵀ), fp32."""
@@ -159,14 +145,7 @@ def channel_mixing_backward(dout, x, norm_weight, norm_bias, fc1_kernel, fc1_bia
     f32 = jnp.float32
     wdt = fc1_kernel.dtype
     x2 = x.reshape(M, C)
-    xf = x2.astype(f32)
-    if norm == "layernorm":
-        mean = xf.mean(-1, keepdims=True)
-        rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-    else:
-        mean = rstd = jnp.zeros((M, 1), f32)
-    nw = jnp.ones((1, C), f32) if norm_weight is None else norm_weight.reshape(1, C)
-    nb = jnp.zeros((1, C), f32) if norm_bias is None else norm_bias.reshape(1, C)
+    mean, rstd, nw, nb = norm_inputs(x2, norm_weight, norm_bias, norm, eps)
     b1 = (jnp.zeros((D,), f32) if fc1_bias is None else fc1_bias).reshape(1, D)
     ss_rows = None if sample_scale is None else jnp.repeat(sample_scale.astype(f32), S).reshape(M, 1)
     dout2 = dout.reshape(M, C).astype(f32)

@@ -44,6 +44,31 @@ def gelu_grad(z: jax.Array, approximate: str) -> jax.Array:
     return 0.5 * (1.0 + erf(z * (1.0 / math.sqrt(2.0)))) + z * jnp.exp(-0.5 * z * z) * (1.0 / math.sqrt(2 * math.pi))
 
 
+def norm_inputs(x: jax.Array, norm_weight, norm_bias, norm: str, eps: float):
+    """The kernels' norm inputs, computed by XLA: per-row mean and 1/std in fp32 shaped x.shape[:-1] + (1,)
+    (zeros, unused, for the affine norm), and the weight and bias as (1, C), ones / zeros when absent."""
+    f32 = jnp.float32
+    C = x.shape[-1]
+    if norm == "layernorm":
+        xf = x.astype(f32)
+        mean = xf.mean(-1, keepdims=True)
+        rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
+    else:
+        mean = rstd = jnp.zeros(x.shape[:-1] + (1,), f32)
+    nw = jnp.ones((1, C), f32) if norm_weight is None else norm_weight.reshape(1, C)
+    nb = jnp.zeros((1, C), f32) if norm_bias is None else norm_bias.reshape(1, C)
+    return mean, rstd, nw, nb
+
+
+def normalise(x: jax.Array, mean, rstd, nw, nb, norm: str, dtype) -> jax.Array:
+    """N(x) of a loaded block inside a kernel, in fp32, rounded to the weights' ``dtype`` as eager's
+    LayerNorm output is (mean/rstd broadcast along the last dim, nw/nb along the rows)."""
+    x = x.astype(jnp.float32)
+    if norm == "layernorm":
+        x = (x - mean) * rstd
+    return (x * nw.astype(jnp.float32) + nb.astype(jnp.float32)).astype(dtype)
+
+
 def channel_tile(C: int) -> int:
     """A lane-dim tile of C legal for Mosaic TPU: a multiple of 128 dividing C, else the whole of C."""
     for t in (256, 128):

@@ -14,16 +14,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import Tiles, check_vmem, gelu, gelu_grad, result_dtype
+from .common import Tiles, check_vmem, gelu, gelu_grad, norm_inputs, normalise, result_dtype
 
 
 def _kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1t_ref, b1_ref, w2t_ref, b2_ref, scale_ref, ss_ref, *refs,
             norm: str, approximate: str, one_linear: bool, with_branch: bool):
     o_ref = refs[0]
-    x = x_ref[0].astype(jnp.float32)  # (S, Ct)
-    if norm == "layernorm":
-        x = (x - mean_ref[0]) * rstd_ref[0]  # stats (S, 1)
-    xn = (x * nw_ref[...].astype(jnp.float32) + nb_ref[...].astype(jnp.float32)).astype(w1t_ref.dtype)
+    xn = normalise(x_ref[0], mean_ref[0], rstd_ref[0], nw_ref[...], nb_ref[...], norm, w1t_ref.dtype)  # (S, Ct)
     h = jnp.dot(w1t_ref[...], xn, preferred_element_type=jnp.float32) + b1_ref[...].astype(jnp.float32)
     if not one_linear:
         a = gelu(h, approximate).astype(w2t_ref.dtype)
@@ -44,20 +41,12 @@ def token_mixing_forward(x: jax.Array, norm_weight, norm_bias, fc1_kernel, fc1_b
     out_dtype = result_dtype(x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale)
     one_linear = fc2_kernel is None
     D = fc1_kernel.shape[1]
-    if norm == "layernorm":
-        xf = x.astype(f32)
-        mean = xf.mean(-1, keepdims=True)
-        rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-    else:
-        mean = rstd = jnp.zeros((B, S, 1), f32)
-    ones_c, zeros_c = jnp.ones((1, C), f32), jnp.zeros((1, C), f32)
-    nw = ones_c if norm_weight is None else norm_weight.reshape(1, C)
-    nb = zeros_c if norm_bias is None else norm_bias.reshape(1, C)
+    mean, rstd, nw, nb = norm_inputs(x, norm_weight, norm_bias, norm, eps)
     w1t = fc1_kernel.T  # (D, S): small weights transposed once per call by XLA
     b1 = (jnp.zeros((D,), f32) if fc1_bias is None else fc1_bias).reshape(D, 1)
     w2t = jnp.zeros((S, 1), w1t.dtype) if one_linear else fc2_kernel.T  # (S, D)
     b2 = (jnp.zeros((S,), f32) if fc2_bias is None else fc2_bias).reshape(S, 1)
-    sc = ones_c if scale is None else scale.reshape(1, C)
+    sc = jnp.ones((1, C), f32) if scale is None else scale.reshape(1, C)
     ss = (jnp.ones((B,), f32) if sample_scale is None else sample_scale).reshape(B, 1, 1)
     tiles = Tiles.choose(B * S, C, D)
     check_vmem(tiles.token_vmem_bytes(S, D, jnp.dtype(w1t.dtype).itemsize), "token mixing")
@@ -94,10 +83,7 @@ def _bwd_kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1t_ref, b1_ref, w2t_
         dw2t_ref[...] = jnp.zeros_like(dw2t_ref)
         db1_ref[...] = jnp.zeros_like(db1_ref)
 
-    x = x_ref[0].astype(jnp.float32)
-    if norm == "layernorm":
-        x = (x - mean_ref[0]) * rstd_ref[0]
-    xn = (x * nw_ref[...].astype(jnp.float32) + nb_ref[...].astype(jnp.float32)).astype(w1t_ref.dtype)
+    xn = normalise(x_ref[0], mean_ref[0], rstd_ref[0], nw_ref[...], nb_ref[...], norm, w1t_ref.dtype)
     do = do_ref[0]  # (S, Ct), dL/d(branch before scale)
     contract_first = (((0,), (0,)), ((), ()))
     contract_last = (((1,), (1,)), ((), ()))
@@ -127,14 +113,7 @@ def token_mixing_backward(dout, x, norm_weight, norm_bias, fc1_kernel, fc1_bias,
     one_linear = fc2_kernel is None
     D = fc1_kernel.shape[1]
     wdt = fc1_kernel.dtype
-    xf = x.astype(f32)
-    if norm == "layernorm":
-        mean = xf.mean(-1, keepdims=True)
-        rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-    else:
-        mean = rstd = jnp.zeros((B, S, 1), f32)
-    nw = jnp.ones((1, C), f32) if norm_weight is None else norm_weight.reshape(1, C)
-    nb = jnp.zeros((1, C), f32) if norm_bias is None else norm_bias.reshape(1, C)
+    mean, rstd, nw, nb = norm_inputs(x, norm_weight, norm_bias, norm, eps)
     w1t = fc1_kernel.T
     b1 = (jnp.zeros((D,), f32) if fc1_bias is None else fc1_bias).reshape(D, 1)
     w2t = jnp.zeros((S, 1), wdt) if one_linear else fc2_kernel.T
