@@ -15,9 +15,16 @@ out=${1:-${OUT:-bench/results/$(date -u +%Y-%m-%d)-${gpu}}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-# The lent machines have torch, triton, timm, pytest-benchmark but no registry: install mixer_fast alone.
+# The lent machines have torch, triton, jax, timm, pytest-benchmark but no registry: install mixer_fast
+# alone, and jax-triton (not installed there) from wheels carried in wheels/, fetched beforehand with
+#     pip download --no-deps -d wheels jax-triton==0.3.1 absl-py
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/tests.log" 2>&1 \
   || { echo "install failed; see $out/tests.log"; exit 1; }
+if ! python3 -c "import jax_triton" >/dev/null 2>&1 && ls wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --no-index wheels/*.whl >>"$out/tests.log" 2>&1 || echo "jax-triton install failed" >>"$out/tests.log"
+fi
+# torch and JAX share the GPU in one process: no JAX preallocation of 75% of its memory.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"

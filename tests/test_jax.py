@@ -18,6 +18,7 @@ jnp = require("jax.numpy")
 nn = require("flax.linen")
 
 import mixer_fast.flax as mff  # noqa: E402
+from mixer_fast import dispatch  # noqa: E402
 from mixer_fast import jax as mfj  # noqa: E402
 from mixer_fast.reference import functional as torch_ref  # noqa: E402
 
@@ -190,5 +191,5 @@ def test_bad_input():
         mfj.token_mixing(*args, eps=float("nan"))
     with pytest.raises(ValueError, match=r"backend: expected one of \['pallas', 'triton', 'xla'\] for jax"):
         mfj.token_mixing(*args, backend="reference")
-    with pytest.raises(ValueError, match="backend: 'triton' runs on gpu tensors, but the input is on cpu"):
-        mfj.token_mixing(*args, backend="triton")
+    with pytest.raises(ValueError, match="backend: 'pallas' runs on tpu/cpu tensors, but the input is on gpu"):
+        dispatch.choose("jax", "gpu", "pallas")

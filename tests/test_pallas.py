@@ -14,48 +14,7 @@ import mixer_fast.flax as mff  # noqa: E402
 from mixer_fast import jax as mfj  # noqa: E402
 from mixer_fast.jax import pallas_backend  # noqa: E402
 from mixer_fast.reference import get_config  # noqa: E402
-
-ATOL = {jnp.float32: 1e-5, jnp.bfloat16: 1.6e-2}
-
-
-def _args(op, B, S, C, D, dtype, variant, seed=0):
-    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
-    r = lambda *s, std=0.3: (jax.random.normal(next(keys), s) * std).astype(dtype)  # noqa: E731
-    x, nw, nb = r(B, S, C, std=1.0), 1 + r(C), r(C)
-    n = S if op == "token" else C
-    if op == "token" and variant == "resmlp":
-        weights = (r(S, S, std=S ** -0.5), r(S), None, None)
-    else:
-        weights = (r(n, D, std=n ** -0.5), r(D), r(D, n, std=D ** -0.5), r(n))
-    kw = dict(norm="affine", scale=r(C), sample_scale=jnp.array([0.0, 1.5, 2.0][:B], dtype)) \
-        if variant == "resmlp" else {}
-    return (x, nw, nb, *weights), kw
-
-
-def _check(op, args, kw, dtype, approximate):
-    fn = mfj.token_mixing if op == "token" else mfj.channel_mixing
-    f64 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
-    ref32 = fn(*map(f64, args), **{k: f64(v) if hasattr(v, "dtype") else v for k, v in kw.items()},
-               approximate=approximate, backend="xla")
-    eager = fn(*args, **kw, approximate=approximate, backend="xla")
-    fused = fn(*args, **kw, approximate=approximate, backend="pallas")
-    assert fused.dtype == eager.dtype
-    err = float(jnp.max(jnp.abs(fused.astype(jnp.float32) - ref32)))
-    eager_err = float(jnp.max(jnp.abs(eager.astype(jnp.float32) - ref32)))
-    assert err <= 2 * eager_err + ATOL[dtype] * max(1.0, float(jnp.max(jnp.abs(ref32)))) / 4
-
-    def loss(backend):
-        return lambda *a: jnp.sum(fn(*a, **kw, approximate=approximate, backend=backend).astype(jnp.float32) ** 2)
-
-    n = sum(a is not None for a in args)
-    argnums = tuple(i for i, a in enumerate(args) if a is not None)
-    g_fused = jax.grad(loss("pallas"), argnums=argnums)(*args)
-    g_eager = jax.grad(loss("xla"), argnums=argnums)(*args)
-    assert len(g_fused) == n
-    for a, b in zip(g_fused, g_eager):
-        scale = max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
-        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) <= 4 * ATOL[dtype] * scale
-
+from jax_cases import args_for as _args, check_against_xla  # noqa: E402
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 49, 256, 24, 384), (1, 16, 100, 30, 200), (3, 196, 128, 98, 256)],
@@ -65,7 +24,7 @@ def _check(op, args, kw, dtype, approximate):
 def test_pallas_interpret_against_reference(op, variant, shape, dtype):
     B, S, C, DS, DC = shape
     args, kw = _args(op, B, S, C, DS if op == "token" else DC, dtype, variant)
-    _check(op, args, kw, dtype, "tanh" if variant == "mixer" else "none")
+    check_against_xla("pallas", op, args, kw, dtype, "tanh" if variant == "mixer" else "none")
 
 
 def test_pallas_tpu_interpret_mode(monkeypatch):
@@ -74,7 +33,7 @@ def test_pallas_tpu_interpret_mode(monkeypatch):
                         pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan"))
     for op in ("token", "channel"):
         args, kw = _args(op, 2, 16, 256, 128 if op == "channel" else 24, jnp.float32, "mixer", seed=5)
-        _check(op, args, kw, jnp.float32, "none")
+        check_against_xla("pallas", op, args, kw, jnp.float32, "none")
 
 
 def test_flax_block_on_pallas_jit_grad_vmap():

@@ -4,18 +4,22 @@ The mode is per process and fixed when triton is first imported: Triton's interp
 (TRITON_INTERPRET=1) turns every @triton.jit function, Triton's own included, into Python, so it cannot
 be switched per call. mixer_fast.torch.triton_backend sets it on machines without a CUDA device.
 """
-import os
-from typing import Optional
+from __future__ import annotations
 
-import torch
+import os
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
+    import torch
+
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-_TL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """tl.dot input precision: exact fp32 ("ieee") unless TF32 is opted into; irrelevant for 16-bit."""
+    import torch
+
     return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
 
@@ -34,6 +38,9 @@ def pow2(n: int, minimum: int = 16) -> int:
 
 
 def check_device(t: torch.Tensor) -> None:
+    import torch
+
+    _TL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
     if INTERPRET and t.device.type != "cpu":
         raise ValueError(f"x: the Triton interpreter runs on CPU tensors, got one on {t.device}")
     if not INTERPRET and t.device.type != "cuda":
@@ -44,6 +51,8 @@ def check_device(t: torch.Tensor) -> None:
 
 def vec_or(v: Optional[torch.Tensor], n: int, fill: float, like: torch.Tensor) -> torch.Tensor:
     """v itself, or a length-n vector of ``fill`` (for a missing LayerNorm/Affine weight or bias)."""
+    import torch
+
     return v if v is not None else torch.full((n,), fill, dtype=like.dtype, device=like.device)
 
 
@@ -54,5 +63,7 @@ POISON = os.environ.get("MIXER_FAST_POISON", "0") == "1"
 
 def new_output(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """An uninitialised output tensor on ``like``'s device (NaN-filled when POISON is on)."""
+    import torch
+
     t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
     return t.fill_(float("nan")) if POISON else t

@@ -128,12 +128,29 @@ def variants(dtype: str) -> Iterator[Tuple]:
                     cfg = dict(cfg, PART=part)
                     label += f" part{part}"
                 yield fn, f"{kname}[S={S}]", label, cfg, warps, stages, None
+    # The JAX entry points (jax_kernels.py) wrap the same kernels; one variant each shows the wrapping
+    # costs nothing (same registers, no spills).
+    from . import jax_kernels
+
+    flags, configs = matmul.VARIANTS["ln_gelu"]
+    bm, bn, bk, warps, stages = configs[0]
+    yield (jax_kernels.fused_matmul, "fused_matmul[ln_gelu,jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
+           dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages, None)
+    for kname in ("token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"):
+        block_c, block_d, warps, stages = token_mixing.gpu_config(kname, 256, 512)
+        cfg = dict(NORM=1, HAS_B1=True, APPROX_TANH=True, PRECISION=prec, INTERPRETER=False, IDX64=False, S_PAD=256,
+                   BLOCK_C=block_c, BLOCK_D=block_d)
+        cfg.update(dict(HAS_B2=True, HAS_SCALE=False, HAS_SS=False, STORE_BRANCH=False) if kname == "token_mlp_fwd"
+                   else dict(PART=1) if kname == "token_mlp_dw" else {})
+        yield (getattr(jax_kernels, kname), f"{kname}[S=196,jax]", f"S_PAD=256 C{block_c} D{block_d} w{warps} s{stages}",
+               cfg, warps, stages, None)
     for C in (384, 768, 1024):
         block_c = layer_norm.gpu_block_c(C)
-        yield (layer_norm.ln_stats_kernel, f"ln_stats[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4",
-               dict(BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 1, None)
-        yield (layer_norm.ln_backward_kernel, f"ln_backward[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4",
-               dict(HAS_W=True, INTERPRETER=False, BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 1, None)
+        # Launched with Triton's defaults (4 warps, 3 stages).
+        yield (layer_norm.ln_stats_kernel, f"ln_stats[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
+               dict(BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None)
+        yield (layer_norm.ln_backward_kernel, f"ln_backward[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
+               dict(HAS_W=True, INTERPRETER=False, BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None)
 
 
 def report(arch: str, dtype: str = "bf16") -> List[Row]:

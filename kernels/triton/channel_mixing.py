@@ -10,16 +10,19 @@ Backward, all GEMMs of the same kernel: dZ = (dO · W2) ⊙ GELU'(Z); g = dZ · 
 LayerNorm backward); dW1 = dZᵀ · N(x) with N recomputed on load; dW2 = dOᵀ · GELU(Z) with GELU
 recomputed on load. Reductions run over fixed tiles in a fixed order: deterministic.
 """
-from typing import Dict, Optional, Tuple
+from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from . import _launch
 from .matmul import flat, fused_matmul, split
 from .token_mixing import branch_grad, norm_backward
 from .layer_norm import layer_norm_stats
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
+    import torch
+
+    Tensor = torch.Tensor
 
 
 def _token_axis(t: Tensor, S: int):
@@ -74,6 +77,8 @@ def channel_mixing_backward(
     norm: str, scale: Optional[Tensor], sample_scale: Optional[Tensor], allow_tf32: bool = False,
 ) -> Dict[str, Optional[Tensor]]:
     """Gradients for dout = dL/dout (B, S, C); same keys as token_mixing_backward (parameters in fp32)."""
+    import torch
+
     B, S, C = x.shape
     D = fc1_weight.shape[0]
     M = B * S

@@ -5,14 +5,20 @@ while the GEMMs tile C, so they are computed once here (fp32 mean and 1/std per 
 The backward needs two sums over all C per token, so it runs once the GEMMs have produced dL/dLN(x).
 Tokens are addressed as row r → (r // S, r % S) of a (B, S, C) tensor with arbitrary strides.
 """
-from typing import Optional, Tuple
+from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Optional, Tuple
+
 import triton
 import triton.language as tl
 
 from . import _launch
 from .elementwise import round_to
+
+if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
+    import torch
+
+    Tensor = torch.Tensor
 
 
 @triton.jit
@@ -101,8 +107,6 @@ def ln_backward_kernel(
 # Launchers
 
 
-
-
 ROWS = 8
 
 
@@ -111,19 +115,22 @@ def gpu_block_c(C: int) -> int:
     return min(_launch.pow2(C), 256)
 
 
-def _block_c(C: int) -> int:
+def block_c(C: int) -> int:
+    """The channel block of the LayerNorm kernels (smaller in the interpreter, where it only costs time)."""
     return min(_launch.pow2(C), 128) if _launch.INTERPRET else gpu_block_c(C)
 
 
 def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token mean and 1/std over C of x (B, S, C), each fp32 (B·S,)."""
+    import torch
+
     B, S, C = x.shape
     R = B * S
     mean = _launch.new_output((R,), x, torch.float32)
     rstd = _launch.new_output((R,), x, torch.float32)
     if R:
         ln_stats_kernel[(triton.cdiv(R, ROWS),)](
-            x, mean, rstd, R, S, C, eps, *x.stride(), BLOCK_R=ROWS, BLOCK_C=_block_c(C))
+            x, mean, rstd, R, S, C, eps, *x.stride(), BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return mean, rstd
 
 
@@ -131,6 +138,8 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, mean
                         weight: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx = dy + LayerNorm-backward(g) for x (B, S, C), g = dL/dLN(x) fp32 (B·S, C); returns
     (dx (B, S, C) in x's dtype, dweight (C,) fp32, dbias (C,) fp32)."""
+    import torch
+
     B, S, C = x.shape
     R = B * S
     programs = triton.cdiv(R, ROWS)
@@ -141,5 +150,5 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, mean
         ln_backward_kernel[(programs,)](
             g, x, dy, dx, mean, rstd, weight if weight is not None else mean, dw_part, db_part,
             R, S, C, *g.stride(), *x.stride(), *dy.stride(), *dx.stride(),
-            HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=_block_c(C))
+            HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return dx, dw_part.sum(0), db_part.sum(0)

@@ -16,15 +16,21 @@ would have cast):
 Epilogue, in order: + bias (per n, or per m), store to ``aux`` (the pre-activation, or the branch before
 scale), GELU or × GELU'(aux), × scale[n % inner], × sample_scale[sample], + residual.
 """
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
 import triton
 import triton.language as tl
 
 from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
+
+if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
+    import torch
+
+    Tensor = torch.Tensor
 
 
 @triton.jit
@@ -164,9 +170,6 @@ def fused_matmul_kernel(
 # Launcher
 
 
-
-
-
 @dataclass(frozen=True)
 class Axis:
     """How one logical GEMM axis maps to memory: i → (i // inner) · outer + (i % inner) · stride.
@@ -195,6 +198,8 @@ _DUMMY = {}
 
 
 def _dummy(device: torch.device) -> torch.Tensor:
+    import torch
+
     if device not in _DUMMY:
         _DUMMY[device] = torch.zeros(1, device=device)
     return _DUMMY[device]

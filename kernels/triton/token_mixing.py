@@ -10,9 +10,10 @@ dL/dLN(x); ``token_mlp_dw_kernel`` (per BLOCK_D slice of the hidden, over a shar
 recomputes it again and accumulates dW1, dW2, db1 in registers, one partial per share, summed in a
 fixed order afterwards (deterministic: no atomics).
 """
-from typing import Dict, Optional, Tuple
+from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
 import triton
 import triton.language as tl
 
@@ -20,6 +21,11 @@ from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
 from .layer_norm import layer_norm_backward, layer_norm_stats
 from .matmul import flat, fused_matmul, split
+
+if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
+    import torch
+
+    Tensor = torch.Tensor
 
 
 @triton.jit
@@ -230,9 +236,6 @@ def token_mlp_dw_kernel(
 # Launchers
 
 
-
-
-Tensor = torch.Tensor
 NORMS = {"layernorm": 1, "affine": 2}
 
 
@@ -252,13 +255,15 @@ def dw_parts(S_PAD: int) -> Tuple[int, ...]:
     return (0,) if (_launch.INTERPRET or S_PAD <= 64) else (1, 2)
 
 
-def _blocks(kernel: str, S_PAD: int, D: int) -> Tuple[int, int, int]:
+def launch_blocks(kernel: str, S_PAD: int, D: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_D, num_warps, num_stages) of a token kernel launch: gpu_config's (the configs the
+    static report compiles), or small blocks in the interpreter."""
     if _launch.INTERPRET:
-        return max(16, min(64, 16384 // S_PAD)), 16, 4
-    return gpu_config(kernel, S_PAD, D)[:3]
+        return max(16, min(64, 16384 // S_PAD)), 16, 4, 1
+    return gpu_config(kernel, S_PAD, D)
 
 
-def _splits(n_d_tiles: int, work: int) -> int:
+def dw_splits(n_d_tiles: int, work: int) -> int:
     """Image shares for the dW kernel: enough programs to fill a GPU, each a deterministic partial."""
     if _launch.INTERPRET:
         return min(2, work)
@@ -303,7 +308,7 @@ def token_mixing_forward(
         return out, mean, rstd, branch
     D = fc1_weight.shape[0]
     S_PAD = _launch.pow2(S)
-    block_c, block_d, warps = _blocks("token_mlp_fwd", S_PAD, D)
+    block_c, block_d, warps, stages = launch_blocks("token_mlp_fwd", S_PAD, D)
     dummy = nw
     token_mlp_fwd_kernel[(triton.cdiv(C, block_c), B)](
         x, out, branch if branch is not None else out, mean if mean is not None else nw,
@@ -316,7 +321,7 @@ def token_mixing_forward(
         HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
         APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
         INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), S_PAD=S_PAD, BLOCK_C=block_c,
-        BLOCK_D=block_d, num_warps=warps)
+        BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return out, mean, rstd, branch
 
 
@@ -352,6 +357,8 @@ def token_mixing_backward(
 ) -> Dict[str, Optional[Tensor]]:
     """Gradients of token mixing for dout = dL/dout (B, S, C): keys x, norm_weight, norm_bias, fc1_weight,
     fc1_bias, fc2_weight, fc2_bias, scale (fp32 for parameters; cast by the caller)."""
+    import torch
+
     B, S, C = x.shape
     grads: Dict[str, Optional[Tensor]] = {}
     do = branch_grad(dout, scale, sample_scale).to(fc1_weight.dtype)  # the autocast dtype, if any
@@ -384,15 +391,15 @@ def token_mixing_backward(
         common = dict(NORM=NORMS[norm], HAS_B1=fc1_bias is not None, APPROX_TANH=approximate == "tanh",
                       PRECISION=prec, INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, do, g), S_PAD=S_PAD)
         b1 = fc1_bias if fc1_bias is not None else nw
-        block_c, block_d, warps = _blocks("token_mlp_dx", S_PAD, D)
+        block_c, block_d, warps, stages = launch_blocks("token_mlp_dx", S_PAD, D)
         if B:
             token_mlp_dx_kernel[(triton.cdiv(C, block_c), B)](
                 x, do, g, *stats, nw, nb, fc1_weight, b1, fc2_weight, S, C, D, *x.stride(), *do.stride(),
                 *fc1_weight.stride(), *fc2_weight.stride(), **common, BLOCK_C=block_c, BLOCK_D=block_d,
-                num_warps=warps)
-        block_c, block_d, warps = _blocks("token_mlp_dw", S_PAD, D)
+                num_warps=warps, num_stages=stages)
+        block_c, block_d, warps, stages = launch_blocks("token_mlp_dw", S_PAD, D)
         n_d = triton.cdiv(D, block_d)
-        splits = max(1, _splits(n_d, B * triton.cdiv(C, block_c)))
+        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, block_c)))
         dw1 = _launch.new_output((splits, D, S), x, torch.float32)
         dw2 = _launch.new_output((splits, S, D), x, torch.float32)
         db1 = _launch.new_output((splits, D), x, torch.float32)
@@ -400,7 +407,7 @@ def token_mixing_backward(
             token_mlp_dw_kernel[(n_d, splits)](
                 x, do, *stats, nw, nb, fc1_weight, b1, fc2_weight, dw1, dw2, db1, B, S, C, D, splits,
                 *x.stride(), *do.stride(), *fc1_weight.stride(), *fc2_weight.stride(), **common, PART=part,
-                BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps)
+                BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
         grads["fc2_bias"] = do.float().sum((0, 2)) if fc2_bias is not None else None

@@ -1,0 +1,434 @@
+"""JAX launchers for the Triton kernels: the torch launchers' launches, on jax arrays.
+
+Each function mirrors its namesake in layer_norm.py / matmul.py / token_mixing.py / channel_mixing.py
+(same kernels, block sizes, autotune configs and epilogues), taking one compute dtype for every array
+(the caller casts). JAX arrays are row-major, so strides follow from shapes. Flax kernels (in, out) of
+channel mixing are read through strides as the (out, in) weights the GEMM expects, with no transpose;
+the small token-mixing kernels are transposed once by XLA (S × D_S elements), so the token kernels read
+them exactly as they read torch weights.
+
+How a launch runs (``call``): on a GPU through ``jax_triton.triton_call``; with Triton's interpreter (no
+GPU: tests) through ``jax.pure_callback`` on CPU torch tensors, in jax-triton's argument order, so the
+entry points are exercised as they are on a GPU. jax-triton has no batching rule: under ``jax.vmap`` a
+launch runs once per vmapped element (``jax.custom_batching.sequential_vmap``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import triton
+
+from . import _launch, jax_kernels
+from .layer_norm import ROWS, block_c
+from .matmul import AUTOTUNE_KEY, INTERPRET_CONFIG, VARIANTS, Axis, flat, split
+from .token_mixing import NORMS, dw_parts, dw_splits, launch_blocks
+
+Array = jax.Array
+F32 = jnp.float32
+DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One launch
+
+
+def call(kernel, grid, args: Sequence[Any], outs: Sequence[jax.ShapeDtypeStruct], *, num_warps: int = 4,
+         num_stages: int = 3, **meta) -> Tuple[Array, ...]:
+    """Run an entry point of jax_kernels: ``args`` (arrays and Python scalars, in the entry point's order)
+    then one output per ``outs``; ``meta`` the constexprs; ``grid`` a tuple or a function of the config."""
+    is_array = [not isinstance(a, (bool, int, float)) for a in args]
+    arrays = [a for a, arr in zip(args, is_array) if arr]
+
+    def with_scalars(arrays):
+        it = iter(arrays)
+        return [next(it) if arr else a for a, arr in zip(args, is_array)]
+
+    def launch(*arrays):
+        if _launch.INTERPRET:
+            return _interpreted(kernel, grid, with_scalars(arrays), outs, num_warps, meta)
+        import jax_triton
+
+        full = [np.float32(a) if isinstance(a, float) else a for a in with_scalars(arrays)]
+        return tuple(jax_triton.triton_call(*full, kernel=kernel, out_shape=list(outs), grid=grid,
+                                            num_warps=num_warps, num_stages=num_stages, **meta))
+
+    return jax.custom_batching.sequential_vmap(launch)(*arrays)
+
+
+_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def _interpreted(kernel, grid, args, outs, num_warps, meta):
+    """The launch in Triton's interpreter, on host copies of the arrays (outputs NaN-filled under POISON)."""
+    def host(*host_arrays):
+        import torch
+
+        it = iter(host_arrays)
+        targs = [_to_torch(next(it)) if not isinstance(a, (bool, int, float)) else a for a in args]
+        touts = [torch.empty(o.shape, dtype=getattr(torch, _TORCH_DTYPES[jnp.dtype(o.dtype).name])) for o in outs]
+        if _launch.POISON:
+            for t in touts:
+                t.fill_(float("nan"))
+        kernel[grid(meta) if callable(grid) else grid](*targs, *touts, num_warps=num_warps, **meta)
+        return tuple(_to_numpy(t, o.dtype) for t, o in zip(touts, outs))
+
+    arrays = [a for a in args if not isinstance(a, (bool, int, float))]
+    return jax.pure_callback(host, tuple(outs), *arrays)
+
+
+def _to_torch(a):
+    import torch
+
+    a = np.asarray(a)
+    if a.dtype == jnp.bfloat16:
+        return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+def _to_numpy(t, dtype) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(jnp.bfloat16)
+    return t.numpy().astype(dtype, copy=False)
+
+
+def _shape(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def _idx64(*arrays: Optional[Array]) -> bool:
+    """The torch launchers' needs_int64 for contiguous arrays: an element 2³¹ or more from the base."""
+    return any(a is not None and a.size >= 2**31 for a in arrays)
+
+
+def _vec_or(v: Optional[Array], n: int, fill: float, dtype) -> Array:
+    return v if v is not None else jnp.full((n,), fill, dtype)
+
+
+def _dummy() -> Array:
+    return jnp.zeros((1,), F32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LayerNorm
+
+
+def layer_norm_stats(x: Array, eps: float) -> Tuple[Array, Array]:
+    """Per-token mean and 1/std over C of x (B, S, C), each fp32 (B·S,)."""
+    B, S, C = x.shape
+    R = B * S
+    if R == 0:
+        return jnp.zeros((0,), F32), jnp.zeros((0,), F32)
+    return call(jax_kernels.ln_stats, (triton.cdiv(R, ROWS),), [x, R, S, C, float(eps), S * C, C, 1],
+                [_shape((R,), F32)] * 2, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+
+
+def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
+                        weight: Optional[Array]) -> Tuple[Array, Array, Array]:
+    """dx = dy + LayerNorm-backward(g) for x (B, S, C), g = dL/dLN(x) fp32 (B·S, C); returns
+    (dx (B, S, C) in x's dtype, dweight (C,) fp32, dbias (C,) fp32)."""
+    B, S, C = x.shape
+    R = B * S
+    if R == 0:
+        return dy.astype(x.dtype), jnp.zeros((C,), F32), jnp.zeros((C,), F32)
+    programs = triton.cdiv(R, ROWS)
+    dx, dw_part, db_part = call(
+        jax_kernels.ln_backward, (programs,),
+        [g, x, dy, mean, rstd, weight if weight is not None else mean, R, S, C, C, 1,
+         S * C, C, 1, S * C, C, 1, S * C, C, 1],
+        [_shape(x.shape, x.dtype), _shape((programs, C), F32), _shape((programs, C), F32)],
+        HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+    return dx, dw_part.sum(0), db_part.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused GEMM
+
+_tuned: Dict[str, object] = {}
+
+
+def _matmul_kernel(variant: str):
+    if _launch.INTERPRET:
+        return jax_kernels.fused_matmul
+    if variant not in _tuned:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+                   for m, n, k, w, s in VARIANTS[variant][1]]
+        _tuned[variant] = triton.autotune(configs, key=AUTOTUNE_KEY)(jax_kernels.fused_matmul)
+    return _tuned[variant]
+
+
+def fused_matmul(
+    a: Array, a_axes: Tuple[Axis, Axis], b: Array, b_axes: Tuple[Axis, Axis],
+    out_shape: Tuple[int, ...], out_dtype, out_axes: Tuple[Axis, Axis], M: int, N: int, K: int, *, variant: str,
+    precision: str, a_pro: int = 0, a_stats: Optional[Tuple[Array, Array]] = None,
+    a_vec: Optional[Tuple[Array, Array]] = None, b_pro: int = 0, b_stats: Optional[Tuple[Array, Array]] = None,
+    b_vec: Optional[Tuple[Array, Array]] = None, bias: Optional[Array] = None, bias_on_m: bool = False,
+    aux: Optional[Array] = None, aux_axes: Optional[Tuple[Axis, Axis]] = None, epi_gelu: bool = False,
+    epi_gelu_grad: bool = False, store_branch: bool = False, scale: Optional[Array] = None,
+    ss: Optional[Array] = None, ss_on_n: bool = False, res: Optional[Array] = None,
+    res_axes: Optional[Tuple[Axis, Axis]] = None, approximate: str = "none",
+) -> Tuple[Array, Optional[Array]]:
+    """matmul.fused_matmul returning (out, stored aux or None): with ``store_branch`` the epilogue stores
+    the pre-activation / branch into a second output shaped like ``out``; with ``epi_gelu_grad`` it
+    reads ``aux`` (an input)."""
+    assert not (store_branch and epi_gelu_grad)
+    if M == 0 or N == 0:
+        empty = jnp.zeros(out_shape, out_dtype)
+        return empty, (empty if store_branch else None)
+    dummy = _dummy()
+    am, ak = a_axes
+    bk, bn = b_axes
+    om, on = out_axes
+    xm, xn = aux_axes or out_axes
+    rm, rn = res_axes or out_axes
+    assert (xm.inner, xn.inner, rm.inner, rn.inner) == (om.inner, on.inner, om.inner, on.inner)
+    a_mean, a_rstd = a_stats or (dummy, dummy)
+    a_w, a_b = a_vec or (dummy, dummy)
+    b_mean, b_rstd = b_stats or (dummy, dummy)
+    b_w, b_b = b_vec or (dummy, dummy)
+    meta = dict(
+        A_PRO=a_pro, B_PRO=b_pro, HAS_BIAS=bias is not None, BIAS_ON_M=bias_on_m,
+        EPI_GELU=epi_gelu, EPI_GELU_GRAD=epi_gelu_grad, STORE_BRANCH=store_branch,
+        HAS_SCALE=scale is not None, HAS_SS=ss is not None, SS_ON_N=ss_on_n, HAS_RES=res is not None,
+        APPROX_TANH=approximate == "tanh", PRECISION=precision, INTERPRETER=_launch.INTERPRET,
+        A_M_SPLIT=am.split, A_K_SPLIT=ak.split, B_K_SPLIT=bk.split, B_N_SPLIT=bn.split, O_M_SPLIT=om.split,
+        O_N_SPLIT=on.split, X_M_SPLIT=xm.split, X_N_SPLIT=xn.split, R_M_SPLIT=rm.split, R_N_SPLIT=rn.split,
+        IDX64=_idx64(a, b, aux, res) or int(np.prod(out_shape)) >= 2**31,
+    )
+    if _launch.INTERPRET:
+        bm, bn_, bk_, warps, stages = INTERPRET_CONFIG
+        meta.update(BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=8)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn_),)
+    else:
+        warps, stages = 4, 3  # the autotuner's configs carry their own
+
+        def grid(META):
+            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+    out, aux_out = call(
+        _matmul_kernel(variant), grid,
+        [a, b, aux if aux is not None else dummy, res if res is not None else dummy,
+         a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
+         bias if bias is not None else dummy, scale if scale is not None else dummy, ss if ss is not None else dummy,
+         M, N, K, am.inner, am.outer, am.stride, ak.inner, ak.outer, ak.stride,
+         bk.inner, bk.outer, bk.stride, bn.inner, bn.outer, bn.stride,
+         om.inner, om.outer, om.stride, on.inner, on.outer, on.stride,
+         xm.outer, xm.stride, xn.outer, xn.stride, rm.outer, rm.stride, rn.outer, rn.stride],
+        [_shape(out_shape, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype)],
+        num_warps=warps, num_stages=stages, **meta)
+    return out, (aux_out if store_branch else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token mixing
+
+
+def _branch_grad(dout: Array, scale: Optional[Array], ss: Optional[Array]) -> Array:
+    """dL/d(branch before scale) = dout · scale · sample_scale, in dout's dtype."""
+    if scale is None and ss is None:
+        return dout
+    g = dout.astype(F32)
+    if scale is not None:
+        g = g * scale.astype(F32)
+    if ss is not None:
+        g = g * ss.astype(F32)[:, None, None]
+    return g.astype(dout.dtype)
+
+
+def _scale_grads(grads: Dict[str, Optional[Array]], dout: Array, branch: Optional[Array], scale: Optional[Array],
+                 ss: Optional[Array]) -> None:
+    """d scale (C,) and d sample_scale (B,), fp32, from the forward's branch (kept when either is given)."""
+    if scale is None and ss is None:
+        return
+    u = dout.astype(F32) * branch.astype(F32)
+    if scale is not None:
+        grads["scale"] = (u * ss.astype(F32)[:, None, None] if ss is not None else u).sum((0, 1))
+    if ss is not None:
+        grads["sample_scale"] = (u * scale.astype(F32) if scale is not None else u).sum((1, 2))
+
+
+def _norm_backward(g: Array, x: Array, dout: Array, nw: Optional[Array], mean, rstd,
+                   norm: str) -> Tuple[Array, Array, Array]:
+    """(dx, dnorm_weight, dnorm_bias) from g = dL/dN(x) (B·S, C) fp32 and the residual's dout."""
+    if norm == "layernorm":
+        return layer_norm_backward(g, x, dout, mean, rstd, nw)
+    B, S, C = x.shape
+    g3 = g.reshape(B, S, C)
+    w = nw.astype(F32) if nw is not None else 1.0
+    dx = (dout.astype(F32) + g3 * w).astype(x.dtype)
+    return dx, (g3 * x.astype(F32)).sum((0, 1)), g3.sum((0, 1))
+
+
+def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1: Array, b1: Optional[Array],
+                         k2: Optional[Array], b2: Optional[Array], *, eps: float, approximate: str, norm: str,
+                         scale: Optional[Array], ss: Optional[Array], store_branch: bool, precision: str):
+    """x (B, S, C), Flax kernels k1 (S, D) and k2 (D, S) or None (one (S, S) linear) →
+    (out (B, S, C), mean, rstd (B·S,) fp32 or None, branch (B, S, C) before scale or None)."""
+    B, S, C = x.shape
+    mean = rstd = None
+    if norm == "layernorm":
+        mean, rstd = layer_norm_stats(x, eps)
+    nwv, nbv = _vec_or(nw, C, 1.0, x.dtype), _vec_or(nb, C, 0.0, x.dtype)
+    if B == 0:
+        return x, mean, rstd, (x if store_branch else None)
+    if k2 is None:
+        # ResMLP's per-image (S, S) linear: M = output tokens, N = (image, channel), K = input tokens;
+        # the Flax kernel k1[k_in, m_out] read as A[m, k].
+        tok = (flat(S, C), split(C, S * C, 1))
+        out, branch = fused_matmul(
+            k1, (flat(S, 1), flat(S, S)), x, tok, x.shape, x.dtype, tok, S, B * C, S, variant="token_linear",
+            precision=precision, b_pro=5 if norm == "layernorm" else 2, b_vec=(nwv, nbv),
+            b_stats=(mean, rstd) if mean is not None else None, bias=b1, bias_on_m=True,
+            store_branch=store_branch, scale=scale, ss=ss, ss_on_n=True, res=x, res_axes=tok,
+            approximate=approximate)
+        return out, mean, rstd, branch
+    D = k1.shape[1]
+    S_PAD = _launch.pow2(S)
+    block_c_, block_d, warps, stages = launch_blocks("token_mlp_fwd", S_PAD, D)
+    dummy = nwv
+    out, branch = call(
+        jax_kernels.token_mlp_fwd, (triton.cdiv(C, block_c_), B),
+        [x, mean if mean is not None else nwv, rstd if rstd is not None else nwv, nwv, nbv,
+         k1.T, b1 if b1 is not None else dummy, k2.T, b2 if b2 is not None else dummy,
+         scale if scale is not None else dummy, ss if ss is not None else dummy,
+         S, C, D, S * C, C, 1, S * C, C, 1, S, 1, D, 1],
+        [_shape(x.shape, x.dtype), _shape(x.shape if store_branch else (1,), x.dtype)],
+        num_warps=warps, num_stages=stages,
+        NORM=NORMS[norm], HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_SCALE=scale is not None,
+        HAS_SS=ss is not None, STORE_BRANCH=store_branch, APPROX_TANH=approximate == "tanh", PRECISION=precision,
+        INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x), S_PAD=S_PAD, BLOCK_C=block_c_, BLOCK_D=block_d)
+    return out, mean, rstd, (branch if store_branch else None)
+
+
+def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Optional[Array], b2, mean, rstd,
+                          branch, *, eps: float, approximate: str, norm: str, scale, ss,
+                          precision: str) -> Dict[str, Optional[Array]]:
+    """Gradients for dout (B, S, C) in Flax layout: keys x, norm_weight, norm_bias, fc1_kernel, fc1_bias,
+    fc2_kernel, fc2_bias, and scale / sample_scale when given (``branch``, the forward's, is needed for
+    those two only); parameters fp32, the caller casts."""
+    B, S, C = x.shape
+    grads: Dict[str, Optional[Array]] = {}
+    do = _branch_grad(dout, scale, ss)
+    nwv, nbv = _vec_or(nw, C, 1.0, x.dtype), _vec_or(nb, C, 0.0, x.dtype)
+    _scale_grads(grads, dout, branch, scale, ss)
+    tok = (flat(S, C), split(C, S * C, 1))
+    if k2 is None:
+        # g = Wᵀ · do, the Flax kernel k1[m_in, k_out] read as A[m, k].
+        g, _ = fused_matmul(k1, (flat(S, S), flat(S, 1)), do, tok, (B * S, C), F32, tok, S, B * C, S,
+                            variant="plain", precision=precision)
+        xn_src, b_pro, b_vec = x, 3, (nwv, nbv)
+        if norm == "layernorm":
+            # As the torch launcher: normalise once here rather than add a kernel mode (no named model).
+            xn_src = (((x.astype(F32) - mean.reshape(B, S, 1)) * rstd.reshape(B, S, 1)) * nwv.astype(F32)
+                      + nbv.astype(F32)).astype(x.dtype)
+            b_pro, b_vec = 0, None
+        # dK[in, out] = Σ_(b,c) N(x)[b, in, c] · do[b, out, c], written straight into Flax layout.
+        dk, _ = fused_matmul(do, (flat(S, C), split(C, S * C, 1)), xn_src, (split(C, S * C, 1), flat(S, C)),
+                             (S, S), F32, (flat(S, 1), flat(S, S)), S, S, B * C, variant="ln_b",
+                             precision=precision, b_pro=b_pro, b_vec=b_vec)
+        grads["fc1_kernel"] = dk
+        grads["fc1_bias"] = do.astype(F32).sum((0, 2)) if b1 is not None else None
+    else:
+        D = k1.shape[1]
+        S_PAD = _launch.pow2(S)
+        w1, w2 = k1.T, k2.T  # (D, S), (S, D): the torch layout the token kernels read
+        stats = [mean, rstd] if mean is not None else [nwv, nwv]
+        b1v = b1 if b1 is not None else nwv
+        common = dict(NORM=NORMS[norm], HAS_B1=b1 is not None, APPROX_TANH=approximate == "tanh",
+                      PRECISION=precision, INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x), S_PAD=S_PAD)
+        strides = [S * C, C, 1, S * C, C, 1, S, 1, D, 1]
+        block_c_, block_d, warps, stages = launch_blocks("token_mlp_dx", S_PAD, D)
+        if B:
+            (g,) = call(jax_kernels.token_mlp_dx, (triton.cdiv(C, block_c_), B),
+                        [x, do, *stats, nwv, nbv, w1, b1v, w2, S, C, D, *strides], [_shape((B * S, C), F32)],
+                        num_warps=warps, num_stages=stages, **common, BLOCK_C=block_c_, BLOCK_D=block_d)
+        else:
+            g = jnp.zeros((0, C), F32)
+        block_c_, block_d, warps, stages = launch_blocks("token_mlp_dw", S_PAD, D)
+        n_d = triton.cdiv(D, block_d)
+        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, block_c_)))
+        dw1 = jnp.zeros((splits, D, S), F32)
+        dw2 = jnp.zeros((splits, S, D), F32)
+        db1 = jnp.zeros((splits, D), F32)
+        for part in dw_parts(S_PAD):  # runs with B = 0 too: it writes the zero gradients
+            p1, p2, pb = call(
+                jax_kernels.token_mlp_dw, (n_d, splits),
+                [x, do, *stats, nwv, nbv, w1, b1v, w2, B, S, C, D, splits, *strides],
+                [_shape(dw1.shape, F32), _shape(dw2.shape, F32), _shape(db1.shape, F32)],
+                num_warps=warps, num_stages=stages, **common, PART=part, BLOCK_C=block_c_, BLOCK_D=block_d)
+            # PART 1 writes dW1 and db1, PART 2 dW2; PART 0 all three.
+            dw1, db1 = (p1, pb) if part in (0, 1) else (dw1, db1)
+            dw2 = p2 if part in (0, 2) else dw2
+        grads["fc1_kernel"], grads["fc2_kernel"] = dw1.sum(0).T, dw2.sum(0).T
+        grads["fc1_bias"] = db1.sum(0) if b1 is not None else None
+        grads["fc2_bias"] = do.astype(F32).sum((0, 2)) if b2 is not None else None
+    grads["x"], dnw, dnb = _norm_backward(g, x, dout, nw, mean, rstd, norm)
+    grads["norm_weight"] = dnw if nw is not None else None
+    grads["norm_bias"] = dnb if nb is not None else None
+    return grads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Channel mixing
+
+
+def channel_mixing_forward(x: Array, nw, nb, k1: Array, b1, k2: Array, b2, *, eps: float, approximate: str,
+                           norm: str, scale, ss, store_branch: bool, precision: str):
+    """x (B, S, C), Flax kernels k1 (C, D), k2 (D, C) → (out (B, S, C), mean, rstd (B·S,) fp32 or None,
+    Z (B·S, D) pre-activation, branch (B, S, C) before scale or None)."""
+    B, S, C = x.shape
+    D = k1.shape[1]
+    M = B * S
+    mean = rstd = None
+    if norm == "layernorm":
+        mean, rstd = layer_norm_stats(x, eps)
+    nwv, nbv = _vec_or(nw, C, 1.0, x.dtype), _vec_or(nb, C, 0.0, x.dtype)
+    tok, ch = split(S, S * C, C), flat(C, 1)
+    h_axes = (flat(M, D), flat(D, 1))
+    hidden, z = fused_matmul(
+        x, (tok, ch), k1, (flat(C, D), flat(D, 1)), (M, D), x.dtype, h_axes, M, D, C, variant="ln_gelu",
+        precision=precision, a_pro=1 if norm == "layernorm" else 2,
+        a_stats=(mean, rstd) if mean is not None else None, a_vec=(nwv, nbv), bias=b1, store_branch=True,
+        epi_gelu=True, approximate=approximate)
+    out, branch = fused_matmul(
+        hidden, h_axes, k2, (flat(D, C), flat(C, 1)), x.shape, x.dtype, (tok, ch), M, C, D, variant="residual",
+        precision=precision, bias=b2, store_branch=store_branch, scale=scale, ss=ss, res=x, res_axes=(tok, ch))
+    return out, mean, rstd, z, branch
+
+
+def channel_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Array, b2, mean, rstd, z: Array,
+                            branch, *, approximate: str, norm: str, scale, ss,
+                            precision: str) -> Dict[str, Optional[Array]]:
+    """Gradients for dout (B, S, C); keys as token_mixing_backward, Flax layout."""
+    B, S, C = x.shape
+    D = k1.shape[1]
+    M = B * S
+    grads: Dict[str, Optional[Array]] = {}
+    do = _branch_grad(dout, scale, ss)
+    nwv, nbv = _vec_or(nw, C, 1.0, x.dtype), _vec_or(nb, C, 0.0, x.dtype)
+    _scale_grads(grads, dout, branch, scale, ss)
+    tok, ch = split(S, S * C, C), flat(C, 1)
+    h_axes = (flat(M, D), flat(D, 1))
+    # dZ = (dO · K2ᵀ) ⊙ GELU'(Z): K2[d, c] read as B[k = c, n = d].
+    dz, _ = fused_matmul(do, (tok, ch), k2, (flat(C, 1), flat(D, C)), (M, D), x.dtype, h_axes, M, D, C,
+                         variant="gelu_grad", precision=precision, aux=z, epi_gelu_grad=True, approximate=approximate)
+    # g = dZ · K1ᵀ: K1[c, d] read as B[k = d, n = c].
+    g, _ = fused_matmul(dz, h_axes, k1, (flat(D, 1), flat(C, D)), (M, C), F32, (flat(M, C), flat(C, 1)), M, C, D,
+                        variant="plain", precision=precision)
+    # dK1[c, d] = Σ_tok N(x)[tok, c] · dZ[tok, d]: computed as (dZᵀ · N(x))[d, c], stored transposed.
+    dk1, _ = fused_matmul(dz, (flat(D, 1), flat(M, D)), x, (tok, ch), (C, D), F32, (flat(D, 1), flat(C, D)),
+                          D, C, M, variant="ln_b", precision=precision, b_pro=1 if norm == "layernorm" else 2,
+                          b_stats=(mean, rstd) if mean is not None else None, b_vec=(nwv, nbv))
+    # dK2[d, c] = Σ_tok GELU(Z)[tok, d] · dO[tok, c]: (dOᵀ · GELU(Z))[c, d], stored transposed.
+    dk2, _ = fused_matmul(do, (ch, tok), z, h_axes, (D, C), F32, (flat(C, 1), flat(D, C)), C, D, M,
+                          variant="gelu_b", precision=precision, b_pro=4, approximate=approximate)
+    grads["fc1_kernel"], grads["fc2_kernel"] = dk1, dk2
+    grads["fc1_bias"] = dz.astype(F32).sum(0) if b1 is not None else None
+    grads["fc2_bias"] = do.astype(F32).sum((0, 1)) if b2 is not None else None
+    grads["x"], dnw, dnb = _norm_backward(g, x, dout, nw, mean, rstd, norm)
+    grads["norm_weight"] = dnw if nw is not None else None
+    grads["norm_bias"] = dnb if nb is not None else None
+    return grads

@@ -1,0 +1,117 @@
+"""The ``triton`` JAX backend: mixer_fast's Triton kernels (the torch backend's own) through jax-triton.
+
+On a GPU every launch is a ``jax_triton.triton_call`` (jax-triton is imported when the backend loads;
+without a GPU jaxlib it cannot be). On a machine with no GPU the same launches run in Triton's interpreter
+through ``jax.pure_callback`` on CPU torch tensors (slow; for testing), which must be enabled before
+triton is first imported in the process: ``load()`` does that, or says why it cannot.
+
+Forward and backward are the torch backend's kernel launches (kernels/triton/jax_launch.py) under a
+``jax.custom_vjp``. Arrays of mixed dtypes run in their promoted dtype, which is what the jax.numpy
+reference computes in; fp16, bf16 and fp32 are supported. FP32 matmuls are exact (no TF32).
+Deterministic: no reduction uses atomics.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from types import SimpleNamespace
+
+from ..dispatch import BackendUnavailable
+
+_ARGS = ("x", "norm_weight", "norm_bias", "fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias", "scale", "sample_scale")
+
+
+def load() -> SimpleNamespace:
+    try:
+        import jax
+    except ImportError as e:
+        raise BackendUnavailable(f"jax is not installed ({e})") from None
+    on_gpu = jax.default_backend() == "gpu"
+    if not on_gpu:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailable(
+                "no GPU, and triton was imported before mixer_fast could enable Triton's interpreter "
+                "(set TRITON_INTERPRET=1 before importing triton to use it)")
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable("no GPU, and Triton's interpreter (the CPU fallback) needs torch") from None
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable(f"triton is not installed ({e})") from None
+    from ..kernels.triton import _launch
+
+    if on_gpu and not _launch.INTERPRET:
+        try:
+            import jax_triton  # noqa: F401
+        except ImportError as e:
+            raise BackendUnavailable(f"jax-triton is not importable ({e}); `pip install jax-triton`") from None
+        detail = f"compiled Triton kernels through jax-triton on {jax.devices()[0].device_kind}"
+    else:
+        detail = "Triton's interpreter through jax.pure_callback (no GPU; for testing, slow)"
+    return SimpleNamespace(name="triton", features=frozenset({"deterministic"}), detail=detail,
+                           token_mixing=functools.partial(_call, "token_mixing"),
+                           channel_mixing=functools.partial(_call, "channel_mixing"))
+
+
+def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *, eps, approximate,
+          norm, scale, sample_scale):
+    import jax.numpy as jnp
+
+    from ..kernels.triton.jax_launch import DTYPES
+
+    args = (x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale, sample_scale)
+    # The reference's promotion: x and the parameters (sample_scale, a per-sample factor, does not promote).
+    dtype = jnp.result_type(*(a for a in args[:8] if a is not None))
+    if dtype not in DTYPES:
+        raise TypeError(f"x: the triton backend computes in float16, bfloat16 or float32; x and the parameters "
+                        f"promote to {dtype}")
+    return _op(op, float(eps), approximate, norm, jnp.dtype(dtype).name)(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _op(op: str, eps: float, approximate: str, norm: str, dtype: str):
+    import jax
+    import jax.numpy as jnp
+
+    from ..kernels.triton import jax_launch
+
+    kw = dict(eps=eps, approximate=approximate, norm=norm, precision="ieee")
+    token = op == "token_mixing"
+
+    def cast(args):
+        return [a.astype(dtype) if a is not None and i < 8 else a for i, a in enumerate(args)]
+
+    def forward(args, store_branch):
+        x, nw, nb, k1, b1, k2, b2, scale, ss = cast(args)
+        f = jax_launch.token_mixing_forward if token else jax_launch.channel_mixing_forward
+        return f(x, nw, nb, k1, b1, k2, b2, scale=scale, ss=ss, store_branch=store_branch, **kw)
+
+    @jax.custom_vjp
+    def fused(*args):
+        return forward(args, store_branch=False)[0]
+
+    def fwd(*args):
+        res = forward(args, store_branch=args[7] is not None or args[8] is not None)
+        return res[0], (args, res[1:])
+
+    def bwd(saved, g):
+        args, res = saved
+        x, nw, nb, k1, b1, k2, b2, scale, ss = cast(args)
+        g = g.astype(dtype)
+        if token:
+            mean, rstd, branch = res
+            grads = jax_launch.token_mixing_backward(g, x, nw, nb, k1, b1, k2, b2, mean, rstd, branch, scale=scale,
+                                                     ss=ss, **kw)
+        else:
+            mean, rstd, z, branch = res
+            kw_b = {k: v for k, v in kw.items() if k != "eps"}
+            grads = jax_launch.channel_mixing_backward(g, x, nw, nb, k1, b1, k2, b2, mean, rstd, z, branch,
+                                                       scale=scale, ss=ss, **kw_b)
+        return tuple(None if a is None else grads[name].astype(a.dtype) for name, a in zip(_ARGS, args))
+
+    fused.defvjp(fwd, bwd)
+    return fused

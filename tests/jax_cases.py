@@ -1,0 +1,53 @@
+"""Cases shared by the JAX backends' tests: random op arguments and the comparison with the XLA reference.
+
+The rule is DESIGN's: a fused result may be off the fp32 reference by at most twice what the reference
+in the input dtype is, plus a small multiple of the dtype's resolution; gradients within a few ATOL of
+the reference's own.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mixer_fast import jax as mfj
+
+ATOL = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1.6e-2}
+
+
+def args_for(op, B, S, C, D, dtype, variant, seed=0):
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
+    r = lambda *s, std=0.3: (jax.random.normal(next(keys), s) * std).astype(dtype)  # noqa: E731
+    x, nw, nb = r(B, S, C, std=1.0), 1 + r(C), r(C)
+    n = S if op == "token" else C
+    if op == "token" and variant == "resmlp":
+        weights = (r(S, S, std=S ** -0.5), r(S), None, None)
+    else:
+        weights = (r(n, D, std=n ** -0.5), r(D), r(D, n, std=D ** -0.5), r(n))
+    kw = dict(norm="affine", scale=r(C), sample_scale=jnp.array([0.0, 1.5, 2.0][:B], dtype)) \
+        if variant == "resmlp" else {}
+    return (x, nw, nb, *weights), kw
+
+
+def check_against_xla(backend: str, op: str, args, kw, dtype, approximate: str) -> None:
+    fn = mfj.token_mixing if op == "token" else mfj.channel_mixing
+    f64 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+    ref32 = fn(*map(f64, args), **{k: f64(v) if hasattr(v, "dtype") else v for k, v in kw.items()},
+               approximate=approximate, backend="xla")
+    eager = fn(*args, **kw, approximate=approximate, backend="xla")
+    fused = fn(*args, **kw, approximate=approximate, backend=backend)
+    assert fused.dtype == eager.dtype
+    err = float(jnp.max(jnp.abs(fused.astype(jnp.float32) - ref32)))
+    eager_err = float(jnp.max(jnp.abs(eager.astype(jnp.float32) - ref32)))
+    assert err <= 2 * eager_err + ATOL[dtype] * max(1.0, float(jnp.max(jnp.abs(ref32)))) / 4
+
+    def loss(backend):
+        return lambda *a: jnp.sum(fn(*a, **kw, approximate=approximate, backend=backend).astype(jnp.float32) ** 2)
+
+    n = sum(a is not None for a in args)
+    argnums = tuple(i for i, a in enumerate(args) if a is not None)
+    g_fused = jax.grad(loss(backend), argnums=argnums)(*args)
+    g_eager = jax.grad(loss("xla"), argnums=argnums)(*args)
+    assert len(g_fused) == n
+    for a, b in zip(g_fused, g_eager):
+        scale = max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) <= 4 * ATOL[dtype] * scale

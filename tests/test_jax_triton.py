@@ -1,0 +1,187 @@
+"""The ``triton`` JAX backend: mixer_fast's Triton kernels called from JAX in jax-triton's convention.
+
+Without a GPU the launches run in Triton's interpreter (through jax.pure_callback) with NaN-poisoned
+outputs, against the XLA reference, forward and gradients. The GPU launch path (autotuned GEMMs, the
+dW kernel split in two launches, jax-triton's argument order) is run here too, through a stand-in for
+``jax_triton.triton_call`` that checks each call against the entry point's signature before
+interpreting it. On a lent GPU the same tests run the compiled kernels through jax-triton.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import require
+
+jax = require("jax")
+jnp = require("jax.numpy")
+require("triton")
+
+import mixer_fast.flax as mff  # noqa: E402
+from mixer_fast import dispatch  # noqa: E402
+from mixer_fast import jax as mfj  # noqa: E402
+from jax_cases import args_for, check_against_xla  # noqa: E402
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    dispatch.load("triton", "jax")
+    from mixer_fast.kernels.triton import _launch
+
+    monkeypatch.setattr(_launch, "POISON", True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(2, 49, 64, 24, 96), (1, 13, 40, 20, 72), (2, 70, 24, 36, 48)],
+                         ids=["49x64", "13x40", "70x24"])
+@pytest.mark.parametrize("variant", ["mixer", "resmlp"])
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_triton_against_reference(op, variant, shape, dtype):
+    B, S, C, DS, DC = shape
+    args, kw = args_for(op, B, S, C, DS if op == "token" else DC, dtype, variant)
+    check_against_xla("triton", op, args, kw, dtype, "tanh" if variant == "mixer" else "none")
+
+
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_layernorm_with_single_token_linear_and_layer_scale(op):
+    # The combination no named model uses: ResMLP's single linear (token op) or scales under LayerNorm.
+    args, kw = args_for(op, 3, 16, 40, 32, jnp.float32, "resmlp", seed=3)
+    kw["norm"] = "layernorm"
+    check_against_xla("triton", op, args, kw, jnp.float32, "none")
+
+
+def test_mixed_dtypes_promote_like_the_reference():
+    args, _ = args_for("channel", 2, 9, 24, 40, jnp.float32, "mixer", seed=4)
+    x = args[0].astype(jnp.bfloat16)
+    got = mfj.channel_mixing(x, *args[1:], backend="triton")
+    eager = mfj.channel_mixing(x, *args[1:], backend="xla")
+    exact = mfj.channel_mixing(x.astype(jnp.float32), *args[1:], backend="xla")
+    assert got.dtype == eager.dtype == jnp.float32
+    # The reference rounds LN(x) to x's dtype; the kernels keep it in the promoted fp32: DESIGN's rule.
+    assert float(jnp.max(jnp.abs(got - exact))) <= 2 * float(jnp.max(jnp.abs(eager - exact))) + 1e-5
+    grads = jax.grad(lambda x, k: jnp.sum(mfj.channel_mixing(x, *args[1:3], k, *args[4:], backend="triton")),
+                     argnums=(0, 1))(x, args[3])
+    assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.float32
+
+
+def test_gradients_of_scale_and_sample_scale():
+    for op in ("token", "channel"):
+        args, kw = args_for(op, 3, 16, 40, 32, jnp.float32, "resmlp", seed=7)
+        fn = mfj.token_mixing if op == "token" else mfj.channel_mixing
+
+        def loss(backend):
+            return lambda sc, ss: jnp.sum(fn(*args, norm="affine", scale=sc, sample_scale=ss, backend=backend) ** 2)
+
+        got = jax.grad(loss("triton"), argnums=(0, 1))(kw["scale"], kw["sample_scale"])
+        want = jax.grad(loss("xla"), argnums=(0, 1))(kw["scale"], kw["sample_scale"])
+        for a, b in zip(got, want):
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(b))))
+
+
+def test_empty_batch():
+    for op in ("token", "channel"):
+        args, _ = args_for(op, 1, 13, 24, 20, jnp.float32, "mixer")
+        x = jnp.zeros((0, 13, 24))
+        fn = mfj.token_mixing if op == "token" else mfj.channel_mixing
+        assert fn(x, *args[1:], backend="triton").shape == (0, 13, 24)
+        g = jax.grad(lambda k: jnp.sum(fn(x, *args[1:3], k, *args[4:], backend="triton")))(args[3])
+        assert g.shape == args[3].shape and float(jnp.max(jnp.abs(g))) == 0.0
+
+
+def test_float64_is_refused():
+    with jax.enable_x64(True):
+        args, _ = args_for("channel", 1, 4, 8, 16, jnp.float64, "mixer")
+        with pytest.raises(TypeError, match="x: the triton backend computes in float16, bfloat16 or float32"):
+            mfj.channel_mixing(*args, backend="triton")
+
+
+def test_flax_block_jit_grad_vmap():
+    block, ref = mff.MixerBlock(24, 96, backend="triton"), mff.MixerBlock(24, 96, backend="xla")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 13, 40))
+    params = block.init(jax.random.PRNGKey(1), x[0])
+    got = jax.jit(jax.vmap(block.apply, in_axes=(None, 0)))(params, x)
+    want = jax.vmap(ref.apply, in_axes=(None, 0))(params, x)
+    assert float(jnp.max(jnp.abs(got - want))) < 1e-5
+
+    def loss(b):
+        return lambda p: jnp.sum(jnp.sin(b.apply(p, x[0])))
+
+    g_got = jax.jit(jax.grad(loss(block)))(params)
+    g_want = jax.grad(loss(ref))(params)
+    errs = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), g_got, g_want)
+    assert max(jax.tree_util.tree_leaves(errs)) < 1e-4
+
+
+def test_kernel_modules_import_without_torch():
+    # A JAX user on a GPU needs triton and jax-triton, not torch: the kernels and JAX launchers load without it.
+    code = ("import sys; import mixer_fast.kernels.triton.jax_launch; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GPU launch path, off GPU
+
+
+@pytest.fixture
+def gpu_path(monkeypatch):
+    """The launchers' GPU branch (GPU block sizes, autotuned GEMMs, dW in two launches) with a stand-in for
+    jax_triton.triton_call that checks the call, then runs the entry point in the interpreter. fp32 only:
+    the compiled-mode kernels skip the interpreter's bf16 workarounds."""
+    if ON_GPU:
+        pytest.skip("a real GPU runs the real jax-triton (the other tests)")
+    from mixer_fast.kernels.triton import _launch, jax_launch
+
+    calls = []
+
+    def triton_call(*args, kernel, out_shape, grid, num_warps, num_stages, **meta):
+        import triton
+
+        tuned = isinstance(kernel, triton.runtime.Autotuner)
+        fn = kernel.fn if tuned else kernel
+        if tuned:
+            assert set(kernel.keys) <= set(fn.arg_names)
+            meta = {**meta, **kernel.configs[0].kwargs}
+        params = inspect.signature(fn.fn).parameters.values()  # the Python function (interpreted or not)
+        runtime = [p.name for p in params if "constexpr" not in str(p.annotation)]
+        constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+        # jax-triton's convention: the arguments, then one pointer per output, then constexprs by name.
+        assert len(args) + len(out_shape) == len(runtime), (fn.__name__, len(args), len(out_shape), runtime)
+        assert all(runtime[len(args) + i].endswith("_ptr") for i in range(len(out_shape)))
+        assert set(meta) == constexprs, (fn.__name__, set(meta) ^ constexprs)
+        for name, a in zip(runtime, args):
+            if name.endswith("_ptr"):
+                assert hasattr(a, "dtype") and a.dtype in jax_launch.DTYPES, name
+            else:  # jax-triton maps Python ints to i32/i64 and np.float32 to fp32 (a Python float would be fp64)
+                assert type(a) is int or type(a).__name__ == "float32", (name, type(a))
+        calls.append((fn.__name__, tuned))
+        args = [float(a) if type(a).__name__ == "float32" else a for a in args]
+        return jax_launch._interpreted(fn, grid, args, out_shape, num_warps, meta)
+
+    monkeypatch.setitem(sys.modules, "jax_triton", types.SimpleNamespace(triton_call=triton_call))
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    monkeypatch.setattr(jax_launch, "_tuned", {})
+    return calls
+
+
+@pytest.mark.parametrize("variant", ["mixer", "resmlp"])
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_gpu_launch_path(gpu_path, op, variant):
+    # S = 70 pads to 128 tokens: the dW kernel runs as two launches (dW1/db1, then dW2) on a GPU.
+    args, kw = args_for(op, 2, 70, 24, 36 if op == "token" else 48, jnp.float32, variant, seed=11)
+    check_against_xla("triton", op, args, kw, jnp.float32, "tanh" if variant == "mixer" else "none")
+    names = {name for name, _ in gpu_path}
+    if op == "channel" or variant == "resmlp":
+        assert ("fused_matmul", True) in gpu_path
+    else:
+        assert {"token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"} <= names
+        assert sum(name == "token_mlp_dw" for name, _ in gpu_path) == 2
