@@ -43,3 +43,21 @@ def test_bad_arguments():
         cost("block", B16, mode="train")
     with pytest.raises(ValueError, match="dtype: expected one of"):
         cost("block", B16, dtype="int8")
+
+
+def test_predicted_tpu_floor_and_readme_table():
+    import pathlib
+
+    from mixer_fast.profiler import predict
+
+    shape = Shape.from_config("mixer_b16", 256)
+    c = cost("channel_mixing", shape, "bf16", "fwd")
+    v5e = predict.CHIPS["tpu_v5e"]
+    assert predict.predicted_time("channel_mixing", shape, "tpu_v5e") == max(c.flops / v5e.peak_flops,
+                                                                             c.min_bytes / v5e.bandwidth)
+    assert predict.bound("channel_mixing", shape, "tpu_v5e") == "compute"
+    assert predict.bound("token_mixing", Shape.from_config("resmlp_12", 256), "tpu_v5e") == "memory"
+    with pytest.raises(ValueError, match="chip: expected one of"):
+        predict.predicted_time("block", shape, "tpu_v9")
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    assert "<!-- tpu-table:start -->\n" + predict.table() + "\n<!-- tpu-table:end -->" in readme
