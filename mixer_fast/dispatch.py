@@ -42,7 +42,8 @@ REGISTRY: Tuple[BackendSpec, ...] = (
     BackendSpec("triton", "torch", "mixer_fast.torch.triton_backend", ("cuda",), ("cuda", "cpu"),
                 "fused Triton kernels (CUDA tensors; Triton's interpreter for CPU tensors)",
                 "not built yet: this version of mixer_fast has no Triton kernels"),
-    BackendSpec("cpu", "torch", "mixer_fast.torch.cpu_backend", ("cpu",), ("cpu",),
+    # Not chosen automatically yet: it is still slower than eager PyTorch on the CPUs measured (bench/NOTES.md).
+    BackendSpec("cpu", "torch", "mixer_fast.torch.cpu_backend", (), ("cpu",),
                 "fused C++ kernels (mixer_fast._C, CPU tensors)",
                 "not built yet: this version of mixer_fast has no C++ extension (mixer_fast._C)"),
     BackendSpec("reference", "torch", "mixer_fast.torch.reference_backend", ("cpu", "cuda", "mps", "xpu", "meta"),

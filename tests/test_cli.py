@@ -34,8 +34,9 @@ def test_info_lists_every_backend_with_reason():
     assert "Triton's interpreter on CPU tensors" in r.stdout or "compiled Triton kernels" in r.stdout
     assert ("xla", "loaded") in lines and ("pallas", "loaded") in lines, r.stdout
     assert "Triton's interpreter through jax.pure_callback" in r.stdout or "through jax-triton" in r.stdout
-    assert ("cpu", "unavailable") in lines, r.stdout
-    assert r.stdout.count("not built yet") == 1, r.stdout
+    # The C++ extension is built by the install (CI has a compiler); elsewhere it may be missing, with a reason.
+    assert ("cpu", "loaded") in lines or ("cpu", "unavailable") in lines and "mixer_fast._C" in r.stdout, r.stdout
+    assert "not built yet" not in r.stdout, r.stdout
 
 
 def test_python_dash_m_is_the_same_command():

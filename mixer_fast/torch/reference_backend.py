@@ -9,7 +9,8 @@ from ..reference import functional
 def load() -> SimpleNamespace:
     return SimpleNamespace(
         name="reference",
-        features=frozenset({"dropout", "autocast", "double_backward"}),
+        features=frozenset({"dropout", "autocast", "double_backward", "float64", "float32", "bfloat16",
+                            "float16"}),
         token_mixing=functional.token_mixing,
         channel_mixing=functional.channel_mixing,
     )

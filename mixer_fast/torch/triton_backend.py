@@ -40,7 +40,8 @@ def load() -> SimpleNamespace:
     _register_ops()
     detail = ("Triton's interpreter on CPU tensors (no CUDA device; for testing, slow)" if _launch.INTERPRET
               else f"compiled Triton kernels on {torch.cuda.get_device_name()}")
-    return SimpleNamespace(name="triton", features=frozenset({"deterministic", "autocast"}), detail=detail,
+    return SimpleNamespace(name="triton", features=frozenset({"deterministic", "autocast", "float32", "bfloat16",
+                                                              "float16"}), detail=detail,
                            token_mixing=token_mixing, channel_mixing=channel_mixing)
 
 
