@@ -51,3 +51,16 @@ def check_against_xla(backend: str, op: str, args, kw, dtype, approximate: str) 
     for a, b in zip(g_fused, g_eager):
         scale = max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
         assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) <= 4 * ATOL[dtype] * scale
+
+
+def check_scale_grads(backend: str, op: str, args, kw) -> None:
+    """d scale and d sample_scale through ``backend`` equal the XLA reference's (ResMLP-style arguments)."""
+    fn = mfj.token_mixing if op == "token" else mfj.channel_mixing
+
+    def loss(backend):
+        return lambda sc, ss: jnp.sum(fn(*args, norm="affine", scale=sc, sample_scale=ss, backend=backend) ** 2)
+
+    got = jax.grad(loss(backend), argnums=(0, 1))(kw["scale"], kw["sample_scale"])
+    want = jax.grad(loss("xla"), argnums=(0, 1))(kw["scale"], kw["sample_scale"])
+    for a, b in zip(got, want):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(b))))

@@ -25,7 +25,7 @@ require("triton")
 import mixer_fast.flax as mff  # noqa: E402
 from mixer_fast import dispatch  # noqa: E402
 from mixer_fast import jax as mfj  # noqa: E402
-from jax_cases import args_for, check_against_xla  # noqa: E402
+from jax_cases import args_for, check_against_xla, check_scale_grads  # noqa: E402
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -74,15 +74,7 @@ def test_mixed_dtypes_promote_like_the_reference():
 def test_gradients_of_scale_and_sample_scale():
     for op in ("token", "channel"):
         args, kw = args_for(op, 3, 16, 40, 32, jnp.float32, "resmlp", seed=7)
-        fn = mfj.token_mixing if op == "token" else mfj.channel_mixing
-
-        def loss(backend):
-            return lambda sc, ss: jnp.sum(fn(*args, norm="affine", scale=sc, sample_scale=ss, backend=backend) ** 2)
-
-        got = jax.grad(loss("triton"), argnums=(0, 1))(kw["scale"], kw["sample_scale"])
-        want = jax.grad(loss("xla"), argnums=(0, 1))(kw["scale"], kw["sample_scale"])
-        for a, b in zip(got, want):
-            assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(b))))
+        check_scale_grads("triton", op, args, kw)
 
 
 def test_empty_batch():

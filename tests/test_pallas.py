@@ -11,10 +11,9 @@ jnp = require("jax.numpy")
 pltpu = require("jax.experimental.pallas.tpu")
 
 import mixer_fast.flax as mff  # noqa: E402
-from mixer_fast import jax as mfj  # noqa: E402
 from mixer_fast.jax import pallas_backend  # noqa: E402
 from mixer_fast.reference import get_config  # noqa: E402
-from jax_cases import args_for as _args, check_against_xla  # noqa: E402
+from jax_cases import args_for as _args, check_against_xla, check_scale_grads  # noqa: E402
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 49, 256, 24, 384), (1, 16, 100, 30, 200), (3, 196, 128, 98, 256)],
@@ -98,12 +97,4 @@ def test_vmem_inside_the_scoped_default(name, itemsize):
 @pytest.mark.parametrize("op", ["token", "channel"])
 def test_pallas_gradients_of_scale_and_sample_scale(op):
     args, kw = _args(op, 3, 16, 128, 256 if op == "channel" else 24, jnp.float32, "resmlp", seed=7)
-    fn = mfj.token_mixing if op == "token" else mfj.channel_mixing
-
-    def loss(backend):
-        return lambda sc, ss: jnp.sum(fn(*args, norm="affine", scale=sc, sample_scale=ss, backend=backend) ** 2)
-
-    got = jax.grad(loss("pallas"), argnums=(0, 1))(kw["scale"], kw["sample_scale"])
-    want = jax.grad(loss("xla"), argnums=(0, 1))(kw["scale"], kw["sample_scale"])
-    for a, b in zip(got, want):
-        assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(b))))
+    check_scale_grads("pallas", op, args, kw)

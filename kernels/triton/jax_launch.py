@@ -23,7 +23,7 @@ import triton
 
 from . import _launch, jax_kernels
 from .layer_norm import ROWS, block_c
-from .matmul import AUTOTUNE_KEY, INTERPRET_CONFIG, VARIANTS, Axis, flat, split
+from .matmul import Axis, autotuned, flat, plan, split
 from .token_mixing import NORMS, dw_parts, dw_splits, launch_blocks
 
 Array = jax.Array
@@ -151,16 +151,6 @@ def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
 _tuned: Dict[str, object] = {}
 
 
-def _matmul_kernel(variant: str):
-    if _launch.INTERPRET:
-        return jax_kernels.fused_matmul
-    if variant not in _tuned:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                   for m, n, k, w, s in VARIANTS[variant][1]]
-        _tuned[variant] = triton.autotune(configs, key=AUTOTUNE_KEY)(jax_kernels.fused_matmul)
-    return _tuned[variant]
-
-
 def fused_matmul(
     a: Array, a_axes: Tuple[Axis, Axis], b: Array, b_axes: Tuple[Axis, Axis],
     out_shape: Tuple[int, ...], out_dtype, out_axes: Tuple[Axis, Axis], M: int, N: int, K: int, *, variant: str,
@@ -180,45 +170,23 @@ def fused_matmul(
         empty = jnp.zeros(out_shape, out_dtype)
         return empty, (empty if store_branch else None)
     dummy = _dummy()
-    am, ak = a_axes
-    bk, bn = b_axes
-    om, on = out_axes
-    xm, xn = aux_axes or out_axes
-    rm, rn = res_axes or out_axes
-    assert (xm.inner, xn.inner, rm.inner, rn.inner) == (om.inner, on.inner, om.inner, on.inner)
     a_mean, a_rstd = a_stats or (dummy, dummy)
     a_w, a_b = a_vec or (dummy, dummy)
     b_mean, b_rstd = b_stats or (dummy, dummy)
     b_w, b_b = b_vec or (dummy, dummy)
-    meta = dict(
-        A_PRO=a_pro, B_PRO=b_pro, HAS_BIAS=bias is not None, BIAS_ON_M=bias_on_m,
-        EPI_GELU=epi_gelu, EPI_GELU_GRAD=epi_gelu_grad, STORE_BRANCH=store_branch,
-        HAS_SCALE=scale is not None, HAS_SS=ss is not None, SS_ON_N=ss_on_n, HAS_RES=res is not None,
-        APPROX_TANH=approximate == "tanh", PRECISION=precision, INTERPRETER=_launch.INTERPRET,
-        A_M_SPLIT=am.split, A_K_SPLIT=ak.split, B_K_SPLIT=bk.split, B_N_SPLIT=bn.split, O_M_SPLIT=om.split,
-        O_N_SPLIT=on.split, X_M_SPLIT=xm.split, X_N_SPLIT=xn.split, R_M_SPLIT=rm.split, R_N_SPLIT=rn.split,
-        IDX64=_idx64(a, b, aux, res) or int(np.prod(out_shape)) >= 2**31,
-    )
-    if _launch.INTERPRET:
-        bm, bn_, bk_, warps, stages = INTERPRET_CONFIG
-        meta.update(BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=8)
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn_),)
-    else:
-        warps, stages = 4, 3  # the autotuner's configs carry their own
-
-        def grid(META):
-            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+    p = plan(M, N, K, a_axes, b_axes, out_axes, aux_axes, res_axes, a_pro=a_pro, b_pro=b_pro,
+             has_bias=bias is not None, bias_on_m=bias_on_m, epi_gelu=epi_gelu, epi_gelu_grad=epi_gelu_grad,
+             store_branch=store_branch, has_scale=scale is not None, has_ss=ss is not None, ss_on_n=ss_on_n,
+             has_res=res is not None, approximate=approximate, precision=precision,
+             idx64=_idx64(a, b, aux, res) or int(np.prod(out_shape)) >= 2**31)
     out, aux_out = call(
-        _matmul_kernel(variant), grid,
+        autotuned(jax_kernels.fused_matmul, variant, _tuned), p.grid,
         [a, b, aux if aux is not None else dummy, res if res is not None else dummy,
          a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
          bias if bias is not None else dummy, scale if scale is not None else dummy, ss if ss is not None else dummy,
-         M, N, K, am.inner, am.outer, am.stride, ak.inner, ak.outer, ak.stride,
-         bk.inner, bk.outer, bk.stride, bn.inner, bn.outer, bn.stride,
-         om.inner, om.outer, om.stride, on.inner, on.outer, on.stride,
-         xm.outer, xm.stride, xn.outer, xn.stride, rm.outer, rm.stride, rn.outer, rn.stride],
+         *p.scalars],
         [_shape(out_shape, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype)],
-        num_warps=warps, num_stages=stages, **meta)
+        num_warps=p.num_warps, num_stages=p.num_stages, **p.meta)
     return out, (aux_out if store_branch else None)
 
 

@@ -233,16 +233,64 @@ AUTOTUNE_KEY = ["M", "N", "K", "A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "H
 _tuned: Dict[str, object] = {}
 
 
-def _kernel(variant: str):
+def autotuned(kernel, variant: str, cache: Dict[str, object]):
+    """``kernel`` (the fused GEMM or its JAX entry point) autotuned over the configs of launch site
+    ``variant``, cached in ``cache``; the kernel itself in the interpreter (INTERPRET_CONFIG)."""
     if _launch.INTERPRET:
-        return fused_matmul_kernel
-    if variant not in _tuned:
-        import triton as _triton
+        return kernel
+    if variant not in cache:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
+                                 num_stages=s) for m, n, k, w, s in VARIANTS[variant][1]]
+        cache[variant] = triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
+    return cache[variant]
 
-        configs = [_triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
-                                  num_stages=s) for m, n, k, w, s in VARIANTS[variant][1]]
-        _tuned[variant] = _triton.autotune(configs, key=AUTOTUNE_KEY)(fused_matmul_kernel)
-    return _tuned[variant]
+
+@dataclass
+class Plan:
+    """What one fused GEMM launch passes besides pointers, for either framework: the scalar arguments
+    (M, N, K and the axes) in kernel order, the constexprs, the grid, and num_warps / num_stages (the
+    autotuner's configs carry their own on a GPU)."""
+
+    scalars: list
+    meta: Dict[str, object]
+    grid: object
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, Axis],
+         out_axes: Tuple[Axis, Axis], aux_axes: Optional[Tuple[Axis, Axis]],
+         res_axes: Optional[Tuple[Axis, Axis]], *, a_pro: int, b_pro: int, has_bias: bool, bias_on_m: bool,
+         epi_gelu: bool, epi_gelu_grad: bool, store_branch: bool, has_scale: bool, has_ss: bool, ss_on_n: bool,
+         has_res: bool, approximate: str, precision: str, idx64: bool) -> Plan:
+    """The launch of fused_matmul_kernel (see fused_matmul) shared by the torch and JAX launchers."""
+    am, ak = a_axes
+    bk, bn = b_axes
+    om, on = out_axes
+    xm, xn = aux_axes or out_axes
+    rm, rn = res_axes or out_axes
+    assert (xm.inner, xn.inner, rm.inner, rn.inner) == (om.inner, on.inner, om.inner, on.inner)
+    meta = dict(
+        A_PRO=a_pro, B_PRO=b_pro, HAS_BIAS=has_bias, BIAS_ON_M=bias_on_m,
+        EPI_GELU=epi_gelu, EPI_GELU_GRAD=epi_gelu_grad, STORE_BRANCH=store_branch,
+        HAS_SCALE=has_scale, HAS_SS=has_ss, SS_ON_N=ss_on_n, HAS_RES=has_res,
+        APPROX_TANH=approximate == "tanh", PRECISION=precision, INTERPRETER=_launch.INTERPRET,
+        A_M_SPLIT=am.split, A_K_SPLIT=ak.split, B_K_SPLIT=bk.split, B_N_SPLIT=bn.split, O_M_SPLIT=om.split,
+        O_N_SPLIT=on.split, X_M_SPLIT=xm.split, X_N_SPLIT=xn.split, R_M_SPLIT=rm.split, R_N_SPLIT=rn.split,
+        IDX64=idx64,
+    )
+    scalars = [M, N, K, am.inner, am.outer, am.stride, ak.inner, ak.outer, ak.stride,
+               bk.inner, bk.outer, bk.stride, bn.inner, bn.outer, bn.stride,
+               om.inner, om.outer, om.stride, on.inner, on.outer, on.stride,
+               xm.outer, xm.stride, xn.outer, xn.stride, rm.outer, rm.stride, rn.outer, rn.stride]
+    if _launch.INTERPRET:
+        bm, bn_, bk_, warps, stages = INTERPRET_CONFIG
+        meta.update(BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=8)
+        return Plan(scalars, meta, (triton.cdiv(M, bm) * triton.cdiv(N, bn_),), warps, stages)
+
+    def grid(META):
+        return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+    return Plan(scalars, meta, grid)
 
 
 def fused_matmul(
@@ -265,44 +313,20 @@ def fused_matmul(
     if M == 0 or N == 0:
         return out
     dummy = _dummy(out.device)
-    am, ak = a_axes
-    bk, bn = b_axes
-    om, on = out_axes
-    xm, xn = aux_axes or out_axes
-    rm, rn = res_axes or out_axes
-    assert (xm.inner, xn.inner, rm.inner, rn.inner) == (om.inner, on.inner, om.inner, on.inner)
     a_mean, a_rstd = a_stats or (dummy, dummy)
     a_w, a_b = a_vec or (dummy, dummy)
     b_mean, b_rstd = b_stats or (dummy, dummy)
     b_w, b_b = b_vec or (dummy, dummy)
-    kernel = _kernel(variant)
-    meta = dict(
-        A_PRO=a_pro, B_PRO=b_pro, HAS_BIAS=bias is not None, BIAS_ON_M=bias_on_m,
-        EPI_GELU=epi_gelu, EPI_GELU_GRAD=epi_gelu_grad, STORE_BRANCH=store_branch,
-        HAS_SCALE=scale is not None, HAS_SS=ss is not None, SS_ON_N=ss_on_n, HAS_RES=res is not None,
-        APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(a.dtype, allow_tf32),
-        INTERPRETER=_launch.INTERPRET,
-        A_M_SPLIT=am.split, A_K_SPLIT=ak.split, B_K_SPLIT=bk.split, B_N_SPLIT=bn.split, O_M_SPLIT=om.split,
-        O_N_SPLIT=on.split, X_M_SPLIT=xm.split, X_N_SPLIT=xn.split, R_M_SPLIT=rm.split, R_N_SPLIT=rn.split,
-        IDX64=_launch.needs_int64(a, b, out, aux, res),
-    )
-    if _launch.INTERPRET:
-        bm, bn_, bk_, warps, stages = INTERPRET_CONFIG
-        meta.update(BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=8)
-        grid = (((M + bm - 1) // bm) * ((N + bn_ - 1) // bn_),)
-    else:
-        def grid(META):
-            return (((M + META["BLOCK_M"] - 1) // META["BLOCK_M"]) * ((N + META["BLOCK_N"] - 1) // META["BLOCK_N"]),)
-    kernel[grid](
+    p = plan(M, N, K, a_axes, b_axes, out_axes, aux_axes, res_axes, a_pro=a_pro, b_pro=b_pro,
+             has_bias=bias is not None, bias_on_m=bias_on_m, epi_gelu=epi_gelu, epi_gelu_grad=epi_gelu_grad,
+             store_branch=store_branch, has_scale=scale is not None, has_ss=ss is not None, ss_on_n=ss_on_n,
+             has_res=res is not None, approximate=approximate, precision=_launch.precision(a.dtype, allow_tf32),
+             idx64=_launch.needs_int64(a, b, out, aux, res))
+    # On a GPU the autotuner's configs set num_warps / num_stages.
+    launch = {} if callable(p.grid) else dict(num_warps=p.num_warps, num_stages=p.num_stages)
+    autotuned(fused_matmul_kernel, variant, _tuned)[p.grid](
         a, b, out, aux if aux is not None else dummy, res if res is not None else dummy,
         a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
         bias if bias is not None else dummy, scale if scale is not None else dummy, ss if ss is not None else dummy,
-        M, N, K,
-        am.inner, am.outer, am.stride, ak.inner, ak.outer, ak.stride,
-        bk.inner, bk.outer, bk.stride, bn.inner, bn.outer, bn.stride,
-        om.inner, om.outer, om.stride, on.inner, on.outer, on.stride,
-        xm.outer, xm.stride, xn.outer, xn.stride,
-        rm.outer, rm.stride, rn.outer, rn.stride,
-        **meta,
-    )
+        *p.scalars, **p.meta, **launch)
     return out

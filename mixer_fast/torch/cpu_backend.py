@@ -17,7 +17,6 @@ from ..dispatch import BackendUnavailable
 from ..reference import functional
 
 Tensor = torch.Tensor
-_ARGS = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "scale", "sample_scale")
 
 
 def _extension():
