@@ -48,7 +48,10 @@ ext = Extension(
     depends=sorted(glob.glob("csrc/*.h")),
     include_dirs=["csrc"],
     language="c++",
-    extra_compile_args=["-O3", "-std=c++17", "-pthread", "-fvisibility=hidden"],
+    # No FP traps or errno are relied on: without these GCC will not if-convert the GELU's selects, and the
+    # epilogue loops stay scalar (measured: GELU at half the cost of the GEMM before it).
+    extra_compile_args=["-O3", "-std=c++17", "-pthread", "-fvisibility=hidden", "-fno-trapping-math",
+                        "-fno-math-errno"],
     extra_link_args=["-pthread"],
 )
 

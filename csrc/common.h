@@ -44,6 +44,12 @@ inline float round_to(float v, DType t) { return t == DType::f32 ? v : bf16_to_f
 
 inline float vec_or(const void* p, int64_t i, float fill, DType t) { return p ? load(p, i, t) : fill; }
 
+// Typed element access for loops specialised on the storage type (float, or uint16_t holding bf16).
+inline float get(const float* p, int64_t i) { return p[i]; }
+inline float get(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+inline void put(float* p, int64_t i, float v) { p[i] = v; }
+inline void put(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+
 inline float gelu(float z, bool tanh_form) {
   if (tanh_form) {
     const float u = 0.7978845608028654f * (z + 0.044715f * z * z * z);

@@ -1,23 +1,23 @@
 // Packed fp32 GEMM pieces: one register-tile micro-kernel per ISA, chosen at run time, and the panel
-// layouts the fused kernels pack their operands into (transforms such as LayerNorm are applied while
-// packing, epilogues when a tile leaves the registers).
+// layouts the fused kernels pack their operands into (LayerNorm is applied while packing, epilogues
+// when a tile leaves the micro-kernel).
 //
-//   packed A: row panels of MR rows, k-major:    Ap[panel][k * MR + i]   (zero rows past M)
-//   packed B: column panels of NR cols, k-major: Bp[panel][k * NR + j]   (zero cols past N)
+//   packed A (a weight, row-major M x K): row panels of MR rows, k-major:  Ap[p][k * MR + i]  (zero rows past M)
+//   packed B (activations, K x N):        column panels of NR columns:     Bp[p][k * NR + j]  (zero columns past N)
 //
-// kernel(K, Ap_panel, Bp_panel, tile) writes the MR x NR product over the full K into ``tile``
-// (row-major, NR floats a row). K is not blocked: the largest K here (D_C = 4096 at Mixer-L) keeps an
-// A panel (MR x K) and a B panel (K x NR) within L2.
+// kernel(K, Ap, Bp, C, ldc, accumulate) writes (accumulate: adds) the MR x NR product of K steps to C (row i
+// at C + i * ldc); a K block [k0, k1) of a panel starts at Ap + k0 * MR and Bp + k0 * NR.
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
-#include <memory>
-#include <string>
+#include <new>
+
+#include "mixer_cpu.h"
 
 namespace mixer_cpu {
 
-using MicroKernel = void (*)(int64_t K, const float* A, const float* B, float* tile);
+using MicroKernel = void (*)(int64_t K, const float* A, const float* B, float* C, int64_t ldc, bool accumulate);
 
 struct Isa {
   const char* name;
@@ -27,24 +27,36 @@ struct Isa {
 
 const Isa& current();
 
-// v[i] = GELU(v[i] + bias) in place for n values, bias[i] (per_element) or bias[0]: the epilogue of the
-// first GEMMs, compiled for AVX-512, AVX2 and the baseline (chosen by the loader).
-void bias_gelu(float* v, int64_t n, const float* bias, bool per_element, bool tanh_form);
+// v[i][j] = round(GELU(v[i][j] + bias[i])) for rows i < rows, j < cols (row stride ld), rounded to the
+// storage dtype t: the epilogue of the first GEMMs, compiled for AVX-512, AVX2 and the baseline.
+void bias_gelu_rows(float* v, int64_t rows, int64_t cols, int64_t ld, const float* bias, bool tanh_form, DType t);
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// 64-byte aligned float buffer (one cache line; aligned vector loads in the micro-kernels).
+// 64-byte aligned float buffer (one cache line; aligned vector loads in the micro-kernels), taken from a
+// process-wide pool of earlier calls' buffers and given back to it: page-faulting fresh memory for the packed
+// weights on every call cost more than packing them (Mixer-B/16 channel weights: 6 of 10 ms). The pool keeps
+// at most 256 MiB; free_workspace() empties it.
 struct Buffer {
   float* p = nullptr;
   int64_t n = 0;
-  explicit Buffer(int64_t count) : n(count) {
-    const size_t bytes = ((static_cast<size_t>(count > 0 ? count : 1) * sizeof(float) + 63) / 64) * 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    if (!p) throw std::bad_alloc();
-  }
-  ~Buffer() { std::free(p); }
+  explicit Buffer(int64_t count);
+  ~Buffer();
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
+
+ private:
+  size_t bytes_ = 0;
+};
+
+// A row-major M x K matrix of dtype t packed into MR-row panels (fp32): Buffer of cdiv(M, MR) * K * MR floats.
+struct PackedA {
+  Buffer buf;
+  int64_t M, K;
+  int mr;
+  PackedA(const void* w, DType t, int64_t M, int64_t K, int mr, int threads);
+  const float* panel(int64_t p) const { return buf.p + p * K * mr; }
+  int64_t panels() const { return cdiv(M, mr); }
 };
 
 }  // namespace mixer_cpu

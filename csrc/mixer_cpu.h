@@ -47,4 +47,8 @@ void channel_mixing_forward_reference(const MixArgs& a);
 std::string isa();
 bool force_isa(const std::string& name);
 
+// Bytes of scratch (packed weights, per-thread buffers) kept between calls; free_workspace() returns them.
+int64_t workspace_bytes();
+void free_workspace();
+
 }  // namespace mixer_cpu

@@ -1,13 +1,17 @@
 // Fused CPU forward of token and channel mixing on the packed GEMM of gemm.h.
 //
-// Token mixing, per (image, block of channels): LayerNorm is applied while packing the image's S x Cb
-// slab as the B operand of H = GELU(W1 . N(x) + b1); H leaves the micro-kernel straight into the
-// packed-B layout of out = x + scale . ss . (W2 . H + b2), so the hidden (D_S x Cb) lives only in a
-// task-local, cache-sized buffer and no transpose is ever made.
-// Channel mixing: LayerNorm while packing the token rows as the A operand; bias + GELU in the first
-// GEMM's tile store, which writes H directly in the second GEMM's packed-A layout; bias, layer scale,
-// drop path and the residual in the second GEMM's tile store.
+// Both ops are one MLP applied to columns: Y = W2 . GELU(W1 . X + b1) + b2 with the weights (row-major,
+// nn.Linear layout) as the packed A operand and X a block of columns packed as B panels:
+//   token mixing:   X = N(x[b]) (S x C), columns = an image's channels: the natural left-multiplication;
+//   channel mixing: X = N(x)^T (C x B*S), columns = tokens: the transposed GEMM, so that the weights, not the
+//                   activations, are the operand that is packed once per call.
+// LayerNorm (or ResMLP's affine) is applied while packing X; bias + GELU when a tile of the first GEMM
+// leaves the micro-kernel, which writes it straight into the second GEMM's packed-B layout (the hidden
+// lives only in a per-thread, cache-sized buffer: no transpose, no HBM round trip); bias, layer scale, drop
+// path and the residual when a tile of the second GEMM leaves it. Each column is computed by one thread
+// over the full K, so results do not depend on the thread count.
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -17,88 +21,184 @@ namespace mixer_cpu {
 
 namespace {
 
-// B panels of W^T for a row-major W (N x K): Bp[p][k * NR + j] = W[p * NR + j][k].
-void pack_weight_t(const void* w, DType t, int64_t N, int64_t K, int nr, float* bp, int threads) {
-  const int64_t panels = cdiv(N, nr);
-  parallel_for(panels, threads, [&](int64_t p, int) {
-    float* dst = bp + p * K * nr;
-    for (int j = 0; j < nr; ++j) {
-      const int64_t n = p * nr + j;
-      if (n >= N) {
-        for (int64_t k = 0; k < K; ++k) dst[k * nr + j] = 0.0f;
-        continue;
-      }
-      for (int64_t k = 0; k < K; ++k) dst[k * nr + j] = load(w, n * K + k, t);
-    }
-  });
+std::vector<float> vec_f32(const void* p, int64_t n, float fill, DType t) {
+  std::vector<float> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = vec_or(p, i, fill, t);
+  return v;
 }
 
-// A panels of a row-major W (M x K): Ap[p][k * MR + i] = W[p * MR + i][k].
-void pack_weight(const void* w, DType t, int64_t M, int64_t K, int mr, float* ap, int threads) {
-  parallel_for(cdiv(M, mr), threads, [&](int64_t p, int) {
-    float* dst = ap + p * K * mr;
-    for (int i = 0; i < mr; ++i) {
-      const int64_t m = p * mr + i;
-      for (int64_t k = 0; k < K; ++k) dst[k * mr + i] = m < M ? load(w, m * K + k, t) : 0.0f;
-    }
-  });
+// Calls f(typed pointer) with p as const float* or const uint16_t* (bf16): loops specialised on the storage
+// type, with no per-element dtype branch (they vectorise).
+template <class F>
+void typed(const void* p, DType t, const F& f) {
+  if (t == DType::f32)
+    f(static_cast<const float*>(p));
+  else
+    f(static_cast<const uint16_t*>(p));
+}
+
+// The same for an input and an output of one storage type.
+template <class F>
+void typed(const void* in, void* out, DType t, const F& f) {
+  if (t == DType::f32)
+    f(static_cast<const float*>(in), static_cast<float*>(out));
+  else
+    f(static_cast<const uint16_t*>(in), static_cast<uint16_t*>(out));
 }
 
 struct Norm {
   const MixArgs& a;
   std::vector<float> w, b;
-  explicit Norm(const MixArgs& args) : a(args), w(args.C), b(args.C) {
-    for (int64_t c = 0; c < a.C; ++c) {
-      w[c] = vec_or(a.norm_w, c, 1, a.dtype);
-      b[c] = vec_or(a.norm_b, c, 0, a.dtype);
-    }
-  }
+  explicit Norm(const MixArgs& args) : a(args), w(vec_f32(a.norm_w, a.C, 1, a.dtype)), b(vec_f32(a.norm_b, a.C, 0, a.dtype)) {}
   // Row (b, s) of x into v (C floats), and its statistics (identity for the affine norm).
   void row(int64_t bi, int64_t s, float* v, float* mean, float* rstd) const {
-    const int64_t base = bi * a.sxb + s * a.sxs;
-    for (int64_t c = 0; c < a.C; ++c) v[c] = load(a.x, base + c * a.sxc, a.dtype);
+    typed(a.x, a.dtype, [&](auto x) {
+      x += bi * a.sxb + s * a.sxs;
+      for (int64_t c = 0; c < a.C; ++c) v[c] = get(x, c * a.sxc);
+    });
     *mean = 0;
     *rstd = 1;
     if (a.layernorm) row_stats(v, a.C, a.eps, mean, rstd);
   }
-  float apply(float v, int64_t c, float mean, float rstd) const {
-    return round_to((v - mean) * rstd * w[c] + b[c], a.dtype);
+  // dst[i * sd] = N(v[i * sv]) for channels c0 .. c0+n of a row with statistics (mean, rstd), rounded to the
+  // storage dtype (the normalised tensor eager PyTorch would hold).
+  template <class T>
+  void apply(const T* v, int64_t sv, int64_t c0, int64_t n, float mean, float rstd, float* dst, int64_t sd) const {
+    const float *wc = w.data() + c0, *bc = b.data() + c0;
+    if (a.dtype == DType::f32)
+      for (int64_t i = 0; i < n; ++i) dst[i * sd] = (get(v, i * sv) - mean) * rstd * wc[i] + bc[i];
+    else
+      for (int64_t i = 0; i < n; ++i) dst[i * sd] = round_to((get(v, i * sv) - mean) * rstd * wc[i] + bc[i], a.dtype);
   }
 };
 
 struct Epilogue {
   const MixArgs& a;
   std::vector<float> scale;
-  explicit Epilogue(const MixArgs& args) : a(args), scale(args.C) {
-    for (int64_t c = 0; c < a.C; ++c) scale[c] = vec_or(a.scale, c, 1, a.dtype);
-  }
-  // out[b, s, c] = x[b, s, c] + y . scale[c] . ss[b]
-  void put(int64_t bi, int64_t s, int64_t c, float y) const {
-    y *= scale[c];
-    if (a.sample_scale) y *= a.sample_scale[bi];
-    const float xv = load(a.x, bi * a.sxb + s * a.sxs + c * a.sxc, a.dtype);
-    store(a.out, (bi * a.S + s) * a.C + c, xv + y, a.dtype);
+  explicit Epilogue(const MixArgs& args) : a(args), scale(vec_f32(a.scale, a.C, 1, a.dtype)) {}
+  // out[b, s, c0 + i] = x[b, s, c0 + i] + y[i * sy] . scale[c0 + i] . ss[b] for i < n
+  void run(int64_t bi, int64_t s, int64_t c0, int64_t n, const float* y, int64_t sy) const {
+    const float ss = a.sample_scale ? a.sample_scale[bi] : 1.0f;
+    const float* sc = scale.data() + c0;
+    const int64_t o = (bi * a.S + s) * a.C + c0, sxc = a.sxc;
+    typed(a.x, a.out, a.dtype, [&](auto x, auto out) {
+      x += bi * a.sxb + s * a.sxs + c0 * sxc;
+      out += o;
+      for (int64_t i = 0; i < n; ++i) put(out, i, get(x, i * sxc) + y[i * sy] * sc[i] * ss);
+    });
   }
 };
+
+// The MLP of both ops on one task's columns, X packed as n_panels B panels of K rows. With w2 == nullptr
+// it is ResMLP's single linear Y = W1 . X + b1.
+struct Mlp {
+  // K block of the second GEMM: its B (the task's hidden, K x columns) must stay in L2 while every weight
+  // panel passes by; unblocked at K = D_C = 3072 the task's hidden (768 KiB) was re-read from L3 by each
+  // weight panel.
+  static constexpr int64_t KC = 512;
+  const Isa& isa;
+  const PackedA& w1;
+  const PackedA* w2;
+  std::vector<float> b1, b2;
+  bool tanh_form;
+  DType t;
+
+  Mlp(const Isa& i, const MixArgs& a, const PackedA& fc1, const PackedA* fc2)
+      : isa(i), w1(fc1), w2(fc2), b1(vec_f32(a.b1, fc1.M, 0, a.dtype)),
+        b2(fc2 ? vec_f32(a.b2, fc2->M, 0, a.dtype) : std::vector<float>()), tanh_form(a.gelu_tanh), t(a.dtype) {}
+
+  const PackedA& last() const { return w2 ? *w2 : w1; }
+  // Scratch floats per task of n_panels: the hidden, and the second GEMM's accumulator when K is blocked.
+  int64_t hidden_floats(int64_t n_panels) const { return w2 ? w1.panels() * isa.mr * n_panels * isa.nr : 1; }
+  int64_t acc_floats(int64_t n_panels) const {
+    return last().K > KC ? last().panels() * isa.mr * n_panels * isa.nr : isa.mr * isa.nr;
+  }
+
+  // put(row0, rows, panel, y, ld): y = rows x NR values of Y (row i at y + i * ld), bias added.
+  template <class Put>
+  void run(const float* xp, int64_t n_panels, float* hp, float* acc, const Put& put) const {
+    const int MR = isa.mr, NR = isa.nr;
+    const PackedA& a2 = last();
+    const float* in = xp;
+    int64_t in_stride = w1.K * NR;
+    if (w2) {
+      // H = GELU(W1 . X + b1): the tile rows are rows of the packed-B panel (k = d) of the second GEMM;
+      // the panel holds D rounded up to MR rows, and the padding rows are never read (K = D below).
+      const int64_t D = w1.M, hstride = w1.panels() * MR * NR;
+      for (int64_t p = 0; p < w1.panels(); ++p)
+        for (int64_t j = 0; j < n_panels; ++j) {
+          float* h = hp + j * hstride + p * MR * NR;
+          isa.kernel(w1.K, w1.panel(p), xp + j * in_stride, h, NR, false);
+          bias_gelu_rows(h, std::min<int64_t>(MR, D - p * MR), NR, NR, b1.data() + p * MR, tanh_form, t);
+        }
+      in = hp;
+      in_stride = hstride;
+    }
+    const float* bias = w2 ? b2.data() : b1.data();
+    auto finish = [&](int64_t p, int64_t j, float* y, int64_t ld) {
+      const int64_t rows = std::min<int64_t>(MR, a2.M - p * MR);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int jj = 0; jj < NR; ++jj) y[i * ld + jj] += bias[p * MR + i];
+      put(p * MR, rows, j, y, ld);
+    };
+    if (a2.K <= KC) {
+      for (int64_t p = 0; p < a2.panels(); ++p)
+        for (int64_t j = 0; j < n_panels; ++j) {
+          isa.kernel(a2.K, a2.panel(p), in + j * in_stride, acc, NR, false);
+          finish(p, j, acc, NR);
+        }
+      return;
+    }
+    const int64_t nk = cdiv(a2.K, KC), ld = n_panels * NR;
+    for (int64_t kb = 0; kb < nk; ++kb) {
+      const int64_t k0 = kb * a2.K / nk, k1 = (kb + 1) * a2.K / nk;
+      for (int64_t p = 0; p < a2.panels(); ++p)
+        for (int64_t j = 0; j < n_panels; ++j)
+          isa.kernel(k1 - k0, a2.panel(p) + k0 * MR, in + j * in_stride + k0 * NR, acc + p * MR * ld + j * NR, ld,
+                     kb > 0);
+    }
+    for (int64_t p = 0; p < a2.panels(); ++p)
+      for (int64_t j = 0; j < n_panels; ++j) finish(p, j, acc + p * MR * ld + j * NR, ld);
+  }
+};
+
+// Tasks over `groups` independent sets of `panels` column panels each: consecutive panel ranges of at most
+// max_panels (fewer tasks reuse each streamed weight panel over more columns), split evenly, and as many
+// per group as makes the task count a multiple of the thread count (no thread idles at the end).
+struct Tasks {
+  int64_t groups, panels, per_group, max_panels;
+  Tasks(int64_t g, int64_t p, int64_t max_p, int threads) : groups(g), panels(p), per_group(cdiv(p, max_p)) {
+    while (per_group < panels && (groups * per_group) % threads != 0) ++per_group;
+    max_panels = cdiv(panels, per_group);
+  }
+  int64_t count() const { return groups * per_group; }
+  int64_t group(int64_t task) const { return task / per_group; }
+  int64_t first(int64_t task) const { return (task % per_group) * panels / per_group; }
+  int64_t end(int64_t task) const { return (task % per_group + 1) * panels / per_group; }
+};
+
+struct Scratch {
+  Buffer xp, hp, acc;
+  Scratch(int64_t x, int64_t h, int64_t y) : xp(x), hp(h), acc(y) {}
+};
+
+std::vector<std::unique_ptr<Scratch>> scratch(int threads, int64_t x, int64_t h, int64_t t) {
+  std::vector<std::unique_ptr<Scratch>> v;
+  for (int i = 0; i < threads; ++i) v.push_back(std::make_unique<Scratch>(x, h, t));
+  return v;
+}
 
 }  // namespace
 
 void token_mixing_forward(const MixArgs& a) {
   const Isa& isa = current();
   const int MR = isa.mr, NR = isa.nr;
-  const int64_t S = a.S, C = a.C, D = a.w2 ? a.D : a.S;
+  const int64_t S = a.S, C = a.C;
   if (a.B == 0 || C == 0) return;
-  // Channel blocks: a multiple of NR; enough tasks for the threads even at batch 1.
-  int64_t cb = NR * std::max<int64_t>(1, std::min<int64_t>(4, cdiv(C, NR)));
-  while (cb > NR && a.B * cdiv(C, cb) < 2 * a.threads) cb -= NR;
-  const int64_t n_cblocks = cdiv(C, cb), panels = cb / NR;
-  Buffer w1p(cdiv(D, MR) * S * MR);
-  pack_weight(a.w1, a.dtype, D, S, MR, w1p.p, a.threads);
-  std::unique_ptr<Buffer> w2p;
-  if (a.w2) {
-    w2p = std::make_unique<Buffer>(cdiv(S, MR) * D * MR);
-    pack_weight(a.w2, a.dtype, S, D, MR, w2p->p, a.threads);
-  }
+  const PackedA w1(a.w1, a.dtype, a.w2 ? a.D : S, S, MR, a.threads);
+  std::unique_ptr<PackedA> w2;
+  if (a.w2) w2 = std::make_unique<PackedA>(a.w2, a.dtype, S, a.D, MR, a.threads);
+  const Mlp mlp(isa, a, w1, w2.get());
   const Norm norm(a);
   const Epilogue epi(a);
   // LayerNorm statistics of every token (a row of all C channels), before the channel blocks split it.
@@ -108,123 +208,67 @@ void token_mixing_forward(const MixArgs& a) {
       std::vector<float> row(C);
       for (int64_t s = 0; s < S; ++s) norm.row(bi, s, row.data(), &mean[bi * S + s], &rstd[bi * S + s]);
     });
-  std::vector<float> b1(D), b2(S);
-  for (int64_t d = 0; d < D; ++d) b1[d] = vec_or(a.b1, d, 0, a.dtype);
-  for (int64_t s = 0; s < S; ++s) b2[s] = vec_or(a.b2, s, 0, a.dtype);
 
-  parallel_for(a.B * n_cblocks, a.threads, [&](int64_t task, int) {
-    const int64_t bi = task / n_cblocks, c0 = (task % n_cblocks) * cb;
-    const int64_t nc = std::min(cb, C - c0);
-    Buffer xp(panels * S * NR), hp(a.w2 ? panels * D * NR : 1), tile(MR * NR);
-    // B operand N(x)[b][:, c0:c0+cb], packed with the norm applied.
-    for (int64_t s = 0; s < S; ++s) {
-      const int64_t base = bi * a.sxb + s * a.sxs;
-      for (int64_t j = 0; j < panels * NR; ++j) {
-        float v = 0.0f;
-        if (j < nc) {
-          const int64_t c = c0 + j;
-          v = norm.apply(load(a.x, base + c * a.sxc, a.dtype), c, mean[bi * S + s], rstd[bi * S + s]);
+  const Tasks tasks(a.B, cdiv(C, NR), 8, a.threads);
+  const int workers = static_cast<int>(std::min<int64_t>(a.threads, tasks.count()));
+  const int64_t np = tasks.max_panels;
+  auto bufs = scratch(workers, np * S * NR, mlp.hidden_floats(np), mlp.acc_floats(np));
+  parallel_for(tasks.count(), workers, [&](int64_t task, int w) {
+    Scratch& sc = *bufs[w];
+    const int64_t bi = tasks.group(task), c0 = tasks.first(task) * NR;
+    const int64_t nc = std::min(tasks.end(task) * NR, C) - c0, n_panels = cdiv(nc, NR);
+    // X = N(x[b])[:, c0:c0+nc] as B panels (k = s), zero columns past nc.
+    typed(a.x, a.dtype, [&](auto x) {
+      for (int64_t s = 0; s < S; ++s) {
+        const auto row = x + bi * a.sxb + s * a.sxs + c0 * a.sxc;
+        for (int64_t p = 0; p < n_panels; ++p) {
+          float* dst = sc.xp.p + p * S * NR + s * NR;
+          const int64_t n = std::min<int64_t>(NR, nc - p * NR);
+          norm.apply(row + p * NR * a.sxc, a.sxc, c0 + p * NR, n, mean[bi * S + s], rstd[bi * S + s], dst, 1);
+          for (int64_t j = n; j < NR; ++j) dst[j] = 0.0f;
         }
-        xp.p[(j / NR) * S * NR + s * NR + j % NR] = v;
       }
-    }
-    const float* second_b = xp.p;  // ResMLP: the single linear reads N(x) directly
-    int64_t k2 = S;
-    if (a.w2) {
-      // H = GELU(W1 . N(x) + b1), stored as the packed B operand (k = d) of the second GEMM.
-      for (int64_t p = 0; p < panels; ++p)
-        for (int64_t i0 = 0; i0 < D; i0 += MR) {
-          isa.kernel(S, w1p.p + (i0 / MR) * S * MR, xp.p + p * S * NR, tile.p);
-          const int64_t mr = std::min<int64_t>(MR, D - i0);
-          float* dst = hp.p + p * D * NR;
-          for (int64_t i = 0; i < mr; ++i) {
-            float* row = dst + (i0 + i) * NR;  // the tile's rows are already the packed-B rows (k = d)
-            std::memcpy(row, tile.p + i * NR, NR * sizeof(float));
-            bias_gelu(row, NR, &b1[i0 + i], false, a.gelu_tanh);
-            if (a.dtype != DType::f32)
-              for (int j = 0; j < NR; ++j) row[j] = round_to(row[j], a.dtype);
-          }
-        }
-      second_b = hp.p;
-      k2 = D;
-    }
-    const float* a2 = a.w2 ? w2p->p : w1p.p;
-    const std::vector<float>& bias = a.w2 ? b2 : b1;
-    for (int64_t p = 0; p < panels; ++p)
-      for (int64_t i0 = 0; i0 < S; i0 += MR) {
-        isa.kernel(k2, a2 + (i0 / MR) * k2 * MR, second_b + p * k2 * NR, tile.p);
-        const int64_t mr = std::min<int64_t>(MR, S - i0);
-        const int64_t jn = std::min<int64_t>(NR, nc - p * NR);
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < jn; ++j) epi.put(bi, i0 + i, c0 + p * NR + j, tile.p[i * NR + j] + bias[i0 + i]);
-      }
+    });
+    mlp.run(sc.xp.p, n_panels, sc.hp.p, sc.acc.p, [&](int64_t s0, int64_t rows, int64_t j, const float* y, int64_t ld) {
+      const int64_t cj = c0 + j * NR, cols = std::min<int64_t>(NR, c0 + nc - cj);
+      for (int64_t i = 0; i < rows; ++i) epi.run(bi, s0 + i, cj, cols, y + i * ld, 1);
+    });
   });
 }
 
 void channel_mixing_forward(const MixArgs& a) {
   const Isa& isa = current();
   const int MR = isa.mr, NR = isa.nr;
-  const int64_t S = a.S, C = a.C, D = a.D, M = a.B * a.S;
+  const int64_t S = a.S, C = a.C, M = a.B * a.S;
   if (M == 0 || C == 0) return;
-  const int64_t a_panels = cdiv(M, MR);
-  Buffer w1p(cdiv(D, NR) * C * NR), w2p(cdiv(C, NR) * D * NR);
-  pack_weight_t(a.w1, a.dtype, D, C, NR, w1p.p, a.threads);
-  pack_weight_t(a.w2, a.dtype, C, D, NR, w2p.p, a.threads);
-  std::vector<float> b1(D), b2(C);
-  for (int64_t d = 0; d < D; ++d) b1[d] = vec_or(a.b1, d, 0, a.dtype);
-  for (int64_t c = 0; c < C; ++c) b2[c] = vec_or(a.b2, c, 0, a.dtype);
+  const PackedA w1(a.w1, a.dtype, a.D, C, MR, a.threads), w2(a.w2, a.dtype, C, a.D, MR, a.threads);
+  const Mlp mlp(isa, a, w1, &w2);
   const Norm norm(a);
   const Epilogue epi(a);
 
-  // A operand: the token rows with the norm applied, in MR-row panels.
-  Buffer xp(a_panels * C * MR);
-  parallel_for(a_panels, a.threads, [&](int64_t p, int) {
+  const Tasks tasks(1, cdiv(M, NR), 4, a.threads);
+  const int workers = static_cast<int>(std::min<int64_t>(a.threads, tasks.count()));
+  const int64_t np = tasks.max_panels;
+  auto bufs = scratch(workers, np * C * NR, mlp.hidden_floats(np), mlp.acc_floats(np));
+  parallel_for(tasks.count(), workers, [&](int64_t task, int w) {
+    Scratch& sc = *bufs[w];
+    const int64_t m0 = tasks.first(task) * NR, nm = std::min(tasks.end(task) * NR, M) - m0, n_panels = cdiv(nm, NR);
+    // X = N(x)^T for tokens m0 .. m0+nm as B panels (k = c), zero columns past nm.
     std::vector<float> row(C);
-    float* dst = xp.p + p * C * MR;
-    for (int i = 0; i < MR; ++i) {
-      const int64_t m = p * MR + i;
-      if (m >= M) {
-        for (int64_t c = 0; c < C; ++c) dst[c * MR + i] = 0.0f;
+    for (int64_t j = 0; j < n_panels * NR; ++j) {
+      float* dst = sc.xp.p + (j / NR) * C * NR + j % NR;
+      if (j >= nm) {
+        for (int64_t c = 0; c < C; ++c) dst[c * NR] = 0.0f;
         continue;
       }
       float mean, rstd;
-      norm.row(m / S, m % S, row.data(), &mean, &rstd);
-      for (int64_t c = 0; c < C; ++c) dst[c * MR + i] = norm.apply(row[c], c, mean, rstd);
+      norm.row((m0 + j) / S, (m0 + j) % S, row.data(), &mean, &rstd);
+      norm.apply(row.data(), 1, 0, C, mean, rstd, dst, NR);
     }
-  });
-
-  // Column panels of B in groups that stay in L2 while every A panel passes by.
-  auto group_of = [&](int64_t K) { return std::max<int64_t>(1, (768 * 1024) / (K * NR * 4)); };
-  // H = GELU(N(x) . W1^T + b1), written in the packed-A layout (k = d) of the second GEMM.
-  Buffer hp(a_panels * D * MR);
-  const int64_t n1 = cdiv(D, NR), g1 = group_of(C);
-  parallel_for(cdiv(n1, g1), a.threads, [&](int64_t g, int) {
-    Buffer tile(MR * NR);
-    for (int64_t ap = 0; ap < a_panels; ++ap)
-      for (int64_t p = g * g1; p < std::min(n1, (g + 1) * g1); ++p) {
-        isa.kernel(C, xp.p + ap * C * MR, w1p.p + p * C * NR, tile.p);
-        float* dst = hp.p + ap * D * MR;
-        const int64_t jn = std::min<int64_t>(NR, D - p * NR);
-        for (int i = 0; i < MR; ++i) {
-          float* row = tile.p + i * NR;
-          bias_gelu(row, jn, &b1[p * NR], true, a.gelu_tanh);
-          for (int64_t j = 0; j < jn; ++j) dst[(p * NR + j) * MR + i] = round_to(row[j], a.dtype);
-        }
-      }
-  });
-  // out = x + scale . ss . (H . W2^T + b2)
-  const int64_t n2 = cdiv(C, NR), g2 = group_of(D);
-  parallel_for(cdiv(n2, g2), a.threads, [&](int64_t g, int) {
-    Buffer tile(MR * NR);
-    for (int64_t ap = 0; ap < a_panels; ++ap)
-      for (int64_t p = g * g2; p < std::min(n2, (g + 1) * g2); ++p) {
-        isa.kernel(D, hp.p + ap * D * MR, w2p.p + p * D * NR, tile.p);
-        const int64_t mr = std::min<int64_t>(MR, M - ap * MR), jn = std::min<int64_t>(NR, C - p * NR);
-        for (int64_t i = 0; i < mr; ++i) {
-          const int64_t m = ap * MR + i;
-          for (int64_t j = 0; j < jn; ++j) epi.put(m / S, m % S, p * NR + j, tile.p[i * NR + j] + b2[p * NR + j]);
-        }
-      }
+    mlp.run(sc.xp.p, n_panels, sc.hp.p, sc.acc.p, [&](int64_t c0, int64_t rows, int64_t j, const float* y, int64_t ld) {
+      const int64_t mj = m0 + j * NR, cols = std::min<int64_t>(NR, m0 + nm - mj);
+      for (int64_t jj = 0; jj < cols; ++jj) epi.run((mj + jj) / S, (mj + jj) % S, c0, rows, y + jj, ld);
+    });
   });
 }
 
