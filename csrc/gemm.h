@@ -19,17 +19,22 @@ namespace mixer_cpu {
 
 using MicroKernel = void (*)(int64_t K, const float* A, const float* B, float* C, int64_t ldc, bool accumulate);
 
+// v[i][j] = GELU(v[i][j] + bias[i]) for i < rows, j < NR (rows of NR floats, contiguous), rounded to the
+// storage dtype t: the epilogue of the first GEMMs, on one tile as it leaves the micro-kernel.
+using TileGelu = void (*)(float* v, int64_t rows, const float* bias, bool tanh_form, DType t);
+
 struct Isa {
   const char* name;
   int mr, nr;
   MicroKernel kernel;
+  TileGelu bias_gelu;
 };
 
 const Isa& current();
 
-// v[i][j] = round(GELU(v[i][j] + bias[i])) for rows i < rows, j < cols (row stride ld), rounded to the
-// storage dtype t: the epilogue of the first GEMMs, compiled for AVX-512, AVX2 and the baseline.
-void bias_gelu_rows(float* v, int64_t rows, int64_t cols, int64_t ld, const float* bias, bool tanh_form, DType t);
+// LayerNorm statistics of n values, as row_stats (two passes) but in 16 fp32 partial sums that vectorise:
+// row_stats' double accumulation is a serial chain of dependent adds (3 ms of the Mixer-B/16 batch-8 token op).
+void layer_norm_stats(const float* v, int64_t n, float eps, float* mean, float* rstd);
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -58,7 +58,7 @@ struct Norm {
     });
     *mean = 0;
     *rstd = 1;
-    if (a.layernorm) row_stats(v, a.C, a.eps, mean, rstd);
+    if (a.layernorm) layer_norm_stats(v, a.C, a.eps, mean, rstd);
   }
   // dst[i * sd] = N(v[i * sv]) for channels c0 .. c0+n of a row with statistics (mean, rstd), rounded to the
   // storage dtype (the normalised tensor eager PyTorch would hold).
@@ -129,23 +129,23 @@ struct Mlp {
         for (int64_t j = 0; j < n_panels; ++j) {
           float* h = hp + j * hstride + p * MR * NR;
           isa.kernel(w1.K, w1.panel(p), xp + j * in_stride, h, NR, false);
-          bias_gelu_rows(h, std::min<int64_t>(MR, D - p * MR), NR, NR, b1.data() + p * MR, tanh_form, t);
+          isa.bias_gelu(h, std::min<int64_t>(MR, D - p * MR), b1.data() + p * MR, tanh_form, t);
         }
       in = hp;
       in_stride = hstride;
     }
     const float* bias = w2 ? b2.data() : b1.data();
-    auto finish = [&](int64_t p, int64_t j, float* y, int64_t ld) {
-      const int64_t rows = std::min<int64_t>(MR, a2.M - p * MR);
+    // Rows r0 .. r0+rows of column panel j are final: add the bias and hand them on.
+    auto finish = [&](int64_t r0, int64_t rows, int64_t j, float* y, int64_t ld) {
       for (int64_t i = 0; i < rows; ++i)
-        for (int jj = 0; jj < NR; ++jj) y[i * ld + jj] += bias[p * MR + i];
-      put(p * MR, rows, j, y, ld);
+        for (int jj = 0; jj < NR; ++jj) y[i * ld + jj] += bias[r0 + i];
+      put(r0, rows, j, y, ld);
     };
     if (a2.K <= KC) {
       for (int64_t p = 0; p < a2.panels(); ++p)
         for (int64_t j = 0; j < n_panels; ++j) {
           isa.kernel(a2.K, a2.panel(p), in + j * in_stride, acc, NR, false);
-          finish(p, j, acc, NR);
+          finish(p * MR, std::min<int64_t>(MR, a2.M - p * MR), j, acc, NR);
         }
       return;
     }
@@ -157,8 +157,9 @@ struct Mlp {
           isa.kernel(k1 - k0, a2.panel(p) + k0 * MR, in + j * in_stride + k0 * NR, acc + p * MR * ld + j * NR, ld,
                      kb > 0);
     }
-    for (int64_t p = 0; p < a2.panels(); ++p)
-      for (int64_t j = 0; j < n_panels; ++j) finish(p, j, acc + p * MR * ld + j * NR, ld);
+    // Whole columns at once: the channel-mixing epilogue then writes each token's C outputs in one run
+    // (per 6-value tile column it cost 5.5 ns an output, 3 % of the op).
+    for (int64_t j = 0; j < n_panels; ++j) finish(0, a2.M, j, acc + j * NR, ld);
   }
 };
 
