@@ -150,4 +150,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("isa", &mixer_cpu::isa, "the micro-kernel family in use: avx512, avx2 or portable");
   m.def("force_isa", &mixer_cpu::force_isa, py::arg("name"),
         "pin a micro-kernel family the CPU supports ('' = automatic); False if unknown or unsupported");
+  m.def("native_bf16_matmul", &mixer_cpu::native_bf16_matmul,
+        "whether the CPU has AVX512-BF16 or AMX-BF16 (PyTorch's bf16 matmuls then outrun these kernels)");
+  m.def("workspace_bytes", &mixer_cpu::workspace_bytes, "bytes of scratch kept between calls");
+  m.def("free_workspace", &mixer_cpu::free_workspace, "release the scratch kept between calls");
 }

@@ -5,8 +5,6 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <thread>
-#include <vector>
 
 #include "mixer_cpu.h"
 
@@ -106,22 +104,10 @@ inline void row_stats(const float* v, int64_t n, float eps, float* mean, float* 
   *rstd = 1.0f / std::sqrt(static_cast<float>(q / n) + eps);
 }
 
-// fn(task) for task in [0, n_tasks) on up to ``threads`` threads (the caller's thread is one of them);
-// tasks are handed out in contiguous ranges, so a task's thread is fixed by (n_tasks, threads).
-inline void parallel_for(int64_t n_tasks, int threads, const std::function<void(int64_t, int)>& fn) {
-  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n_tasks)));
-  if (n <= 1) {
-    for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
-    return;
-  }
-  std::vector<std::thread> pool;
-  auto range = [&](int w) {
-    const int64_t lo = n_tasks * w / n, hi = n_tasks * (w + 1) / n;
-    for (int64_t t = lo; t < hi; ++t) fn(t, w);
-  };
-  for (int w = 1; w < n; ++w) pool.emplace_back(range, w);
-  range(0);
-  for (auto& th : pool) th.join();
-}
+// fn(task, worker) for task in [0, n_tasks) on up to ``threads`` threads (the caller's thread is worker 0,
+// the others come from a persistent pool); worker w runs the contiguous range [n_tasks * w / n,
+// n_tasks * (w + 1) / n), so a task's worker is fixed by (n_tasks, threads). An exception thrown by fn is
+// rethrown here. Calls from a pool worker run serially (no nested parallelism).
+void parallel_for(int64_t n_tasks, int threads, const std::function<void(int64_t, int)>& fn);
 
 }  // namespace mixer_cpu

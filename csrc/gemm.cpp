@@ -185,6 +185,15 @@ const Isa& current() {
 
 std::string isa() { return current().name; }
 
+bool native_bf16_matmul() {
+#ifdef MIXER_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
+}
+
 bool force_isa(const std::string& name) {
   if (name.empty()) {
     chosen.store(best());

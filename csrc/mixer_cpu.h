@@ -47,6 +47,10 @@ void channel_mixing_forward_reference(const MixArgs& a);
 std::string isa();
 bool force_isa(const std::string& name);
 
+// Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16): there PyTorch's oneDNN bf16 matmuls
+// outrun these kernels, which widen bf16 to fp32 and run fp32 FMAs.
+bool native_bf16_matmul();
+
 // Bytes of scratch (packed weights, per-thread buffers) kept between calls; free_workspace() returns them.
 int64_t workspace_bytes();
 void free_workspace();

@@ -100,16 +100,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         use_timm = False
     source = "timm" if use_timm else "mixer_fast.reference (timm not installed)"
     backend = args.backend
-    chosen = backend or dispatch.requested_backend(None, "torch") or next(
-        (s.name for s in dispatch.REGISTRY if s.framework == "torch" and device.type in s.devices
-         and s.name in dispatch.available_backends("torch")), "reference")
+    # The backend the converted blocks will run on: the same choice ops.py makes for this device and dtype.
+    chosen = dispatch.choose("torch", device.type, backend, (str(dtype).replace("torch.", ""),)).name
     print(f"mixer_fast {__version__} demo: {args.model} from {source}, batch {args.batch}, {args.dtype}, "
           f"{device} ({torch.get_num_threads()} threads)")
     if chosen == "reference":
         print(f"note: only the reference backend runs here (plain eager PyTorch, the spec the kernels are tested\n"
-              f"      against): this version's fused kernels are Triton's, for CUDA GPUs, and the C++ CPU kernels\n"
-              f"      are not built yet, so on {device.type} expect a speed-up of about 1.0x.\n"
-              f"      `mixer-fast info` says which backends exist and why the others are unavailable.")
+              f"      against): no fused backend serves {args.dtype} on {device.type} on this machine, so expect a\n"
+              f"      speed-up of about 1.0x. `mixer-fast info` says which backends exist and why the others are\n"
+              f"      unavailable.")
 
     torch.manual_seed(0)
     model = _build_model(args.model, use_timm).to(device=device, dtype=dtype)

@@ -1,7 +1,9 @@
 """Backend registry and choice.
 
 A backend is a module exposing ``load()``, which returns an object with the ops (``token_mixing``,
-``channel_mixing``) and a ``features`` set, or raises :class:`BackendUnavailable` saying why. Loading is
+``channel_mixing``) and a ``features`` set (what it can run), optionally an ``auto_features`` subset (what
+it is chosen for automatically, where it is also the fastest here), or raises :class:`BackendUnavailable`
+saying why. Loading is
 lazy and cached, so ``import mixer_fast`` stays light (no triton, jax or C++ extension until first use).
 
 Choice order: the ``backend=`` argument, then the ``MIXER_FAST_BACKEND`` environment variable, then the
@@ -42,8 +44,7 @@ REGISTRY: Tuple[BackendSpec, ...] = (
     BackendSpec("triton", "torch", "mixer_fast.torch.triton_backend", ("cuda",), ("cuda", "cpu"),
                 "fused Triton kernels (CUDA tensors; Triton's interpreter for CPU tensors)",
                 "not built yet: this version of mixer_fast has no Triton kernels"),
-    # Not chosen automatically yet: it is still slower than eager PyTorch on the CPUs measured (bench/NOTES.md).
-    BackendSpec("cpu", "torch", "mixer_fast.torch.cpu_backend", (), ("cpu",),
+    BackendSpec("cpu", "torch", "mixer_fast.torch.cpu_backend", ("cpu",), ("cpu",),
                 "fused C++ kernels (mixer_fast._C, CPU tensors)",
                 "not built yet: this version of mixer_fast has no C++ extension (mixer_fast._C)"),
     BackendSpec("reference", "torch", "mixer_fast.torch.reference_backend", ("cpu", "cuda", "mps", "xpu", "meta"),
@@ -178,9 +179,10 @@ def choose(framework: str, device_type: str, backend: Optional[str] = None,
         except BackendUnavailable as e:
             reasons.append(str(e))
             continue
-        if needs <= impl.features:
+        auto = getattr(impl, "auto_features", impl.features)
+        if needs <= auto:
             return impl
-        reasons.append(f"backend {spec.name!r} lacks {', '.join(sorted(needs - impl.features))}")
+        reasons.append(f"backend {spec.name!r} is not chosen for {', '.join(sorted(needs - auto))}")
     raise BackendUnavailable(f"no {framework} backend can run on {device_type}: " + "; ".join(reasons))
 
 

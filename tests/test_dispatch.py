@@ -8,7 +8,7 @@ import types
 import pytest
 
 import mixer_fast
-from conftest import require
+from conftest import IN_CI, require
 from mixer_fast import dispatch
 
 
@@ -32,9 +32,26 @@ def test_status_gives_reasons():
     assert rows[("jax", "triton")][0] and "Triton" in rows[("jax", "triton")][1]
 
 
-def test_automatic_choice_for_cpu_tensors_is_the_reference():
-    # The interpreter is for testing: CPU tensors never pick triton unless asked to.
-    assert dispatch.choose("torch", "cpu").name == "reference"
+def test_automatic_choice_for_cpu_tensors():
+    # The interpreter is for testing: CPU tensors never pick triton unless asked to. The C++ kernels (built in
+    # CI) serve float32, and bfloat16 unless the CPU multiplies bf16 natively (oneDNN is faster there); the
+    # rest, and autocast, go to the reference.
+    try:
+        cpu = dispatch.load("cpu")
+    except dispatch.BackendUnavailable:
+        assert not IN_CI
+        cpu = None
+    fast = "cpu" if cpu else "reference"
+    assert dispatch.choose("torch", "cpu", needs=("float32",)).name == fast
+    bf16 = "reference" if cpu is None or "bfloat16" not in cpu.auto_features else "cpu"
+    if cpu is not None:
+        from mixer_fast import _C
+        assert ("bfloat16" in cpu.auto_features) == (not _C.native_bf16_matmul())
+    assert dispatch.choose("torch", "cpu", needs=("bfloat16",)).name == bf16
+    for needs in (("float64",), ("float16",), ("autocast", "float32"), ("dropout", "float32")):
+        assert dispatch.choose("torch", "cpu", needs=needs).name == "reference"
+    if cpu is not None:  # asked for by name it runs bf16 anywhere
+        assert dispatch.choose("torch", "cpu", "cpu", needs=("bfloat16",)) is cpu
 
 
 def test_explicit_choice_raises_saying_why(monkeypatch):

@@ -1,9 +1,15 @@
 // The C++ kernels against their plain-loop oracle, without Python: every ISA the CPU has, both dtypes,
 // both ops, Mixer and ResMLP, awkward shapes (D = 1100: a K-blocked second GEMM), strided input, 1 and 3 threads. Built and run under
 // AddressSanitizer and UBSan by csrc/tests/sanitize.sh (which tests/test_cpu.py calls). Exit status 0: all agree.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "../common.h"
@@ -86,11 +92,47 @@ int run(const Case& k, std::mt19937& rng) {
   return 0;
 }
 
+// The thread pool: every task exactly once on any thread count, two callers at once, an exception from a
+// task rethrown to the caller, and a forked child (which has none of the parent's threads) still served.
+int check_parallel_for() {
+  int failures = 0;
+  for (int it = 0; it < 500; ++it) {
+    std::vector<std::atomic<int>> hits(it % 13);
+    parallel_for(static_cast<int64_t>(hits.size()), 1 + it % 5, [&](int64_t t, int) { ++hits[t]; });
+    for (auto& h : hits) failures += h != 1;
+  }
+  std::atomic<int64_t> sum{0};
+  auto many = [&](int threads) {
+    for (int i = 0; i < 200; ++i) parallel_for(8, threads, [&](int64_t t, int) { sum += t; });
+  };
+  std::thread a(many, 2), b(many, 3);
+  a.join();
+  b.join();
+  failures += sum != 2 * 200 * 28;
+  try {
+    parallel_for(10, 3, [](int64_t t, int) {
+      if (t == 7) throw std::runtime_error("task 7");
+    });
+    ++failures;
+  } catch (const std::runtime_error&) {
+  }
+  const pid_t pid = fork();
+  if (pid == 0) {
+    std::atomic<int64_t> s{0};
+    parallel_for(100, 3, [&](int64_t t, int) { s += t; });
+    _exit(s == 4950 ? 0 : 1);
+  }
+  int status = 0;
+  failures += waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+  if (failures) std::printf("FAIL parallel_for: %d checks failed\n", failures);
+  return failures;
+}
+
 }  // namespace
 
 int main() {
   std::mt19937 rng(0);
-  int failures = 0, cases = 0;
+  int failures = check_parallel_for(), cases = 1;
   for (const char* name : {"portable", "avx2", "avx512"}) {
     if (!force_isa(name)) continue;
     for (DType t : {DType::f32, DType::bf16})

@@ -1,9 +1,15 @@
 """The ``cpu`` torch backend: the fused C++ kernels of csrc/ (``mixer_fast._C``) on CPU tensors.
 
-Forward: one fused kernel per op (float32 and bfloat16; AVX-512 / AVX2 / portable micro-kernels chosen at
-run time), on ``torch.get_num_threads()`` threads, the GIL released. Backward: the reference ops
-recomputed under autograd from the saved inputs (correct gradients for every argument; not fused yet).
-Results do not depend on the thread count: no sum is split across threads.
+Inference (no input needs a gradient, or grad mode is off): one fused kernel per op (float32 and bfloat16;
+AVX-512 / AVX2 / portable micro-kernels chosen at run time), on ``torch.get_num_threads()`` threads, the GIL
+released. Results do not depend on the thread count: no sum is split across threads.
+
+Training (a gradient is needed): the reference ops under autograd, so forward and backward run exactly as
+eager PyTorch. The kernels have no backward of their own yet; a fused forward followed by a backward that
+recomputes the reference forward would cost one forward more than eager.
+
+Chosen automatically for CPU tensors in float32, and in bfloat16 on CPUs without native bf16 matmuls
+(AVX512-BF16 / AMX): there oneDNN's bf16 GEMMs outrun these kernels, which widen bf16 to fp32.
 """
 from __future__ import annotations
 
@@ -34,8 +40,13 @@ def _extension():
 
 def load() -> SimpleNamespace:
     _C = _extension()
-    return SimpleNamespace(name="cpu", features=frozenset({"deterministic", "float32", "bfloat16"}),
-                           detail=f"fused C++ kernels ({_C.isa()} micro-kernels; backward via the reference)",
+    features = frozenset({"deterministic", "float32", "bfloat16"})
+    auto = features - ({"bfloat16"} if _C.native_bf16_matmul() else set())
+    bf16 = "bf16 via fp32 FMAs" + ("; not chosen automatically for bf16: this CPU has native bf16 matmuls"
+                                   if _C.native_bf16_matmul() else "")
+    return SimpleNamespace(name="cpu", features=features, auto_features=auto,
+                           detail=f"fused C++ kernels ({_C.isa()} micro-kernels, {bf16}; training runs the "
+                                  "reference ops)",
                            token_mixing=token_mixing, channel_mixing=channel_mixing)
 
 
@@ -61,35 +72,15 @@ def forward(op: str, x: Tensor, norm_weight, norm_bias, fc1_weight, fc1_bias, fc
     return out
 
 
-class _Op(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, op, kw, *args):
-        ctx.op, ctx.kw = op, kw
-        ctx.present = [a is not None for a in args]
-        ctx.save_for_backward(*(a for a in args if a is not None))
-        return forward(op, *args[:7], scale=args[7], sample_scale=args[8], **kw)
-
-    @staticmethod
-    def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        args = [next(saved) if p else None for p in ctx.present]
-        needs = ctx.needs_input_grad[2:]
-        with torch.enable_grad():
-            leaves = [a.detach().requires_grad_(n) if a is not None else None for a, n in zip(args, needs)]
-            fn = functional.token_mixing if ctx.op == "token_mixing" else functional.channel_mixing
-            out = fn(*leaves[:7], scale=leaves[7], sample_scale=leaves[8], **ctx.kw)
-            wanted = [a for a, n in zip(leaves, needs) if a is not None and n]
-            got = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-        return (None, None, *(next(got) if a is not None and n else None for a, n in zip(leaves, needs)))
-
-
 def _call(op: str, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, eps, approximate, norm,
           scale, sample_scale, dropout) -> Tensor:
     if dropout:
         raise NotImplementedError("dropout: the cpu backend has no training dropout; use backend='reference'")
-    kw = dict(eps=eps, approximate=approximate, norm=norm)
-    return _Op.apply(op, kw, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale,
-                     sample_scale)
+    args = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, scale, sample_scale)):
+        return getattr(functional, op)(*args, eps=eps, approximate=approximate, norm=norm, scale=scale,
+                                       sample_scale=sample_scale)
+    return forward(op, *args, eps=eps, approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale)
 
 
 def token_mixing(*args, **kw) -> Tensor:
