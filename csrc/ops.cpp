@@ -111,26 +111,34 @@ struct Mlp {
   // Scratch floats per task of n_panels: the hidden, and the second GEMM's accumulator when K is blocked.
   int64_t hidden_floats(int64_t n_panels) const { return w2 ? w1.panels() * isa.mr * n_panels * isa.nr : 1; }
   int64_t acc_floats(int64_t n_panels) const {
-    return last().K > KC ? last().panels() * isa.mr * n_panels * isa.nr : isa.mr * isa.nr;
+    return last().panels() * isa.mr * (last().K > KC ? n_panels * isa.nr : isa.nr);
   }
 
-  // put(row0, rows, panel, y, ld): y = rows x NR values of Y (row i at y + i * ld), bias added.
+  // put(row0, rows, panel, y, ld): y = rows x NR values of Y (row i at y + i * ld), bias added. team > 1:
+  // the calling threads share this one task, each taking a range of weight panels (rows of H, then of Y),
+  // with a barrier between the GEMMs; put is then called concurrently for disjoint row ranges.
   template <class Put>
-  void run(const float* xp, int64_t n_panels, float* hp, float* acc, const Put& put) const {
+  void run(const float* xp, int64_t n_panels, float* hp, float* acc, const Put& put, int team = 1) const {
     const int MR = isa.mr, NR = isa.nr;
     const PackedA& a2 = last();
+    // fn(p0, p1) over `panels` weight panels, split among the team.
+    auto split = [&](int64_t panels, const auto& fn) {
+      parallel_for(team, team, [&](int64_t t, int) { fn(panels * t / team, panels * (t + 1) / team); });
+    };
     const float* in = xp;
     int64_t in_stride = w1.K * NR;
     if (w2) {
       // H = GELU(W1 . X + b1): the tile rows are rows of the packed-B panel (k = d) of the second GEMM;
       // the panel holds D rounded up to MR rows, and the padding rows are never read (K = D below).
       const int64_t D = w1.M, hstride = w1.panels() * MR * NR;
-      for (int64_t p = 0; p < w1.panels(); ++p)
-        for (int64_t j = 0; j < n_panels; ++j) {
-          float* h = hp + j * hstride + p * MR * NR;
-          isa.kernel(w1.K, w1.panel(p), xp + j * in_stride, h, NR, false);
-          isa.bias_gelu(h, std::min<int64_t>(MR, D - p * MR), b1.data() + p * MR, tanh_form, t);
-        }
+      split(w1.panels(), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p)
+          for (int64_t j = 0; j < n_panels; ++j) {
+            float* h = hp + j * hstride + p * MR * NR;
+            isa.kernel(w1.K, w1.panel(p), xp + j * in_stride, h, NR, false);
+            isa.bias_gelu(h, std::min<int64_t>(MR, D - p * MR), b1.data() + p * MR, tanh_form, t);
+          }
+      });
       in = hp;
       in_stride = hstride;
     }
@@ -142,24 +150,31 @@ struct Mlp {
       put(r0, rows, j, y, ld);
     };
     if (a2.K <= KC) {
-      for (int64_t p = 0; p < a2.panels(); ++p)
-        for (int64_t j = 0; j < n_panels; ++j) {
-          isa.kernel(a2.K, a2.panel(p), in + j * in_stride, acc, NR, false);
-          finish(p * MR, std::min<int64_t>(MR, a2.M - p * MR), j, acc, NR);
-        }
+      split(a2.panels(), [&](int64_t p0, int64_t p1) {
+        float* tile = acc + p0 * MR * NR;  // one tile per panel: a thread's own
+        for (int64_t p = p0; p < p1; ++p)
+          for (int64_t j = 0; j < n_panels; ++j) {
+            isa.kernel(a2.K, a2.panel(p), in + j * in_stride, tile, NR, false);
+            finish(p * MR, std::min<int64_t>(MR, a2.M - p * MR), j, tile, NR);
+          }
+      });
       return;
     }
     const int64_t nk = cdiv(a2.K, KC), ld = n_panels * NR;
-    for (int64_t kb = 0; kb < nk; ++kb) {
-      const int64_t k0 = kb * a2.K / nk, k1 = (kb + 1) * a2.K / nk;
-      for (int64_t p = 0; p < a2.panels(); ++p)
-        for (int64_t j = 0; j < n_panels; ++j)
-          isa.kernel(k1 - k0, a2.panel(p) + k0 * MR, in + j * in_stride + k0 * NR, acc + p * MR * ld + j * NR, ld,
-                     kb > 0);
-    }
-    // Whole columns at once: the channel-mixing epilogue then writes each token's C outputs in one run
-    // (per 6-value tile column it cost 5.5 ns an output, 3 % of the op).
-    for (int64_t j = 0; j < n_panels; ++j) finish(0, a2.M, j, acc + j * NR, ld);
+    split(a2.panels(), [&](int64_t p0, int64_t p1) {
+      for (int64_t kb = 0; kb < nk; ++kb) {
+        const int64_t k0 = kb * a2.K / nk, k1 = (kb + 1) * a2.K / nk;
+        for (int64_t p = p0; p < p1; ++p)
+          for (int64_t j = 0; j < n_panels; ++j)
+            isa.kernel(k1 - k0, a2.panel(p) + k0 * MR, in + j * in_stride + k0 * NR, acc + p * MR * ld + j * NR,
+                       ld, kb > 0);
+      }
+      // Whole columns at once: the channel-mixing epilogue then writes each token's outputs in one run
+      // (per 6-value tile column it cost 5.5 ns an output, 3 % of the op).
+      const int64_t r0 = p0 * MR, r1 = std::min(p1 * MR, a2.M);
+      if (r1 > r0)
+        for (int64_t j = 0; j < n_panels; ++j) finish(r0, r1 - r0, j, acc + r0 * ld + j * NR, ld);
+    });
   }
 };
 
@@ -183,10 +198,31 @@ struct Scratch {
   Scratch(int64_t x, int64_t h, int64_t y) : xp(x), hp(h), acc(y) {}
 };
 
-std::vector<std::unique_ptr<Scratch>> scratch(int threads, int64_t x, int64_t h, int64_t t) {
-  std::vector<std::unique_ptr<Scratch>> v;
-  for (int i = 0; i < threads; ++i) v.push_back(std::make_unique<Scratch>(x, h, t));
-  return v;
+// Runs every task. With at least 4 tasks a thread, each task on one thread (columns split among threads);
+// with fewer, where whole tasks would leave threads idle at the end (Mixer-B/16 channel mixing at batch 1:
+// 13 column panels, 4 tasks of 3-4), one task after another with all threads on each (weight rows split),
+// which also streams each weight once per task instead of once per thread.
+// pack(task, xp, p0, p1) writes column panels p0 .. p1 of the task's X; put(task, row0, rows, panel, y, ld).
+template <class Pack, class Put>
+void run_tasks(const Mlp& mlp, const Tasks& tasks, int threads, int64_t k_in, const Pack& pack, const Put& put) {
+  const int NR = mlp.isa.nr;
+  const int64_t np = tasks.max_panels;
+  const bool team = threads > 1 && tasks.count() < 4 * threads;
+  const int workers = team ? 1 : static_cast<int>(std::min<int64_t>(threads, tasks.count()));
+  std::vector<std::unique_ptr<Scratch>> bufs;
+  for (int i = 0; i < workers; ++i)
+    bufs.push_back(std::make_unique<Scratch>(np * k_in * NR, mlp.hidden_floats(np), mlp.acc_floats(np)));
+  auto one = [&](int64_t task, Scratch& sc, int size) {
+    const int64_t n_panels = tasks.end(task) - tasks.first(task);
+    parallel_for(size, size, [&](int64_t t, int) { pack(task, sc.xp.p, n_panels * t / size, n_panels * (t + 1) / size); });
+    mlp.run(sc.xp.p, n_panels, sc.hp.p, sc.acc.p,
+            [&](int64_t r0, int64_t rows, int64_t j, const float* y, int64_t ld) { put(task, r0, rows, j, y, ld); },
+            size);
+  };
+  if (team)
+    for (int64_t task = 0; task < tasks.count(); ++task) one(task, *bufs[0], threads);
+  else
+    parallel_for(tasks.count(), workers, [&](int64_t task, int w) { one(task, *bufs[w], 1); });
 }
 
 }  // namespace
@@ -205,36 +241,33 @@ void token_mixing_forward(const MixArgs& a) {
   // LayerNorm statistics of every token (a row of all C channels), before the channel blocks split it.
   std::vector<float> mean(a.B * S, 0.0f), rstd(a.B * S, 1.0f);
   if (a.layernorm)
-    parallel_for(a.B, a.threads, [&](int64_t bi, int) {
+    parallel_for(cdiv(a.B * S, 32), a.threads, [&](int64_t chunk, int) {
       std::vector<float> row(C);
-      for (int64_t s = 0; s < S; ++s) norm.row(bi, s, row.data(), &mean[bi * S + s], &rstd[bi * S + s]);
+      for (int64_t m = chunk * 32; m < std::min(a.B * S, (chunk + 1) * 32); ++m)
+        norm.row(m / S, m % S, row.data(), &mean[m], &rstd[m]);
     });
 
   const Tasks tasks(a.B, cdiv(C, NR), 8, a.threads);
-  const int workers = static_cast<int>(std::min<int64_t>(a.threads, tasks.count()));
-  const int64_t np = tasks.max_panels;
-  auto bufs = scratch(workers, np * S * NR, mlp.hidden_floats(np), mlp.acc_floats(np));
-  parallel_for(tasks.count(), workers, [&](int64_t task, int w) {
-    Scratch& sc = *bufs[w];
+  // X = N(x[b])[:, c] for the task's channel panels p0 .. p1 as B panels (k = s), zero columns past C.
+  auto pack = [&](int64_t task, float* xp, int64_t p0, int64_t p1) {
     const int64_t bi = tasks.group(task), c0 = tasks.first(task) * NR;
-    const int64_t nc = std::min(tasks.end(task) * NR, C) - c0, n_panels = cdiv(nc, NR);
-    // X = N(x[b])[:, c0:c0+nc] as B panels (k = s), zero columns past nc.
     typed(a.x, a.dtype, [&](auto x) {
       for (int64_t s = 0; s < S; ++s) {
         const auto row = x + bi * a.sxb + s * a.sxs + c0 * a.sxc;
-        for (int64_t p = 0; p < n_panels; ++p) {
-          float* dst = sc.xp.p + p * S * NR + s * NR;
-          const int64_t n = std::min<int64_t>(NR, nc - p * NR);
+        for (int64_t p = p0; p < p1; ++p) {
+          float* dst = xp + p * S * NR + s * NR;
+          const int64_t n = std::min<int64_t>(NR, C - c0 - p * NR);
           norm.apply(row + p * NR * a.sxc, a.sxc, c0 + p * NR, n, mean[bi * S + s], rstd[bi * S + s], dst, 1);
           for (int64_t j = n; j < NR; ++j) dst[j] = 0.0f;
         }
       }
     });
-    mlp.run(sc.xp.p, n_panels, sc.hp.p, sc.acc.p, [&](int64_t s0, int64_t rows, int64_t j, const float* y, int64_t ld) {
-      const int64_t cj = c0 + j * NR, cols = std::min<int64_t>(NR, c0 + nc - cj);
-      for (int64_t i = 0; i < rows; ++i) epi.run(bi, s0 + i, cj, cols, y + i * ld, 1);
-    });
-  });
+  };
+  auto put = [&](int64_t task, int64_t s0, int64_t rows, int64_t j, const float* y, int64_t ld) {
+    const int64_t bi = tasks.group(task), cj = (tasks.first(task) + j) * NR, cols = std::min<int64_t>(NR, C - cj);
+    for (int64_t i = 0; i < rows; ++i) epi.run(bi, s0 + i, cj, cols, y + i * ld, 1);
+  };
+  run_tasks(mlp, tasks, a.threads, S, pack, put);
 }
 
 void channel_mixing_forward(const MixArgs& a) {
@@ -248,17 +281,13 @@ void channel_mixing_forward(const MixArgs& a) {
   const Epilogue epi(a);
 
   const Tasks tasks(1, cdiv(M, NR), 4, a.threads);
-  const int workers = static_cast<int>(std::min<int64_t>(a.threads, tasks.count()));
-  const int64_t np = tasks.max_panels;
-  auto bufs = scratch(workers, np * C * NR, mlp.hidden_floats(np), mlp.acc_floats(np));
-  parallel_for(tasks.count(), workers, [&](int64_t task, int w) {
-    Scratch& sc = *bufs[w];
-    const int64_t m0 = tasks.first(task) * NR, nm = std::min(tasks.end(task) * NR, M) - m0, n_panels = cdiv(nm, NR);
-    // X = N(x)^T for tokens m0 .. m0+nm as B panels (k = c), zero columns past nm.
+  // X = N(x)^T for the task's token panels p0 .. p1 as B panels (k = c), zero columns past M.
+  auto pack = [&](int64_t task, float* xp, int64_t p0, int64_t p1) {
+    const int64_t m0 = tasks.first(task) * NR;
     std::vector<float> row(C);
-    for (int64_t j = 0; j < n_panels * NR; ++j) {
-      float* dst = sc.xp.p + (j / NR) * C * NR + j % NR;
-      if (j >= nm) {
+    for (int64_t j = p0 * NR; j < p1 * NR; ++j) {
+      float* dst = xp + (j / NR) * C * NR + j % NR;
+      if (m0 + j >= M) {
         for (int64_t c = 0; c < C; ++c) dst[c * NR] = 0.0f;
         continue;
       }
@@ -266,11 +295,12 @@ void channel_mixing_forward(const MixArgs& a) {
       norm.row((m0 + j) / S, (m0 + j) % S, row.data(), &mean, &rstd);
       norm.apply(row.data(), 1, 0, C, mean, rstd, dst, NR);
     }
-    mlp.run(sc.xp.p, n_panels, sc.hp.p, sc.acc.p, [&](int64_t c0, int64_t rows, int64_t j, const float* y, int64_t ld) {
-      const int64_t mj = m0 + j * NR, cols = std::min<int64_t>(NR, m0 + nm - mj);
-      for (int64_t jj = 0; jj < cols; ++jj) epi.run((mj + jj) / S, (mj + jj) % S, c0, rows, y + jj, ld);
-    });
-  });
+  };
+  auto put = [&](int64_t task, int64_t c0, int64_t rows, int64_t j, const float* y, int64_t ld) {
+    const int64_t mj = (tasks.first(task) + j) * NR, cols = std::min<int64_t>(NR, M - mj);
+    for (int64_t jj = 0; jj < cols; ++jj) epi.run((mj + jj) / S, (mj + jj) % S, c0, rows, y + jj, ld);
+  };
+  run_tasks(mlp, tasks, a.threads, C, pack, put);
 }
 
 }  // namespace mixer_cpu
