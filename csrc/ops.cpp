@@ -7,9 +7,9 @@
 //                   activations, are the operand that is packed once per call.
 // LayerNorm (or ResMLP's affine) is applied while packing X; bias + GELU when a tile of the first GEMM
 // leaves the micro-kernel, which writes it straight into the second GEMM's packed-B layout (the hidden
-// lives only in a per-thread, cache-sized buffer: no transpose, no HBM round trip); bias, layer scale, drop
-// path and the residual when a tile of the second GEMM leaves it. Each column is computed by one thread
-// over the full K, so results do not depend on the thread count.
+// lives only in a per-task, cache-sized buffer: no transpose, no round trip through memory); bias, layer
+// scale, drop path and the residual when a tile of the second GEMM leaves it. Every output is one thread's
+// sum over the full K in a fixed order, so results do not depend on the thread count or task split.
 #include <algorithm>
 #include <memory>
 #include <vector>
