@@ -129,6 +129,29 @@ def test_blocks_on_the_cpu_backend(cpu):
     assert (x.grad - x2.grad).abs().max().item() < 1e-5
 
 
+def test_workspace_is_kept_and_released(cpu):
+    backend, _C = cpu
+    args, kw = _args("channel_mixing", 2, 13, 40, 64, torch.float32, False)
+    first = backend.forward("channel_mixing", *args, **kw)
+    assert _C.workspace_bytes() > 0  # the packed weights and task buffers wait for the next call
+    assert torch.equal(backend.forward("channel_mixing", *args, **kw), first)  # reused buffers, same bits
+    _C.free_workspace()
+    assert _C.workspace_bytes() == 0
+    assert torch.equal(backend.forward("channel_mixing", *args, **kw), first)
+
+
+def test_training_runs_the_reference_ops(cpu):
+    # A gradient is needed: the reference ops under autograd (exactly eager's numbers); otherwise the kernels.
+    backend, _ = cpu
+    args, kw = _args("token_mixing", 2, 13, 40, 24, torch.float32, False)
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    out = backend.token_mixing(*leaves, **kw, dropout=0.0)
+    assert out.grad_fn is not None and torch.equal(out, F.token_mixing(*args, **kw))
+    with torch.no_grad():
+        fused = backend.token_mixing(*leaves, **kw, dropout=0.0)
+    assert fused.grad_fn is None and torch.equal(fused, backend.forward("token_mixing", *args, **kw))
+
+
 def test_binding_checks_arguments(cpu):
     backend, _C = cpu
     args, kw = _args("channel_mixing", 2, 5, 8, 16, torch.float32, False)
