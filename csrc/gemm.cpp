@@ -59,84 +59,77 @@ void gelu_portable(float* v, int64_t rows, const float* bias, bool tanh_form, DT
 // The register tile shared by the AVX2 and AVX-512 kernels: MR rows x 2 vectors (NR = 2 * VW floats), the
 // accumulators in named variables. Written as arrays of vectors, GCC 12 kept them in registers but also
 // stored all of them to the stack at every k step (objdump), which ran the AVX2 kernel at a third of peak.
-// Per k: 2 aligned B loads, MR broadcasts of A, 2 * MR FMAs. V, VW, VZERO, VLOAD(U), VSTOREU, VSET1 and VFMA are
-// defined around each kernel.
-#define MF_DECL(r) V c##r##a = acc ? VLOADU(C + r * ldc) : VZERO, c##r##b = acc ? VLOADU(C + r * ldc + VW) : VZERO;
-#define MF_STEP(r)                     \
-  {                                    \
-    const V a = VSET1(A[k * MR + r]);  \
-    c##r##a = VFMA(a, b0, c##r##a);    \
-    c##r##b = VFMA(a, b1, c##r##b);    \
+// Per k: 2 aligned B loads, MR broadcasts of A, 2 * MR FMAs. ISA(V), ISA(VFMA), ... name the vector primitives
+// of the ISA that ISA(name) selects around each kernel.
+#define MF_DECL(r)                                                          \
+  ISA(V) c##r##a = acc ? ISA(VLOADU)(C + r * ldc) : ISA(VZERO),             \
+         c##r##b = acc ? ISA(VLOADU)(C + r * ldc + ISA(VW)) : ISA(VZERO);
+#define MF_STEP(r)                                                          \
+  {                                                                         \
+    const ISA(V) a = ISA(VSET1)(A[k * MR + r]);                             \
+    c##r##a = ISA(VFMA)(a, b0, c##r##a);                                    \
+    c##r##b = ISA(VFMA)(a, b1, c##r##b);                                    \
   }
-#define MF_STORE(r)                    \
-  VSTOREU(C + r * ldc, c##r##a);       \
-  VSTOREU(C + r * ldc + VW, c##r##b);
-#define MF_BODY(ROWS)                                                      \
-  ROWS(MF_DECL)                                                            \
-  _Pragma("GCC unroll 2") for (int64_t k = 0; k < K; ++k) {                \
-    const V b0 = VLOAD(B + k * 2 * VW), b1 = VLOAD(B + k * 2 * VW + VW);   \
-    ROWS(MF_STEP)                                                          \
-  }                                                                        \
+#define MF_STORE(r)                                                         \
+  ISA(VSTOREU)(C + r * ldc, c##r##a);                                       \
+  ISA(VSTOREU)(C + r * ldc + ISA(VW), c##r##b);
+#define MF_BODY(ROWS)                                                       \
+  ROWS(MF_DECL)                                                             \
+  _Pragma("GCC unroll 2") for (int64_t k = 0; k < K; ++k) {                 \
+    const ISA(V) b0 = ISA(VLOAD)(B + k * 2 * ISA(VW));                      \
+    const ISA(V) b1 = ISA(VLOAD)(B + k * 2 * ISA(VW) + ISA(VW));            \
+    ROWS(MF_STEP)                                                           \
+  }                                                                         \
   ROWS(MF_STORE)
 #define MF_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
 #define MF_ROWS12(X) MF_ROWS6(X) X(6) X(7) X(8) X(9) X(10) X(11)
 
+// The vector primitives of each ISA; ISA(name) selects one set around each kernel.
+#define AVX2_V __m256
+#define AVX2_VW 8
+#define AVX2_VZERO _mm256_setzero_ps()
+#define AVX2_VLOAD _mm256_load_ps
+#define AVX2_VLOADU _mm256_loadu_ps
+#define AVX2_VSTOREU _mm256_storeu_ps
+#define AVX2_VSET1 _mm256_set1_ps
+#define AVX2_VFMA _mm256_fmadd_ps
+#define AVX512_V __m512
+#define AVX512_VW 16
+#define AVX512_VZERO _mm512_setzero_ps()
+#define AVX512_VLOAD _mm512_load_ps
+#define AVX512_VLOADU _mm512_loadu_ps
+#define AVX512_VSTOREU _mm512_storeu_ps
+#define AVX512_VSET1 _mm512_set1_ps
+#define AVX512_VFMA _mm512_fmadd_ps
+
 // AVX2 + FMA: 6 x 16 tile = 12 ymm accumulators, 2 for B, 1 broadcast (15 of 16 registers).
-#define V __m256
-#define VW 8
-#define VZERO _mm256_setzero_ps()
-#define VLOAD _mm256_load_ps
-#define VLOADU _mm256_loadu_ps
-#define VSTOREU _mm256_storeu_ps
-#define VSET1 _mm256_set1_ps
-#define VFMA _mm256_fmadd_ps
+#define ISA(name) AVX2_##name
 constexpr int A2_MR = 6, A2_NR = 16;
 __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* A, const float* B, float* C, int64_t ldc,
                                                         bool acc) {
   constexpr int MR = A2_MR;
   MF_BODY(MF_ROWS6)
 }
+#undef ISA
 
 __attribute__((target("avx2,fma"))) void gelu_avx2(float* v, int64_t rows, const float* bias, bool tanh_form, DType t) {
   bias_gelu_tile<A2_NR>(v, rows, bias, tanh_form, t);
 }
-#undef V
-#undef VW
-#undef VZERO
-#undef VLOAD
-#undef VLOADU
-#undef VSTOREU
-#undef VSET1
-#undef VFMA
 
 // AVX-512: 12 x 32 tile = 24 zmm accumulators, 2 for B, 1 broadcast (27 of 32 registers).
-#define V __m512
-#define VW 16
-#define VZERO _mm512_setzero_ps()
-#define VLOAD _mm512_load_ps
-#define VLOADU _mm512_loadu_ps
-#define VSTOREU _mm512_storeu_ps
-#define VSET1 _mm512_set1_ps
-#define VFMA _mm512_fmadd_ps
+#define ISA(name) AVX512_##name
 constexpr int A5_MR = 12, A5_NR = 32;
 __attribute__((target("avx512f,fma"))) void kernel_avx512(int64_t K, const float* A, const float* B, float* C,
                                                           int64_t ldc, bool acc) {
   constexpr int MR = A5_MR;
   MF_BODY(MF_ROWS12)
 }
+#undef ISA
 
 __attribute__((target("avx512f,fma"))) void gelu_avx512(float* v, int64_t rows, const float* bias, bool tanh_form,
                                                         DType t) {
   bias_gelu_tile<A5_NR>(v, rows, bias, tanh_form, t);
 }
-#undef V
-#undef VW
-#undef VZERO
-#undef VLOAD
-#undef VLOADU
-#undef VSTOREU
-#undef VSET1
-#undef VFMA
 #endif
 
 const Isa PORTABLE{"portable", P_MR, P_NR, kernel_portable, gelu_portable};
