@@ -3,12 +3,13 @@
 A backend is a module exposing ``load()``, which returns an object with the ops (``token_mixing``,
 ``channel_mixing``) and a ``features`` set (what it can run), optionally an ``auto_features`` subset (what
 it is chosen for automatically, where it is also the fastest here), or raises :class:`BackendUnavailable`
-saying why. Loading is
-lazy and cached, so ``import mixer_fast`` stays light (no triton, jax or C++ extension until first use).
+saying why. Loading is lazy and cached, so ``import mixer_fast`` stays light (no triton, jax or C++
+extension until first use).
 
 Choice order: the ``backend=`` argument, then the ``MIXER_FAST_BACKEND`` environment variable, then the
-first backend in priority order that serves the input's device and has the features the call needs. An
-explicitly requested backend that cannot run raises, saying why; an automatic choice falls through.
+first backend in priority order that serves the input's device and is chosen for the features the call
+needs (its ``auto_features``). An explicitly requested backend that cannot run raises, saying why; an
+automatic choice falls through.
 """
 from __future__ import annotations
 
