@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import GPU, device_name, skip_reason, versions
-from mixer_fast import reference as ref
+from conftest import GPU, device_name, make_block, skip_reason, versions
 from mixer_fast.profiler.cost import Shape, cost
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -26,17 +25,8 @@ PROVIDERS = ["eager", "compile", "cpu"]
 
 
 def _block(config: str, provider: str, dtype: torch.dtype) -> torch.nn.Module:
-    import mixer_fast
-
-    c = ref.get_config(config)
     torch.manual_seed(0)
-    block = (ref.MixerBlock if c.kind == "mixer" else ref.ResMLPBlock)(c.embed_dim, c.seq_len)
-    if provider == "cpu":
-        fused = (mixer_fast.MixerBlock if c.kind == "mixer" else mixer_fast.ResMLPBlock)(
-            c.embed_dim, c.seq_len, backend="cpu")
-        fused.load_state_dict(block.state_dict())
-        block = fused
-    block = block.to(dtype).eval()
+    block = make_block(config, "eager" if provider == "compile" else provider).to(dtype).eval()
     return torch.compile(block) if provider == "compile" else block
 
 
