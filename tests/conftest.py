@@ -42,6 +42,29 @@ def triton_backend(monkeypatch):
     return dispatch.load("triton")
 
 
+@pytest.fixture
+def cpu_backend():
+    """The loaded cpu backend (the C++ extension; skip without it, except in CI where it must load)."""
+    from mixer_fast import dispatch
+
+    try:
+        return dispatch.load("cpu")
+    except dispatch.BackendUnavailable as e:
+        if IN_CI:
+            pytest.fail(f"the cpu backend must load in CI: {e}")
+        pytest.skip(str(e))
+
+
+TORCH_BACKENDS = ["reference", "triton", "cpu"]
+
+
+def use_backend(request, name: str) -> str:
+    """Make torch backend ``name`` usable in this test (its fixture) and return the name."""
+    if name in ("triton", "cpu"):
+        request.getfixturevalue(f"{name}_backend")
+    return name
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -1,9 +1,13 @@
-"""mixer_fast.ops: every bad argument raises ValueError/TypeError naming it, expected vs given."""
+"""mixer_fast.ops on every torch backend (reference, triton in its interpreter without a GPU, cpu) against
+hostile input: every bad argument raises ValueError/TypeError naming it, expected vs given, whatever the
+backend; double backward works or raises a documented NotImplementedError; strided input, B = 0 and
+B = 1 work; a non-finite value in one sample never reaches another sample's output or gradient."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from conftest import DEVICE, TORCH_BACKENDS, use_backend
 from mixer_fast import ops
 from mixer_fast.reference import functional as F_ref
 from tolerances import max_err
@@ -63,8 +67,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
 @pytest.mark.parametrize("op, overrides, exc, match", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_bad_argument(op, overrides, exc, match):
+def test_bad_argument(request, backend, op, overrides, exc, match):
+    # Every check runs before a backend is chosen, so each backend must give the same error.
+    overrides = {"backend": use_backend(request, backend), **overrides}
     with pytest.raises(exc, match=match):
         call(op, **overrides)
 
@@ -109,3 +116,121 @@ def test_inf_propagates_like_the_reference(op, backend):
     assert not want.isfinite().all()
     assert max_err(got, want) <= (0.0 if backend == "reference" else 1e-4 * float(want[want.isfinite()].abs().max()))
     assert got[1].isfinite().all()
+
+
+def _device(backend: str) -> str:
+    return DEVICE if backend == "triton" else "cpu"
+
+
+def _leaves(op: str, device: str, **overrides):
+    args = {**(token_args() if op == "token" else channel_args()), **overrides}
+    return {k: v.to(device).requires_grad_() for k, v in args.items()}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """max|got − want| ≤ rtol · max(1, max|want|): the same maths in another summation order (fp32)."""
+    scale = float(want.detach().abs().max()) if want.numel() else 0.0
+    return max_err(got.cpu(), want.cpu()) <= rtol * max(1.0, scale)
+
+
+def _fn(op: str):
+    return ops.token_mixing if op == "token" else ops.channel_mixing
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_double_backward(request, backend, op):
+    """reference and cpu (whose training path is the reference ops) give exact second derivatives;
+    triton's backward kernels have none and say so instead of autograd's internal-op error."""
+    use_backend(request, backend)
+    args = _leaves(op, _device(backend))
+    out = _fn(op)(*args.values(), backend=backend)
+    (gx,) = torch.autograd.grad(out.square().sum(), args["x"], create_graph=True)
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="double backward: the triton backend's backward is not "
+                                                      "differentiable"):
+            gx.square().sum().backward()
+        return
+    gx.square().sum().backward()
+    ref = _leaves(op, "cpu", **{k: v.detach().cpu() for k, v in args.items()})
+    out_ref = _fn(op)(*ref.values(), backend="reference")
+    (gx_ref,) = torch.autograd.grad(out_ref.square().sum(), ref["x"], create_graph=True)
+    gx_ref.square().sum().backward()
+    for name in args:
+        assert _close(args[name].grad, ref[name].grad), name
+
+
+def _strided(x: torch.Tensor, kind: str) -> torch.Tensor:
+    B, S, C = x.shape
+    if kind == "channels_first":  # stored (B, C, S): stride 1 along S, as after a patch-embedding conv
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if kind == "sliced":  # every other channel and every other image of a larger buffer
+        big = torch.zeros(2 * B, S, 2 * C, dtype=x.dtype, device=x.device)
+        big[::2, :, ::2] = x
+        return big[::2, :, ::2]
+    if kind == "expanded":  # one image broadcast over the batch: stride 0 along B
+        return x[:1].expand(B, S, C)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["channels_first", "sliced", "expanded"])
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_strided_input(request, backend, op, kind):
+    use_backend(request, backend)
+    device = _device(backend)
+    args = {k: v.to(device) for k, v in (token_args() if op == "token" else channel_args()).items()}
+    x = _strided(args.pop("x"), kind)
+    assert not x.is_contiguous()
+    x_leaf, x_ref = x.detach().requires_grad_(), x.detach().contiguous().requires_grad_()
+    got = _fn(op)(x_leaf, *args.values(), backend=backend)
+    want = _fn(op)(x_ref, *args.values(), backend="reference")
+    assert got.shape == want.shape and _close(got, want)
+    dout = torch.randn_like(want)
+    got.backward(dout)
+    want.backward(dout)
+    assert _close(x_leaf.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_batch_0_and_1(request, backend, op, batch):
+    use_backend(request, backend)
+    device = _device(backend)
+    args = _leaves(op, device, x=torch.randn(batch, S, C))
+    ss = torch.full((batch,), 2.0, device=device)
+    out = _fn(op)(*args.values(), sample_scale=ss, backend=backend)
+    ref = _leaves(op, "cpu", **{k: v.detach().cpu() for k, v in args.items()})
+    want = _fn(op)(*ref.values(), sample_scale=ss.cpu(), backend="reference")
+    assert out.shape == (batch, S, C) and _close(out, want)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for name in args:  # with B = 0 every gradient exists and is zero
+        g, g_ref = args[name].grad, ref[name].grad
+        assert g is not None and g.shape == args[name].shape, name
+        assert _close(g, g_ref), name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_non_finite_stays_in_its_sample(request, backend, op, bad):
+    """A non-finite input in sample 0 poisons sample 0 only: sample 1's output and input gradient are
+    finite and equal to those of a batch without sample 0 (weight gradients, sums over the batch, may not
+    be finite)."""
+    use_backend(request, backend)
+    device = _device(backend)
+    args = _leaves(op, device)
+    with torch.no_grad():
+        args["x"][0, 3, 5] = bad
+    out = _fn(op)(*args.values(), backend=backend)
+    out.backward(torch.ones_like(out))
+    alone = _leaves(op, device, **{k: v.detach().cpu() for k, v in args.items()})
+    with torch.no_grad():
+        alone["x"] = alone["x"][1:].clone().requires_grad_()
+    out1 = _fn(op)(*alone.values(), backend=backend)
+    out1.backward(torch.ones_like(out1))
+    assert not out[0].isfinite().all()
+    assert out[1].isfinite().all() and args["x"].grad[1].isfinite().all()
+    assert _close(out[1], out1[0]) and _close(args["x"].grad[1], alone["x"].grad[0])

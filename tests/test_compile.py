@@ -6,22 +6,25 @@ import torch
 from torch import nn
 
 import mixer_fast
-from conftest import DEVICE, grads, perturb_
+from conftest import DEVICE, TORCH_BACKENDS, grads, perturb_, use_backend
 from tolerances import max_err
+
+
+def _device(backend):
+    return "cpu" if backend == "cpu" else DEVICE
 
 
 def _model(backend):
     return perturb_(nn.Sequential(mixer_fast.MixerBlock(32, 16, backend=backend),
-                                  mixer_fast.ResMLPBlock(32, 16, backend=backend))).to(DEVICE)
+                                  mixer_fast.ResMLPBlock(32, 16, backend=backend))).to(_device(backend))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
 def test_compile_fullgraph_forward_backward(request, backend):
-    if backend == "triton":
-        request.getfixturevalue("triton_backend")
+    use_backend(request, backend)
     torch._dynamo.reset()
     model = _model(backend)
-    x = torch.randn(3, 16, 32, device=DEVICE)
+    x = torch.randn(3, 16, 32, device=_device(backend))
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     eager_out = model(x)
@@ -34,3 +37,18 @@ def test_compile_fullgraph_forward_backward(request, backend):
     assert max_err(out, eager_out) < 1e-5
     for name, g in grads(model).items():
         assert max_err(g, eager_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+def test_compile_fullgraph_inference(request, backend):
+    # Without gradients the cpu backend runs its fused C++ kernels (a custom op), not the reference ops.
+    use_backend(request, backend)
+    torch._dynamo.reset()
+    model = _model(backend).eval()
+    x = torch.randn(3, 16, 32, device=_device(backend))
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        eager_out = model(x)
+        out = torch.compile(model, fullgraph=True)(x)
+    assert max_err(out, eager_out) < 1e-5

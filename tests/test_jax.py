@@ -2,6 +2,7 @@
 the PyTorch one, jit / grad / vmap, a batch sharded over two host devices, and bad input."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -172,24 +173,113 @@ def test_batch_sharded_over_two_host_devices():
     assert float(r.stdout.strip().splitlines()[-1]) < 1e-5
 
 
-def test_bad_input():
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_bad_input(backend):
+    # Checked before a backend is chosen: each backend gives the same errors.
+    tok = functools.partial(mfj.token_mixing, backend=backend)
+    ch = functools.partial(mfj.channel_mixing, backend=backend)
     x = jnp.ones((2, 16, 24))
     args = [x, jnp.ones(24), jnp.zeros(24), jnp.ones((16, 8)), jnp.zeros(8), jnp.ones((8, 16)), jnp.zeros(16)]
     with pytest.raises(ValueError, match=r"x: expected a 3-D array \(B, S, C\), got shape \(16, 24\)"):
-        mfj.token_mixing(jnp.ones((16, 24)), *args[1:])
+        tok(jnp.ones((16, 24)), *args[1:])
     with pytest.raises(ValueError, match=r"fc1_kernel: expected shape \(S, D\) with the size from x = \(17, 8\)"):
-        mfj.token_mixing(jnp.ones((2, 17, 24)), *args[1:3], jnp.ones((16, 8)), *args[4:])
+        tok(jnp.ones((2, 17, 24)), *args[1:3], jnp.ones((16, 8)), *args[4:])
     with pytest.raises(ValueError, match=r"fc2_kernel: expected shape \(D, in\) = \(8, 16\), got \(8, 15\)"):
-        mfj.token_mixing(*args[:5], jnp.ones((8, 15)), args[6])
+        tok(*args[:5], jnp.ones((8, 15)), args[6])
     with pytest.raises(ValueError, match=r"norm_weight: expected shape \(C,\) = \(24,\), got \(23,\)"):
-        mfj.channel_mixing(x, jnp.ones(23), None, jnp.ones((24, 4)), None, jnp.ones((4, 24)), None)
+        ch(x, jnp.ones(23), None, jnp.ones((24, 4)), None, jnp.ones((4, 24)), None)
     with pytest.raises(TypeError, match=r"x: expected a floating dtype, got int32"):
-        mfj.token_mixing(jnp.ones((2, 16, 24), jnp.int32), *args[1:])
+        tok(jnp.ones((2, 16, 24), jnp.int32), *args[1:])
     with pytest.raises(ValueError, match=r"approximate: expected one of \['none', 'tanh'\], got 'erf'"):
-        mfj.token_mixing(*args, approximate="erf")
+        tok(*args, approximate="erf")
     with pytest.raises(ValueError, match=r"eps: expected a finite number > 0, got nan"):
-        mfj.token_mixing(*args, eps=float("nan"))
+        tok(*args, eps=float("nan"))
     with pytest.raises(ValueError, match=r"backend: expected one of \['pallas', 'triton', 'xla'\] for jax"):
-        mfj.token_mixing(*args, backend="reference")
+        tok(*args, backend="reference")
     with pytest.raises(ValueError, match="backend: 'pallas' runs on tpu/cpu tensors, but the input is on gpu"):
         dispatch.choose("jax", "gpu", "pallas")
+    with pytest.raises(TypeError, match=r"x: expected a JAX array, got list"):
+        tok([[[1.0]]], *args[1:])
+    with pytest.raises(ValueError, match=r"fc1_kernel: expected a 2-D kernel \(in, out\), got shape \(16, 8, 1\)"):
+        tok(*args[:3], jnp.ones((16, 8, 1)), *args[4:])
+    with pytest.raises(ValueError, match=r"fc1_bias: expected shape \(D,\) = \(8,\), got \(9,\)"):
+        tok(*args[:4], jnp.zeros(9), *args[5:])
+    with pytest.raises(ValueError, match=r"scale: expected shape \(C,\) = \(24,\), got \(16,\)"):
+        tok(*args, scale=jnp.ones(16))
+    with pytest.raises(ValueError, match=r"sample_scale: expected shape \(B,\) = \(2,\), got \(2, 1\)"):
+        tok(*args, sample_scale=jnp.ones((2, 1)))
+    with pytest.raises(ValueError, match=r"fc2_bias: expected None when fc2_kernel is None, got an array"):
+        tok(x, *args[1:3], jnp.ones((16, 16)), jnp.zeros(16), None, jnp.zeros(16))
+    with pytest.raises(ValueError, match=r"norm: expected one of \['layernorm', 'affine'\], got 'rms'"):
+        ch(x, None, None, jnp.ones((24, 4)), None, jnp.ones((4, 24)), None, norm="rms")
+    with pytest.raises(ValueError, match=r"eps: expected a finite number > 0, got -1.0"):
+        ch(x, None, None, jnp.ones((24, 4)), None, jnp.ones((4, 24)), None, eps=-1.0)
+
+
+def _op_args(op: str, B: int = 2, S: int = 16, C: int = 24, D: int = 8, seed: int = 0):
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 8))
+    r = lambda *s: 0.3 * jax.random.normal(next(keys), s)  # noqa: E731
+    n = S if op == "token_mixing" else C
+    return jax.random.normal(next(keys), (B, S, C)), (1 + r(C), r(C), r(n, D), r(D), r(D, n), r(n))
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("op", ["token_mixing", "channel_mixing"])
+def test_double_backward(backend, op):
+    """xla's second derivatives are JAX's own; pallas' backward kernels have none and say so when traced
+    (forward-mode, jax.jvp, is JAX's own TypeError for a custom_vjp function)."""
+    x, params = _op_args(op)
+    loss = lambda x, be: jnp.sum(getattr(mfj, op)(x, *params, backend=be) ** 2)  # noqa: E731
+    second = lambda be: jax.grad(lambda x: jnp.sum(jax.grad(loss)(x, be) ** 2))(x)  # noqa: E731
+    if backend == "pallas":
+        with pytest.raises(NotImplementedError, match="double backward: the pallas backend's backward is not "
+                                                      "differentiable"):
+            second("pallas")
+        with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+            jax.jvp(lambda x: loss(x, "pallas"), (x,), (x,))
+    else:
+        assert bool(jnp.all(jnp.isfinite(second("xla"))))
+
+
+@pytest.mark.parametrize("op", ["token_mixing", "channel_mixing"])
+def test_mixed_dtypes_run_in_the_promoted_dtype(op):
+    """bf16 activations with fp32 parameters (Flax's default param_dtype) compute in fp32 on every backend,
+    the same as casting x up front."""
+    x, params = _op_args(op)
+    x16 = x.astype(jnp.bfloat16)
+    want = getattr(mfj, op)(x16.astype(jnp.float32), *params, backend="xla")
+    for backend in ("xla", "pallas"):
+        got = getattr(mfj, op)(x16, *params, backend=backend)
+        assert got.dtype == jnp.float32, backend
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(want)))), backend
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("op", ["token_mixing", "channel_mixing"])
+def test_non_finite_stays_in_its_sample(backend, op):
+    x, params = _op_args(op, B=3)
+    x = x.at[0, 3, 5].set(jnp.nan).at[2, 1, 1].set(jnp.inf)
+    f = lambda x: getattr(mfj, op)(x, *params, backend=backend)  # noqa: E731
+    out, vjp = jax.vjp(f, x)
+    (gx,) = vjp(jnp.ones_like(out))
+    alone = f(x[1:2])
+    assert not bool(jnp.all(jnp.isfinite(out[0]))) and not bool(jnp.all(jnp.isfinite(out[2])))
+    assert bool(jnp.all(jnp.isfinite(out[1]))) and bool(jnp.all(jnp.isfinite(gx[1])))
+    assert float(jnp.max(jnp.abs(out[1] - alone[0]))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(alone))))
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+@pytest.mark.parametrize("op", ["token_mixing", "channel_mixing"])
+def test_batch_0_and_1(op, batch, backend="pallas"):
+    # against xla, the jax.numpy reference
+    x, params = _op_args(op, B=batch)
+    loss = lambda x, p, be: jnp.sum(getattr(mfj, op)(x, *p, backend=be) ** 2)  # noqa: E731
+    out = getattr(mfj, op)(x, *params, backend=backend)
+    want = getattr(mfj, op)(x, *params, backend="xla")
+    assert out.shape == (batch, 16, 24)
+    assert float(jnp.max(jnp.abs(out - want), initial=0.0)) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(want), initial=0.0)))
+    grad = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)
+    g, g_want = grad(x, params, backend), grad(x, params, "xla")
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_want)):
+        assert a.shape == b.shape
+        assert float(jnp.max(jnp.abs(a - b), initial=0.0)) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(b), initial=0.0)))

@@ -76,7 +76,17 @@ def _run(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, f
          norm, scale, sample_scale, backend) -> Array:
     eps = check(op, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, eps=eps,
                 approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale)
+    # Mixed dtypes (bf16 activations with fp32 Flax parameters, say) run in their promoted dtype, as
+    # flax.linen.Dense does with dtype=None: cast once here, so every backend computes the same thing.
+    arrays = (x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale, sample_scale)
+    dtype = jnp.result_type(*(a for a in arrays if a is not None))
+    (x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale, sample_scale) = (
+        None if a is None else jnp.asarray(a, dtype) for a in arrays)
     impl = dispatch.choose("jax", jax.default_backend(), backend)
+    if x.shape[0] == 0:
+        # An empty batch has nothing to compute (and a kernel grid of zero images is not launchable):
+        # the jax.numpy reference returns the empty output and zero parameter gradients.
+        impl = dispatch.choose("jax", jax.default_backend(), "xla")
     return getattr(impl, op)(x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, eps=eps,
                              approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale)
 

@@ -60,9 +60,25 @@ def _op(op: str, eps: float, approximate: str, norm: str, interpret: Any):
         out, branch = forward(*args[:7], scale=scale, sample_scale=ss, interpret=interpret, with_branch=True, **kw)
         return out, (args, branch)
 
+    # The backward kernels have no derivative of their own: differentiating them again (jax.grad of a
+    # gradient, jax.hessian) raises a NotImplementedError at trace time instead of an internal assertion
+    # from pallas_call's transpose.
+    @jax.custom_vjp
+    def backward_op(g, args, branch):
+        return backward(g, *args[:7], branch, scale=args[7], sample_scale=args[8], interpret=interpret, **kw)
+
+    def backward_op_fwd(g, args, branch):
+        return backward_op(g, args, branch), None
+
+    def backward_op_bwd(_, __):
+        raise NotImplementedError("double backward: the pallas backend's backward is not differentiable (a "
+                                  "gradient of a gradient); use backend='xla' for higher-order derivatives")
+
+    backward_op.defvjp(backward_op_fwd, backward_op_bwd)
+
     def bwd(saved, g):
         args, branch = saved
-        return backward(g, *args[:7], branch, scale=args[7], sample_scale=args[8], interpret=interpret, **kw)
+        return backward_op(g, args, branch)
 
     fused.defvjp(fwd, bwd)
     return fused

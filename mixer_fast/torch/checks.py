@@ -24,6 +24,10 @@ def tensor(name: str, t: object, *, optional: bool = False) -> Optional[Tensor]:
     if not isinstance(t, torch.Tensor):
         want = "a torch.Tensor or None" if optional else "a torch.Tensor"
         raise TypeError(f"{name}: expected {want}, got {type(t).__name__}")
+    if type(t).__name__ == "DTensor":  # by name: importing torch.distributed.tensor here costs every user
+        raise TypeError(f"{name}: expected a local tensor, got a DTensor (placements {list(t.placements)}): "
+                        "the fused ops read a block's parameters directly, so fully_shard (FSDP2) and tensor "
+                        "parallelism must wrap the mixer_fast block or a module above it, not its submodules")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype ({', '.join(map(str, FLOAT_DTYPES))}), got {t.dtype}")
     return t

@@ -143,6 +143,7 @@ def _register_ops() -> None:
         return (*_grads_in(g, (x, nw, nb, w1, b1, w2, b2, scale)), None, None, None, None, None, None)
 
     token_fwd.register_autograd(token_backward, setup_context=token_setup)
+    token_bwd.register_autograd(_no_double_backward)
 
     # ------------------------------------------------------------------ channel mixing
     @torch.library.custom_op("mixer_fast::channel_mixing_fwd", mutates_args=())
@@ -197,6 +198,7 @@ def _register_ops() -> None:
         return (*_grads_in(g, (x, nw, nb, w1, b1, w2, b2, scale)), None, None, None, None, None, None, None)
 
     channel_fwd.register_autograd(channel_backward, setup_context=channel_setup)
+    channel_bwd.register_autograd(_no_double_backward)
 
     global _token_fwd, _channel_fwd
     _token_fwd, _channel_fwd = token_fwd, channel_fwd
@@ -204,6 +206,13 @@ def _register_ops() -> None:
 
 
 _token_fwd = _channel_fwd = None
+
+
+def _no_double_backward(ctx, *grads):
+    # Without this, autograd's own error names an internal op and says to register a formula.
+    raise NotImplementedError("double backward: the triton backend's backward is not differentiable (a gradient "
+                              "taken with create_graph=True cannot be differentiated again); use "
+                              "backend='reference' for higher-order gradients")
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
