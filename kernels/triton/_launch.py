@@ -6,14 +6,28 @@ be switched per call. mixer_fast.torch.triton_backend sets it on machines withou
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import TYPE_CHECKING, Optional
+import threading
+from typing import TYPE_CHECKING, ContextManager, Optional
 
 if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
     import torch
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LAUNCH_LOCK = threading.RLock()
+
+
+def serialized(autotuned: bool = False) -> ContextManager:
+    """Hold around a kernel launch. Triton's interpreter keeps the grid position in one global builder and
+    patches triton.language for the length of a launch, so two threads interpreting at once corrupt each
+    other (tests/test_concurrency.py saw "y >= grid_dim[1]"); the interpreter runs Python under the GIL, so
+    nothing is lost. Compiled, only autotuned launches: Triton's Autotuner keeps the call's arguments on
+    the shared kernel object while it benchmarks, and two threads tuning one kernel crash
+    (triton-lang/triton#11494, open); a warm launch holds the lock for microseconds."""
+    return _LAUNCH_LOCK if (INTERPRET or autotuned) else contextlib.nullcontext()
 
 
 def precision(dtype: torch.dtype, allow_tf32: bool) -> str:

@@ -72,7 +72,8 @@ def _interpreted(kernel, grid, args, outs, num_warps, meta):
         if _launch.POISON:
             for t in touts:
                 t.fill_(float("nan"))
-        kernel[grid(meta) if callable(grid) else grid](*targs, *touts, num_warps=num_warps, **meta)
+        with _launch.serialized():
+            kernel[grid(meta) if callable(grid) else grid](*targs, *touts, num_warps=num_warps, **meta)
         return tuple(_to_numpy(t, o.dtype) for t, o in zip(touts, outs))
 
     arrays = [a for a in args if not isinstance(a, (bool, int, float))]

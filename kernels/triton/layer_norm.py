@@ -129,8 +129,9 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.T
     mean = _launch.new_output((R,), x, torch.float32)
     rstd = _launch.new_output((R,), x, torch.float32)
     if R:
-        ln_stats_kernel[(triton.cdiv(R, ROWS),)](
-            x, mean, rstd, R, S, C, eps, *x.stride(), BLOCK_R=ROWS, BLOCK_C=block_c(C))
+        with _launch.serialized():
+            ln_stats_kernel[(triton.cdiv(R, ROWS),)](
+                x, mean, rstd, R, S, C, eps, *x.stride(), BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return mean, rstd
 
 
@@ -147,8 +148,9 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, mean
     dw_part = _launch.new_output((programs, C), x, torch.float32)
     db_part = _launch.new_output((programs, C), x, torch.float32)
     if R:
-        ln_backward_kernel[(programs,)](
-            g, x, dy, dx, mean, rstd, weight if weight is not None else mean, dw_part, db_part,
-            R, S, C, *g.stride(), *x.stride(), *dy.stride(), *dx.stride(),
-            HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+        with _launch.serialized():
+            ln_backward_kernel[(programs,)](
+                g, x, dy, dx, mean, rstd, weight if weight is not None else mean, dw_part, db_part,
+                R, S, C, *g.stride(), *x.stride(), *dy.stride(), *dx.stride(),
+                HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return dx, dw_part.sum(0), db_part.sum(0)

@@ -324,9 +324,11 @@ def fused_matmul(
              idx64=_launch.needs_int64(a, b, out, aux, res))
     # On a GPU the autotuner's configs set num_warps / num_stages.
     launch = {} if callable(p.grid) else dict(num_warps=p.num_warps, num_stages=p.num_stages)
-    autotuned(fused_matmul_kernel, variant, _tuned)[p.grid](
-        a, b, out, aux if aux is not None else dummy, res if res is not None else dummy,
-        a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
-        bias if bias is not None else dummy, scale if scale is not None else dummy, ss if ss is not None else dummy,
-        *p.scalars, **p.meta, **launch)
+    with _launch.serialized(autotuned=True):
+        autotuned(fused_matmul_kernel, variant, _tuned)[p.grid](
+            a, b, out, aux if aux is not None else dummy, res if res is not None else dummy,
+            a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
+            bias if bias is not None else dummy, scale if scale is not None else dummy,
+            ss if ss is not None else dummy,
+            *p.scalars, **p.meta, **launch)
     return out

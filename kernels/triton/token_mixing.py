@@ -310,18 +310,19 @@ def token_mixing_forward(
     S_PAD = _launch.pow2(S)
     block_c, block_d, warps, stages = launch_blocks("token_mlp_fwd", S_PAD, D)
     dummy = nw
-    token_mlp_fwd_kernel[(triton.cdiv(C, block_c), B)](
-        x, out, branch if branch is not None else out, mean if mean is not None else nw,
-        rstd if rstd is not None else nw, nw, nb,
-        fc1_weight, fc1_bias if fc1_bias is not None else dummy, fc2_weight,
-        fc2_bias if fc2_bias is not None else dummy, scale if scale is not None else dummy,
-        sample_scale if sample_scale is not None else dummy,
-        S, C, D, *x.stride(), *out.stride(), *fc1_weight.stride(), *fc2_weight.stride(),
-        NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
-        HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
-        APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
-        INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), S_PAD=S_PAD, BLOCK_C=block_c,
-        BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    with _launch.serialized():
+        token_mlp_fwd_kernel[(triton.cdiv(C, block_c), B)](
+            x, out, branch if branch is not None else out, mean if mean is not None else nw,
+            rstd if rstd is not None else nw, nw, nb,
+            fc1_weight, fc1_bias if fc1_bias is not None else dummy, fc2_weight,
+            fc2_bias if fc2_bias is not None else dummy, scale if scale is not None else dummy,
+            sample_scale if sample_scale is not None else dummy,
+            S, C, D, *x.stride(), *out.stride(), *fc1_weight.stride(), *fc2_weight.stride(),
+            NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
+            HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
+            APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
+            INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), S_PAD=S_PAD, BLOCK_C=block_c,
+            BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return out, mean, rstd, branch
 
 
@@ -393,10 +394,11 @@ def token_mixing_backward(
         b1 = fc1_bias if fc1_bias is not None else nw
         block_c, block_d, warps, stages = launch_blocks("token_mlp_dx", S_PAD, D)
         if B:
-            token_mlp_dx_kernel[(triton.cdiv(C, block_c), B)](
-                x, do, g, *stats, nw, nb, fc1_weight, b1, fc2_weight, S, C, D, *x.stride(), *do.stride(),
-                *fc1_weight.stride(), *fc2_weight.stride(), **common, BLOCK_C=block_c, BLOCK_D=block_d,
-                num_warps=warps, num_stages=stages)
+            with _launch.serialized():
+                token_mlp_dx_kernel[(triton.cdiv(C, block_c), B)](
+                    x, do, g, *stats, nw, nb, fc1_weight, b1, fc2_weight, S, C, D, *x.stride(), *do.stride(),
+                    *fc1_weight.stride(), *fc2_weight.stride(), **common, BLOCK_C=block_c, BLOCK_D=block_d,
+                    num_warps=warps, num_stages=stages)
         block_c, block_d, warps, stages = launch_blocks("token_mlp_dw", S_PAD, D)
         n_d = triton.cdiv(D, block_d)
         splits = max(1, dw_splits(n_d, B * triton.cdiv(C, block_c)))
@@ -404,10 +406,11 @@ def token_mixing_backward(
         dw2 = _launch.new_output((splits, S, D), x, torch.float32)
         db1 = _launch.new_output((splits, D), x, torch.float32)
         for part in dw_parts(S_PAD):  # runs with B = 0 too: it writes the zero gradients
-            token_mlp_dw_kernel[(n_d, splits)](
-                x, do, *stats, nw, nb, fc1_weight, b1, fc2_weight, dw1, dw2, db1, B, S, C, D, splits,
-                *x.stride(), *do.stride(), *fc1_weight.stride(), *fc2_weight.stride(), **common, PART=part,
-                BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+            with _launch.serialized():
+                token_mlp_dw_kernel[(n_d, splits)](
+                    x, do, *stats, nw, nb, fc1_weight, b1, fc2_weight, dw1, dw2, db1, B, S, C, D, splits,
+                    *x.stride(), *do.stride(), *fc1_weight.stride(), *fc2_weight.stride(), **common, PART=part,
+                    BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
         grads["fc2_bias"] = do.float().sum((0, 2)) if fc2_bias is not None else None
