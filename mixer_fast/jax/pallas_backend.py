@@ -35,7 +35,15 @@ def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, 
 
     interpret = False if jax.default_backend() == "tpu" else INTERPRET
     fn = _op(op, float(eps), approximate, norm, interpret)
-    return fn(x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale, sample_scale)
+    args = (x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale, sample_scale)
+    if any(a is not None and jax.typeof(a).mat.varying for a in args):
+        # Inside jax.shard_map with check_vma (its default) every value in a Pallas kernel body would have to
+        # vary over the same mesh axes, which JAX 0.10's pallas_call cannot yet arrange for replicated
+        # operands; JAX's own error would point at a primitive deep inside the kernel.
+        raise NotImplementedError("jax.shard_map: the pallas backend runs inside shard_map with "
+                                  "check_vma=False only (Pallas calls cannot track varying mesh axes in this "
+                                  "JAX); pass check_vma=False to jax.shard_map, or use backend='xla'")
+    return fn(*args)
 
 
 @functools.lru_cache(maxsize=None)
