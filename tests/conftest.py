@@ -16,6 +16,17 @@ import pytest  # noqa: E402
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def pytest_collection_modifyitems(config, items):
+    # Tests marked gpu need CUDA hardware (not an installable stack): they skip without it, in CI too,
+    # and run on a lent GPU (bench/gpu_suite.sh runs the whole suite there).
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run by bench/gpu_suite.sh on a lent one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def require(module: str):
     """Import an optional dependency: skip the test without it, except in CI where it must be there."""
     try:
