@@ -234,3 +234,41 @@ def test_non_finite_stays_in_its_sample(request, backend, op, bad):
     assert not out[0].isfinite().all()
     assert out[1].isfinite().all() and args["x"].grad[1].isfinite().all()
     assert _close(out[1], out1[0]) and _close(args["x"].grad[1], alone["x"].grad[0])
+
+
+def _forward_ad_tangent(f, x, t):
+    from torch.autograd import forward_ad
+
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(f(forward_ad.make_dual(x, t))).tangent
+
+
+TRANSFORMS = {
+    "jvp": lambda f, x, t: torch.func.jvp(f, (x,), (t,))[1],
+    "forward_ad": _forward_ad_tangent,
+    "grad": lambda f, x, t: torch.func.grad(lambda x: (f(x) * t).sum())(x),
+    "vjp": lambda f, x, t: torch.func.vjp(f, x)[1](t)[0],
+    "vmap": lambda f, x, t: torch.func.vmap(f)(x[:, None])[:, 0],
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("backend", [None, *TORCH_BACKENDS])
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_torch_func_transforms_and_forward_ad(request, backend, op, transform):
+    """The fused kernels see raw data only (a tangent would be dropped: triton's jvp once returned wrong
+    tangents, forward_ad none): under a transform the automatic choice and cpu run the reference ops,
+    and an explicit triton says it cannot."""
+    if backend is not None:
+        use_backend(request, backend)
+    device = _device(backend or "reference")
+    args = {k: v.to(device) for k, v in (token_args() if op == "token" else channel_args()).items()}
+    x, t = args.pop("x"), torch.randn(B, S, C, device=device)
+    run = lambda be: TRANSFORMS[transform](lambda x: _fn(op)(x, *args.values(), backend=be), x, t)  # noqa: E731
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="backend 'triton' does not support torch.func transforms "
+                                                      "and forward-mode AD; use backend='reference'"):
+            run(backend)
+        return
+    got, want = run(backend), run("reference")
+    assert got is not None and _close(got, want)

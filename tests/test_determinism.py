@@ -127,5 +127,9 @@ def test_bitwise_run_to_run_and_across_processes(triton_backend, cpu_backend):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     other = json.loads(r.stdout.strip().splitlines()[-1])
-    assert other == {k: v for k, v in first.items() if k.startswith("torch/")}
+    # On a GPU the triton backend's GEMMs are autotuned per process (configs chosen by timing, so
+    # possibly another summation order): bitwise equality across processes is not claimed there.
+    cross = {k: v for k, v in first.items() if k.startswith("torch/")
+             and not (k.startswith("torch/triton/") and torch.cuda.is_available())}
+    assert {k: v for k, v in other.items() if k in cross} == cross
     assert len(first) == 7, sorted(first)

@@ -119,3 +119,23 @@ def mixing_args(op: str, x: object, norm_weight: object, norm_bias: object, fc1_
     choice("norm", norm, NORMS)
     finite_float("dropout", dropout, low=0.0, high=1.0, low_open=False)
     return finite_float("eps", eps, low=0.0)
+
+
+TRANSFORMS = "torch.func transforms and forward-mode AD"
+
+
+def under_transform(*tensors: Optional[Tensor]) -> bool:
+    """Whether some tensor is wrapped by a torch.func transform (grad, vjp, jvp, vmap, …) or carries a
+    forward-mode tangent (torch.autograd.forward_ad). The fused kernels see only raw data: a tangent
+    would be dropped silently (seen: triton's torch.func.jvp gave wrong tangents, forward_ad none)."""
+    if torch.compiler.is_compiling():  # dynamo's FakeTensors; it rejects what it cannot trace itself
+        return False
+    forward_ad = torch.autograd.forward_ad._current_level >= 0
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+        if forward_ad and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return True
+    return False

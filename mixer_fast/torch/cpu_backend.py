@@ -4,8 +4,8 @@ Inference (no input needs a gradient, or grad mode is off): one fused kernel per
 AVX-512 / AVX2 / portable micro-kernels chosen at run time), on ``torch.get_num_threads()`` threads, the GIL
 released. Results do not depend on the thread count: no sum is split across threads.
 
-Training (a gradient is needed): the reference ops under autograd, so forward and backward run exactly as
-eager PyTorch. The kernels have no backward of their own yet; a fused forward followed by a backward that
+Training (a gradient is needed), torch.func transforms and forward-mode AD: the reference ops, so forward
+and backward run exactly as eager PyTorch. The kernels have no backward of their own yet; a fused forward followed by a backward that
 recomputes the reference forward would cost one forward more than eager.
 
 Chosen automatically for CPU tensors in float32, and in bfloat16 on CPUs without native bf16 matmuls
@@ -21,6 +21,7 @@ import torch
 
 from ..dispatch import BackendUnavailable
 from ..reference import functional
+from .checks import TRANSFORMS, under_transform
 
 Tensor = torch.Tensor
 
@@ -40,7 +41,7 @@ def _extension():
 
 def load() -> SimpleNamespace:
     _C = _extension()
-    features = frozenset({"deterministic", "float32", "bfloat16"})
+    features = frozenset({"deterministic", "float32", "bfloat16", TRANSFORMS})
     auto = features - ({"bfloat16"} if _C.native_bf16_matmul() else set())
     bf16 = "bf16 via fp32 FMAs" + ("; not chosen automatically for bf16: this CPU has native bf16 matmuls"
                                    if _C.native_bf16_matmul() else "")
@@ -94,7 +95,9 @@ def _call(op: str, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, 
     if dropout:
         raise NotImplementedError("dropout: the cpu backend has no training dropout; use backend='reference'")
     args = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, scale, sample_scale)):
+    tensors = (*args, scale, sample_scale)
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) \
+            or under_transform(*tensors):
         return getattr(functional, op)(*args, eps=eps, approximate=approximate, norm=norm, scale=scale,
                                        sample_scale=sample_scale)
     if torch.compiler.is_compiling():

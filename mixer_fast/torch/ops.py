@@ -29,7 +29,9 @@ def _run(op: str, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
     # Features a backend must have for this call; an automatic choice skips those that lack one (the
     # dtype is one: the C++ kernels have no float16/float64, Triton no float64).
     needs = (("dropout",) * (dropout > 0) + ("autocast",) * torch.is_autocast_enabled(x.device.type)
-             + (str(x.dtype).replace("torch.", ""),))
+             + (str(x.dtype).replace("torch.", ""),)
+             + (checks.TRANSFORMS,) * checks.under_transform(x, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                                                             fc2_weight, fc2_bias, scale, sample_scale))
     impl = dispatch.loaded(_backend_name(x.device.type, backend, needs), "torch")
     return getattr(impl, op)(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps,
                              approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale,
