@@ -3,7 +3,8 @@
 ``import mixer_fast`` is light: torch (and later triton, jax, the C++ extension) load on first use of
 the names below.
 
-PyTorch: ``MixerBlock``, ``ResMLPBlock``, ``convert``, ``ops.token_mixing``, ``ops.channel_mixing``.
+PyTorch: ``MixerBlock``, ``ResMLPBlock``, ``convert``, ``resize_token_mixing``, ``ops.token_mixing``,
+``ops.channel_mixing``. Checkpoints: ``checkpoint`` (Flax ↔ timm ↔ deit layouts, numpy only).
 Backends: ``available_backends()``; ``mixer-fast info`` prints each one, loaded or why not.
 """
 from __future__ import annotations
@@ -17,10 +18,12 @@ _LAZY = {
     "MixerBlock": "mixer_fast.torch.blocks",
     "ResMLPBlock": "mixer_fast.torch.blocks",
     "convert": "mixer_fast.torch.convert",
+    "resize_token_mixing": "mixer_fast.torch.resize",
 }
-_SUBMODULES = ("ops", "reference", "dispatch", "cli")
+_SUBMODULES = ("ops", "reference", "dispatch", "cli", "checkpoint")
 
-__all__ = ["MixerBlock", "ResMLPBlock", "convert", "available_backends", "ops", "reference", "__version__"]
+__all__ = ["MixerBlock", "ResMLPBlock", "convert", "resize_token_mixing", "available_backends", "ops", "reference",
+           "checkpoint", "__version__"]
 
 
 def available_backends(framework: str = "torch") -> List[str]:

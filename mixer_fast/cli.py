@@ -1,5 +1,5 @@
-"""The ``mixer-fast`` command: ``info`` (backends and why not), ``demo`` (the README's main job) and
-``report`` (the static compile report of the Triton kernels) and ``roofline``."""
+"""The ``mixer-fast`` command: ``info`` (backends and why not), ``demo`` (the README's main job),
+``report`` (the static compile report of the Triton kernels), ``roofline`` and ``convert-checkpoint``."""
 from __future__ import annotations
 
 import argparse
@@ -232,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     roof.add_argument("--device", default=None)
     roof.add_argument("--out", default="roofline.png")
     roof.set_defaults(func=cmd_roofline)
+    from . import checkpoint
+
+    conv = sub.add_parser("convert-checkpoint", help="convert Mixer / ResMLP checkpoints between Flax .npz "
+                                                     "(vision_transformer), timm and deit layouts")
+    checkpoint.add_cli_arguments(conv)
+    conv.set_defaults(func=checkpoint.cmd_convert_checkpoint)
     return parser
 
 
