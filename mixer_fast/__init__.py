@@ -3,8 +3,8 @@
 ``import mixer_fast`` is light: torch (and later triton, jax, the C++ extension) load on first use of
 the names below.
 
-PyTorch: ``MixerBlock``, ``ResMLPBlock``, ``convert``, ``resize_token_mixing``, ``ops.token_mixing``,
-``ops.channel_mixing``. Checkpoints: ``checkpoint`` (Flax ↔ timm ↔ deit layouts, numpy only).
+PyTorch: ``MixerBlock``, ``ResMLPBlock``, ``SpatialGatingBlock`` (gMLP), ``convert``, ``resize_token_mixing``,
+``ops.token_mixing``, ``ops.channel_mixing``, ``ops.spatial_gating``. Checkpoints: ``checkpoint`` (Flax ↔ timm ↔ deit layouts, numpy only).
 Backends: ``available_backends()``; ``mixer-fast info`` prints each one, loaded or why not.
 """
 from __future__ import annotations
@@ -17,12 +17,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "MixerBlock": "mixer_fast.torch.blocks",
     "ResMLPBlock": "mixer_fast.torch.blocks",
+    "SpatialGatingBlock": "mixer_fast.torch.blocks",
     "convert": "mixer_fast.torch.convert",
     "resize_token_mixing": "mixer_fast.torch.resize",
 }
 _SUBMODULES = ("ops", "reference", "dispatch", "cli", "checkpoint")
 
-__all__ = ["MixerBlock", "ResMLPBlock", "convert", "resize_token_mixing", "available_backends", "ops", "reference",
+__all__ = ["MixerBlock", "ResMLPBlock", "SpatialGatingBlock", "convert", "resize_token_mixing", "available_backends", "ops", "reference",
            "checkpoint", "__version__"]
 
 

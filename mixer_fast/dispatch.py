@@ -3,7 +3,9 @@
 A backend is a module exposing ``load()``, which returns an object with the ops (``token_mixing``,
 ``channel_mixing``) and a ``features`` set (what it can run), optionally an ``auto_features`` subset (what
 it is chosen for automatically, where it is also the fastest here), or raises :class:`BackendUnavailable`
-saying why. Loading is lazy and cached, so ``import mixer_fast`` stays light (no triton, jax or C++
+saying why. An op beyond those two is a feature of its own name (``"spatial_gating"``): a backend has it
+only if it lists it, so one without it is never chosen for it and, asked for by name, raises
+NotImplementedError. Loading is lazy and cached, so ``import mixer_fast`` stays light (no triton, jax or C++
 extension until first use).
 
 Choice order: the ``backend=`` argument, then the ``MIXER_FAST_BACKEND`` environment variable, then the

@@ -1,4 +1,5 @@
-"""``mixer_fast.ops``: the PyTorch ops ``token_mixing`` and ``channel_mixing`` (see mixer_fast.torch.ops)."""
-from .torch.ops import channel_mixing, token_mixing
+"""``mixer_fast.ops``: the PyTorch ops ``token_mixing``, ``channel_mixing`` and gMLP's ``spatial_gating``
+(see mixer_fast.torch.ops)."""
+from .torch.ops import channel_mixing, spatial_gating, token_mixing
 
-__all__ = ["token_mixing", "channel_mixing"]
+__all__ = ["token_mixing", "channel_mixing", "spatial_gating"]

@@ -5,7 +5,8 @@ step of the maths in DESIGN.md, with the transpose done the way timm does it.
 
 Shapes: x (B, S, C). Token mixing: fc1_weight (D_S, S), fc2_weight (S, D_S); with ``fc2_weight=None``
 the branch is one linear layer (ResMLP's S×S ``linear_tokens``) and has no activation. Channel mixing:
-fc1_weight (D_C, C), fc2_weight (C, D_C). Weights are in nn.Linear layout (out, in).
+fc1_weight (D_C, C), fc2_weight (C, D_C). gMLP's spatial gating (``spatial_gating``): fc1_weight (H, C),
+gate norm (H/2,), proj_weight (S, S), fc2_weight (C, H/2). Weights are in nn.Linear layout (out, in).
 """
 from __future__ import annotations
 
@@ -87,3 +88,44 @@ def channel_mixing(
     h = F.linear(h, fc2_weight, fc2_bias)  # (B, S, C)
     h = F.dropout(h, dropout, training=dropout > 0)
     return x + _branch_scale(h, scale, sample_scale)
+
+
+def spatial_gating(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    gate_norm_weight: Optional[Tensor],
+    gate_norm_bias: Optional[Tensor],
+    proj_weight: Tensor,
+    proj_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    *,
+    eps: float = 1e-6,
+    gate_eps: float = 1e-5,
+    approximate: str = "none",
+    sample_scale: Optional[Tensor] = None,
+    dropout: float = 0.0,
+) -> Tensor:
+    """gMLP's block (timm ``SpatialGatingBlock``): x + sample_scale · fc2(u ⊙ proj_tokens(LN_gate(v))), where
+    (u, v) = chunk(GELU(fc1(LN(x))), 2, dim=-1) and proj_tokens is the S×S linear along tokens. Returns (B, S, C).
+
+    Shapes: x (B, S, C); norm_weight, norm_bias (C,); fc1_weight (H, C), fc1_bias (H,) with H even;
+    gate_norm_weight, gate_norm_bias (H/2,); proj_weight (S, S), proj_bias (S,); fc2_weight (C, H/2),
+    fc2_bias (C,). ``eps`` is the block norm's epsilon (timm: 1e-6), ``gate_eps`` the gate norm's (timm's
+    SpatialGatingUnit uses nn.LayerNorm's default, 1e-5). ``dropout`` follows timm's GatedMlp: after the
+    GELU (before the split) and after fc2; ``sample_scale`` (B,) is drop path's per-sample factor.
+    """
+    h = F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
+    h = F.linear(h, fc1_weight, fc1_bias)  # (B, S, H)
+    h = F.gelu(h, approximate=approximate)
+    h = F.dropout(h, dropout, training=dropout > 0)
+    u, v = h.chunk(2, dim=-1)  # (B, S, H/2) each
+    v = F.layer_norm(v, v.shape[-1:], gate_norm_weight, gate_norm_bias, gate_eps)
+    v = F.linear(v.transpose(-1, -2), proj_weight, proj_bias)  # (B, H/2, S): the linear along tokens
+    h = u * v.transpose(-1, -2)
+    h = F.linear(h, fc2_weight, fc2_bias)  # (B, S, C)
+    h = F.dropout(h, dropout, training=dropout > 0)
+    return x + _branch_scale(h, None, sample_scale)

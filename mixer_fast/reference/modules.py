@@ -1,4 +1,4 @@
-"""Plain eager PyTorch Mixer and ResMLP blocks and models: the spec every kernel is tested against.
+"""Plain eager PyTorch Mixer, ResMLP and gMLP blocks and models: the spec every kernel is tested against.
 
 Module and parameter names are timm's (``timm.models.mlp_mixer``), so state dicts move between timm,
 these references and the fused blocks with ``load_state_dict(strict=True)``. Nothing here is fused or
@@ -149,6 +149,94 @@ class ResMLPBlock(nn.Module):
         x = x + self.drop_path(self.ls1 * self.linear_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
         x = x + self.drop_path(self.ls2 * self.mlp_channels(self.norm2(x)))
         return x
+
+
+class SpatialGatingUnit(nn.Module):
+    """gMLP's gate, timm names: (u, v) = chunk(x, 2, dim=-1); u ⊙ proj(norm(v)ᵀ)ᵀ. (B, S, dim) → (B, S, dim/2).
+
+    ``norm`` is nn.LayerNorm with its default eps (1e-5) as in timm; ``proj`` is the S×S linear along tokens.
+    """
+
+    def __init__(self, dim: int, seq_len: int, norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm = norm_layer(dim // 2, **dd)
+        self.proj = nn.Linear(seq_len, seq_len, **dd)
+
+    def init_weights(self) -> None:
+        """timm's init for the gate (called by timm's MlpMixer init): proj ≈ 0, bias 1, so the gate starts at u."""
+        nn.init.normal_(self.proj.weight, std=1e-6)
+        nn.init.ones_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u, v = x.chunk(2, dim=-1)
+        v = self.proj(self.norm(v).transpose(-1, -2))
+        return u * v.transpose(-1, -2)
+
+
+class GatedMlp(nn.Module):
+    """fc1 → GELU → dropout → gate → fc2 → dropout, with timm ``GatedMlp`` attribute names (``norm`` is
+    Identity). With ``gate_layer`` (built as ``gate_layer(hidden_features)``) fc2 takes hidden_features / 2 inputs."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        gate_layer: Optional[Callable[..., nn.Module]] = None,
+        drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        if gate_layer is not None:
+            if hidden_features % 2:
+                raise ValueError(f"hidden_features: expected an even number with a gate, got {hidden_features}")
+            self.gate = gate_layer(hidden_features, **dd)
+            hidden_features //= 2
+        else:
+            self.gate = nn.Identity()
+        self.norm = nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.norm(self.gate(self.drop1(self.act(self.fc1(x)))))))
+
+
+class SpatialGatingBlock(nn.Module):
+    """gMLP block (timm ``SpatialGatingBlock``): x + GatedMlp_with_SGU(LN(x)). Input and output (B, seq_len, dim)."""
+
+    def __init__(
+        self,
+        dim: int,
+        seq_len: int,
+        mlp_ratio: float = 4,
+        mlp_layer: Type[nn.Module] = GatedMlp,
+        norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm = norm_layer(dim, **dd)
+        sgu = partial(SpatialGatingUnit, seq_len=seq_len, **dd)
+        self.mlp_channels = mlp_layer(dim, int(dim * mlp_ratio), act_layer=act_layer, gate_layer=sgu, drop=drop, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.drop_path(self.mlp_channels(self.norm(x)))
 
 
 class PatchEmbed(nn.Module):

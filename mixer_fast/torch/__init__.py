@@ -1,6 +1,7 @@
 """PyTorch side of mixer_fast: ops, fused blocks, convert()."""
-from .blocks import MixerBlock, ResMLPBlock
+from .blocks import MixerBlock, ResMLPBlock, SpatialGatingBlock
 from .convert import convert
-from .ops import channel_mixing, token_mixing
+from .ops import channel_mixing, spatial_gating, token_mixing
 
-__all__ = ["MixerBlock", "ResMLPBlock", "convert", "token_mixing", "channel_mixing"]
+__all__ = ["MixerBlock", "ResMLPBlock", "SpatialGatingBlock", "convert", "token_mixing", "channel_mixing",
+           "spatial_gating"]

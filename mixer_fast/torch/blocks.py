@@ -1,4 +1,5 @@
-"""Drop-in fused blocks: ``MixerBlock`` and ``ResMLPBlock`` with timm's constructor and parameter names.
+"""Drop-in fused blocks: ``MixerBlock``, ``ResMLPBlock`` and gMLP's ``SpatialGatingBlock`` with timm's
+constructor and parameter names.
 
 The submodules are the same as timm's (``norm1``, ``mlp_tokens.fc1``, …), so timm state dicts load
 strictly and ``timm.create_model(..., block_layer=mixer_fast.MixerBlock)`` works; the forward reads
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import dispatch
-from ..reference.modules import Affine, DropPath, Mlp, pair
+from ..reference.modules import Affine, DropPath, GatedMlp, Mlp, SpatialGatingUnit, pair
 from . import checks, ops
 
 Tensor = torch.Tensor
@@ -79,6 +80,44 @@ def _mlp(name: str, mlp: nn.Module, features: int) -> float:
     return p[0]
 
 
+def _gated_mlp(name: str, mlp: nn.Module, features: int) -> int:
+    """Checks a gMLP channel MLP (timm ``GatedMlp`` layout): fc1 (features → H, H even) → GELU → dropout →
+    gate (a ``SpatialGatingUnit``: LayerNorm over H/2, Linear(S, S)) → no norm → fc2 (H/2 → features) →
+    dropout, the same p twice; returns S."""
+    if type(mlp).__name__ != "GatedMlp":
+        raise ValueError(f"{name}: expected a GatedMlp (mixer_fast.reference.GatedMlp or timm.layers.GatedMlp), "
+                         f"got {type(mlp).__name__}")
+    fc1 = getattr(mlp, "fc1", None)
+    if not isinstance(fc1, nn.Linear):
+        raise ValueError(f"{name}.fc1: expected nn.Linear, got {type(fc1).__name__}")
+    _linear(f"{name}.fc1", fc1, features, fc1.out_features)
+    hidden = fc1.out_features
+    if hidden % 2:
+        raise ValueError(f"{name}.fc1: expected an even number of outputs (split into u and v), got {hidden}")
+    _gelu(f"{name}.act", getattr(mlp, "act", None))
+    gate = getattr(mlp, "gate", None)
+    if type(gate).__name__ != "SpatialGatingUnit":
+        raise ValueError(f"{name}.gate: expected a SpatialGatingUnit (mixer_fast.reference or timm), "
+                         f"got {type(gate).__name__}")
+    _layer_norm(f"{name}.gate.norm", getattr(gate, "norm", None), hidden // 2)
+    proj = getattr(gate, "proj", None)
+    if not isinstance(proj, nn.Linear):
+        raise ValueError(f"{name}.gate.proj: expected nn.Linear, got {type(proj).__name__}")
+    _linear(f"{name}.gate.proj", proj, proj.in_features, proj.in_features)
+    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        raise ValueError(f"{name}.norm: expected nn.Identity (no norm after the gate), got {type(mlp.norm).__name__}")
+    _linear(f"{name}.fc2", getattr(mlp, "fc2", None), hidden // 2, features)
+    p = []
+    for d in ("drop1", "drop2"):
+        m = getattr(mlp, d, None)
+        if not isinstance(m, (nn.Dropout, nn.Identity)):
+            raise ValueError(f"{name}.{d}: expected nn.Dropout, got {type(m).__name__}")
+        p.append(getattr(m, "p", 0.0))
+    if p[0] != p[1]:
+        raise ValueError(f"{name}: expected the same dropout after fc1 and fc2, got {p[0]} and {p[1]}")
+    return proj.in_features
+
+
 def _layer_norm(name: str, norm: nn.Module, dim: int) -> None:
     if not isinstance(norm, nn.LayerNorm):
         raise ValueError(f"{name}: expected nn.LayerNorm, got {type(norm).__name__}")
@@ -140,7 +179,8 @@ class _FusedBlock(nn.Module):
     def from_module(cls, block: nn.Module, *, backend: Optional[str] = None):
         """A fused block that reuses ``block``'s submodules and Parameter objects (no copy).
 
-        ``block`` is a timm ``MixerBlock`` / ``ResBlock`` or a mixer_fast.reference block; ValueError
+        ``block`` is a timm ``MixerBlock`` / ``ResBlock`` / ``SpatialGatingBlock`` (the one matching this
+        class) or a mixer_fast.reference block; ValueError
         (naming the part) if it is built from layers the fused ops cannot express.
         """
         parts = {}
@@ -328,3 +368,82 @@ class ResMLPBlock(_FusedBlock):
             x, self.norm2.alpha.reshape(-1), self.norm2.beta.reshape(-1), ch.fc1.weight, ch.fc1.bias, ch.fc2.weight,
             ch.fc2.bias, norm="affine", approximate=ch.act.approximate, scale=self.ls2,
             sample_scale=_sample_scale(self, x), dropout=ch.drop1.p if self.training else 0.0, backend=self.backend)
+
+
+class SpatialGatingBlock(_FusedBlock):
+    """Fused gMLP block, a drop-in for timm's ``SpatialGatingBlock``. Input and output (B, seq_len, dim).
+
+    x + fc2(u ⊙ proj(LN_gate(v)ᵀ)ᵀ) with (u, v) = chunk(GELU(fc1(LN(x))), 2) runs as one op
+    (``mixer_fast.ops.spatial_gating``). Parameter names are timm's (``norm``, ``mlp_channels.fc1``,
+    ``mlp_channels.gate.norm``, ``mlp_channels.gate.proj``, ``mlp_channels.fc2``), so timm state dicts load
+    strictly and ``MlpMixer(block_layer=SpatialGatingBlock, mlp_layer=GatedMlp)`` works with timm's or
+    mixer_fast.reference's GatedMlp. ``eps`` / ``approximate`` as in :class:`MixerBlock` (the block norm's
+    epsilon, default 1e-6, and the GELU); the gate's LayerNorm keeps nn.LayerNorm's default eps (1e-5) as
+    in timm. As timm's, the gate is not given gMLP's init here (timm's MlpMixer init does that).
+    """
+
+    _parts = ("norm", "mlp_channels", "drop_path")
+
+    def __init__(
+        self,
+        dim: int,
+        seq_len: int,
+        mlp_ratio: float = 4,
+        mlp_layer: Optional[Type[nn.Module]] = None,
+        norm_layer: Optional[Callable[..., nn.Module]] = None,
+        act_layer: Optional[Callable[[], nn.Module]] = None,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        *,
+        eps: Optional[float] = None,
+        approximate: Optional[str] = None,
+        backend: Optional[str] = None,
+        device=None,
+        dtype=None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        _no_extra_kwargs("SpatialGatingBlock", kwargs)
+        dim, seq_len = _positive_int("dim", dim), _positive_int("seq_len", seq_len)
+        checks.finite_float("drop", drop, low=0.0, high=1.0, low_open=False)
+        checks.finite_float("drop_path", drop_path, low=0.0, high=1.0, low_open=False)
+        if eps is not None:
+            eps = checks.finite_float("eps", eps, low=0.0)
+        hidden = _positive_int("mlp_ratio * dim", int(dim * pair(mlp_ratio)[1]))
+        if hidden % 2:
+            raise ValueError(f"mlp_ratio * dim: expected an even hidden width (split into u and v), got {hidden}")
+        dd = {"device": device, "dtype": dtype}
+        act_layer = _act_layer(act_layer, approximate)
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6 if eps is None else eps)
+        norm = norm_layer(dim, **dd)
+        if eps is not None and getattr(norm, "eps", eps) != eps:
+            raise ValueError(f"eps: expected {norm.eps} to agree with norm_layer, got {eps}")
+        gate_layer = partial(SpatialGatingUnit, seq_len=seq_len, **dd)
+        self._adopt(
+            norm=norm,
+            mlp_channels=(mlp_layer or GatedMlp)(dim, hidden, act_layer=act_layer, gate_layer=gate_layer, drop=drop,
+                                                 **dd),
+            drop_path=DropPath(drop_path) if drop_path > 0.0 else nn.Identity(),
+            backend=backend,
+        )
+
+    def _adopt(self, *, norm, mlp_channels, drop_path, backend) -> None:
+        if not isinstance(norm, nn.LayerNorm):
+            raise ValueError(f"norm_layer: expected nn.LayerNorm (or a partial of it), got {type(norm).__name__}")
+        dim = norm.normalized_shape[-1]
+        _layer_norm("norm", norm, dim)
+        seq_len = _gated_mlp("mlp_channels", mlp_channels, dim)
+        _drop_path("drop_path", drop_path)
+        self.dim, self.seq_len = dim, seq_len
+        self.backend = _check_backend(backend)
+        self.norm, self.mlp_channels, self.drop_path = norm, mlp_channels, drop_path
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_x(self, x)
+        mlp = self.mlp_channels
+        gate = mlp.gate
+        return ops.spatial_gating(
+            x, self.norm.weight, self.norm.bias, mlp.fc1.weight, mlp.fc1.bias, gate.norm.weight, gate.norm.bias,
+            gate.proj.weight, gate.proj.bias, mlp.fc2.weight, mlp.fc2.bias, eps=self.norm.eps,
+            gate_eps=gate.norm.eps, approximate=mlp.act.approximate, sample_scale=_sample_scale(self, x),
+            dropout=getattr(mlp.drop1, "p", 0.0) if self.training else 0.0, backend=self.backend)

@@ -6,7 +6,7 @@ message that names the argument, what was expected and what was given, before an
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -119,6 +119,55 @@ def mixing_args(op: str, x: object, norm_weight: object, norm_bias: object, fc1_
     choice("norm", norm, NORMS)
     finite_float("dropout", dropout, low=0.0, high=1.0, low_open=False)
     return finite_float("eps", eps, low=0.0)
+
+
+def gating_args(x: object, norm_weight: object, norm_bias: object, fc1_weight: object, fc1_bias: object,
+                gate_norm_weight: object, gate_norm_bias: object, proj_weight: object, proj_bias: object,
+                fc2_weight: object, fc2_bias: object, *, eps: object, gate_eps: object, approximate: object,
+                sample_scale: object, dropout: object) -> Tuple[float, float]:
+    """Checks the arguments of ``spatial_gating``; returns (eps, gate_eps) as floats."""
+    x = tensor("x", x)
+    if x.ndim != 3:
+        raise ValueError(f"x: expected a 3-D tensor (B, S, C), got shape {tuple(x.shape)}")
+    B, S, C = x.shape
+    named = {
+        "norm_weight": tensor("norm_weight", norm_weight, optional=True),
+        "norm_bias": tensor("norm_bias", norm_bias, optional=True),
+        "fc1_weight": tensor("fc1_weight", fc1_weight),
+        "fc1_bias": tensor("fc1_bias", fc1_bias, optional=True),
+        "gate_norm_weight": tensor("gate_norm_weight", gate_norm_weight, optional=True),
+        "gate_norm_bias": tensor("gate_norm_bias", gate_norm_bias, optional=True),
+        "proj_weight": tensor("proj_weight", proj_weight),
+        "proj_bias": tensor("proj_bias", proj_bias, optional=True),
+        "fc2_weight": tensor("fc2_weight", fc2_weight),
+        "fc2_bias": tensor("fc2_bias", fc2_bias, optional=True),
+        "sample_scale": tensor("sample_scale", sample_scale, optional=True),
+    }
+    for name, t in named.items():
+        same_device(name, t, x)
+        same_dtype(name, t, x)
+    fc1_weight = named["fc1_weight"]
+    if fc1_weight.ndim != 2:
+        raise ValueError(f"fc1_weight: expected a 2-D weight (out, in), got shape {tuple(fc1_weight.shape)}")
+    hidden = fc1_weight.shape[0]
+    if hidden % 2:
+        raise ValueError(f"fc1_weight: expected an even number of rows H (split into the halves u and v), "
+                         f"got shape {tuple(fc1_weight.shape)}")
+    half = hidden // 2
+    shape("norm_weight", named["norm_weight"], (C,), "(C,)")
+    shape("norm_bias", named["norm_bias"], (C,), "(C,)")
+    shape("fc1_weight", fc1_weight, (hidden, C), "(H, C) with C from x")
+    shape("fc1_bias", named["fc1_bias"], (hidden,), "(H,)")
+    shape("gate_norm_weight", named["gate_norm_weight"], (half,), "(H/2,)")
+    shape("gate_norm_bias", named["gate_norm_bias"], (half,), "(H/2,)")
+    shape("proj_weight", named["proj_weight"], (S, S), "(S, S) with S from x")
+    shape("proj_bias", named["proj_bias"], (S,), "(S,)")
+    shape("fc2_weight", named["fc2_weight"], (C, half), "(C, H/2)")
+    shape("fc2_bias", named["fc2_bias"], (C,), "(C,)")
+    shape("sample_scale", named["sample_scale"], (B,), "(B,)")
+    choice("approximate", approximate, APPROXIMATIONS)
+    finite_float("dropout", dropout, low=0.0, high=1.0, low_open=False)
+    return finite_float("eps", eps, low=0.0), finite_float("gate_eps", gate_eps, low=0.0)
 
 
 TRANSFORMS = "torch.func transforms and forward-mode AD"

@@ -1,4 +1,4 @@
-"""``convert(model)``: swap every timm / reference Mixer and ResMLP block for the fused one, in place."""
+"""``convert(model)``: swap every timm / reference Mixer, ResMLP and gMLP block for the fused one, in place."""
 from __future__ import annotations
 
 import sys
@@ -8,16 +8,20 @@ from typing import List, Optional, Tuple, Type
 from torch import nn
 
 from ..reference import modules as ref
-from .blocks import MixerBlock, ResMLPBlock, _check_backend
+from .blocks import MixerBlock, ResMLPBlock, SpatialGatingBlock, _check_backend
+
+_FUSED = (MixerBlock, ResMLPBlock, SpatialGatingBlock)
 
 
 def _block_classes() -> List[Tuple[type, Type[nn.Module]]]:
     """(source class, fused class) pairs: the references always, timm's only if timm is already imported
     (a model holding timm blocks has imported it; convert() never imports timm itself)."""
-    pairs: List[Tuple[type, Type[nn.Module]]] = [(ref.MixerBlock, MixerBlock), (ref.ResMLPBlock, ResMLPBlock)]
+    pairs: List[Tuple[type, Type[nn.Module]]] = [(ref.MixerBlock, MixerBlock), (ref.ResMLPBlock, ResMLPBlock),
+                                                 (ref.SpatialGatingBlock, SpatialGatingBlock)]
     timm_mixer = sys.modules.get("timm.models.mlp_mixer")
     if timm_mixer is not None:
-        pairs += [(timm_mixer.MixerBlock, MixerBlock), (timm_mixer.ResBlock, ResMLPBlock)]
+        pairs += [(timm_mixer.MixerBlock, MixerBlock), (timm_mixer.ResBlock, ResMLPBlock),
+                  (timm_mixer.SpatialGatingBlock, SpatialGatingBlock)]
     return pairs
 
 
@@ -29,8 +33,9 @@ def _fused_class(module: nn.Module, pairs) -> Optional[Type[nn.Module]]:
 
 
 def convert(model: nn.Module, *, backend: Optional[str] = None, strict: bool = False) -> nn.Module:
-    """Replace, in place, every timm ``MixerBlock`` / ``ResBlock`` (and mixer_fast.reference block) in
-    ``model``'s module tree by ``mixer_fast.MixerBlock`` / ``ResMLPBlock``.
+    """Replace, in place, every timm ``MixerBlock`` / ``ResBlock`` / ``SpatialGatingBlock`` (gMLP) (and
+    mixer_fast.reference block) in ``model``'s module tree by ``mixer_fast.MixerBlock`` / ``ResMLPBlock`` /
+    ``SpatialGatingBlock``.
 
     The fused blocks reuse the very submodules and Parameter objects of the blocks they replace, so
     state-dict keys are unchanged and an optimizer built before the call keeps updating the model.
@@ -49,7 +54,7 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, strict: bool = F
     pairs = _block_classes()
     plan, failures = [], []
     for name, module in model.named_modules():
-        if isinstance(module, (MixerBlock, ResMLPBlock)):
+        if isinstance(module, _FUSED):
             if backend is not None:
                 plan.append((name, module, None))
             continue

@@ -1,5 +1,6 @@
-"""The two fused ops of the mixing core, for PyTorch: checked arguments, then the chosen backend.
+"""The fused ops, for PyTorch: checked arguments, then the chosen backend.
 
+The two ops of the mixing core (``token_mixing``, ``channel_mixing``) and gMLP's ``spatial_gating``.
 Weights are in nn.Linear layout (out, in); each op returns the block input plus its branch, (B, S, C).
 """
 from __future__ import annotations
@@ -21,17 +22,21 @@ def _backend_name(device_type: str, backend: Optional[str], needs: Tuple[str, ..
     return dispatch.choose("torch", device_type, backend, needs).name
 
 
+def _needs(x: Tensor, dropout: float, tensors: Tuple[Optional[Tensor], ...]) -> Tuple[str, ...]:
+    # Features a backend must have for this call; an automatic choice skips those that lack one (the
+    # dtype is one: the C++ kernels have no float16/float64, Triton no float64).
+    return (("dropout",) * (dropout > 0) + ("autocast",) * torch.is_autocast_enabled(x.device.type)
+            + (str(x.dtype).replace("torch.", ""),)
+            + (checks.TRANSFORMS,) * checks.under_transform(*tensors))
+
+
 def _run(op: str, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, eps, approximate,
          norm, scale, sample_scale, dropout, backend) -> Tensor:
     eps = checks.mixing_args(op, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                              eps=eps, approximate=approximate, norm=norm, scale=scale,
                              sample_scale=sample_scale, dropout=dropout)
-    # Features a backend must have for this call; an automatic choice skips those that lack one (the
-    # dtype is one: the C++ kernels have no float16/float64, Triton no float64).
-    needs = (("dropout",) * (dropout > 0) + ("autocast",) * torch.is_autocast_enabled(x.device.type)
-             + (str(x.dtype).replace("torch.", ""),)
-             + (checks.TRANSFORMS,) * checks.under_transform(x, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                                                             fc2_weight, fc2_bias, scale, sample_scale))
+    needs = _needs(x, dropout, (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale,
+                                sample_scale))
     impl = dispatch.loaded(_backend_name(x.device.type, backend, needs), "torch")
     return getattr(impl, op)(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps,
                              approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale,
@@ -100,3 +105,54 @@ def channel_mixing(
     return _run("channel_mixing", x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                 eps=eps, approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale,
                 dropout=dropout, backend=backend)
+
+
+def spatial_gating(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    gate_norm_weight: Optional[Tensor],
+    gate_norm_bias: Optional[Tensor],
+    proj_weight: Tensor,
+    proj_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    *,
+    eps: float = 1e-6,
+    gate_eps: float = 1e-5,
+    approximate: str = "none",
+    sample_scale: Optional[Tensor] = None,
+    dropout: float = 0.0,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """gMLP's block, timm ``SpatialGatingBlock``: x + sample_scale · fc2(u ⊙ (W_p · LN_g(v) + b_p)), where
+    (u, v) = chunk(GELU(fc1(LN(x))), 2, dim=-1) and W_p (S, S) mixes along tokens. (B, S, C) → (B, S, C).
+
+    Args:
+        x: (B, S, C) block input.
+        norm_weight, norm_bias: (C,) LayerNorm weight and bias (``norm``), or None.
+        fc1_weight: (H, C) with H even; fc1_bias: (H,) or None (``mlp_channels.fc1``).
+        gate_norm_weight, gate_norm_bias: (H/2,) the gate's LayerNorm on v, or None (``mlp_channels.gate.norm``).
+        proj_weight: (S, S); proj_bias: (S,) or None: the linear along tokens (``mlp_channels.gate.proj``).
+        fc2_weight: (C, H/2); fc2_bias: (C,) or None (``mlp_channels.fc2``).
+        eps: the block LayerNorm's epsilon (timm's gMLP: 1e-6). gate_eps: the gate LayerNorm's (timm: 1e-5).
+        approximate: GELU, "none" (erf) or "tanh".
+        sample_scale: (B,) per-sample factor (drop path: mask / keep_prob) or None.
+        dropout: training dropout probability after the GELU and after fc2, as timm's GatedMlp.
+        backend: a backend name, or None for ``MIXER_FAST_BACKEND`` / the best available. Only backends
+            with the ``"spatial_gating"`` feature run it (this version: ``reference``); another one asked
+            for by name raises NotImplementedError.
+    """
+    eps, gate_eps = checks.gating_args(
+        x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
+        fc2_weight, fc2_bias, eps=eps, gate_eps=gate_eps, approximate=approximate, sample_scale=sample_scale,
+        dropout=dropout)
+    needs = ("spatial_gating",) + _needs(x, dropout, (x, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                                                     gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
+                                                     fc2_weight, fc2_bias, sample_scale))
+    impl = dispatch.loaded(_backend_name(x.device.type, backend, needs), "torch")
+    return impl.spatial_gating(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias,
+                               proj_weight, proj_bias, fc2_weight, fc2_bias, eps=eps, gate_eps=gate_eps,
+                               approximate=approximate, sample_scale=sample_scale, dropout=float(dropout))

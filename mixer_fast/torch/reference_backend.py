@@ -11,7 +11,8 @@ def load() -> SimpleNamespace:
     return SimpleNamespace(
         name="reference",
         features=frozenset({"dropout", "autocast", "double_backward", "float64", "float32", "bfloat16",
-                            "float16", TRANSFORMS}),
+                            "float16", TRANSFORMS, "spatial_gating"}),
         token_mixing=functional.token_mixing,
         channel_mixing=functional.channel_mixing,
+        spatial_gating=functional.spatial_gating,
     )
