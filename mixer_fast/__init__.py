@@ -4,7 +4,7 @@
 the names below.
 
 PyTorch: ``MixerBlock``, ``ResMLPBlock``, ``SpatialGatingBlock`` (gMLP), ``convert``, ``resize_token_mixing``,
-``ops.token_mixing``, ``ops.channel_mixing``, ``ops.spatial_gating``. Checkpoints: ``checkpoint`` (Flax ↔ timm ↔ deit layouts, numpy only).
+``fold_for_inference`` (ResMLP), ``ops.token_mixing``, ``ops.channel_mixing``, ``ops.spatial_gating``. Checkpoints: ``checkpoint`` (Flax ↔ timm ↔ deit layouts, numpy only).
 Backends: ``available_backends()``; ``mixer-fast info`` prints each one, loaded or why not.
 """
 from __future__ import annotations
@@ -20,10 +20,11 @@ _LAZY = {
     "SpatialGatingBlock": "mixer_fast.torch.blocks",
     "convert": "mixer_fast.torch.convert",
     "resize_token_mixing": "mixer_fast.torch.resize",
+    "fold_for_inference": "mixer_fast.torch.fold",
 }
 _SUBMODULES = ("ops", "reference", "dispatch", "cli", "checkpoint")
 
-__all__ = ["MixerBlock", "ResMLPBlock", "SpatialGatingBlock", "convert", "resize_token_mixing", "available_backends", "ops", "reference",
+__all__ = ["MixerBlock", "ResMLPBlock", "SpatialGatingBlock", "convert", "resize_token_mixing", "fold_for_inference", "available_backends", "ops", "reference",
            "checkpoint", "__version__"]
 
 
