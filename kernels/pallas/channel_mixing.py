@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import Tiles, check_vmem, gelu, gelu_grad, norm_inputs, normalise, result_dtype
+from .common import Tiles, dot, interpreting, check_vmem, gelu, gelu_grad, norm_inputs, normalise, result_dtype
 
 
 def _normalised(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, dtype, norm: str):
@@ -30,9 +30,9 @@ def _kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref, b
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
     xn = _normalised(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref.dtype, norm)  # (TM, C)
-    h = jnp.dot(xn, w1_ref[...], preferred_element_type=jnp.float32) + b1_ref[...].astype(jnp.float32)
+    h = dot(xn, w1_ref[...]) + b1_ref[...].astype(jnp.float32)
     a = gelu(h, approximate).astype(w2_ref.dtype)
-    acc_ref[...] += jnp.dot(a, w2_ref[...], preferred_element_type=jnp.float32)
+    acc_ref[...] += dot(a, w2_ref[...])
 
     @pl.when(k == pl.num_programs(1) - 1)
     def _():
@@ -67,17 +67,18 @@ def channel_mixing_forward(x: jax.Array, norm_weight, norm_bias, fc1_kernel, fc1
     vec_c = pl.BlockSpec((1, C), lambda i, k: (0, 0))
     kernel = lambda *refs: _kernel(*refs, norm=norm, approximate=approximate, with_branch=with_branch)  # noqa: E731
     out_shape = jax.ShapeDtypeStruct((M, C), out_dtype)
-    result = pl.pallas_call(
-        kernel,
-        out_shape=(out_shape, jax.ShapeDtypeStruct((M, C), f32)) if with_branch else out_shape,
-        grid=(M // tm, D // td),
-        in_specs=[rows(C), rows(1), rows(1), vec_c, vec_c,
-                  pl.BlockSpec((C, td), lambda i, k: (0, k)), pl.BlockSpec((1, td), lambda i, k: (0, k)),
-                  pl.BlockSpec((td, C), lambda i, k: (k, 0)), vec_c, vec_c, rows(1)],
-        out_specs=(rows(C), rows(C)) if with_branch else rows(C),
-        scratch_shapes=[pltpu.VMEM((tm, C), jnp.float32)],
-        interpret=interpret,
-    )(x2, mean, rstd, nw, nb, fc1_kernel, b1, fc2_kernel, b2, sc, ss)
+    with interpreting(interpret):
+        result = pl.pallas_call(
+            kernel,
+            out_shape=(out_shape, jax.ShapeDtypeStruct((M, C), f32)) if with_branch else out_shape,
+            grid=(M // tm, D // td),
+            in_specs=[rows(C), rows(1), rows(1), vec_c, vec_c,
+                      pl.BlockSpec((C, td), lambda i, k: (0, k)), pl.BlockSpec((1, td), lambda i, k: (0, k)),
+                      pl.BlockSpec((td, C), lambda i, k: (k, 0)), vec_c, vec_c, rows(1)],
+            out_specs=(rows(C), rows(C)) if with_branch else rows(C),
+            scratch_shapes=[pltpu.VMEM((tm, C), jnp.float32)],
+            interpret=interpret,
+        )(x2, mean, rstd, nw, nb, fc1_kernel, b1, fc2_kernel, b2, sc, ss)
     if with_branch:
         return result[0].reshape(B, S, C), result[1].reshape(B, S, C)
     return result.reshape(B, S, C)
@@ -91,8 +92,8 @@ def channel_mixing_forward(x: jax.Array, norm_weight, norm_bias, fc1_kernel, fc1
 
 def _dz(xn, do, w1, b1, w2, approximate: str):
     """(Z, dZ) of one block: Z = xn·W1 + b1, dZ = GELU'(Z) ⊙ (dO·W2ᵀ), fp32."""
-    z = jnp.dot(xn, w1, preferred_element_type=jnp.float32) + b1.astype(jnp.float32)
-    da = jax.lax.dot_general(do, w2, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    z = dot(xn, w1) + b1.astype(jnp.float32)
+    da = dot(do, w2, (((1,), (1,)), ((), ())))
     return z, da * gelu_grad(z, approximate)
 
 
@@ -106,8 +107,7 @@ def _g_kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref,
 
     xn = _normalised(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref.dtype, norm)
     _, dz = _dz(xn, do_ref[...], w1_ref[...], b1_ref[...], w2_ref[...], approximate)
-    acc_ref[...] += jax.lax.dot_general(dz.astype(w1_ref.dtype), w1_ref[...], (((1,), (1,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+    acc_ref[...] += dot(dz.astype(w1_ref.dtype), w1_ref[...], (((1,), (1,)), ((), ())))
 
     @pl.when(k == pl.num_programs(1) - 1)
     def _():
@@ -129,8 +129,8 @@ def _w_kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1_ref, b1_ref, w2_ref,
     z, dz = _dz(xn, do, w1_ref[...], b1_ref[...], w2_ref[...], approximate)
     a = gelu(z, approximate).astype(do.dtype)
     tn = (((0,), (0,)), ((), ()))
-    dw1_ref[...] += jax.lax.dot_general(xn, dz.astype(xn.dtype), tn, preferred_element_type=jnp.float32)
-    dw2_ref[...] += jax.lax.dot_general(a, do, tn, preferred_element_type=jnp.float32)
+    dw1_ref[...] += dot(xn, dz.astype(xn.dtype), tn)
+    dw2_ref[...] += dot(a, do, tn)
     db1_ref[...] += jnp.sum(dz, axis=0, keepdims=True)
 
 
@@ -157,31 +157,33 @@ def channel_mixing_backward(dout, x, norm_weight, norm_bias, fc1_kernel, fc1_bia
     vec_c = lambda f: pl.BlockSpec((1, C), f)  # noqa: E731
     args = (x2, mean, rstd, nw, nb, fc1_kernel, b1, fc2_kernel, do)
     kw = dict(norm=norm, approximate=approximate)
-    g = pl.pallas_call(
-        lambda *refs: _g_kernel(*refs, **kw),
-        out_shape=jax.ShapeDtypeStruct((M, C), f32),
-        grid=(M // tm, D // td),
-        in_specs=[rows(C, lambda i, k: (i, 0)), rows(1, lambda i, k: (i, 0)), rows(1, lambda i, k: (i, 0)),
-                  vec_c(lambda i, k: (0, 0)), vec_c(lambda i, k: (0, 0)),
-                  pl.BlockSpec((C, td), lambda i, k: (0, k)), pl.BlockSpec((1, td), lambda i, k: (0, k)),
-                  pl.BlockSpec((td, C), lambda i, k: (k, 0)), rows(C, lambda i, k: (i, 0))],
-        out_specs=rows(C, lambda i, k: (i, 0)),
-        scratch_shapes=[pltpu.VMEM((tm, C), f32)],
-        interpret=interpret,
-    )(*args)
-    dw1, dw2, db1 = pl.pallas_call(
-        lambda *refs: _w_kernel(*refs, **kw),
-        out_shape=(jax.ShapeDtypeStruct((C, D), f32), jax.ShapeDtypeStruct((D, C), f32),
-                   jax.ShapeDtypeStruct((1, D), f32)),
-        grid=(D // td, M // tm),
-        in_specs=[rows(C, lambda k, i: (i, 0)), rows(1, lambda k, i: (i, 0)), rows(1, lambda k, i: (i, 0)),
-                  vec_c(lambda k, i: (0, 0)), vec_c(lambda k, i: (0, 0)),
-                  pl.BlockSpec((C, td), lambda k, i: (0, k)), pl.BlockSpec((1, td), lambda k, i: (0, k)),
-                  pl.BlockSpec((td, C), lambda k, i: (k, 0)), rows(C, lambda k, i: (i, 0))],
-        out_specs=(pl.BlockSpec((C, td), lambda k, i: (0, k)), pl.BlockSpec((td, C), lambda k, i: (k, 0)),
-                   pl.BlockSpec((1, td), lambda k, i: (0, k))),
-        interpret=interpret,
-    )(*args)
+    with interpreting(interpret):
+        g = pl.pallas_call(
+            lambda *refs: _g_kernel(*refs, **kw),
+            out_shape=jax.ShapeDtypeStruct((M, C), f32),
+            grid=(M // tm, D // td),
+            in_specs=[rows(C, lambda i, k: (i, 0)), rows(1, lambda i, k: (i, 0)), rows(1, lambda i, k: (i, 0)),
+                      vec_c(lambda i, k: (0, 0)), vec_c(lambda i, k: (0, 0)),
+                      pl.BlockSpec((C, td), lambda i, k: (0, k)), pl.BlockSpec((1, td), lambda i, k: (0, k)),
+                      pl.BlockSpec((td, C), lambda i, k: (k, 0)), rows(C, lambda i, k: (i, 0))],
+            out_specs=rows(C, lambda i, k: (i, 0)),
+            scratch_shapes=[pltpu.VMEM((tm, C), f32)],
+            interpret=interpret,
+        )(*args)
+    with interpreting(interpret):
+        dw1, dw2, db1 = pl.pallas_call(
+            lambda *refs: _w_kernel(*refs, **kw),
+            out_shape=(jax.ShapeDtypeStruct((C, D), f32), jax.ShapeDtypeStruct((D, C), f32),
+                       jax.ShapeDtypeStruct((1, D), f32)),
+            grid=(D // td, M // tm),
+            in_specs=[rows(C, lambda k, i: (i, 0)), rows(1, lambda k, i: (i, 0)), rows(1, lambda k, i: (i, 0)),
+                      vec_c(lambda k, i: (0, 0)), vec_c(lambda k, i: (0, 0)),
+                      pl.BlockSpec((C, td), lambda k, i: (0, k)), pl.BlockSpec((1, td), lambda k, i: (0, k)),
+                      pl.BlockSpec((td, C), lambda k, i: (k, 0)), rows(C, lambda k, i: (i, 0))],
+            out_specs=(pl.BlockSpec((C, td), lambda k, i: (0, k)), pl.BlockSpec((td, C), lambda k, i: (k, 0)),
+                       pl.BlockSpec((1, td), lambda k, i: (0, k))),
+            interpret=interpret,
+        )(*args)
     dx, dnw, dnb, dscale, dss = norm_and_scale_grads(g, x, dout, mean, rstd, nw, norm, branch, scale,
                                                      sample_scale)
     return (dx,

@@ -1,6 +1,8 @@
 """Pieces shared by the Pallas kernels: GELU with an erf that Mosaic TPU can lower, tile choice."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -15,6 +17,30 @@ VMEM_LIMIT = 16 * 1024 * 1024
 # (seen: the TPU export rejects jax.lax.erf), and exp/reciprocal are native.
 _P = 0.3275911
 _A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+_INTERPRETING = contextvars.ContextVar("mixer_fast_pallas_interpreting", default=False)
+
+
+@contextlib.contextmanager
+def interpreting(interpret):
+    """Set while a pallas_call's kernel is traced for interpret mode (``interpret`` truthy), so that
+    :func:`dot` knows its operands will meet XLA:CPU rather than the MXU."""
+    token = _INTERPRETING.set(bool(interpret))
+    try:
+        yield
+    finally:
+        _INTERPRETING.reset(token)
+
+
+def dot(a: jax.Array, b: jax.Array, dims=(((1,), (0,)), ((), ()))) -> jax.Array:
+    """lax.dot_general accumulating in fp32. In interpret mode 16-bit operands are widened first: XLA:CPU
+    has no bf16 x bf16 -> f32 dot for some shapes under jit ("Unsupported element type for
+    DotThunk::Execute", found by tests/test_properties.py); the widening is exact (a product of two
+    16-bit floats is exact in fp32) and the sum is fp32 either way. On TPU the MXU takes them as they are."""
+    if _INTERPRETING.get() and jnp.dtype(a.dtype).itemsize == 2:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def erf(x: jax.Array) -> jax.Array:

@@ -14,17 +14,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import Tiles, check_vmem, gelu, gelu_grad, norm_inputs, normalise, result_dtype
+from .common import Tiles, dot, interpreting, check_vmem, gelu, gelu_grad, norm_inputs, normalise, result_dtype
 
 
 def _kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1t_ref, b1_ref, w2t_ref, b2_ref, scale_ref, ss_ref, *refs,
             norm: str, approximate: str, one_linear: bool, with_branch: bool):
     o_ref = refs[0]
     xn = normalise(x_ref[0], mean_ref[0], rstd_ref[0], nw_ref[...], nb_ref[...], norm, w1t_ref.dtype)  # (S, Ct)
-    h = jnp.dot(w1t_ref[...], xn, preferred_element_type=jnp.float32) + b1_ref[...].astype(jnp.float32)
+    h = dot(w1t_ref[...], xn) + b1_ref[...].astype(jnp.float32)
     if not one_linear:
         a = gelu(h, approximate).astype(w2t_ref.dtype)
-        h = jnp.dot(w2t_ref[...], a, preferred_element_type=jnp.float32) + b2_ref[...].astype(jnp.float32)
+        h = dot(w2t_ref[...], a) + b2_ref[...].astype(jnp.float32)
     if with_branch:
         refs[1][0] = h
     h = h * scale_ref[...].astype(jnp.float32) * ss_ref[0].astype(jnp.float32)
@@ -57,17 +57,18 @@ def token_mixing_forward(x: jax.Array, norm_weight, norm_bias, fc1_kernel, fc1_b
                                    with_branch=with_branch)
     slab = pl.BlockSpec((1, S, tc), lambda b, c: (b, 0, c))
     out_shape = jax.ShapeDtypeStruct(x.shape, out_dtype)
-    return pl.pallas_call(
-        kernel,
-        out_shape=(out_shape, jax.ShapeDtypeStruct(x.shape, f32)) if with_branch else out_shape,
-        grid=(B, C // tc),
-        in_specs=[pl.BlockSpec((1, S, tc), lambda b, c: (b, 0, c)),
-                  pl.BlockSpec((1, S, 1), lambda b, c: (b, 0, 0)), pl.BlockSpec((1, S, 1), lambda b, c: (b, 0, 0)),
-                  per_c, per_c, whole(w1t), whole(b1), whole(w2t), whole(b2), per_c,
-                  pl.BlockSpec((1, 1, 1), lambda b, c: (b, 0, 0))],
-        out_specs=(slab, slab) if with_branch else slab,
-        interpret=interpret,
-    )(x, mean, rstd, nw, nb, w1t, b1, w2t, b2, sc, ss)
+    with interpreting(interpret):
+        return pl.pallas_call(
+            kernel,
+            out_shape=(out_shape, jax.ShapeDtypeStruct(x.shape, f32)) if with_branch else out_shape,
+            grid=(B, C // tc),
+            in_specs=[pl.BlockSpec((1, S, tc), lambda b, c: (b, 0, c)),
+                      pl.BlockSpec((1, S, 1), lambda b, c: (b, 0, 0)), pl.BlockSpec((1, S, 1), lambda b, c: (b, 0, 0)),
+                      per_c, per_c, whole(w1t), whole(b1), whole(w2t), whole(b2), per_c,
+                      pl.BlockSpec((1, 1, 1), lambda b, c: (b, 0, 0))],
+            out_specs=(slab, slab) if with_branch else slab,
+            interpret=interpret,
+        )(x, mean, rstd, nw, nb, w1t, b1, w2t, b2, sc, ss)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,15 +92,15 @@ def _bwd_kernel(x_ref, mean_ref, rstd_ref, nw_ref, nb_ref, w1t_ref, b1_ref, w2t_
         dz = do.astype(jnp.float32)  # (S, Ct): the branch is W·N(x) + b itself
     else:
         w2t = w2t_ref[...]
-        z = jnp.dot(w1t_ref[...], xn, preferred_element_type=jnp.float32) + b1_ref[...].astype(jnp.float32)
+        z = dot(w1t_ref[...], xn) + b1_ref[...].astype(jnp.float32)
         a = gelu(z, approximate).astype(w2t.dtype)
-        dw2t_ref[...] += jax.lax.dot_general(do, a, contract_last, preferred_element_type=jnp.float32)
-        da = jax.lax.dot_general(w2t, do, contract_first, preferred_element_type=jnp.float32)  # (D, Ct)
+        dw2t_ref[...] += dot(do, a, contract_last)
+        da = dot(w2t, do, contract_first)  # (D, Ct)
         dz = da * gelu_grad(z, approximate)
     dzc = dz.astype(w1t_ref.dtype)
-    dw1t_ref[...] += jax.lax.dot_general(dzc, xn, contract_last, preferred_element_type=jnp.float32)
+    dw1t_ref[...] += dot(dzc, xn, contract_last)
     db1_ref[...] += jnp.sum(dz, axis=1, keepdims=True)
-    g_ref[0] = jax.lax.dot_general(w1t_ref[...], dzc, contract_first, preferred_element_type=jnp.float32)
+    g_ref[0] = dot(w1t_ref[...], dzc, contract_first)
 
 
 def token_mixing_backward(dout, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, branch, *,
@@ -128,16 +129,17 @@ def token_mixing_backward(dout, x, norm_weight, norm_bias, fc1_kernel, fc1_bias,
     per_c = pl.BlockSpec((1, tc), lambda b, c: (0, c))
     dw1t_shape = (D, S)
     dw2t_shape = (S, 1) if one_linear else (S, D)
-    g, dw1t, dw2t, db1 = pl.pallas_call(
-        lambda *refs: _bwd_kernel(*refs, norm=norm, approximate=approximate, one_linear=one_linear),
-        out_shape=(jax.ShapeDtypeStruct((B, S, C), f32), jax.ShapeDtypeStruct(dw1t_shape, f32),
-                   jax.ShapeDtypeStruct(dw2t_shape, f32), jax.ShapeDtypeStruct((D, 1), f32)),
-        grid=(B, C // tc),
-        in_specs=[slab, stat, stat, per_c, per_c, whole(w1t), whole(b1), whole(w2t), slab],
-        out_specs=(slab, pl.BlockSpec(dw1t_shape, lambda b, c: (0, 0)),
-                   pl.BlockSpec(dw2t_shape, lambda b, c: (0, 0)), pl.BlockSpec((D, 1), lambda b, c: (0, 0))),
-        interpret=interpret,
-    )(x, mean, rstd, nw, nb, w1t, b1, w2t, do)
+    with interpreting(interpret):
+        g, dw1t, dw2t, db1 = pl.pallas_call(
+            lambda *refs: _bwd_kernel(*refs, norm=norm, approximate=approximate, one_linear=one_linear),
+            out_shape=(jax.ShapeDtypeStruct((B, S, C), f32), jax.ShapeDtypeStruct(dw1t_shape, f32),
+                       jax.ShapeDtypeStruct(dw2t_shape, f32), jax.ShapeDtypeStruct((D, 1), f32)),
+            grid=(B, C // tc),
+            in_specs=[slab, stat, stat, per_c, per_c, whole(w1t), whole(b1), whole(w2t), slab],
+            out_specs=(slab, pl.BlockSpec(dw1t_shape, lambda b, c: (0, 0)),
+                       pl.BlockSpec(dw2t_shape, lambda b, c: (0, 0)), pl.BlockSpec((D, 1), lambda b, c: (0, 0))),
+            interpret=interpret,
+        )(x, mean, rstd, nw, nb, w1t, b1, w2t, do)
     dx, dnw, dnb, dscale, dss = norm_and_scale_grads(
         g.reshape(B * S, C), x, dout, mean.reshape(B * S, 1), rstd.reshape(B * S, 1), nw, norm, branch, scale,
         sample_scale)
