@@ -38,9 +38,9 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, target
 from hypothesis import strategies as st
 
-from conftest import DEVICE, IN_CI, require
+from conftest import DEVICE, require
 from mixer64 import channel_mixing64, token_mixing64
-from mixer_fast import dispatch, ops
+from mixer_fast import ops
 from op_cases import NAMES, make_args
 from tolerances import assert_numerics, atol, bound, max_err
 
@@ -284,17 +284,6 @@ def test_triton_against_reference(triton_backend, case: Case):
 
 
 # ------------------------------------------------------------------------------------- torch: cpu
-
-@pytest.fixture(scope="module")
-def cpu_backend():
-    # As tests/test_cpu.py: the extension must be built in CI; elsewhere a missing build skips.
-    try:
-        return dispatch.load("cpu")
-    except dispatch.BackendUnavailable as e:
-        if IN_CI:
-            pytest.fail(f"the cpu backend must load in CI: {e}")
-        pytest.skip(str(e))
-
 
 @_settings(30)
 @given(case=cases(("float32", "bfloat16")))
