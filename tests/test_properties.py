@@ -33,7 +33,6 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
-import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, target
 from hypothesis import strategies as st
@@ -118,7 +117,7 @@ _sizes = st.one_of(st.sampled_from(AWKWARD), st.integers(1, 40))
 def cases(draw, dtypes: Sequence[str]) -> Case:
     op = draw(st.sampled_from(("token", "channel")))
     variant = draw(st.sampled_from(("mixer", "droppath", "resmlp")))
-    B = draw(st.integers(0, 3))
+    B = draw(st.sampled_from((1, 2, 3, 0)))  # integers(0, 3) spends over a third of the budget on B = 0
     factors = st.lists(st.sampled_from(DROP_FACTORS), min_size=B, max_size=B).map(tuple)
     drop = draw({"mixer": st.none(), "droppath": factors, "resmlp": st.none() | factors}[variant])
     return Case(op=op, variant=variant, B=B, S=draw(_sizes), C=draw(_sizes), D=draw(st.integers(1, 48)),
