@@ -1,27 +1,35 @@
 #!/usr/bin/env bash
-# One command for a lent GPU: install mixer_fast there without a registry, run the compiled-kernel tests,
-# the static report, the benchmarks and the roofline, and write everything into one folder:
+# One script for a lent GPU: install mixer_fast there without a registry, then run a stage:
 #
-#     bash bench/gpu_suite.sh [OUT_DIR]        (default: $OUT if set, else bench/results/<date>-<gpu>)
+#     bash bench/gpu_suite.sh [STAGE] [OUT_DIR]     STAGE: tests | bench | all (default all)
+#                                                   OUT_DIR: default $OUT if set, else bench/results/<date>-<gpu>
 #
-# At most 8 files, so that all of them come back from a lent machine: env.txt, tests.log, report.json,
-# bench.json, bench.log, roofline.png, roofline.json. Commit the folder under bench/results/; the README's
-# performance table is generated from those files (python bench/results_table.py --write-readme).
+# A device call lasts at most 10 minutes, and the whole suite takes longer: run `tests` and `bench` in separate
+# calls. Every stage ends inside its own time budget (TESTS_BUDGET / BENCH_BUDGET seconds, default 480) with
+# SIGINT, so pytest still prints its summary and writes its files; tests run verbose (-v), so a run cut short
+# still names every test that failed so far. BENCH_K selects benchmarks (pytest -k), e.g.
+#     BENCH_K="mixer_b16 and 256" bash bench/gpu_suite.sh bench
+# Files (at most 8, so that all come back from a lent machine): env.txt, install.log, tests.log, report.json,
+# bench.json, bench.log, roofline.png, roofline.json. Commit the folder under bench/results/; the README's performance
+# table is generated from those files (python bench/results_table.py --write-readme).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+stage=${1:-all}
+case "$stage" in tests|bench|all) ;; *) echo "STAGE: expected tests, bench or all, got '$stage'" >&2; exit 2 ;; esac
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr ' ' '_' || echo unknown)
-out=${1:-${OUT:-bench/results/$(date -u +%Y-%m-%d)-${gpu}}}
+out=${2:-${OUT:-bench/results/$(date -u +%Y-%m-%d)-${gpu}}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-# The lent machines have torch, triton, jax, timm, pytest-benchmark but no registry: install mixer_fast
-# alone, and jax-triton (not installed there) from wheels carried in wheels/, fetched beforehand with
-#     pip download --no-deps -d wheels jax-triton==0.3.1 absl-py
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/tests.log" 2>&1 \
-  || { echo "install failed; see $out/tests.log"; exit 1; }
+# The lent machines have torch, triton, jax, timm, pytest-benchmark, pytest-xdist but no registry: install
+# mixer_fast alone, and jax-triton (not installed there) from wheels carried in wheels/ (triton 3.6 there:
+# jax-triton 0.3.1 is the newest that accepts it), fetched beforehand with
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 -d wheels jax-triton==0.3.1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 \
+  || { echo "install failed; see $out/install.log"; exit 1; }
 if ! python3 -c "import jax_triton" >/dev/null 2>&1 && ls wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --no-index wheels/*.whl >>"$out/tests.log" 2>&1 || echo "jax-triton install failed" >>"$out/tests.log"
+  python3 -m pip install -q --no-deps --no-index wheels/*.whl >>"$out/install.log" 2>&1 || echo "jax-triton install failed" >>"$out/install.log"
 fi
 # torch and JAX share the GPU in one process: no JAX preallocation of 75% of its memory.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -34,9 +42,18 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 } >"$out/env.txt" 2>&1
 
 status=0
-python3 -m pytest tests -q -p no:cacheprovider >>"$out/tests.log" 2>&1 || status=1
-python3 -m mixer_fast report --arch sm_90a --format json >"$out/report.json" 2>>"$out/tests.log" || status=1
-python3 -m pytest bench/ --benchmark-only -q -rs --benchmark-json="$out/bench.json" >"$out/bench.log" 2>&1 || status=1
-python3 -m mixer_fast roofline --out "$out/roofline.png" >>"$out/bench.log" 2>&1 || status=1
-echo "gpu suite finished (status $status); results in $out"
+if [ "$stage" != bench ]; then
+  timeout -s INT "${TESTS_BUDGET:-480}" python3 -m pytest tests -v --tb=short -rfE -p no:cacheprovider \
+    -n "${JOBS:-12}" --timeout 300 >"$out/tests.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)" "$out/tests.log" | cut -c1-220 | head -n 60
+  tail -n 3 "$out/tests.log"
+fi
+if [ "$stage" != tests ]; then
+  python3 -m mixer_fast report --arch sm_90a --format json >"$out/report.json" 2>>"$out/bench.log" || status=1
+  timeout -s INT "${BENCH_BUDGET:-480}" python3 -m pytest bench/ --benchmark-only -q -rs -p no:cacheprovider \
+    ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="$out/bench.json" >>"$out/bench.log" 2>&1 || status=1
+  python3 -m mixer_fast roofline --out "$out/roofline.png" >>"$out/bench.log" 2>&1 || status=1
+  tail -n 30 "$out/bench.log"
+fi
+echo "gpu suite ($stage) finished (status $status); results in $out"
 exit $status

@@ -7,7 +7,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -26,12 +25,14 @@ struct Ref {
   bool present = false;
 };
 
+// Built with std::to_string, not iostreams: the first ostringstream of a process touches the C++ locale,
+// and a segfault at exactly that point (the first shape error raised) was seen once on a host where other
+// extensions had loaded their own C++ runtime first (cause not established; this removes the dependency).
 std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << (s.size() == 1 ? ",)" : ")");
-  return o.str();
+  std::string o = "(";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  o += s.size() == 1 ? ",)" : ")";
+  return o;
 }
 
 Ref to_ref(const char* name, const py::object& obj) {

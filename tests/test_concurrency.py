@@ -38,15 +38,16 @@ def _torch_work(backend: str, seed: int) -> str:
 
     g = torch.Generator().manual_seed(seed)
     B, S, C = 2, 8 + seed, 16  # a shape each thread: two kernel specialisations compiled at once
-    r = lambda *s: (0.3 * torch.randn(*s, generator=g)).requires_grad_()  # noqa: E731
-    x = torch.randn(B, S, C, generator=g).requires_grad_()
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # compiled Triton: CUDA tensors
+    r = lambda *s: (0.3 * torch.randn(*s, generator=g)).to(dev).requires_grad_()  # noqa: E731
+    x = torch.randn(B, S, C, generator=g).to(dev).requires_grad_()
     tok = [r(C), r(C), r(8, S), r(8), r(S, 8), r(S)]
     ch = [r(C), r(C), r(16, C), r(16), r(C, 16), r(C)]
     out = ops.channel_mixing(ops.token_mixing(x, *tok, backend=backend), *ch, backend=backend)
     out.square().sum().backward()
     with torch.no_grad():  # the cpu backend's fused path (with gradients it runs the reference ops)
         inf = ops.channel_mixing(ops.token_mixing(x, *tok, backend=backend), *ch, backend=backend)
-    return _hash([t.detach().numpy() for t in (out, inf, x.grad, *(p.grad for p in tok + ch))])
+    return _hash([t.detach().cpu().numpy() for t in (out, inf, x.grad, *(p.grad for p in tok + ch))])
 
 
 _jitted = {}

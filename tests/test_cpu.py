@@ -146,7 +146,9 @@ def test_training_runs_the_reference_ops(cpu):
     args, kw = _args("token_mixing", 2, 13, 40, 24, torch.float32, False)
     leaves = [a.clone().requires_grad_(True) for a in args]
     out = backend.token_mixing(*leaves, **kw, dropout=0.0)
-    assert out.grad_fn is not None and torch.equal(out, F.token_mixing(*args, **kw))
+    # (eager under autograd too: with 16 threads torch's own kernels differ by an ulp between a forward that
+    # needs a gradient and one that does not, seen on a 16-core host)
+    assert out.grad_fn is not None and torch.equal(out, F.token_mixing(*leaves, **kw))
     with torch.no_grad():
         fused = backend.token_mixing(*leaves, **kw, dropout=0.0)
     assert fused.grad_fn is None and torch.equal(fused, backend.forward("token_mixing", *args, **kw))

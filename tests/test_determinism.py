@@ -37,18 +37,24 @@ def _torch_digest(backend: str, dtype: torch.dtype) -> str:
 
     g = torch.Generator().manual_seed(0)
     B, S, C = SHAPE
-    r = lambda *s: (0.3 * torch.randn(*s, generator=g)).to(dtype).requires_grad_()  # noqa: E731
-    x = (torch.randn(B, S, C, generator=g)).to(dtype).requires_grad_()
+    dev = _device(backend)
+    r = lambda *s: (0.3 * torch.randn(*s, generator=g)).to(dev, dtype).requires_grad_()  # noqa: E731
+    x = (torch.randn(B, S, C, generator=g)).to(dev, dtype).requires_grad_()
     tok = [r(C), r(C), r(10, S), r(10), r(S, 10), r(S)]
     ch = [r(C), r(C), r(40, C), r(40), r(C, 40), r(C)]
-    ss = torch.tensor([0.0, 1.5, 1.0], dtype=dtype)
+    ss = torch.tensor([0.0, 1.5, 1.0], dtype=dtype, device=dev)
     y = ops.token_mixing(x, *tok, sample_scale=ss, backend=backend)
     out = ops.channel_mixing(y, *ch, approximate="tanh", backend=backend)
-    out.backward(torch.randn(B, S, C, generator=g).to(dtype))
+    out.backward(torch.randn(B, S, C, generator=g).to(dev, dtype))
     leaves = [x, *tok, *ch]
     with torch.no_grad():  # the cpu backend's fused inference path (training runs the reference ops)
         inf = ops.channel_mixing(ops.token_mixing(x, *tok, backend=backend), *ch, backend=backend)
-    return _hash([t.detach().float().numpy() for t in (out, inf, *(p.grad for p in leaves))])
+    return _hash([t.detach().float().cpu().numpy() for t in (out, inf, *(p.grad for p in leaves))])
+
+
+def _device(backend: str) -> str:
+    """Where ``backend``'s inputs live: compiled Triton needs CUDA tensors (its interpreter, CPU ones)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _jax_digest(backend: str) -> str:
@@ -103,7 +109,7 @@ def _churn() -> None:
         args = [torch.randn(B, S, C), torch.randn(C), torch.randn(C), torch.randn(6, S), torch.randn(6),
                 torch.randn(S, 6), torch.randn(S)]
         for backend in _deterministic("torch"):
-            ops.token_mixing(*args, backend=backend)
+            ops.token_mixing(*(a.to(_device(backend)) for a in args), backend=backend)
 
 
 def test_claimed_backends_are_the_documented_ones(triton_backend, cpu_backend):

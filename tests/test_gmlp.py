@@ -1,7 +1,10 @@
 """gMLP (timm ``SpatialGatingBlock``): the reference op ``mixer_fast.ops.spatial_gating`` against timm's block
-(forward and every gradient), the fused ``SpatialGatingBlock`` as a drop-in for timm's (state dicts, block_layer,
-train mode), ``convert()`` on timm gMLP models, bad input, and the dispatch rule (only backends with the
-"spatial_gating" feature run it: asked for by name, the others raise NotImplementedError)."""
+(forward and every gradient), the Triton kernels (kernels/triton/spatial_gating.py; the interpreter without a
+GPU) against the reference and float64 under DESIGN's rule (every dtype, awkward shapes, both GELUs, drop path,
+strided / empty input, optional parameters, autocast, torch.compile, determinism), the fused
+``SpatialGatingBlock`` as a drop-in for timm's (state dicts, block_layer, train mode), ``convert()`` on timm gMLP
+models, bad input, and the dispatch rule (only backends with the "spatial_gating" feature run it: asked for by
+name, the others raise NotImplementedError)."""
 from __future__ import annotations
 
 import copy
@@ -261,18 +264,21 @@ def call(**overrides):
     return ops.spatial_gating(*args.values(), **kw)
 
 
-def test_automatic_choice_is_the_reference(request):
+def test_automatic_choice(request):
+    # CPU tensors: the cpu backend has no gMLP kernel, so the reference runs it; CUDA tensors: triton.
     assert "spatial_gating" in dispatch.load("reference").features
     assert dispatch.choose("torch", "cpu", needs=("spatial_gating", "float32")).name == "reference"
-    use_backend(request, "triton")  # loaded (in its interpreter without a GPU), it is still passed over
-    assert dispatch.choose("torch", "cuda", needs=("spatial_gating", "bfloat16")).name == "reference"
+    use_backend(request, "triton")
+    assert "spatial_gating" in dispatch.load("triton").features
+    assert dispatch.choose("torch", "cuda", needs=("spatial_gating", "bfloat16")).name == "triton"
+    assert dispatch.choose("torch", "cuda", needs=("spatial_gating", "dropout", "float32")).name == "reference"
     args = _op_args()
     want = ref.spatial_gating(*args.values())
     assert torch.equal(ops.spatial_gating(*args.values()), want)
     assert torch.equal(ops.spatial_gating(*args.values(), backend="reference"), want)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["cpu"])
 def test_explicit_backend_without_the_op_raises(request, monkeypatch, backend):
     use_backend(request, backend)
     msg = f"backend '{backend}' does not support spatial_gating; use backend='reference'"
@@ -366,3 +372,161 @@ def test_block_input_and_from_module_errors(timm):
         SpatialGatingBlock.from_module(broken)
     fused = SpatialGatingBlock.from_module(ref.SpatialGatingBlock(8, 4, drop=0.1, drop_path=0.2).train())
     assert fused.training and fused.drop_path.drop_prob == 0.2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The triton backend's kernels (kernels/triton/spatial_gating.py) against the reference and float64.
+
+NAMES = tuple(name for name, _ in ARGS)
+
+
+def _gating_args(B, S, C, H, seed=0):
+    """float64 arguments at the scales of a trained block (norm weights near 1, small biases, the gate's
+    bias near 1 as timm initialises it)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, std=1.0, mean=0.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean
+
+    h = H // 2
+    return dict(x=r(B, S, C), norm_weight=r(C, std=0.2, mean=1.0), norm_bias=r(C, std=0.2),
+                fc1_weight=r(H, C, std=C ** -0.5), fc1_bias=r(H, std=0.2), gate_norm_weight=r(h, std=0.2, mean=1.0),
+                gate_norm_bias=r(h, std=0.2), proj_weight=r(S, S, std=S ** -0.5), proj_bias=r(S, std=0.2, mean=1.0),
+                fc2_weight=r(C, h, std=h ** -0.5), fc2_bias=r(C, std=0.2))
+
+
+def _gating_run(args, dtype, backend, dout, *, device="cpu", sample_scale=None, **kw):
+    leaves = {n: None if t is None else t.detach().to(device=device, dtype=dtype).requires_grad_()
+              for n, t in args.items()}
+    ss = None if sample_scale is None else sample_scale.to(device=device, dtype=dtype)
+    out = ops.spatial_gating(*(leaves[n] for n in NAMES), sample_scale=ss, backend=backend, **kw)
+    out.backward(dout.to(device=device, dtype=dtype))
+    return out.detach(), {n: t.grad for n, t in leaves.items() if t is not None}
+
+
+def _check_triton(args, dtype, *, sample_scale=None, **kw):
+    from conftest import DEVICE
+
+    B, S, C = args["x"].shape
+    dout = torch.randn(B, S, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ss64 = None if sample_scale is None else sample_scale.double()
+    out64, g64 = _gating_run(args, torch.float64, "reference", dout, sample_scale=ss64, **kw)
+    eager, g_eager = _gating_run(args, dtype, "reference", dout, sample_scale=sample_scale, **kw)
+    fused, g_fused = _gating_run(args, dtype, "triton", dout, device=DEVICE, sample_scale=sample_scale, **kw)
+    assert fused.dtype == dtype
+    assert_numerics(fused.cpu(), eager, out64, "spatial_gating output")
+    assert g_fused.keys() == g64.keys()
+    for name in g64:
+        assert g_fused[name].dtype == dtype, name
+        assert_numerics(g_fused[name].cpu(), g_eager[name], g64[name], f"spatial_gating grad {name}")
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (B, S, C, H): ViT-like S = 49 with odd C; a narrow gate (H/2 = 1: LayerNorm over one value, where the
+# backward must see exactly the forward's v); C wider than the interpreter's 32-wide tiles; B = 1.
+GATING_SHAPES = [(3, 49, 20, 12), (2, 16, 8, 2), (2, 5, 64, 40), (1, 10, 12, 6)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GATING_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_against_reference(triton_backend, dtype, shape):
+    B, S, C, H = shape
+    approximate = "tanh" if (S + C) % 2 else "none"  # both GELUs over the shape list
+    ss = torch.tensor([0.0, 1.25, 2.5][:B]) if B > 1 else None  # drop path, one sample dropped
+    _check_triton(_gating_args(*shape, seed=B + S), dtype, sample_scale=ss, approximate=approximate)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_triton_both_gelus_and_epsilons(triton_backend, approximate):
+    _check_triton(_gating_args(2, 9, 16, 8, seed=3), torch.float32, approximate=approximate, eps=1e-3, gate_eps=1e-2)
+
+
+def test_triton_optional_parameters_none(triton_backend):
+    args = _gating_args(2, 7, 10, 6, seed=2)
+    for name in ("norm_weight", "norm_bias", "fc1_bias", "gate_norm_weight", "gate_norm_bias", "proj_bias",
+                 "fc2_bias"):
+        args[name] = None
+    _check_triton(args, torch.float32)
+
+
+def test_triton_strided_empty_and_no_grad(triton_backend):
+    from conftest import DEVICE
+
+    args = {n: t.float().to(DEVICE) for n, t in _gating_args(3, 8, 12, 10, seed=4).items()}
+    params = [args[n] for n in NAMES[1:]]
+    xt = torch.randn(3, 12, 8, device=DEVICE).transpose(1, 2)  # stride 1 along S
+    got = ops.spatial_gating(xt, *params, backend="triton")
+    assert max_err(got, ops.spatial_gating(xt.contiguous(), *params, backend="reference")) < 1e-5
+    with torch.no_grad():  # inference keeps nothing for the backward, and gives the same values
+        assert torch.equal(ops.spatial_gating(xt, *params, backend="triton"), got)
+    # B = 0: an empty output, and zero parameter gradients.
+    leaves = [p.clone().requires_grad_() for p in params]
+    x0 = torch.randn(0, 8, 12, device=DEVICE, requires_grad=True)
+    out = ops.spatial_gating(x0, *leaves, backend="triton")
+    assert out.shape == (0, 8, 12)
+    out.sum().backward()
+    assert x0.grad.shape == (0, 8, 12)
+    assert all(p.grad is not None and not p.grad.any() for p in leaves)
+
+
+def test_triton_autocast(triton_backend):
+    from conftest import DEVICE
+
+    args = _gating_args(2, 10, 16, 12, seed=5)
+    dout = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out64, g64 = _gating_run(args, torch.float64, "reference", dout)
+    results = {}
+    for backend, device in (("reference", "cpu"), ("triton", DEVICE)):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            results[backend] = _gating_run(args, torch.float32, backend, dout, device=device)
+    (eager, g_eager), (fused, g_fused) = results["reference"], results["triton"]
+    assert fused.dtype == eager.dtype == torch.float32
+    # fp32 results whose matmuls ran in bf16: the rule at bf16's floor, eager under autocast as "eager"
+    assert_numerics(fused.cpu().bfloat16(), eager, out64, "autocast output")
+    for name in g64:
+        assert g_fused[name].dtype == torch.float32, name
+        assert_numerics(g_fused[name].cpu().bfloat16(), g_eager[name], g64[name], f"autocast grad {name}")
+
+
+def test_triton_block_matches_timm_and_is_deterministic(timm, triton_backend):
+    from conftest import DEVICE
+    from timm.layers import GatedMlp
+
+    ours, theirs = _fused_pair(mlp_layer=GatedMlp)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    ours = SpatialGatingBlock.from_module(ours, backend="triton").to(DEVICE)
+    x, dout = torch.randn(3, 10, 24), torch.randn(3, 10, 24)
+    out_t, g_t = _timm_fwd_bwd(theirs, x, dout)
+    runs = [_timm_fwd_bwd(ours, x.to(DEVICE), dout.to(DEVICE)) for _ in range(2)]
+    out_o, g_o = runs[0]
+    assert_rel_close(out_o.cpu(), out_t, rtol=1e-5, what="triton block output")
+    assert g_o.keys() == g_t.keys()
+    for name in g_t:
+        assert_rel_close(g_o[name].cpu(), g_t[name], rtol=1e-5, what=f"triton block grad {name}")
+    # the triton backend's "deterministic" feature: bitwise equal run to run
+    assert torch.equal(runs[1][0], out_o) and all(torch.equal(runs[1][1][n], g_o[n]) for n in g_o)
+
+
+def test_triton_double_backward_raises(triton_backend):
+    args = {n: t.float().requires_grad_() for n, t in _gating_args(2, 5, 8, 4).items()}
+    out = ops.spatial_gating(*(args[n] for n in NAMES), backend="triton")
+    (gx,) = torch.autograd.grad(out.square().sum(), args["x"], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward: the triton backend's backward"):
+        gx.sum().backward()
+
+
+def test_triton_compiles_without_graph_breaks(triton_backend):
+    from conftest import DEVICE
+
+    block = perturb_(SpatialGatingBlock(16, 8, mlp_ratio=2, backend="triton")).to(DEVICE)
+    x = torch.randn(2, 8, 16, device=DEVICE, requires_grad=True)
+    eager_out = block(x)
+    eager_out.sum().backward()
+    eager_grads = {"x": x.grad.clone(), **grads(block)}
+    x.grad = None
+    block.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    out = torch.compile(block, fullgraph=True)(x)
+    out.sum().backward()
+    assert torch.equal(out, eager_out)
+    assert all(torch.equal(g, eager_grads[n]) for n, g in {"x": x.grad, **grads(block)}.items())

@@ -82,11 +82,12 @@ def compile_row(fn, name: str, config: str, constexprs: Dict[str, object], *, ar
 def variants(dtype: str) -> Iterator[Tuple]:
     """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes) for every kernel
     variant and GPU config the launchers use on a GPU, at the named models' shapes."""
-    from . import layer_norm, matmul, token_mixing
+    from . import layer_norm, matmul, spatial_gating, token_mixing
 
     prec = "ieee"
     base = dict(A_PRO=0, B_PRO=0, HAS_BIAS=False, BIAS_ON_M=False, EPI_GELU=False, EPI_GELU_GRAD=False,
-                STORE_BRANCH=False, HAS_SCALE=False, HAS_SS=False, SS_ON_N=False, HAS_RES=False, APPROX_TANH=False,
+                STORE_BRANCH=False, HAS_SCALE=False, HAS_SS=False, SS_ON_N=False, HAS_RES=False, RES_MUL=False,
+                APPROX_TANH=False,
                 PRECISION=prec, INTERPRETER=False, A_M_SPLIT=False, A_K_SPLIT=False, B_K_SPLIT=False,
                 B_N_SPLIT=False, O_M_SPLIT=False, O_N_SPLIT=False, X_M_SPLIT=False, X_N_SPLIT=False, R_M_SPLIT=False,
                 R_N_SPLIT=False, IDX64=False)
@@ -150,7 +151,17 @@ def variants(dtype: str) -> Iterator[Tuple]:
         yield (layer_norm.ln_stats_kernel, f"ln_stats[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
                dict(BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None)
         yield (layer_norm.ln_backward_kernel, f"ln_backward[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
-               dict(HAS_W=True, INTERPRETER=False, BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None)
+               dict(HAS_W=True, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, INTERPRETER=False,
+                    BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None)
+    # gMLP (gmlp_s16: H/2 = 768): the gate's LayerNorm backward through GELU, and dZ_u / dP.
+    block_c = layer_norm.gpu_block_c(768)
+    yield (layer_norm.ln_backward_kernel, "ln_backward[gate,C=768]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
+           dict(HAS_W=True, HAS_DY=False, GELU_IN=True, APPROX_TANH=False, INTERPRETER=False,
+                BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None)
+    bm, bh = spatial_gating.GATE_BLOCK
+    yield (spatial_gating.gate_grad_kernel, "gate_grad", f"{bm}x{bh} w4 s3",
+           dict(APPROX_TANH=False, INTERPRETER=False, IDX64=False, BLOCK_M=bm, BLOCK_H=bh), 4, 3,
+           {"dq_ptr": "fp32"})
 
 
 def report(arch: str, dtype: str = "bf16") -> List[Row]:

@@ -31,7 +31,7 @@ def ln_backward(g_ptr, x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr,
                 HAS_W: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     ln_backward_kernel(g_ptr, x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, dw_part_ptr, db_part_ptr,
                        R, S, C, sgr, sgc, sxb, sxs, sxc, syb, sys, syc, sdb, sds, sdc,
-                       HAS_W, INTERPRETER, BLOCK_R, BLOCK_C)
+                       HAS_W, True, False, False, INTERPRETER, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -88,7 +88,7 @@ def fused_matmul(a_ptr, b_ptr, aux_in_ptr, res_ptr, a_mean_ptr, a_rstd_ptr, a_w_
                  HAS_BIAS: tl.constexpr, BIAS_ON_M: tl.constexpr,
                  EPI_GELU: tl.constexpr, EPI_GELU_GRAD: tl.constexpr, STORE_BRANCH: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_SS: tl.constexpr, SS_ON_N: tl.constexpr, HAS_RES: tl.constexpr,
-                 APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+                 RES_MUL: tl.constexpr, APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
                  A_M_SPLIT: tl.constexpr, A_K_SPLIT: tl.constexpr, B_K_SPLIT: tl.constexpr,
                  B_N_SPLIT: tl.constexpr, O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr,
                  X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr, R_M_SPLIT: tl.constexpr,
@@ -106,7 +106,7 @@ def fused_matmul(a_ptr, b_ptr, aux_in_ptr, res_ptr, a_mean_ptr, a_rstd_ptr, a_w_
                         M, N, K, a_mi, a_smo, a_smi, a_ki, a_sko, a_ski, b_ki, b_sko, b_ski, b_ni, b_sno, b_sni,
                         o_mi, o_smo, o_smi, o_ni, o_sno, o_sni, x_smo, x_smi, x_sno, x_sni,
                         r_smo, r_smi, r_sno, r_sni, A_PRO, B_PRO, HAS_BIAS, BIAS_ON_M,
-                        EPI_GELU, EPI_GELU_GRAD, STORE_BRANCH, HAS_SCALE, HAS_SS, SS_ON_N, HAS_RES,
+                        EPI_GELU, EPI_GELU_GRAD, STORE_BRANCH, HAS_SCALE, HAS_SS, SS_ON_N, HAS_RES, RES_MUL,
                         APPROX_TANH, PRECISION, INTERPRETER, A_M_SPLIT, A_K_SPLIT, B_K_SPLIT, B_N_SPLIT,
                         O_M_SPLIT, O_N_SPLIT, X_M_SPLIT, X_N_SPLIT, R_M_SPLIT, R_N_SPLIT, IDX64,
                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)

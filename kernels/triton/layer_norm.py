@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from .elementwise import round_to
+from .elementwise import gelu, gelu_grad, round_to
 
 if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
     import torch
@@ -56,11 +56,15 @@ def ln_backward_kernel(
     g_ptr, x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, dw_part_ptr, db_part_ptr,
     R, S, C,
     sgr, sgc, sxb, sxs, sxc, syb, sys, syc, sdb, sds, sdc,
-    HAS_W: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_DY: tl.constexpr, GELU_IN: tl.constexpr, APPROX_TANH: tl.constexpr,
+    INTERPRETER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx = dy + rstd · (ĝ − mean_c(ĝ) − x̂ · mean_c(ĝ · x̂)), ĝ = g · w, per token; and this program's
     partial sums over its rows of g · x̂ and g (the LayerNorm weight and bias gradients), one row of
-    ``dw_part`` / ``db_part`` per program, summed afterwards in a fixed order (deterministic)."""
+    ``dw_part`` / ``db_part`` per program, summed afterwards in a fixed order (deterministic).
+
+    GELU_IN (gMLP's gate): ``x_ptr`` holds z and the normalised input was GELU(z) rounded to z's dtype;
+    it is recomputed, and dx is the gradient with respect to z (× GELU'(z)). Without HAS_DY, no dy term."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < R
@@ -78,7 +82,10 @@ def ln_backward_kernel(
         c64 = cols.to(tl.int64)
         m = mask_r[:, None] & (cols < C)[None, :]
         g = tl.load(g_ptr + g_base[:, None] + c64[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + x_base[:, None] + c64[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_base[:, None] + c64[None, :] * sxc, mask=m, other=0.0)
+        if GELU_IN:
+            x = round_to(gelu(x.to(tl.float32), APPROX_TANH), x_ptr.dtype.element_ty, INTERPRETER)
+        x = x.to(tl.float32)
         xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_W:
             g = g * tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
@@ -92,14 +99,20 @@ def ln_backward_kernel(
         mask_c = cols < C
         m = mask_r[:, None] & mask_c[None, :]
         g = tl.load(g_ptr + g_base[:, None] + c64[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + x_base[:, None] + c64[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + y_base[:, None] + c64[None, :] * syc, mask=m, other=0.0).to(tl.float32)
+        z = tl.load(x_ptr + x_base[:, None] + c64[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
+        x = z
+        if GELU_IN:
+            x = round_to(gelu(z, APPROX_TANH), x_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
         xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
         tl.store(dw_part_ptr + pid * C + cols, tl.sum(g * xhat, axis=0), mask=mask_c)
         tl.store(db_part_ptr + pid * C + cols, tl.sum(g, axis=0), mask=mask_c)
         if HAS_W:
             g = g * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        dx = dy + rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+        dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+        if GELU_IN:
+            dx = dx * gelu_grad(z, APPROX_TANH)
+        if HAS_DY:
+            dx += tl.load(dy_ptr + y_base[:, None] + c64[None, :] * syc, mask=m, other=0.0).to(tl.float32)
         tl.store(dx_ptr + d_base[:, None] + c64[None, :] * sdc, round_to(dx, dx_ptr.dtype.element_ty, INTERPRETER), mask=m)
 
 
@@ -135,22 +148,27 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.T
     return mean, rstd
 
 
-def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                        weight: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Tensor], mean: torch.Tensor,
+                        rstd: torch.Tensor, weight: Optional[torch.Tensor], *, gelu_in: Optional[str] = None,
+                        dx: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx = dy + LayerNorm-backward(g) for x (B, S, C), g = dL/dLN(x) fp32 (B·S, C); returns
-    (dx (B, S, C) in x's dtype, dweight (C,) fp32, dbias (C,) fp32)."""
+    (dx (B, S, C) in x's dtype, dweight (C,) fp32, dbias (C,) fp32). ``dy`` None: no residual term.
+    ``gelu_in`` ("none" / "tanh", gMLP's gate): x holds z, the normalised input was GELU(z), and dx is
+    with respect to z. ``dx``: a (B, S, C) view to write into (strided: a half of gMLP's dZ)."""
     import torch
 
     B, S, C = x.shape
     R = B * S
     programs = triton.cdiv(R, ROWS)
-    dx = _launch.new_output((B, S, C), x, x.dtype)
+    if dx is None:
+        dx = _launch.new_output((B, S, C), x, x.dtype)
     dw_part = _launch.new_output((programs, C), x, torch.float32)
     db_part = _launch.new_output((programs, C), x, torch.float32)
     if R:
         with _launch.serialized():
             ln_backward_kernel[(programs,)](
-                g, x, dy, dx, mean, rstd, weight if weight is not None else mean, dw_part, db_part,
-                R, S, C, *g.stride(), *x.stride(), *dy.stride(), *dx.stride(),
-                HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+                g, x, dy if dy is not None else x, dx, mean, rstd, weight if weight is not None else mean, dw_part,
+                db_part, R, S, C, *g.stride(), *x.stride(), *(dy if dy is not None else x).stride(), *dx.stride(),
+                HAS_W=weight is not None, HAS_DY=dy is not None, GELU_IN=gelu_in is not None,
+                APPROX_TANH=gelu_in == "tanh", INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return dx, dw_part.sum(0), db_part.sum(0)

@@ -13,8 +13,11 @@ would have cast):
     A: 0 none | 1 LayerNorm (row stats per m, weight/bias per k) | 2 affine (per k)
     B: 0 none | 1 LayerNorm (stats per k, weight/bias per n) | 2 affine (per n) | 3 affine (per k) | 4 GELU
        | 5 LayerNorm for the per-image token linear (stats of token (n // inner, k), weight/bias per n)
+       | 6 GELU then LayerNorm for gMLP's gate, B[k = (image, channel), n = token] (stats of token
+         (k // inner, n), weight/bias per k % inner): the gate's weight gradient from the saved pre-activation
 Epilogue, in order: + bias (per n, or per m), store to ``aux`` (the pre-activation, or the branch before
-scale), GELU or × GELU'(aux), × scale[n % inner], × sample_scale[sample], + residual.
+scale), GELU or × GELU'(aux), × scale[n % inner], × sample_scale[sample], + residual (or × ``res``:
+gMLP's u ⊙ gate, RES_MUL).
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def fused_matmul_kernel(
     HAS_BIAS: tl.constexpr, BIAS_ON_M: tl.constexpr,
     EPI_GELU: tl.constexpr, EPI_GELU_GRAD: tl.constexpr, STORE_BRANCH: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SS: tl.constexpr, SS_ON_N: tl.constexpr, HAS_RES: tl.constexpr,
-    APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    RES_MUL: tl.constexpr, APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     A_M_SPLIT: tl.constexpr, A_K_SPLIT: tl.constexpr, B_K_SPLIT: tl.constexpr, B_N_SPLIT: tl.constexpr,
     O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr, X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr,
     R_M_SPLIT: tl.constexpr, R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr,
@@ -128,6 +131,18 @@ def fused_matmul_kernel(
                 wk = tl.load(b_w_ptr + rk % b_ki, mask=mask_k, other=0.0).to(tl.float32)
                 bk = tl.load(b_b_ptr + rk % b_ki, mask=mask_k, other=0.0).to(tl.float32)
                 bf = bf * wk[:, None] + bk[:, None]
+            elif B_PRO == 6:
+                # gMLP's gate input v = GELU(z_v), rounded to z's dtype as the forward stored it (its
+                # statistics were taken of the rounded values), then normalised per (image, token).
+                bf = round_to(gelu(bf, APPROX_TANH), b_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
+                st = (rk // b_ki)[:, None] * N + rn[None, :]
+                if IDX64:
+                    st = st.to(tl.int64)
+                mk = tl.load(b_mean_ptr + st, mask=b_mask, other=0.0)
+                sk = tl.load(b_rstd_ptr + st, mask=b_mask, other=0.0)
+                wk = tl.load(b_w_ptr + rk % b_ki, mask=mask_k, other=0.0).to(tl.float32)
+                bk = tl.load(b_b_ptr + rk % b_ki, mask=mask_k, other=0.0).to(tl.float32)
+                bf = (bf - mk) * sk * wk[:, None] + bk[:, None]
             else:
                 bf = gelu(bf, APPROX_TANH)
             b = round_to(tl.where(b_mask, bf, 0.0), a_ptr.dtype.element_ty, INTERPRETER)
@@ -149,7 +164,10 @@ def fused_matmul_kernel(
     if STORE_BRANCH:  # the pre-activation (with EPI_GELU) or the branch before scale
         tl.store(aux_ptr + x_off, round_to(acc, aux_ptr.dtype.element_ty, INTERPRETER), mask=mask)
     if EPI_GELU:
-        acc = gelu(acc, APPROX_TANH)
+        # GELU of the pre-activation as stored (rounded to the output dtype), as eager applies it to the
+        # linear layer's rounded output: a backward that recomputes GELU from the stored Z then sees the
+        # forward's exact values (gMLP normalises them; over a narrow gate a 1-ulp mismatch is amplified).
+        acc = gelu(round_to(acc, out_ptr.dtype.element_ty, INTERPRETER).to(tl.float32), APPROX_TANH)
     if EPI_GELU_GRAD:
         z = tl.load(aux_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
         acc = acc * gelu_grad(z, APPROX_TANH)
@@ -162,7 +180,11 @@ def fused_matmul_kernel(
             acc *= tl.load(ss_ptr + rm // o_mi, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     if HAS_RES:
         r_off = _offsets(rm, o_mi, r_smo, r_smi, R_M_SPLIT, IDX64)[:, None] + _offsets(rn, o_ni, r_sno, r_sni, R_N_SPLIT, IDX64)[None, :]
-        acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        if RES_MUL:
+            acc *= r
+        else:
+            acc += r
     tl.store(out_ptr + o_row[:, None] + o_col[None, :], round_to(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
@@ -222,6 +244,11 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
     "ln_b": (dict(B_PRO=1), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (64, 128, 32, 4, 3))),
     # dW2 = dOᵀ · GELU(Z), GELU recomputed on the B tile
     "gelu_b": (dict(B_PRO=4), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3))),
+    # gMLP's gate: per-image S×S token linear of LN(v), + bias, kept (backward), × u
+    "gate_proj": (dict(B_PRO=5, HAS_BIAS=True, BIAS_ON_M=True, STORE_BRANCH=True, HAS_RES=True, RES_MUL=True),
+                  ((64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3))),  # 4 warps at 64x128 spill
+    # gMLP's gate weight gradient dW_p = dP · LN(GELU(z_v))ᵀ, the B tile recomputed from z (BLOCK_K 64 spills)
+    "gate_b": (dict(B_PRO=6), ((128, 128, 32, 8, 3), (64, 128, 32, 8, 3))),
     # ResMLP's per-image S×S token linear with its whole epilogue
     "token_linear": (dict(B_PRO=2, HAS_BIAS=True, BIAS_ON_M=True, HAS_SCALE=True, HAS_SS=True, SS_ON_N=True,
                           HAS_RES=True, STORE_BRANCH=True), ((64, 128, 32, 4, 3), (64, 64, 64, 4, 3))),
@@ -229,7 +256,8 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
     "plain": (dict(), ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3))),
 }
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
-AUTOTUNE_KEY = ["M", "N", "K", "A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "PRECISION", "IDX64"]
+AUTOTUNE_KEY = ["M", "N", "K", "A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "RES_MUL", "PRECISION",
+                "IDX64"]
 _tuned: Dict[str, object] = {}
 
 
@@ -262,7 +290,7 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
          out_axes: Tuple[Axis, Axis], aux_axes: Optional[Tuple[Axis, Axis]],
          res_axes: Optional[Tuple[Axis, Axis]], *, a_pro: int, b_pro: int, has_bias: bool, bias_on_m: bool,
          epi_gelu: bool, epi_gelu_grad: bool, store_branch: bool, has_scale: bool, has_ss: bool, ss_on_n: bool,
-         has_res: bool, approximate: str, precision: str, idx64: bool) -> Plan:
+         has_res: bool, approximate: str, precision: str, idx64: bool, res_mul: bool = False) -> Plan:
     """The launch of fused_matmul_kernel (see fused_matmul) shared by the torch and JAX launchers."""
     am, ak = a_axes
     bk, bn = b_axes
@@ -273,7 +301,7 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
     meta = dict(
         A_PRO=a_pro, B_PRO=b_pro, HAS_BIAS=has_bias, BIAS_ON_M=bias_on_m,
         EPI_GELU=epi_gelu, EPI_GELU_GRAD=epi_gelu_grad, STORE_BRANCH=store_branch,
-        HAS_SCALE=has_scale, HAS_SS=has_ss, SS_ON_N=ss_on_n, HAS_RES=has_res,
+        HAS_SCALE=has_scale, HAS_SS=has_ss, SS_ON_N=ss_on_n, HAS_RES=has_res, RES_MUL=res_mul,
         APPROX_TANH=approximate == "tanh", PRECISION=precision, INTERPRETER=_launch.INTERPRET,
         A_M_SPLIT=am.split, A_K_SPLIT=ak.split, B_K_SPLIT=bk.split, B_N_SPLIT=bn.split, O_M_SPLIT=om.split,
         O_N_SPLIT=on.split, X_M_SPLIT=xm.split, X_N_SPLIT=xn.split, R_M_SPLIT=rm.split, R_N_SPLIT=rn.split,
@@ -304,11 +332,12 @@ def fused_matmul(
     aux: Optional[torch.Tensor] = None, aux_axes: Optional[Tuple[Axis, Axis]] = None,
     epi_gelu: bool = False, epi_gelu_grad: bool = False, store_branch: bool = False,
     scale: Optional[torch.Tensor] = None, ss: Optional[torch.Tensor] = None, ss_on_n: bool = False,
-    res: Optional[torch.Tensor] = None, res_axes: Optional[Tuple[Axis, Axis]] = None,
+    res: Optional[torch.Tensor] = None, res_axes: Optional[Tuple[Axis, Axis]] = None, res_mul: bool = False,
     approximate: str = "none", allow_tf32: bool = False,
 ) -> torch.Tensor:
     """out[m, n] = epilogue(Σ_k pro_A(a)[m, k] · pro_B(b)[k, n]) (see the module docstring). ``aux`` and
-    ``res`` share ``out``'s axis decomposition (same ``inner``), with their own strides. ``variant`` names
+    ``res`` share ``out``'s axis decomposition (same ``inner``), with their own strides; ``res_mul``
+    multiplies by ``res`` instead of adding it. ``variant`` names
     the launch site in VARIANTS, whose configs the autotuner tries."""
     if M == 0 or N == 0:
         return out
@@ -321,7 +350,7 @@ def fused_matmul(
              has_bias=bias is not None, bias_on_m=bias_on_m, epi_gelu=epi_gelu, epi_gelu_grad=epi_gelu_grad,
              store_branch=store_branch, has_scale=scale is not None, has_ss=ss is not None, ss_on_n=ss_on_n,
              has_res=res is not None, approximate=approximate, precision=_launch.precision(a.dtype, allow_tf32),
-             idx64=_launch.needs_int64(a, b, out, aux, res))
+             idx64=_launch.needs_int64(a, b, out, aux, res), res_mul=res_mul)
     # On a GPU the autotuner's configs set num_warps / num_stages.
     launch = {} if callable(p.grid) else dict(num_warps=p.num_warps, num_stages=p.num_stages)
     with _launch.serialized(autotuned=True):

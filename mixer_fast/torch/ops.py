@@ -142,8 +142,8 @@ def spatial_gating(
         sample_scale: (B,) per-sample factor (drop path: mask / keep_prob) or None.
         dropout: training dropout probability after the GELU and after fc2, as timm's GatedMlp.
         backend: a backend name, or None for ``MIXER_FAST_BACKEND`` / the best available. Only backends
-            with the ``"spatial_gating"`` feature run it (this version: ``reference``); another one asked
-            for by name raises NotImplementedError.
+            with the ``"spatial_gating"`` feature run it (``reference`` and ``triton``); another one asked
+            for by name (``cpu``) raises NotImplementedError.
     """
     eps, gate_eps = checks.gating_args(
         x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,

@@ -41,8 +41,8 @@ def load() -> SimpleNamespace:
     detail = ("Triton's interpreter on CPU tensors (no CUDA device; for testing, slow)" if _launch.INTERPRET
               else f"compiled Triton kernels on {torch.cuda.get_device_name()}")
     return SimpleNamespace(name="triton", features=frozenset({"deterministic", "autocast", "float32", "bfloat16",
-                                                              "float16"}), detail=detail,
-                           token_mixing=token_mixing, channel_mixing=channel_mixing)
+                                                              "float16", "spatial_gating"}), detail=detail,
+                           token_mixing=token_mixing, channel_mixing=channel_mixing, spatial_gating=spatial_gating)
 
 
 def _none(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -81,6 +81,7 @@ def _register_ops() -> None:
     if _registered:
         return
     from ..kernels.triton.channel_mixing import channel_mixing_backward, channel_mixing_forward
+    from ..kernels.triton.spatial_gating import spatial_gating_backward, spatial_gating_forward
     from ..kernels.triton.token_mixing import token_mixing_backward, token_mixing_forward
 
     grad_names = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "scale")
@@ -200,12 +201,73 @@ def _register_ops() -> None:
     channel_fwd.register_autograd(channel_backward, setup_context=channel_setup)
     channel_bwd.register_autograd(_no_double_backward)
 
-    global _token_fwd, _channel_fwd
-    _token_fwd, _channel_fwd = token_fwd, channel_fwd
+    # ------------------------------------------------------------------ gMLP spatial gating
+    gating_names = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "gate_norm_weight", "gate_norm_bias",
+                    "proj_weight", "proj_bias", "fc2_weight", "fc2_bias")
+
+    @torch.library.custom_op("mixer_fast::spatial_gating_fwd", mutates_args=())
+    def gating_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+                   fc1_bias: Optional[Tensor], gate_norm_weight: Optional[Tensor], gate_norm_bias: Optional[Tensor],
+                   proj_weight: Tensor, proj_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+                   sample_scale: Optional[Tensor], eps: float, gate_eps: float, approximate: str, save: bool,
+                   allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        out, *rest = spatial_gating_forward(
+            x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
+            fc2_weight, fc2_bias, eps=eps, gate_eps=gate_eps, approximate=approximate, sample_scale=sample_scale,
+            save=save, allow_tf32=allow_tf32)
+        stats, saved = rest[:4], rest[4:]
+        return (out, *stats, *(_or_empty(t, x, fc1_weight.dtype) for t in saved))
+
+    @gating_fwd.register_fake
+    def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
+          fc2_weight, fc2_bias, sample_scale, eps, gate_eps, approximate, save, allow_tf32):
+        B, S, C = x.shape
+        H = fc1_weight.shape[0]
+        stat = lambda: x.new_empty((B * S,), dtype=torch.float32)  # noqa: E731
+        hidden = lambda *shape: fc1_weight.new_empty(shape if save else (0,))  # noqa: E731
+        return (x.new_empty((B, S, C)), stat(), stat(), stat(), stat(), hidden(B, S, H), hidden(B, S, H // 2),
+                hidden(B, S, H // 2))
+
+    @torch.library.custom_op("mixer_fast::spatial_gating_bwd", mutates_args=())
+    def gating_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                   fc1_weight: Tensor, fc1_bias: Optional[Tensor], gate_norm_weight: Optional[Tensor],
+                   gate_norm_bias: Optional[Tensor], proj_weight: Tensor, proj_bias: Optional[Tensor],
+                   fc2_weight: Tensor, fc2_bias: Optional[Tensor], sample_scale: Optional[Tensor], mean: Tensor,
+                   rstd: Tensor, gate_mean: Tensor, gate_rstd: Tensor, z: Tensor, p: Tensor, q: Tensor,
+                   approximate: str, allow_tf32: bool) -> List[Tensor]:
+        params = (norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
+                  proj_bias, fc2_weight, fc2_bias)
+        g = spatial_gating_backward(dout.contiguous(), x, *params, mean, rstd, gate_mean, gate_rstd, z, p, q,
+                                    approximate=approximate, sample_scale=sample_scale, allow_tf32=allow_tf32)
+        return [_empty(x) if g.get(name) is None or t is None else g[name].to(t.dtype)
+                for name, t in zip(gating_names, (x, *params))]
+
+    @gating_bwd.register_fake
+    def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
+          proj_bias, fc2_weight, fc2_bias, sample_scale, mean, rstd, gate_mean, gate_rstd, z, p, q, approximate,
+          allow_tf32):
+        return _fake_grads(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias,
+                           proj_weight, proj_bias, fc2_weight, fc2_bias)
+
+    def gating_setup(ctx, inputs, output):
+        *tensors, ss, _eps, _gate_eps, approximate, _save, allow_tf32 = inputs
+        ctx.save_for_backward(*tensors, ss, *output[1:])
+        ctx.args = (approximate, allow_tf32)
+
+    def gating_backward(ctx, dout, *_unused):
+        saved = ctx.saved_tensors
+        g = gating_bwd(dout, *saved, *ctx.args)
+        return (*_grads_in(g, saved[:11]), None, None, None, None, None, None)
+
+    gating_fwd.register_autograd(gating_backward, setup_context=gating_setup)
+    gating_bwd.register_autograd(_no_double_backward)
+
+    global _token_fwd, _channel_fwd, _gating_fwd
+    _token_fwd, _channel_fwd, _gating_fwd = token_fwd, channel_fwd, gating_fwd
     _registered = True
 
 
-_token_fwd = _channel_fwd = None
+_token_fwd = _channel_fwd = _gating_fwd = None
 
 
 def _no_double_backward(ctx, *grads):
@@ -254,3 +316,16 @@ def channel_mixing(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, 
     fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     return _channel_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale,
                         eps, approximate, norm, _needs_grad(*params), store_branch, _allow_tf32())[0]
+
+
+def spatial_gating(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
+                   proj_bias, fc2_weight, fc2_bias, *, eps, gate_eps, approximate, sample_scale, dropout) -> Tensor:
+    """The ``triton`` backend's gMLP block (arguments as mixer_fast.ops.spatial_gating, already checked)."""
+    _check_sample_scale(sample_scale)
+    params = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
+              proj_bias, fc2_weight, fc2_bias)
+    fc1_weight, fc1_bias, proj_weight, proj_bias, fc2_weight, fc2_bias = _autocast(
+        x, fc1_weight, fc1_bias, proj_weight, proj_bias, fc2_weight, fc2_bias)
+    return _gating_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
+                       proj_bias, fc2_weight, fc2_bias, sample_scale, eps, gate_eps, approximate, _needs_grad(*params),
+                       _allow_tf32())[0]

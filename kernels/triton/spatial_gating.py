@@ -1,0 +1,195 @@
+"""gMLP's spatial-gating block (timm ``SpatialGatingBlock``) as fused GEMMs:
+
+    out = x + ss · fc2(u ⊙ (W_p · LN_g(v) + b_p)),   (u, v) = halves of GELU(fc1(LN(x)))
+
+Forward, three GEMMs of matmul.py and one statistics pass:
+  1. H = GELU(LN(x) · W1ᵀ + b1) (M × 2h), LayerNorm as the A prologue, bias + GELU as the epilogue (channel
+     mixing's fc1; Z, the pre-activation, kept for the backward);
+  2. LN_g's per-token statistics of v = H[:, h:] read in place (a strided view, no copy);
+  3. Q = u ⊙ (W_p · LN_g(v) + b_p): per image, the S × S token linear with LN_g applied to each loaded v tile
+     (as ResMLP's token linear), bias per output token, and u multiplied in the epilogue; the gate P before
+     the product is kept for the backward;
+  4. out = x + ss · (Q · W2ᵀ + b2), bias, drop path and residual in the epilogue.
+No transpose is materialised and LN_g(v) never reaches memory.
+
+Backward (dQ = ss · dout · W2):
+  dZ_u = dQ ⊙ P ⊙ GELU'(z_u) and dP = dQ ⊙ u   (one element-wise kernel, u recomputed from Z);
+  dW_p = dP · LN_g(GELU(z_v))ᵀ per image, v and LN_g recomputed on the B tile; db_p = Σ dP;
+  g_v = W_pᵀ · dP, then LN_g's backward × GELU'(z_v) writes dZ_v (the other half of dZ) in one pass;
+  then channel mixing's: g = dZ · W1, dW1 = dZᵀ · LN(x), dW2 = dQᵀ... = d(out)ᵀ · Q, LayerNorm backward.
+Every reduction runs over fixed tiles in a fixed order: deterministic.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+import triton
+import triton.language as tl
+
+from . import _launch
+from .elementwise import gelu, gelu_grad, round_to
+from .layer_norm import layer_norm_backward, layer_norm_stats
+from .matmul import flat, fused_matmul, split
+from .token_mixing import branch_grad, norm_backward
+
+if TYPE_CHECKING:  # torch loads when a launcher runs
+    import torch
+
+    Tensor = torch.Tensor
+
+
+@triton.jit
+def gate_grad_kernel(
+    dq_ptr, z_ptr, p_ptr, dz_ptr, dp_ptr, M, Hh, sdq, sz, sp, sdz, sdp,
+    APPROX_TANH: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """dZ_u = dQ ⊙ P ⊙ GELU'(z_u) (into the first half of dZ) and dP = dQ ⊙ u, u = GELU(z_u) rounded to z's
+    dtype as the forward stored it. Rows of M tokens, ``s*`` the row strides (columns are contiguous)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    mask = (rows < M)[:, None] & (cols < Hh)[None, :]
+    r = rows[:, None]
+    c = cols[None, :]
+    dq = tl.load(dq_ptr + r * sdq + c, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + r * sz + c, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + r * sp + c, mask=mask, other=0.0).to(tl.float32)
+    u = round_to(gelu(z, APPROX_TANH), z_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
+    tl.store(dz_ptr + r * sdz + c, round_to(dq * p * gelu_grad(z, APPROX_TANH), dz_ptr.dtype.element_ty, INTERPRETER),
+             mask=mask)
+    tl.store(dp_ptr + r * sdp + c, round_to(dq * u, dp_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+
+
+GATE_BLOCK = (32, 64)  # rows × columns of gate_grad_kernel: 16-byte accesses along the contiguous columns
+
+
+def _tokens(t: Tensor, S: int, inner_stride: int):
+    """The (image, channel) axis of a (B, S, ·) table as a GEMM axis: channel fastest."""
+    return split(t.shape[-1], t.stride(0), inner_stride)
+
+
+def spatial_gating_forward(
+    x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor], gate_norm_weight: Optional[Tensor], gate_norm_bias: Optional[Tensor],
+    proj_weight: Tensor, proj_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor], *,
+    eps: float, gate_eps: float, approximate: str, sample_scale: Optional[Tensor], save: bool,
+    allow_tf32: bool = False,
+) -> Tuple[Tensor, ...]:
+    """x (B, S, C) → (out (B, S, C), mean, rstd (B·S,) fp32, gate_mean, gate_rstd (B·S,) fp32, and with
+    ``save`` (for the backward; else None) Z (B, S, H), P (B, S, H/2) and Q (B, S, H/2) in the weights' dtype)."""
+    _launch.check_device(x)
+    B, S, C = x.shape
+    H = fc1_weight.shape[0]
+    Hh = H // 2
+    M = B * S
+    wdt = fc1_weight.dtype  # the hidden activations' dtype: x's own, or the autocast dtype
+    mean, rstd = layer_norm_stats(x, eps)
+    nw = _launch.vec_or(norm_weight, C, 1.0, x)
+    nb = _launch.vec_or(norm_bias, C, 0.0, x)
+    h = _launch.new_output((B, S, H), x, wdt)
+    z = _launch.new_output((B, S, H), x, wdt) if save else None
+    h_axes = (flat(M, H), flat(H, 1))
+    fused_matmul(
+        x, (split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))),
+        fc1_weight, (flat(C, fc1_weight.stride(1)), flat(H, fc1_weight.stride(0))),
+        h, h_axes, M, H, C,
+        variant="ln_gelu", a_pro=1, a_stats=(mean, rstd), a_vec=(nw, nb), bias=fc1_bias,
+        aux=z, aux_axes=h_axes if save else None, store_branch=save, epi_gelu=True, approximate=approximate,
+        allow_tf32=allow_tf32)
+    u, v = h[..., :Hh], h[..., Hh:]
+    gate_mean, gate_rstd = layer_norm_stats(v, gate_eps)
+    gw = _launch.vec_or(gate_norm_weight, Hh, 1.0, v)
+    gb = _launch.vec_or(gate_norm_bias, Hh, 0.0, v)
+    # Q[b, s, c] = u[b, s, c] · (Σ_t W_p[s, t] · LN_g(v)[b, t, c] + b_p[s]): M = S output tokens,
+    # N = (image, channel), K = S tokens, as ResMLP's token linear.
+    q = _launch.new_output((B, S, Hh), x, wdt)
+    p = _launch.new_output((B, S, Hh), x, wdt) if save else None
+    q_axes = (flat(S, q.stride(1)), _tokens(q, S, 1))
+    fused_matmul(
+        proj_weight, (flat(S, proj_weight.stride(0)), flat(S, proj_weight.stride(1))),
+        v, (flat(S, v.stride(1)), _tokens(v, S, 1)), q, q_axes, S, B * Hh, S,
+        variant="gate_proj", b_pro=5, b_stats=(gate_mean, gate_rstd), b_vec=(gw, gb), bias=proj_bias,
+        bias_on_m=True, aux=p, aux_axes=q_axes if save else None, store_branch=save,
+        res=u, res_axes=(flat(S, u.stride(1)), _tokens(u, S, 1)), res_mul=True, allow_tf32=allow_tf32)
+    out = _launch.new_output((B, S, C), x, x.dtype)
+    fused_matmul(
+        q, (flat(M, Hh), flat(Hh, 1)), fc2_weight, (flat(Hh, fc2_weight.stride(1)), flat(C, fc2_weight.stride(0))),
+        out, (split(S, S * C, C), flat(C, 1)), M, C, Hh,
+        variant="residual", bias=fc2_bias, ss=sample_scale, res=x,
+        res_axes=(split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))), allow_tf32=allow_tf32)
+    return out, mean, rstd, gate_mean, gate_rstd, z, p, q if save else None
+
+
+def spatial_gating_backward(
+    dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor], gate_norm_weight: Optional[Tensor], gate_norm_bias: Optional[Tensor],
+    proj_weight: Tensor, proj_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+    mean: Tensor, rstd: Tensor, gate_mean: Tensor, gate_rstd: Tensor, z: Tensor, p: Tensor, q: Tensor, *,
+    approximate: str, sample_scale: Optional[Tensor], allow_tf32: bool = False,
+) -> Dict[str, Optional[Tensor]]:
+    """Gradients for dout = dL/dout (B, S, C), keyed by the op's argument names (parameters in fp32)."""
+    import torch
+
+    B, S, C = x.shape
+    H = fc1_weight.shape[0]
+    Hh = H // 2
+    M = B * S
+    wdt = fc1_weight.dtype
+    grads: Dict[str, Optional[Tensor]] = {}
+    do = branch_grad(dout, None, sample_scale).to(wdt)
+    do_tok, do_ch = split(S, do.stride(0), do.stride(1)), flat(C, do.stride(2))
+    # dQ = dO · W2 (fp32), then dZ_u and dP element-wise.
+    dq = _launch.new_output((M, Hh), x, torch.float32)
+    fused_matmul(do, (do_tok, do_ch), fc2_weight, (flat(C, fc2_weight.stride(0)), flat(Hh, fc2_weight.stride(1))),
+                 dq, (flat(M, Hh), flat(Hh, 1)), M, Hh, C, variant="plain", allow_tf32=allow_tf32)
+    dz = _launch.new_output((B, S, H), x, wdt)
+    dp = _launch.new_output((B, S, Hh), x, wdt)
+    if M and Hh:
+        bm, bh = GATE_BLOCK
+        with _launch.serialized():
+            gate_grad_kernel[(triton.cdiv(M, bm), triton.cdiv(Hh, bh))](
+                dq, z, p, dz, dp, M, Hh, dq.stride(0), z.stride(1), p.stride(1), dz.stride(1), dp.stride(1),
+                APPROX_TANH=approximate == "tanh", INTERPRETER=_launch.INTERPRET,
+                IDX64=_launch.needs_int64(dq, z, p, dz, dp), BLOCK_M=bm, BLOCK_H=bh)
+    # The gate: dW_p[s, t] = Σ_(b, c) dP[b, s, c] · LN_g(v)[b, t, c], LN_g(GELU(z_v)) recomputed on load.
+    zv = z[..., Hh:]
+    gw = _launch.vec_or(gate_norm_weight, Hh, 1.0, zv)
+    gb = _launch.vec_or(gate_norm_bias, Hh, 0.0, zv)
+    dwp = _launch.new_output((S, S), x, torch.float32)
+    fused_matmul(dp, (flat(S, dp.stride(1)), _tokens(dp, S, 1)), zv, (_tokens(zv, S, 1), flat(S, zv.stride(1))),
+                 dwp, (flat(S, S), flat(S, 1)), S, S, B * Hh, variant="gate_b", b_pro=6,
+                 b_stats=(gate_mean, gate_rstd), b_vec=(gw, gb), approximate=approximate, allow_tf32=allow_tf32)
+    grads["proj_weight"] = dwp
+    grads["proj_bias"] = dp.float().sum((0, 2)) if proj_bias is not None else None
+    # g_v[b, t, c] = Σ_s W_p[s, t] · dP[b, s, c] (fp32), then LN_g's backward × GELU'(z_v) into dZ's v half.
+    gv = _launch.new_output((M, Hh), x, torch.float32)
+    fused_matmul(proj_weight, (flat(S, proj_weight.stride(1)), flat(S, proj_weight.stride(0))),
+                 dp, (flat(S, dp.stride(1)), _tokens(dp, S, 1)), gv, (flat(S, Hh), split(Hh, S * Hh, 1)),
+                 S, B * Hh, S, variant="plain", allow_tf32=allow_tf32)
+    _, dgw, dgb = layer_norm_backward(gv, zv, None, gate_mean, gate_rstd, gate_norm_weight, gelu_in=approximate,
+                                      dx=dz[..., Hh:])
+    grads["gate_norm_weight"] = dgw if gate_norm_weight is not None else None
+    grads["gate_norm_bias"] = dgb if gate_norm_bias is not None else None
+    # Channel mixing's backward from dZ, with fc2's input Q kept by the forward.
+    nw = _launch.vec_or(norm_weight, C, 1.0, x)
+    nb = _launch.vec_or(norm_bias, C, 0.0, x)
+    h_axes = (flat(M, H), flat(H, 1))
+    g = _launch.new_output((M, C), x, torch.float32)
+    fused_matmul(dz, h_axes, fc1_weight, (flat(H, fc1_weight.stride(0)), flat(C, fc1_weight.stride(1))),
+                 g, (flat(M, C), flat(C, 1)), M, C, H, variant="plain", allow_tf32=allow_tf32)
+    dw1 = _launch.new_output((H, C), x, torch.float32)
+    fused_matmul(dz, (flat(H, 1), flat(M, H)), x, (split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))),
+                 dw1, (flat(H, C), flat(C, 1)), H, C, M, variant="ln_b", b_pro=1, b_stats=(mean, rstd),
+                 b_vec=(nw, nb), allow_tf32=allow_tf32)
+    dw2 = _launch.new_output((C, Hh), x, torch.float32)
+    fused_matmul(do, (do_ch, do_tok), q, (flat(M, Hh), flat(Hh, 1)), dw2, (flat(C, Hh), flat(Hh, 1)), C, Hh, M,
+                 variant="plain", allow_tf32=allow_tf32)
+    grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
+    grads["fc1_bias"] = dz.float().sum((0, 1)) if fc1_bias is not None else None
+    grads["fc2_bias"] = do.float().sum((0, 1)) if fc2_bias is not None else None
+    grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, "layernorm")
+    grads["norm_weight"] = dnw if norm_weight is not None else None
+    grads["norm_bias"] = dnb if norm_bias is not None else None
+    return grads
