@@ -119,3 +119,26 @@ def test_import_is_light():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_interpreter_refuses_a_known_broken_triton_numpy_pair(monkeypatch):
+    # triton 3.6's interpreter int()s 1-element arrays, an error since numpy 2.4: 136 tests failed with
+    # "only 0-dimensional arrays can be converted" on that pair; the backend now says why instead.
+    require("triton")
+    import numpy
+    import triton
+
+    from mixer_fast.kernels.triton import _launch
+
+    monkeypatch.setattr(_launch, "INTERPRET", True)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert "install numpy<2.4 or triton>=3.8" in _launch.interpreter_problem()
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert _launch.interpreter_problem() is None
+    monkeypatch.setattr(triton, "__version__", "3.8.0")
+    monkeypatch.setattr(numpy, "__version__", "2.5.5")
+    assert _launch.interpreter_problem() is None
+    monkeypatch.setattr(_launch, "INTERPRET", False)  # compiled kernels: numpy is not involved
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert _launch.interpreter_problem() is None

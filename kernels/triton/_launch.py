@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from typing import TYPE_CHECKING, ContextManager, Optional
 
@@ -28,6 +29,25 @@ def serialized(autotuned: bool = False) -> ContextManager:
     the shared kernel object while it benchmarks, and two threads tuning one kernel crash
     (triton-lang/triton#11494, open); a warm launch holds the lock for microseconds."""
     return _LAUNCH_LOCK if (INTERPRET or autotuned) else contextlib.nullcontext()
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's interpreter cannot run here, or None. Triton before 3.8 calls int() on 1-element
+    arrays for every scalar kernel argument, an error since numpy 2.4 (seen with triton 3.6.0 and numpy
+    2.4.6 / 2.5.5: every launch fails; triton 3.8 squeezes them)."""
+    if not INTERPRET:
+        return None
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 8) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton's interpreter in triton {triton.__version__} fails with numpy {numpy.__version__} (it "
+                "converts 1-element arrays with int(), an error since numpy 2.4); install numpy<2.4 or triton>=3.8")
+    return None
 
 
 def precision(dtype: torch.dtype, allow_tf32: bool) -> str:

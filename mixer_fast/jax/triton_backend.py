@@ -44,6 +44,9 @@ def load() -> SimpleNamespace:
         raise BackendUnavailable(f"triton is not installed ({e})") from None
     from ..kernels.triton import _launch
 
+    problem = _launch.interpreter_problem()
+    if problem:
+        raise BackendUnavailable(problem)
     if on_gpu and not _launch.INTERPRET:
         try:
             import jax_triton  # noqa: F401

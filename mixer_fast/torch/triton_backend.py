@@ -37,6 +37,9 @@ def load() -> SimpleNamespace:
         raise BackendUnavailable(f"triton is not installed ({e})") from None
     from ..kernels.triton import _launch
 
+    problem = _launch.interpreter_problem()
+    if problem:
+        raise BackendUnavailable(problem)
     _register_ops()
     detail = ("Triton's interpreter on CPU tensors (no CUDA device; for testing, slow)" if _launch.INTERPRET
               else f"compiled Triton kernels on {torch.cuda.get_device_name()}")
