@@ -229,19 +229,20 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 # Per launch site: the flags the static report compiles (the heaviest combination the site uses) and the
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) configs the autotuner tries on a GPU. Only configs
-# that compile for sm_90a with wgmma and without register spills are listed (``mixer-fast report``;
-# bench/NOTES.md has the pruning table): the epilogue-heavy sites spill at 128 × 128 tiles.
+# that compile for sm_90a with wgmma and without register spills under both triton 3.8 (dev machines) and
+# triton 3.6 (the lent GPU machines) are listed (``mixer-fast report``; bench/NOTES.md has the pruning
+# table): the epilogue-heavy sites spill at 128 × 128 tiles.
 VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int], ...]]] = {
     # channel fc1: LayerNorm prologue, bias + GELU epilogue keeping Z
     "ln_gelu": (dict(A_PRO=1, HAS_BIAS=True, EPI_GELU=True, STORE_BRANCH=True),
-                ((64, 64, 64, 4, 3), (64, 64, 32, 4, 3))),
+                ((64, 128, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3))),
     # channel fc2: bias, layer scale, drop path, residual
     "residual": (dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SS=True, HAS_RES=True, STORE_BRANCH=True),
                  ((64, 64, 64, 4, 3), (64, 64, 32, 4, 3))),
     # dZ = (dO · W2) ⊙ GELU'(Z)
-    "gelu_grad": (dict(EPI_GELU_GRAD=True), ((64, 128, 32, 4, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3))),
+    "gelu_grad": (dict(EPI_GELU_GRAD=True), ((64, 128, 32, 4, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3))),
     # weight gradients with the norm recomputed on the B tile (dW1 = dZᵀ · LN(x); ResMLP's dW)
-    "ln_b": (dict(B_PRO=1), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (64, 128, 32, 4, 3))),
+    "ln_b": (dict(B_PRO=1), ((128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
     # dW2 = dOᵀ · GELU(Z), GELU recomputed on the B tile
     "gelu_b": (dict(B_PRO=4), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3))),
     # gMLP's gate: per-image S×S token linear of LN(v), + bias, kept (backward), × u
@@ -251,9 +252,10 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
     "gate_b": (dict(B_PRO=6), ((128, 128, 32, 8, 3), (64, 128, 32, 8, 3))),
     # ResMLP's per-image S×S token linear with its whole epilogue
     "token_linear": (dict(B_PRO=2, HAS_BIAS=True, BIAS_ON_M=True, HAS_SCALE=True, HAS_SS=True, SS_ON_N=True,
-                          HAS_RES=True, STORE_BRANCH=True), ((64, 128, 32, 4, 3), (64, 64, 64, 4, 3))),
+                          HAS_RES=True, STORE_BRANCH=True),
+                     ((64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3))),
     # g = dZ · W1 and ResMLP's dx GEMM
-    "plain": (dict(), ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3))),
+    "plain": (dict(), ((128, 128, 64, 8, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3))),
 }
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 AUTOTUNE_KEY = ["M", "N", "K", "A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "RES_MUL", "PRECISION",

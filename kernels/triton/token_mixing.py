@@ -245,8 +245,8 @@ def gpu_config(kernel: str, S_PAD: int, D: int) -> Tuple[int, int, int, int]:
     The S_PAD × BLOCK_C accumulator and the BLOCK_D × S_PAD weight slices share the register file;
     these sizes compile without spills on sm_90a (``mixer-fast report``; bench/NOTES.md)."""
     block_d = min(64, _launch.pow2(D))
-    if S_PAD <= 64:
-        return 64, block_d, 8, 1
+    if S_PAD <= 64:  # dx at 32 channels: 64 spilled 68 B under triton 3.6
+        return (32 if kernel == "token_mlp_dx" else 64), block_d, 8, 1
     return (32 if kernel == "token_mlp_dx" else 16), block_d, 8, 1
 
 

@@ -89,10 +89,10 @@ def _register_ops() -> None:
 
     grad_names = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "scale")
 
-    def _grads_out(g, params: Tuple[Optional[Tensor], ...], x: Tensor) -> List[Tensor]:
+    def _grads_out(g, params: Tuple[Optional[Tensor], ...], x: Tensor, names=grad_names) -> List[Tensor]:
         # Parameter gradients come back in fp32 and are cast to each parameter's dtype.
         out = []
-        for name, p in zip(grad_names, (x, *params)):
+        for name, p in zip(names, (x, *params)):
             v = g.get(name)
             out.append(_empty(x) if v is None or p is None else v.to(p.dtype))
         return out
@@ -242,8 +242,7 @@ def _register_ops() -> None:
                   proj_bias, fc2_weight, fc2_bias)
         g = spatial_gating_backward(dout.contiguous(), x, *params, mean, rstd, gate_mean, gate_rstd, z, p, q,
                                     approximate=approximate, sample_scale=sample_scale, allow_tf32=allow_tf32)
-        return [_empty(x) if g.get(name) is None or t is None else g[name].to(t.dtype)
-                for name, t in zip(gating_names, (x, *params))]
+        return _grads_out(g, params, x, gating_names)
 
     @gating_bwd.register_fake
     def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
