@@ -16,7 +16,7 @@ Backward (dQ = ss · dout · W2):
   dZ_u = dQ ⊙ P ⊙ GELU'(z_u) and dP = dQ ⊙ u   (one element-wise kernel, u recomputed from Z);
   dW_p = dP · LN_g(GELU(z_v))ᵀ per image, v and LN_g recomputed on the B tile; db_p = Σ dP;
   g_v = W_pᵀ · dP, then LN_g's backward × GELU'(z_v) writes dZ_v (the other half of dZ) in one pass;
-  then channel mixing's: g = dZ · W1, dW1 = dZᵀ · LN(x), dW2 = dQᵀ... = d(out)ᵀ · Q, LayerNorm backward.
+  then channel mixing's: g = dZ · W1, dW1 = dZᵀ · LN(x), dW2 = dOᵀ · Q (Q kept by the forward), LayerNorm backward.
 Every reduction runs over fixed tiles in a fixed order: deterministic.
 """
 from __future__ import annotations
@@ -65,9 +65,9 @@ def gate_grad_kernel(
 GATE_BLOCK = (32, 64)  # rows × columns of gate_grad_kernel: 16-byte accesses along the contiguous columns
 
 
-def _tokens(t: Tensor, S: int, inner_stride: int):
-    """The (image, channel) axis of a (B, S, ·) table as a GEMM axis: channel fastest."""
-    return split(t.shape[-1], t.stride(0), inner_stride)
+def _tokens(t: Tensor):
+    """The (image, channel) axis of a (B, S, ·) table with contiguous channels as a GEMM axis."""
+    return split(t.shape[-1], t.stride(0), 1)
 
 
 def spatial_gating_forward(
@@ -106,13 +106,13 @@ def spatial_gating_forward(
     # N = (image, channel), K = S tokens, as ResMLP's token linear.
     q = _launch.new_output((B, S, Hh), x, wdt)
     p = _launch.new_output((B, S, Hh), x, wdt) if save else None
-    q_axes = (flat(S, q.stride(1)), _tokens(q, S, 1))
+    q_axes = (flat(S, q.stride(1)), _tokens(q))
     fused_matmul(
         proj_weight, (flat(S, proj_weight.stride(0)), flat(S, proj_weight.stride(1))),
-        v, (flat(S, v.stride(1)), _tokens(v, S, 1)), q, q_axes, S, B * Hh, S,
+        v, (flat(S, v.stride(1)), _tokens(v)), q, q_axes, S, B * Hh, S,
         variant="gate_proj", b_pro=5, b_stats=(gate_mean, gate_rstd), b_vec=(gw, gb), bias=proj_bias,
         bias_on_m=True, aux=p, aux_axes=q_axes if save else None, store_branch=save,
-        res=u, res_axes=(flat(S, u.stride(1)), _tokens(u, S, 1)), res_mul=True, allow_tf32=allow_tf32)
+        res=u, res_axes=(flat(S, u.stride(1)), _tokens(u)), res_mul=True, allow_tf32=allow_tf32)
     out = _launch.new_output((B, S, C), x, x.dtype)
     fused_matmul(
         q, (flat(M, Hh), flat(Hh, 1)), fc2_weight, (flat(Hh, fc2_weight.stride(1)), flat(C, fc2_weight.stride(0))),
@@ -158,7 +158,7 @@ def spatial_gating_backward(
     gw = _launch.vec_or(gate_norm_weight, Hh, 1.0, zv)
     gb = _launch.vec_or(gate_norm_bias, Hh, 0.0, zv)
     dwp = _launch.new_output((S, S), x, torch.float32)
-    fused_matmul(dp, (flat(S, dp.stride(1)), _tokens(dp, S, 1)), zv, (_tokens(zv, S, 1), flat(S, zv.stride(1))),
+    fused_matmul(dp, (flat(S, dp.stride(1)), _tokens(dp)), zv, (_tokens(zv), flat(S, zv.stride(1))),
                  dwp, (flat(S, S), flat(S, 1)), S, S, B * Hh, variant="gate_b", b_pro=6,
                  b_stats=(gate_mean, gate_rstd), b_vec=(gw, gb), approximate=approximate, allow_tf32=allow_tf32)
     grads["proj_weight"] = dwp
@@ -166,7 +166,7 @@ def spatial_gating_backward(
     # g_v[b, t, c] = Σ_s W_p[s, t] · dP[b, s, c] (fp32), then LN_g's backward × GELU'(z_v) into dZ's v half.
     gv = _launch.new_output((M, Hh), x, torch.float32)
     fused_matmul(proj_weight, (flat(S, proj_weight.stride(1)), flat(S, proj_weight.stride(0))),
-                 dp, (flat(S, dp.stride(1)), _tokens(dp, S, 1)), gv, (flat(S, Hh), split(Hh, S * Hh, 1)),
+                 dp, (flat(S, dp.stride(1)), _tokens(dp)), gv, (flat(S, Hh), split(Hh, S * Hh, 1)),
                  S, B * Hh, S, variant="plain", allow_tf32=allow_tf32)
     _, dgw, dgb = layer_norm_backward(gv, zv, None, gate_mean, gate_rstd, gate_norm_weight, gelu_in=approximate,
                                       dx=dz[..., Hh:])
