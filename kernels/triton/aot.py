@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of every kernel and GPU config, with no GPU: the static report.
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` yields PTX and a cubin on any
-machine; ptxas (shipped with triton) reports registers and spills, the PTX shows whether Hopper's
-wgmma is used, and the compile metadata the shared memory. Needs triton imported in compiled mode
+machine, assembled by the ptxas the triton backend would use on that GPU (toolchain.py: never Triton's
+bundled one where it is known to miscompile these kernels); that ptxas reports registers and spills, the
+PTX shows whether Hopper's wgmma is used, and the compile metadata the shared memory. Needs triton imported in compiled mode
 (TRITON_INTERPRET unset or 0): the CLI runs it in a process of its own.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from . import toolchain
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 _FP32_PTRS = {"mean_ptr", "rstd_ptr", "a_mean_ptr", "a_rstd_ptr", "b_mean_ptr", "b_rstd_ptr", "g_ptr", "dw1_ptr",
@@ -37,13 +40,10 @@ class Row:
     shared_bytes: int
     wgmma: bool
     has_dot: bool
+    ptxas: str  # the assembler's version, e.g. "13.0.88"
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _ptxas() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def _signature(fn, dtype: str, ptr_dtypes: Dict[str, str]) -> Dict[str, str]:
@@ -62,7 +62,9 @@ def _signature(fn, dtype: str, ptr_dtypes: Dict[str, str]) -> Dict[str, str]:
 
 def compile_row(fn, name: str, config: str, constexprs: Dict[str, object], *, arch: str, dtype: str,
                 num_warps: int, num_stages: int, ptr_dtypes: Optional[Dict[str, str]] = None) -> Row:
-    """Compile one kernel variant for ``arch`` and measure it."""
+    """Compile one kernel variant for ``arch`` and measure it, with the ptxas the backend would use
+    (:func:`toolchain.apply`; ToolchainProblem if there is no safe one)."""
+    ptxas = toolchain.apply(ARCHS[arch])
     src = ASTSource(fn, _signature(fn, _DTYPES[dtype], ptr_dtypes or {}), constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -71,12 +73,12 @@ def compile_row(fn, name: str, config: str, constexprs: Dict[str, object], *, ar
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        log = subprocess.run([_ptxas(), "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", path, "-o",
+        log = subprocess.run([ptxas.path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", path, "-o",
                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return Row(name, config, arch, dtype, regs, spills, int(compiled.metadata.shared), "wgmma.mma_async" in ptx,
-               "mma" in ptx)
+               "mma" in ptx, ptxas.version_text)
 
 
 def variants(dtype: str) -> Iterator[Tuple]:

@@ -1,0 +1,185 @@
+"""Which ptxas the Triton kernels are assembled with, and why (torch-free: the static report uses it too).
+
+Triton turns a kernel into PTX and hands it to ptxas for the cubin. The ptxas that triton 3.6 bundles
+(12.8.93) miscompiles mixer_fast's token kernels on Hopper: it builds wgmma shared-memory descriptors from
+data registers, and the kernel dies with an illegal shared-memory read (shared/gpu/2026-11-27-H200/README.md;
+the same PTX assembled by CUDA 13.0's ptxas runs correctly there). So on a GPU whose kernels would go
+through a known-bad ptxas, the backend assembles with a CUDA 13.x ptxas instead: from the ``gpu`` extra
+(``pip install "mixer_fast[gpu]"``: the ``nvidia-cuda-nvcc`` wheel ships one), ``$CUDA_HOME``,
+/usr/local/cuda or ``PATH``, the newest first, and hands it to Triton through ``TRITON_PTXAS_PATH``. A
+path the user set is never overridden; if it is itself known bad, the backend refuses to load rather than
+crash. With no good ptxas at all the backend does not load, and says how to get one.
+
+Triton keys its on-disk kernel cache on the ptxas version (``backend.hash()``), so cubins assembled by the
+bad ptxas are not reused once another one is chosen; its in-process memo of that version is cleared here.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+ENV_VAR = "TRITON_PTXAS_PATH"
+BLACKWELL_ENV_VAR = "TRITON_PTXAS_BLACKWELL_PATH"  # Triton assembles sm_100+ with a ptxas of its own
+Version = Tuple[int, int, int]
+
+# (major, minor) of ptxas releases known to miscompile these kernels, per GPU architecture range, and why.
+KNOWN_BAD = {
+    (12, 8): ((90, 100), "builds wgmma shared-memory descriptors from data registers in the token-mixing "
+                         "kernels (an illegal shared-memory read on Hopper; seen with 12.8.93 on an H200)"),
+}
+# The oldest ptxas taken as a replacement: CUDA 13.0's assembled the token kernels correctly on an H200.
+# (ptxas 12.9 assembled them correctly too, but has a separate register-operand wgmma hazard, triton PR
+# 11781, fixed in 13.3: a replacement is chosen among 13.x only, the newest found.)
+MIN_REPLACEMENT: Version = (13, 0, 0)
+INSTALL_HINT = ('pip install "mixer_fast[gpu]" (brings a CUDA 13 ptxas in the nvidia-cuda-nvcc wheel), or set '
+                f"{ENV_VAR} to a CUDA >= 13.0 ptxas")
+
+
+class ToolchainProblem(RuntimeError):
+    """No ptxas that is safe for these kernels on this GPU; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Ptxas:
+    """The assembler chosen for a GPU architecture. ``source``: where it came from; ``why``: one line
+    for ``mixer-fast info``."""
+
+    path: str
+    version: Version
+    source: str
+    why: str
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+@functools.lru_cache(maxsize=None)
+def version_of(path: str) -> Optional[Version]:
+    """ptxas's release (major, minor, build) from ``--version`` ("release 12.8, V12.8.93"), or None if
+    ``path`` does not run as a ptxas."""
+    try:
+        text = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"V(\d+)\.(\d+)\.(\d+)", text) or re.search(r"release (\d+)\.(\d+)", text)
+    if not m:
+        return None
+    parts = [int(g) for g in m.groups()]
+    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
+
+
+def env_var_for(arch: int) -> str:
+    """The variable through which Triton takes the ptxas for ``arch``."""
+    return BLACKWELL_ENV_VAR if arch >= 100 else ENV_VAR
+
+
+def known_bad(version: Version, arch: int) -> Optional[str]:
+    """Why ptxas ``version`` must not assemble these kernels for ``arch`` (90 for sm_90a), or None."""
+    entry = KNOWN_BAD.get(version[:2])
+    if entry and entry[0][0] <= arch < entry[0][1]:
+        return entry[1]
+    return None
+
+
+def bundled_path(arch: int) -> str:
+    """The ptxas Triton ships and uses by default for ``arch`` (Blackwell has a ptxas of its own)."""
+    import triton
+
+    name = "ptxas-blackwell" if arch >= 100 else "ptxas"
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) or arch < 100 else os.path.join(os.path.dirname(path), "ptxas")
+
+
+def wheel_paths() -> List[str]:
+    """ptxas binaries of the ``nvidia-cuda-nvcc`` wheels installed in this environment (the ``gpu`` extra):
+    CUDA 13 wheels put it in nvidia/cu13/bin, CUDA 12 ones in nvidia/cuda_nvcc/bin."""
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    found = []
+    for root in roots:
+        for pattern in ("cu*/bin/ptxas", "cuda_nvcc/bin/ptxas"):
+            found += sorted(glob.glob(os.path.join(root, pattern)))
+    return found
+
+
+def candidates() -> List[Tuple[str, str]]:
+    """(path, source) of every other ptxas this machine has, in the order they are named in messages."""
+    out = [(p, "the nvidia-cuda-nvcc wheel (mixer_fast[gpu])") for p in wheel_paths()]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            out.append((os.path.join(os.environ[var], "bin", "ptxas"), f"${var}"))
+    out.append(("/usr/local/cuda/bin/ptxas", "the CUDA toolkit in /usr/local/cuda"))
+    on_path = shutil.which("ptxas")
+    if on_path:
+        out.append((on_path, "PATH"))
+    seen, unique = set(), []
+    for path, source in out:
+        real = os.path.realpath(path)
+        if real not in seen and os.path.isfile(path) and os.access(path, os.X_OK):
+            seen.add(real)
+            unique.append((path, source))
+    return unique
+
+
+def choose(arch: int) -> Ptxas:
+    """The ptxas to assemble for ``arch`` (compute capability as an integer, 90 for Hopper), or
+    :class:`ToolchainProblem` saying why there is none that is safe."""
+    env_var = env_var_for(arch)
+    user = os.environ.get(env_var)
+    if user:
+        version = version_of(user)
+        if version is None:
+            raise ToolchainProblem(f"{env_var}={user!r} does not run as a ptxas (`{user} --version` failed); "
+                                   f"unset it or point it to a CUDA >= 13.0 ptxas")
+        bad = known_bad(version, arch)
+        if bad:
+            raise ToolchainProblem(f"{env_var} points to ptxas {'.'.join(map(str, version))}, which {bad}; "
+                                   f"unset it (mixer_fast then finds a good one) or point it to a CUDA >= 13.0 "
+                                   f"ptxas")
+        return Ptxas(user, version, f"{env_var} (set by the user)", "set by the user; never overridden")
+    bundled = bundled_path(arch)
+    version = version_of(bundled)
+    if version is None:
+        raise ToolchainProblem(f"Triton's bundled ptxas ({bundled}) does not run; {INSTALL_HINT}")
+    bad = known_bad(version, arch)
+    if not bad:
+        return Ptxas(bundled, version, "bundled with triton", "Triton's own (not known to miscompile these kernels)")
+    good = [(v, p, s) for p, s in candidates() if (v := version_of(p)) and v >= MIN_REPLACEMENT
+            and not known_bad(v, arch)]
+    if not good:
+        raise ToolchainProblem(f"the ptxas bundled with this triton ({'.'.join(map(str, version))}) {bad}, and no "
+                               f"CUDA >= 13.0 ptxas was found to replace it; {INSTALL_HINT}")
+    v, path, source = max(good, key=lambda t: t[0])
+    return Ptxas(path, v, source, f"replaces Triton's bundled ptxas {'.'.join(map(str, version))}, which {bad}")
+
+
+def apply(arch: int) -> Ptxas:
+    """Choose the ptxas for ``arch`` and make Triton use it in this process (``TRITON_PTXAS_PATH``).
+
+    Call before the first kernel compiles. Triton memoises the ptxas version that keys its kernel cache;
+    that memo is cleared so the cache key follows the new assembler."""
+    chosen = choose(arch)
+    if chosen.source.startswith(env_var_for(arch)) or os.path.realpath(chosen.path) == os.path.realpath(bundled_path(arch)):
+        return chosen
+    os.environ[env_var_for(arch)] = chosen.path
+    try:
+        from triton.backends.nvidia import compiler as nvidia_compiler
+
+        for name in ("get_ptxas_version", "get_ptxas"):
+            fn = getattr(nvidia_compiler, name, None)
+            if hasattr(fn, "cache_clear"):
+                fn.cache_clear()
+    except ImportError:  # a triton without the NVIDIA backend: nothing compiles for CUDA anyway
+        pass
+    return chosen
