@@ -53,6 +53,14 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if GPU else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
+def device_class() -> str:
+    """The key the automatic choice's table of measured wins files this device under (mixer_fast/wins.py;
+    bench/wins_table.py reads it from extra_info)."""
+    from mixer_fast import wins
+
+    return wins.cuda_class(torch.cuda.get_device_capability()) if GPU else wins.cpu_class()
+
+
 def skip_reason(provider: str, config: str) -> str:
     """Why ``provider`` cannot run here ("" when it can)."""
     from mixer_fast import dispatch
@@ -212,5 +220,6 @@ def record(benchmark, op: str, config: str, batch: int, mode: str, provider: str
     seconds = benchmark.stats.stats.min
     benchmark.extra_info.update(
         op=op, config=config, batch=batch, dtype=DTYPE_NAME, mode=mode, provider=provider, device=device_name(),
-        flops=c.flops, min_bytes=c.min_bytes, unfused_bytes=c.unfused_bytes, fused_bytes=c.fused_bytes,
+        device_class=device_class(), flops=c.flops, min_bytes=c.min_bytes, unfused_bytes=c.unfused_bytes,
+        fused_bytes=c.fused_bytes,
         tflops=c.flops / seconds / 1e12, gbs_min=c.min_bytes / seconds / 1e9, versions=versions())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import GPU, device_name, make_block, skip_reason, versions
+from conftest import GPU, device_class, device_name, make_block, skip_reason, versions
 from mixer_fast.profiler.cost import Shape, cost
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -54,5 +54,5 @@ def test_cpu_block(benchmark, config, batch, dtype, threads, provider):
     c = cost("block", shape, dtype, "fwd")
     seconds = benchmark.stats.stats.min
     benchmark.extra_info.update(op="block", config=config, batch=batch, dtype=dtype, mode="fwd", provider=provider,
-                                threads=threads, device=device_name(), flops=c.flops, tflops=c.flops / seconds / 1e12,
-                                versions=versions())
+                                threads=threads, device=device_name(), device_class=device_class(), flops=c.flops,
+                                tflops=c.flops / seconds / 1e12, versions=versions())

@@ -31,7 +31,51 @@ def cmd_info(args: argparse.Namespace) -> int:
         for spec, ok, reason in dispatch.status(framework):
             state = "loaded" if ok else "unavailable"
             print(f"  {spec.name:<10} {state:<12} {reason}")
+    print(_wins_text())
+    print(_ptxas_text())
     return 0
+
+
+def _wins_text() -> str:
+    """The automatic choice's table of measured wins, as ``info`` prints it."""
+    from . import wins
+
+    lines = [f"\nautomatic choice: a fused backend runs only where a committed measurement shows it faster than the "
+             f"reference\n(mixer_fast/{wins.TABLE_FILE}, generated from bench/results/ by bench/wins_table.py):"]
+    rows = wins.table()["chosen"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["framework"], r["backend"], r["device_class"]), []).append(
+            f"{r['op']} {r['mode']} {r['dtype']} ({r['min_speedup']:.2f}x)")
+    for (framework, backend, device_class), items in sorted(groups.items()):
+        lines.append(f"  {framework} {backend} on {device_class}: " + ", ".join(items))
+    if not rows:
+        lines.append("  none: the reference runs everywhere unless a backend is asked for by name")
+    lines.append("  everything else: the reference (an explicit backend= or MIXER_FAST_BACKEND is always honoured)")
+    return "\n".join(lines)
+
+
+def _ptxas_text() -> str:
+    """Which ptxas assembles the Triton kernels: on this machine's GPU, else for Hopper (what
+    ``mixer-fast report`` compiles for)."""
+    try:
+        from .kernels.triton import toolchain
+    except ImportError as e:
+        return f"\nptxas: triton is not importable ({e})"
+    arch, where = 90, "sm_90 (the static report's target; no GPU here)"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            arch, where = major * 10 + minor, f"sm_{major}{minor} ({torch.cuda.get_device_name()})"
+    except ImportError:
+        pass
+    try:
+        chosen = toolchain.choose(arch)
+    except toolchain.ToolchainProblem as e:
+        return f"\nptxas for {where}: none usable: {e}"
+    return f"\nptxas for {where}: {chosen.version_text} at {chosen.path}\n  {chosen.source}: {chosen.why}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,15 +144,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         use_timm = False
     source = "timm" if use_timm else "mixer_fast.reference (timm not installed)"
     backend = args.backend
-    # The backend the converted blocks will run on: the same choice ops.py makes for this device and dtype.
-    chosen = dispatch.choose("torch", device.type, backend, (str(dtype).replace("torch.", ""),)).name
+    # The backends the converted blocks will run on in inference: the choice ops.py makes for each op.
+    name = str(dtype).replace("torch.", "")
+    per_op = {op: dispatch.choose("torch", device.type, backend, (name,), op=op, mode="forward", dtype=name,
+                                  device_index=device.index).name for op in ("token_mixing", "channel_mixing")}
+    chosen = "/".join(dict.fromkeys(per_op.values()))
     print(f"mixer_fast {__version__} demo: {args.model} from {source}, batch {args.batch}, {args.dtype}, "
           f"{device} ({torch.get_num_threads()} threads)")
     if chosen == "reference":
-        print(f"note: only the reference backend runs here (plain eager PyTorch, the spec the kernels are tested\n"
-              f"      against): no fused backend serves {args.dtype} on {device.type} on this machine, so expect a\n"
-              f"      speed-up of about 1.0x. `mixer-fast info` says which backends exist and why the others are\n"
-              f"      unavailable.")
+        print(f"note: the reference backend runs here (plain eager PyTorch, the spec the kernels are tested\n"
+              f"      against): no fused backend has a measured win over it for {args.dtype} inference on this\n"
+              f"      {device.type}, so expect a speed-up of about 1.0x. `mixer-fast info` shows the table of\n"
+              f"      measured wins and why each backend is or is not available; --backend forces one.")
 
     torch.manual_seed(0)
     model = _build_model(args.model, use_timm).to(device=device, dtype=dtype)

@@ -2,16 +2,18 @@
 
 A backend is a module exposing ``load()``, which returns an object with the ops (``token_mixing``,
 ``channel_mixing``) and a ``features`` set (what it can run), optionally an ``auto_features`` subset (what
-it is chosen for automatically, where it is also the fastest here), or raises :class:`BackendUnavailable`
-saying why. An op beyond those two is a feature of its own name (``"spatial_gating"``): a backend has it
+it can be chosen for automatically), or raises :class:`BackendUnavailable` saying why. A fused backend (``measured``
+in its spec) also has ``device_class(device_index)``, the key it is measured under (``sm_90``, ``avx2``, …). An op beyond those two is a feature of its own name (``"spatial_gating"``): a backend has it
 only if it lists it, so one without it is never chosen for it and, asked for by name, raises
 NotImplementedError. Loading is lazy and cached, so ``import mixer_fast`` stays light (no triton, jax or C++
 extension until first use).
 
 Choice order: the ``backend=`` argument, then the ``MIXER_FAST_BACKEND`` environment variable, then the
-first backend in priority order that serves the input's device and is chosen for the features the call
-needs (its ``auto_features``). An explicitly requested backend that cannot run raises, saying why; an
-automatic choice falls through.
+first backend in priority order that serves the input's device, is chosen for the features the call needs
+(its ``auto_features``) and, if it is a fused backend, has a measured win over the reference for the call's
+op, mode, dtype and device class in the shipped table (mixer_fast/wins.py). Where no fused backend has one,
+the reference runs: the automatic choice never picks a path slower than the reference on the evidence. An
+explicitly requested backend that cannot run raises, saying why; an automatic choice falls through.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class BackendSpec:
     accepts: Tuple[str, ...]
     description: str
     not_built: str  # the reason given while ``module`` is not part of this version
+    measured: bool = True  # a fused backend: chosen automatically only where the wins table says it wins
 
 
 REGISTRY: Tuple[BackendSpec, ...] = (
@@ -52,7 +55,7 @@ REGISTRY: Tuple[BackendSpec, ...] = (
                 "not built yet: this version of mixer_fast has no C++ extension (mixer_fast._C)"),
     BackendSpec("reference", "torch", "mixer_fast.torch.reference_backend", ("cpu", "cuda", "mps", "xpu", "meta"),
                 ("*",), "plain eager PyTorch (mixer_fast.reference), any device",
-                "missing: mixer_fast.torch.reference_backend is part of every install"),
+                "missing: mixer_fast.torch.reference_backend is part of every install", measured=False),
     BackendSpec("pallas", "jax", "mixer_fast.jax.pallas_backend", ("tpu",), ("tpu", "cpu"),
                 "Pallas kernels (TPU Mosaic; interpret mode on CPU)",
                 "not built yet: this version of mixer_fast has no Pallas kernels"),
@@ -61,7 +64,7 @@ REGISTRY: Tuple[BackendSpec, ...] = (
                 "not built yet: this version of mixer_fast has no jax-triton path"),
     BackendSpec("xla", "jax", "mixer_fast.jax.xla_backend", ("tpu", "gpu", "cpu"), ("*",),
                 "plain jax.numpy reference compiled by XLA",
-                "not built yet: this version of mixer_fast has no JAX reference"),
+                "not built yet: this version of mixer_fast has no JAX reference", measured=False),
 )
 
 _lock = threading.Lock()
@@ -157,9 +160,12 @@ def requested_backend(backend: Optional[str], framework: str) -> Optional[str]:
     raise ValueError(f"{ENV_VAR}: expected one of {known} or unset, got {env!r}")
 
 
-def choose(framework: str, device_type: str, backend: Optional[str] = None,
-           needs: Iterable[str] = ()) -> Any:
-    """The backend object to run a call on ``device_type`` that needs the ``needs`` features."""
+def choose(framework: str, device_type: str, backend: Optional[str] = None, needs: Iterable[str] = (), *,
+           op: Optional[str] = None, mode: Optional[str] = None, dtype: Optional[str] = None,
+           device_index: Optional[int] = None) -> Any:
+    """The backend object to run ``op`` in ``mode`` ("forward" or "training"; None: either may follow, so
+    both must win) on ``dtype`` data on ``device_type`` (device ``device_index``), needing the ``needs``
+    features. Without ``op`` and ``dtype`` no fused backend can show a measured win: the reference runs."""
     needs = frozenset(needs)
     name = requested_backend(backend, framework)
     if name is not None:
@@ -183,10 +189,32 @@ def choose(framework: str, device_type: str, backend: Optional[str] = None,
             reasons.append(str(e))
             continue
         auto = getattr(impl, "auto_features", impl.features)
-        if needs <= auto:
-            return impl
-        reasons.append(f"backend {spec.name!r} is not chosen for {', '.join(sorted(needs - auto))}")
+        if not needs <= auto:
+            reasons.append(f"backend {spec.name!r} is not chosen for {', '.join(sorted(needs - auto))}")
+            continue
+        if spec.measured:
+            why = _no_win(framework, spec.name, impl, op, mode, dtype, device_index)
+            if why:
+                reasons.append(why)
+                continue
+        return impl
     raise BackendUnavailable(f"no {framework} backend can run on {device_type}: " + "; ".join(reasons))
+
+
+def _no_win(framework: str, name: str, impl: Any, op: Optional[str], mode: Optional[str], dtype: Optional[str],
+            device_index: Optional[int]) -> Optional[str]:
+    """Why fused backend ``name`` is not chosen automatically for this call (None: it has a measured win)."""
+    from . import wins
+
+    if op is None or dtype is None:
+        return f"backend {name!r} is chosen only for a known op and dtype (none given)"
+    device_class = impl.device_class(device_index)
+    modes = (mode,) if mode else wins.MODES
+    missing = [m for m in modes if not wins.is_win(framework, name, device_class, op, m, dtype)]
+    if missing:
+        return (f"backend {name!r} has no measured win over the reference for {op} {'/'.join(missing)} "
+                f"{wins.dtype_name(dtype)} on {device_class} (mixer_fast/{wins.TABLE_FILE})")
+    return None
 
 
 def _check_framework(framework: str) -> None:

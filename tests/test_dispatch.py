@@ -6,6 +6,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 import mixer_fast
 from conftest import IN_CI, require
@@ -32,26 +33,67 @@ def test_status_gives_reasons():
     assert rows[("jax", "triton")][0] and "Triton" in rows[("jax", "triton")][1]
 
 
-def test_automatic_choice_for_cpu_tensors():
-    # The interpreter is for testing: CPU tensors never pick triton unless asked to. The C++ kernels (built in
-    # CI) serve float32, and bfloat16 unless the CPU multiplies bf16 natively (oneDNN is faster there); the
-    # rest, and autocast, go to the reference.
+def test_automatic_choice_for_cpu_tensors(monkeypatch):
+    # The interpreter is for testing: CPU tensors never pick triton unless asked to. The C++ kernels run only
+    # where the table of measured wins has them for this CPU class, op, mode and dtype; the rest, and
+    # autocast, go to the reference.
+    from mixer_fast import wins
+
     try:
         cpu = dispatch.load("cpu")
     except dispatch.BackendUnavailable:
         assert not IN_CI
         cpu = None
-    fast = "cpu" if cpu else "reference"
-    assert dispatch.choose("torch", "cpu", needs=("float32",)).name == fast
-    bf16 = "reference" if cpu is None or "bfloat16" not in cpu.auto_features else "cpu"
-    if cpu is not None:
-        from mixer_fast import _C
-        assert ("bfloat16" in cpu.auto_features) == (not _C.native_bf16_matmul())
-    assert dispatch.choose("torch", "cpu", needs=("bfloat16",)).name == bf16
+    fwd = dict(op="token_mixing", mode="forward")
+    for dtype in ("float32", "bfloat16"):
+        want = "cpu" if cpu and wins.is_win("torch", "cpu", cpu.device_class(), "token_mixing", "forward", dtype) \
+            else "reference"
+        assert dispatch.choose("torch", "cpu", needs=(dtype,), dtype=dtype, **fwd).name == want
+    if cpu is None:
+        return
+    # On an AVX2 CPU without native bf16 matmuls the table has bf16 inference (8x eager on a Zen 3), not fp32
+    # (0.73-1.16x there), and never training (which runs the reference ops anyway).
+    monkeypatch.setattr(cpu, "device_class", lambda index=None: "avx2")
+    assert dispatch.choose("torch", "cpu", needs=("bfloat16",), dtype="bfloat16", **fwd) is cpu
+    assert dispatch.choose("torch", "cpu", needs=("float32",), dtype="float32", **fwd).name == "reference"
+    assert dispatch.choose("torch", "cpu", needs=("bfloat16",), op="token_mixing", mode="training",
+                           dtype="bfloat16").name == "reference"
+    assert dispatch.choose("torch", "cpu", needs=("bfloat16",), dtype="bfloat16", op="channel_mixing",
+                           mode=None).name == "reference"  # mode unknown: it must win both
+    assert dispatch.choose("torch", "cpu", needs=("bfloat16",)).name == "reference"  # no op given
+    monkeypatch.setattr(cpu, "device_class", lambda index=None: "avx512_amx")
+    assert dispatch.choose("torch", "cpu", needs=("bfloat16",), dtype="bfloat16", **fwd).name == "reference"
     for needs in (("float64",), ("float16",), ("autocast", "float32"), ("dropout", "float32")):
-        assert dispatch.choose("torch", "cpu", needs=needs).name == "reference"
-    if cpu is not None:  # asked for by name it runs bf16 anywhere
-        assert dispatch.choose("torch", "cpu", "cpu", needs=("bfloat16",)) is cpu
+        assert dispatch.choose("torch", "cpu", needs=needs, dtype=needs[-1], **fwd).name == "reference"
+    # asked for by name it runs anywhere, measured or not
+    assert dispatch.choose("torch", "cpu", "cpu", needs=("bfloat16",)) is cpu
+    # Why it was passed over (seen here with the reference taken out of the registry):
+    monkeypatch.setattr(dispatch, "REGISTRY", tuple(s for s in dispatch.REGISTRY if s.name != "reference"))
+    with pytest.raises(dispatch.BackendUnavailable, match="no measured win over the reference for token_mixing "
+                                                          "forward bf16 on avx512_amx"):
+        dispatch.choose("torch", "cpu", needs=("bfloat16",), dtype="bfloat16", **fwd)
+
+
+def test_ops_choose_by_op_mode_and_dtype(monkeypatch, cpu_backend):
+    # ops.py passes the op, the mode (training when a gradient is wanted) and the dtype to the choice.
+    from mixer_fast import ops
+
+    calls = []
+    choose = dispatch.choose
+
+    def spy(*args, **kw):
+        calls.append((kw["op"], kw["mode"], kw["dtype"]))
+        return choose(*args, **kw)
+
+    monkeypatch.setattr(dispatch, "choose", spy)
+    x = torch.randn(2, 4, 8, dtype=torch.bfloat16)
+    w1, w2 = torch.randn(6, 4, dtype=torch.bfloat16), torch.randn(4, 6, dtype=torch.bfloat16)
+    ops.token_mixing(x, None, None, w1, None, w2, None)
+    ops.channel_mixing(x, None, None, torch.randn(6, 8, dtype=torch.bfloat16), None,
+                       torch.randn(8, 6, dtype=torch.bfloat16), None)
+    ops.token_mixing(x.float().requires_grad_(), None, None, w1.float(), None, w2.float(), None)
+    assert calls == [("token_mixing", "forward", "bfloat16"), ("channel_mixing", "forward", "bfloat16"),
+                     ("token_mixing", "training", "float32")]
 
 
 def test_explicit_choice_raises_saying_why(monkeypatch):
@@ -81,22 +123,33 @@ def test_environment_variable(monkeypatch):
 
 @pytest.fixture
 def fake_backend(monkeypatch):
-    """A loadable 'triton' without dropout, in place of the real (unbuilt) module."""
+    """A loadable 'triton' without dropout, in place of the real (unbuilt) module, measured as an sm_90 GPU."""
     module = types.ModuleType("fake_triton_backend")
-    module.load = lambda: types.SimpleNamespace(name="triton", features=frozenset())
+    module.load = lambda: types.SimpleNamespace(name="triton", features=frozenset(),
+                                                device_class=lambda index=None: "sm_90")
     monkeypatch.setitem(sys.modules, "mixer_fast.torch.triton_backend", module)
     monkeypatch.setattr(dispatch, "_loaded", {})
     monkeypatch.setattr(dispatch, "_failed", {})
     return module
 
 
-def test_needs_are_checked(fake_backend):
-    assert dispatch.choose("torch", "cuda").name == "triton"
+def test_needs_and_measured_wins_are_checked(fake_backend, monkeypatch):
+    from mixer_fast import wins
+
+    kw = dict(op="channel_mixing", mode="forward", dtype="bfloat16")
+    # No measured win (the H200 measured 0.50x eager): the reference runs, and the reason is kept.
+    assert dispatch.choose("torch", "cuda", **kw).name == "reference"
+    monkeypatch.setattr(wins, "_chosen", lambda: {("torch", "triton", "sm_90", "channel_mixing", "forward", "bf16")})
+    assert dispatch.choose("torch", "cuda", **kw).name == "triton"
+    assert dispatch.choose("torch", "cuda", **dict(kw, mode="training")).name == "reference"
+    assert dispatch.choose("torch", "cuda", **dict(kw, dtype="float16")).name == "reference"
     # Automatic: a backend lacking a needed feature is passed over.
-    assert dispatch.choose("torch", "cuda", needs={"dropout"}).name == "reference"
-    # Explicit: it is an error, not a silent fallback.
+    assert dispatch.choose("torch", "cuda", needs={"dropout"}, **kw).name == "reference"
+    # Explicit: it is an error, not a silent fallback; and an explicit choice needs no measured win.
     with pytest.raises(NotImplementedError, match="backend 'triton' does not support dropout"):
         dispatch.choose("torch", "cuda", "triton", needs={"dropout"})
+    monkeypatch.setattr(wins, "_chosen", lambda: frozenset())
+    assert dispatch.choose("torch", "cuda", "triton", **kw).name == "triton"
 
 
 def test_missing_dependency_reason(monkeypatch):

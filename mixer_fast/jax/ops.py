@@ -82,7 +82,9 @@ def _run(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, f
     dtype = jnp.result_type(*(a for a in arrays if a is not None))
     (x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale, sample_scale) = (
         None if a is None else jnp.asarray(a, dtype) for a in arrays)
-    impl = dispatch.choose("jax", jax.default_backend(), backend)
+    # mode None: under a custom_vjp the call cannot tell whether a gradient will follow, so a fused backend
+    # is chosen automatically only where it wins both forward and training.
+    impl = dispatch.choose("jax", jax.default_backend(), backend, op=op, dtype=jnp.dtype(dtype).name)
     if x.shape[0] == 0:
         # An empty batch has nothing to compute (and a kernel grid of zero images is not launchable):
         # the jax.numpy reference returns the empty output and zero parameter gradients.

@@ -23,10 +23,19 @@ def load() -> SimpleNamespace:
         from jax.experimental import pallas  # noqa: F401
     except ImportError as e:
         raise BackendUnavailable(f"jax with Pallas is not installed ({e})") from None
-    return SimpleNamespace(name="pallas", features=frozenset({"deterministic"}),
+    return SimpleNamespace(name="pallas", features=frozenset({"deterministic"}), device_class=device_class,
                            detail="Pallas kernels, forward and backward (Mosaic TPU; interpret mode on CPU)",
                            token_mixing=functools.partial(_call, "token_mixing"),
                            channel_mixing=functools.partial(_call, "channel_mixing"))
+
+
+def device_class(device_index=None) -> str:
+    """The wins table's key: the TPU's kind (``tpu:TPU v5 lite``), or ``interpreter`` off TPU."""
+    import jax
+
+    if jax.default_backend() != "tpu":
+        return "interpreter"
+    return f"tpu:{jax.devices()[device_index or 0].device_kind}"
 
 
 def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *, eps, approximate,

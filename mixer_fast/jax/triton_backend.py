@@ -42,7 +42,7 @@ def load() -> SimpleNamespace:
         import triton  # noqa: F401
     except ImportError as e:
         raise BackendUnavailable(f"triton is not installed ({e})") from None
-    from ..kernels.triton import _launch
+    from ..kernels.triton import _launch, toolchain
 
     problem = _launch.interpreter_problem()
     if problem:
@@ -52,12 +52,36 @@ def load() -> SimpleNamespace:
             import jax_triton  # noqa: F401
         except ImportError as e:
             raise BackendUnavailable(f"jax-triton is not importable ({e}); `pip install jax-triton`") from None
-        detail = f"compiled Triton kernels through jax-triton on {jax.devices()[0].device_kind}"
+        device = jax.devices()[0]
+        try:  # before any kernel compiles: never a ptxas known to miscompile them (toolchain.py)
+            ptxas = toolchain.apply(_capability(device))
+        except toolchain.ToolchainProblem as e:
+            raise BackendUnavailable(f"on {device.device_kind}: {e}") from None
+        detail = (f"compiled Triton kernels through jax-triton on {device.device_kind}; ptxas {ptxas.version_text} "
+                  f"({ptxas.source})")
     else:
         detail = "Triton's interpreter through jax.pure_callback (no GPU; for testing, slow)"
     return SimpleNamespace(name="triton", features=frozenset({"deterministic"}), detail=detail,
+                           device_class=device_class,
                            token_mixing=functools.partial(_call, "token_mixing"),
                            channel_mixing=functools.partial(_call, "channel_mixing"))
+
+
+def _capability(device) -> int:
+    """Compute capability as an integer (90 for "9.0")."""
+    major, minor = str(device.compute_capability).split(".")[:2]
+    return int(major) * 10 + int(minor)
+
+
+def device_class(device_index=None) -> str:
+    """The wins table's key: ``sm_90`` for a GPU of compute capability 9.0; ``interpreter`` without a GPU."""
+    import jax
+
+    from ..kernels.triton import _launch
+
+    if _launch.INTERPRET or jax.default_backend() != "gpu":
+        return "interpreter"
+    return f"sm_{_capability(jax.devices()[device_index or 0])}"
 
 
 def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *, eps, approximate,

@@ -8,8 +8,9 @@ Training (a gradient is needed), torch.func transforms and forward-mode AD: the 
 and backward run exactly as eager PyTorch. The kernels have no backward of their own yet; a fused forward followed by a backward that
 recomputes the reference forward would cost one forward more than eager.
 
-Chosen automatically for CPU tensors in float32, and in bfloat16 on CPUs without native bf16 matmuls
-(AVX512-BF16 / AMX): there oneDNN's bf16 GEMMs outrun these kernels, which widen bf16 to fp32.
+Chosen automatically only where the table of measured wins (mixer_fast/wins.py) shows it faster than eager
+for that op, mode, dtype and CPU class: on AVX2 CPUs without native bf16 matmuls, bf16 inference (eager's
+bf16 GEMMs are slow there; these kernels widen bf16 to fp32 and run fp32 FMAs).
 """
 from __future__ import annotations
 
@@ -41,13 +42,16 @@ def _extension():
 
 def load() -> SimpleNamespace:
     _C = _extension()
+    from .. import wins
+
     features = frozenset({"deterministic", "float32", "bfloat16", TRANSFORMS})
-    auto = features - ({"bfloat16"} if _C.native_bf16_matmul() else set())
-    bf16 = "bf16 via fp32 FMAs" + ("; not chosen automatically for bf16: this CPU has native bf16 matmuls"
-                                   if _C.native_bf16_matmul() else "")
-    return SimpleNamespace(name="cpu", features=features, auto_features=auto,
-                           detail=f"fused C++ kernels ({_C.isa()} micro-kernels, {bf16}; training runs the "
-                                  "reference ops)",
+    cls = wins.cpu_class(_C.isa())
+    chosen = wins.describe(wins.wins_for("torch", "cpu")).get(cls)
+    auto = f"chosen automatically on this {cls} CPU for {', '.join(chosen)}" if chosen else (
+        f"not chosen automatically on this {cls} CPU: no measured win over the reference")
+    return SimpleNamespace(name="cpu", features=features, device_class=lambda device_index=None: cls,
+                           detail=f"fused C++ kernels ({_C.isa()} micro-kernels, bf16 via fp32 FMAs; training runs "
+                                  f"the reference ops; {auto})",
                            token_mixing=token_mixing, channel_mixing=channel_mixing)
 
 

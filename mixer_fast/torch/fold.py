@@ -47,7 +47,7 @@ from torch import nn
 from ..reference import modules as ref
 from . import checks, ops
 from .blocks import ResMLPBlock, _check_backend, _check_x, _positive_int
-from .ops import _backend_name
+from .ops import _choice
 
 Tensor = torch.Tensor
 
@@ -155,8 +155,8 @@ class FoldedResMLPBlock(nn.Module):
             raise TypeError(f"x: expected dtype {w.dtype} (the folded block's dtype), got {x.dtype}")
         # The backend the ops will choose picks the token path; the ops are still given self.backend and
         # choose for themselves (they also account for torch.func transforms).
-        chosen = _backend_name(x.device.type, self.backend,
-                               (str(x.dtype).replace("torch.", ""),) + ("autocast",) * autocast)
+        chosen = _choice("token_mixing", x, self.backend,
+                         (str(x.dtype).replace("torch.", ""),) + ("autocast",) * autocast, (x,))
         backend = self.backend
         if chosen == "reference":
             # One batched GEMM along tokens (W_t @ x, no transposes), then the folded scale and bias and the

@@ -16,10 +16,21 @@ Tensor = torch.Tensor
 
 
 @torch._dynamo.assume_constant_result
-def _backend_name(device_type: str, backend: Optional[str], needs: Tuple[str, ...]) -> str:
-    # Under torch.compile the choice (registry lock, imports, the environment variable) is made once,
-    # at trace time, and the graph calls the chosen backend's ops directly: no graph break.
-    return dispatch.choose("torch", device_type, backend, needs).name
+def _backend_name(device_type: str, backend: Optional[str], needs: Tuple[str, ...], op: str, mode: str,
+                  dtype: str, device_index: Optional[int]) -> str:
+    # Under torch.compile the choice (registry lock, imports, the environment variable, the wins table) is
+    # made once, at trace time, and the graph calls the chosen backend's ops directly: no graph break.
+    return dispatch.choose("torch", device_type, backend, needs, op=op, mode=mode, dtype=dtype,
+                           device_index=device_index).name
+
+
+def _choice(op: str, x: Tensor, backend: Optional[str], needs: Tuple[str, ...],
+            tensors: Tuple[Optional[Tensor], ...]) -> str:
+    """The backend name for ``op`` on ``x``: training mode when a gradient will be taken."""
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    dtype = str(torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype)
+    return _backend_name(x.device.type, backend, needs, op, "training" if training else "forward",
+                         dtype.replace("torch.", ""), x.device.index)
 
 
 def _needs(x: Tensor, dropout: float, tensors: Tuple[Optional[Tensor], ...]) -> Tuple[str, ...]:
@@ -35,9 +46,8 @@ def _run(op: str, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, f
     eps = checks.mixing_args(op, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                              eps=eps, approximate=approximate, norm=norm, scale=scale,
                              sample_scale=sample_scale, dropout=dropout)
-    needs = _needs(x, dropout, (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale,
-                                sample_scale))
-    impl = dispatch.loaded(_backend_name(x.device.type, backend, needs), "torch")
+    tensors = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale)
+    impl = dispatch.loaded(_choice(op, x, backend, _needs(x, dropout, tensors), tensors), "torch")
     return getattr(impl, op)(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps,
                              approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale,
                              dropout=float(dropout))
@@ -149,10 +159,10 @@ def spatial_gating(
         x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
         fc2_weight, fc2_bias, eps=eps, gate_eps=gate_eps, approximate=approximate, sample_scale=sample_scale,
         dropout=dropout)
-    needs = ("spatial_gating",) + _needs(x, dropout, (x, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                                                     gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
-                                                     fc2_weight, fc2_bias, sample_scale))
-    impl = dispatch.loaded(_backend_name(x.device.type, backend, needs), "torch")
+    tensors = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
+               proj_bias, fc2_weight, fc2_bias, sample_scale)
+    needs = ("spatial_gating",) + _needs(x, dropout, tensors)
+    impl = dispatch.loaded(_choice("spatial_gating", x, backend, needs, tensors), "torch")
     return impl.spatial_gating(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias,
                                proj_weight, proj_bias, fc2_weight, fc2_bias, eps=eps, gate_eps=gate_eps,
                                approximate=approximate, sample_scale=sample_scale, dropout=float(dropout))

@@ -35,17 +35,38 @@ def load() -> SimpleNamespace:
         import triton  # noqa: F401
     except ImportError as e:
         raise BackendUnavailable(f"triton is not installed ({e})") from None
-    from ..kernels.triton import _launch
+    from ..kernels.triton import _launch, toolchain
 
     problem = _launch.interpreter_problem()
     if problem:
         raise BackendUnavailable(problem)
+    if _launch.INTERPRET:
+        detail = "Triton's interpreter on CPU tensors (no CUDA device; for testing, slow)"
+    else:
+        # Before any kernel compiles: a ptxas known to miscompile these kernels is never used (toolchain.py).
+        major, minor = torch.cuda.get_device_capability()
+        try:
+            ptxas = toolchain.apply(major * 10 + minor)
+        except toolchain.ToolchainProblem as e:
+            raise BackendUnavailable(f"on {torch.cuda.get_device_name()}: {e}") from None
+        detail = (f"compiled Triton kernels on {torch.cuda.get_device_name()}; ptxas {ptxas.version_text} "
+                  f"({ptxas.source}: {ptxas.why})")
     _register_ops()
-    detail = ("Triton's interpreter on CPU tensors (no CUDA device; for testing, slow)" if _launch.INTERPRET
-              else f"compiled Triton kernels on {torch.cuda.get_device_name()}")
     return SimpleNamespace(name="triton", features=frozenset({"deterministic", "autocast", "float32", "bfloat16",
                                                               "float16", "spatial_gating"}), detail=detail,
-                           token_mixing=token_mixing, channel_mixing=channel_mixing, spatial_gating=spatial_gating)
+                           device_class=device_class, token_mixing=token_mixing, channel_mixing=channel_mixing,
+                           spatial_gating=spatial_gating)
+
+
+def device_class(device_index: Optional[int] = None) -> str:
+    """The wins table's key for CUDA device ``device_index``: its compute capability (``sm_90``); in the
+    interpreter, ``interpreter`` (never measured: it is for testing)."""
+    from .. import wins
+    from ..kernels.triton import _launch
+
+    if _launch.INTERPRET:
+        return "interpreter"
+    return wins.cuda_class(torch.cuda.get_device_capability(device_index))
 
 
 def _none(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -1,0 +1,190 @@
+"""The automatic choice's table of measured wins (mixer_fast/measured_wins.json), generated from bench/results/.
+
+    python bench/wins_table.py           print the chosen rows and every piece of evidence
+    python bench/wins_table.py --write   rewrite mixer_fast/measured_wins.json
+
+Evidence is every committed timing of a fused backend next to the reference at one op or block, mode,
+dtype and device class: ``check.jsonl`` of bench/gpu_check.py ("timing" records), pytest-benchmark files
+(``bench.json`` of bench/gpu_suite.sh, ``cpu_bench*.json`` of bench/test_cpu.py) and the 2026-11-27 H200
+``measurements.jsonl``. The rule: a backend is chosen for (op, mode, dtype, device class) when it has
+evidence there and every piece of it is faster than the reference (reference time / backend time > 1,
+medians where a file has several rounds). A block's timing counts for each op the block is made of.
+Nothing else enters the table: no evidence, no automatic choice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TABLE = ROOT / "mixer_fast" / "measured_wins.json"
+RULE = ("a fused backend is chosen for (op, mode, dtype, device class) only when it has committed evidence there "
+        "and every piece of it is faster than the reference (speedup = reference ms / backend ms > 1)")
+BLOCK_OPS = {"mixer": ("token_mixing", "channel_mixing"), "resmlp": ("token_mixing", "channel_mixing"),
+             "gmlp": ("spatial_gating",)}
+CONFIG_BLOCK = {"mixer": "mixer", "resmlp": "resmlp", "gmlp": "gmlp"}  # by config-name prefix
+MODES = {"forward": "forward", "fwd": "forward", "training": "training", "train": "training", "fwd+bwd": "training",
+         "fwd_bwd": "training"}
+# GPUs of results that predate the device_class field.
+GPU_CLASSES = {"NVIDIA H200": "sm_90", "NVIDIA H100 80GB HBM3": "sm_90", "NVIDIA H100": "sm_90"}
+# Fused providers in pytest-benchmark files, and the reference provider they are measured against.
+FUSED = {"triton": ("torch", "triton"), "cpu": ("torch", "cpu"), "pallas": ("jax", "pallas"),
+         "jax-triton": ("jax", "triton")}
+REFERENCE = {"torch": "eager", "jax": "xla"}
+
+
+def evidence_row(framework: str, backend: str, device_class: str, op: str, mode: str, dtype: str, shape: str,
+                 batch: int, reference_ms: float, backend_ms: float, source: Path) -> dict:
+    return {"framework": framework, "backend": backend, "device_class": device_class, "op": op,
+            "mode": MODES[mode], "dtype": dtype, "shape": shape, "batch": batch,
+            "reference_ms": round(reference_ms, 4), "backend_ms": round(backend_ms, 4),
+            "speedup": round(reference_ms / backend_ms, 3),
+            "source": (source.relative_to(ROOT) if source.is_relative_to(ROOT) else source).as_posix()}
+
+
+def block_op(config: str) -> str:
+    """"block:mixer" for mixer_b16 and the like."""
+    for prefix, block in CONFIG_BLOCK.items():
+        if config.startswith(prefix):
+            return f"block:{block}"
+    raise ValueError(f"config: no block family known for {config!r}")
+
+
+def from_check(path: Path) -> Iterator[dict]:
+    """"timing" records of bench/gpu_check.py: the triton backend against the reference."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in records:
+        if r.get("kind") != "timing" or "triton" not in r.get("ms", {}) or "reference" not in r["ms"]:
+            continue
+        op = f"block:{r['block']}" if r["op"] == "block" else r["op"]
+        yield evidence_row("torch", "triton", r["device_class"], op, r["mode"], r["dtype"], r["shape"], r["batch"],
+                           r["ms"]["reference"], r["ms"]["triton"], path)
+
+
+def from_h200_measurements(path: Path) -> Iterator[dict]:
+    """The first H200 run (2026-11-27): one record per stage, figures under ad-hoc names."""
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        stage, res = r["stage"], r["result"]
+        cls = GPU_CLASSES[r["env"]["gpu"]]
+        row = lambda op, mode, dtype, shape, batch, ref, fused: evidence_row(  # noqa: E731
+            "torch", "triton", cls, op, mode, dtype, shape, batch, ref, fused, path)
+        if stage == "channel_ops":
+            yield row("channel_mixing", "forward", "bf16", "mixer_b16", 256, res["channel_reference_ms"],
+                      res["channel_triton_ms"])
+            yield row("channel_mixing", "training", "bf16", "mixer_b16", 256, res["channel_reference_train_ms"],
+                      res["channel_triton_train_ms"])
+        elif stage in ("resmlp_24_block_bf16", "gmlp_s16_block_bf16"):
+            shape = stage[: -len("_block_bf16")]
+            yield row(block_op(shape), "forward", "bf16", shape, 256, res["fwd_ms"]["eager"], res["fwd_ms"]["fast"])
+            yield row(block_op(shape), "training", "bf16", shape, 256, res["train_ms"]["eager"],
+                      res["train_ms"]["fast"])
+        elif stage == "token_ops_fp32":
+            yield row("token_mixing", "forward", "fp32", "mixer_b16", 64, res["token_reference_ms_b64_fp32"],
+                      res["token_triton_ms_b64_fp32"])
+
+
+def cpu_class_of_run(folder: Path) -> Optional[str]:
+    """A CPU run's instruction-set class: a ``device_class:`` line in its env.txt, else read from its lscpu
+    line (the 2026-11-23 Zen 3 run: "flags: avx2 fma, no avx512")."""
+    env = folder / "env.txt"
+    if not env.exists():
+        return None
+    text = env.read_text()
+    m = re.search(r"^device_class: (\S+)", text, re.M)
+    if m:
+        return m.group(1)
+    if re.search(r"flags: avx2 fma, no avx512", text):
+        return "avx2"
+    return None
+
+
+def from_pytest_benchmark(path: Path) -> Iterator[dict]:
+    """pytest-benchmark files: each fused provider against the reference provider of the same group."""
+    data = json.loads(path.read_text())
+    groups: Dict[tuple, Dict[str, float]] = {}
+    infos: Dict[tuple, dict] = {}
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "provider" not in info:
+            continue
+        cls = info.get("device_class") or cpu_class_of_run(path.parent)
+        if cls is None:
+            continue
+        key = (cls, info["op"], info["config"], info["batch"], info["dtype"], info["mode"], info.get("threads"))
+        groups.setdefault(key, {})[info["provider"]] = b["stats"]["median"] * 1e3
+        infos[key] = info
+    for key, times in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        cls, op, config, batch, dtype, mode, _threads = key
+        for provider, ms in sorted(times.items()):
+            if provider not in FUSED:
+                continue
+            framework, backend = FUSED[provider]
+            ref = times.get(REFERENCE[framework])
+            if ref is None:
+                continue
+            yield evidence_row(framework, backend, cls, block_op(config) if op == "block" else op, mode, dtype,
+                               config, batch, ref, ms, path)
+
+
+def evidence(results: Path = RESULTS) -> List[dict]:
+    rows: List[dict] = []
+    for path in sorted(results.rglob("*")):
+        if path.name == "check.jsonl":
+            rows += from_check(path)
+        elif path.name == "measurements.jsonl":
+            rows += from_h200_measurements(path)
+        elif path.suffix == ".json" and (path.name == "bench.json" or path.name.startswith("cpu_bench")):
+            rows += from_pytest_benchmark(path)
+    return rows
+
+
+def chosen(rows: List[dict]) -> List[dict]:
+    """The rule, applied: keys whose every piece of evidence (blocks counted for their ops) is a win."""
+    by_key: Dict[tuple, List[float]] = {}
+    for r in rows:
+        ops = BLOCK_OPS[r["op"].split(":", 1)[1]] if r["op"].startswith("block:") else (r["op"],)
+        for op in ops:
+            key = (r["framework"], r["backend"], r["device_class"], op, r["mode"], r["dtype"])
+            by_key.setdefault(key, []).append(r["speedup"])
+    names = ("framework", "backend", "device_class", "op", "mode", "dtype")
+    return [dict(zip(names, key), min_speedup=min(s), evidence=len(s))
+            for key, s in sorted(by_key.items()) if min(s) > 1.0]
+
+
+def build(results: Path = RESULTS) -> dict:
+    rows = evidence(results)
+    return {"generated_by": "python bench/wins_table.py --write (from bench/results/)", "rule": RULE,
+            "chosen": chosen(rows), "evidence": rows}
+
+
+def render(table: dict) -> str:
+    return json.dumps(table, indent=1, sort_keys=True) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help=f"rewrite {TABLE.relative_to(ROOT)}")
+    args = parser.parse_args(argv)
+    table = build()
+    if args.write:
+        TABLE.write_text(render(table))
+        print(f"wrote {TABLE.relative_to(ROOT)}: {len(table['chosen'])} chosen, {len(table['evidence'])} evidence rows")
+        return 0
+    print(f"rule: {table['rule']}\n\nchosen:")
+    for r in table["chosen"] or [{"none": "no measured win: every automatic choice is the reference"}]:
+        print("  " + ", ".join(f"{k}={v}" for k, v in r.items()))
+    print("\nevidence (speedup = reference / backend):")
+    for r in table["evidence"]:
+        print(f"  {r['backend']:<7} {r['device_class']:<12} {r['op']:<15} {r['mode']:<8} {r['dtype']} "
+              f"{r['shape']} b{r['batch']}: {r['speedup']:.3f}  ({r['source']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

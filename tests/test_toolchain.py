@@ -1,0 +1,145 @@
+"""Which ptxas assembles the Triton kernels (kernels/triton/toolchain.py): never one known to miscompile them.
+
+Fake ptxas binaries (scripts printing a version) stand in for the real ones, so every branch runs on any
+machine; one test uses Triton's own cache key to show a new assembler means new cache entries.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import require
+
+
+
+def fake_ptxas(folder: Path, version: str) -> str:
+    """An executable that answers ``--version`` like ptxas ``version`` ("12.8.93")."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ptxas"
+    major_minor = ".".join(version.split(".")[:2])
+    path.write_text("#!/bin/sh\n"
+                    "echo 'ptxas: NVIDIA (R) Ptx optimizing assembler'\n"
+                    f"echo 'Cuda compilation tools, release {major_minor}, V{version}'\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return str(path)
+
+
+@pytest.fixture
+def tc(monkeypatch, tmp_path):
+    """toolchain with Triton's bundled ptxas and the other candidates replaced by fakes under tmp_path."""
+    require("triton")
+    from mixer_fast.kernels.triton import toolchain
+
+    toolchain.version_of.cache_clear()
+    monkeypatch.delenv(toolchain.ENV_VAR, raising=False)
+    monkeypatch.delenv(toolchain.BLACKWELL_ENV_VAR, raising=False)
+    state = {"bundled": fake_ptxas(tmp_path / "bundled", "12.8.93"), "others": []}
+    monkeypatch.setattr(toolchain, "bundled_path", lambda arch: state["bundled"])
+    monkeypatch.setattr(toolchain, "candidates", lambda: list(state["others"]))
+    toolchain.state = state  # the test's handle on the fakes
+    yield toolchain
+    del toolchain.state
+    toolchain.version_of.cache_clear()
+
+
+def test_version_parsing(tc, tmp_path):
+    assert tc.version_of(fake_ptxas(tmp_path / "a", "13.5.37")) == (13, 5, 37)
+    assert tc.version_of(str(tmp_path / "missing")) is None
+    assert tc.known_bad((12, 8, 93), 90) and not tc.known_bad((12, 8, 93), 80) and not tc.known_bad((12, 9, 86), 90)
+    assert not tc.known_bad((12, 8, 93), 100)  # Blackwell goes through ptxas-blackwell
+
+
+def test_bundled_ptxas_is_kept_where_it_is_not_known_bad(tc, tmp_path):
+    tc.state["bundled"] = fake_ptxas(tmp_path / "b129", "12.9.86")
+    chosen = tc.choose(90)
+    assert chosen.path == tc.state["bundled"] and chosen.source == "bundled with triton"
+    assert tc.apply(90) == chosen and tc.ENV_VAR not in os.environ
+    # 12.8 is only known bad on Hopper: on an A100 (no wgmma) Triton's own stays.
+    tc.state["bundled"] = fake_ptxas(tmp_path / "b128", "12.8.93")
+    assert tc.choose(80).path == tc.state["bundled"]
+
+
+def test_known_bad_bundled_ptxas_is_replaced_by_the_newest_cuda13_one(tc, tmp_path, monkeypatch):
+    tc.state["others"] = [(fake_ptxas(tmp_path / "c129", "12.9.86"), "PATH"),
+                          (fake_ptxas(tmp_path / "c130", "13.0.88"), "the CUDA toolkit in /usr/local/cuda"),
+                          (fake_ptxas(tmp_path / "c135", "13.5.37"), "the nvidia-cuda-nvcc wheel (mixer_fast[gpu])")]
+    chosen = tc.choose(90)
+    assert chosen.version == (13, 5, 37) and chosen.source.startswith("the nvidia-cuda-nvcc wheel")
+    assert "replaces Triton's bundled ptxas 12.8.93, which builds wgmma shared-memory descriptors" in chosen.why
+    monkeypatch.setenv(tc.ENV_VAR, "")  # restored by monkeypatch after apply() sets it
+    monkeypatch.delenv(tc.ENV_VAR)
+    assert tc.apply(90) == chosen and os.environ[tc.ENV_VAR] == chosen.path
+    # 12.9 alone is not taken as a replacement (its own wgmma hazard, fixed in 13.3).
+    monkeypatch.delenv(tc.ENV_VAR)
+    tc.state["others"] = tc.state["others"][:1]
+    with pytest.raises(tc.ToolchainProblem, match=r"no CUDA >= 13\.0 ptxas was found to replace it; "
+                                                  r"pip install \"mixer_fast\[gpu\]\""):
+        tc.choose(90)
+
+
+def test_a_path_the_user_set_is_never_overridden(tc, tmp_path, monkeypatch):
+    good = fake_ptxas(tmp_path / "u", "13.0.88")
+    monkeypatch.setenv(tc.ENV_VAR, good)
+    tc.state["others"] = [(fake_ptxas(tmp_path / "c135", "13.5.37"), "wheel")]
+    chosen = tc.choose(90)
+    assert chosen.path == good and chosen.source == "TRITON_PTXAS_PATH (set by the user)"
+    assert tc.apply(90) == chosen and os.environ[tc.ENV_VAR] == good
+    # Known bad where the user points: refuse (the backend does not load) rather than crash on the GPU.
+    monkeypatch.setenv(tc.ENV_VAR, fake_ptxas(tmp_path / "u128", "12.8.93"))
+    with pytest.raises(tc.ToolchainProblem, match="TRITON_PTXAS_PATH points to ptxas 12.8.93, which builds wgmma"):
+        tc.choose(90)
+    monkeypatch.setenv(tc.ENV_VAR, str(tmp_path / "nothing"))
+    with pytest.raises(tc.ToolchainProblem, match="does not run as a ptxas"):
+        tc.choose(90)
+
+
+def test_wheel_ptxas_is_found(tmp_path, monkeypatch):
+    # The gpu extra's nvidia-cuda-nvcc (CUDA 13) installs nvidia/cu13/bin/ptxas into the nvidia namespace package.
+    require("triton")
+    from mixer_fast.kernels.triton import toolchain
+
+    fake_ptxas(tmp_path / "site" / "nvidia" / "cu13" / "bin", "13.5.37")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m == "nvidia" or m.startswith("nvidia.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert str(tmp_path / "site" / "nvidia" / "cu13" / "bin" / "ptxas") in toolchain.wheel_paths()
+
+
+def test_backend_refuses_to_load_without_a_safe_ptxas(tc, monkeypatch):
+    # On a Hopper GPU with triton 3.6 and no CUDA 13 ptxas, the torch backend says why and how to fix it; the
+    # automatic choice then runs the reference. (Simulated: no GPU here.)
+    torch = require("torch")
+    from mixer_fast import dispatch
+    from mixer_fast.kernels.triton import _launch
+    from mixer_fast.torch import triton_backend
+
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(dispatch.BackendUnavailable, match=r"on NVIDIA H200: the ptxas bundled with this triton "
+                                                          r"\(12\.8\.93\) builds wgmma .*mixer_fast\[gpu\]"):
+        triton_backend.load()
+
+
+def test_a_new_assembler_means_new_cache_entries(tc, tmp_path):
+    # Triton keys compiled kernels on backend.hash(), which holds the ptxas version: once apply() switches
+    # assemblers, cubins made by the bad one are not found any more. Its memo of the version is cleared.
+    require("triton")
+    nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
+    from triton.backends.compiler import GPUTarget
+
+    os.environ.pop(tc.ENV_VAR, None)
+    bad = nvidia.CUDABackend(GPUTarget("cuda", 90, 32)).hash()
+    tc.state["others"] = [(fake_ptxas(tmp_path / "c135", "13.5.37"), "wheel")]
+    try:
+        tc.apply(90)
+        good = nvidia.CUDABackend(GPUTarget("cuda", 90, 32)).hash()
+    finally:
+        os.environ.pop(tc.ENV_VAR, None)
+        nvidia.get_ptxas_version.cache_clear()
+    assert bad != good and "13.5" in good

@@ -1,0 +1,94 @@
+"""The table of measured wins: generated from bench/results/, shipped in the package, and the rule it applies."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixer_fast import wins
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import wins_table  # noqa: E402
+
+
+def test_shipped_table_is_the_one_generated_from_bench_results():
+    shipped = (REPO / "mixer_fast" / wins.TABLE_FILE).read_text()
+    assert shipped == wins_table.render(wins_table.build()), \
+        "mixer_fast/measured_wins.json is stale: run python bench/wins_table.py --write"
+    assert wins.table() == json.loads(shipped)
+
+
+def test_h200_evidence_keeps_triton_out_of_the_automatic_choice():
+    # The 2026-11-27 H200 run: every triton timing slower than the reference, so none is chosen on sm_90.
+    rows = [r for r in wins.table()["evidence"] if r["backend"] == "triton" and r["device_class"] == "sm_90"]
+    assert {(r["op"], r["mode"]) for r in rows} >= {("channel_mixing", "forward"), ("channel_mixing", "training"),
+                                                   ("block:resmlp", "training"), ("block:gmlp", "training")}
+    assert all(r["speedup"] < 1 for r in rows)
+    assert not wins.wins_for("torch", "triton")
+    for op in wins.OPS:
+        for mode in wins.MODES:
+            assert not wins.is_win("torch", "triton", "sm_90", op, mode, "bfloat16")
+
+
+def _row(op, speedup, mode="forward", dtype="bf16", cls="sm_90", backend="triton"):
+    return dict(framework="torch", backend=backend, device_class=cls, op=op, mode=mode, dtype=dtype, shape="s",
+                batch=1, reference_ms=1.0, backend_ms=1.0 / speedup, speedup=speedup, source="x")
+
+
+def test_rule_every_piece_of_evidence_must_win_and_blocks_count_for_their_ops():
+    chosen = wins_table.chosen([_row("block:mixer", 1.3), _row("channel_mixing", 0.9), _row("token_mixing", 1.2),
+                                _row("block:gmlp", 1.0), _row("token_mixing", 1.5, mode="training")])
+    keys = {(r["op"], r["mode"]): r for r in chosen}
+    # token forward: the block (1.3) and the op (1.2) both win; channel forward: the op lost (0.9); gMLP: a tie
+    # is not a win; token training: one winning timing.
+    assert set(keys) == {("token_mixing", "forward"), ("token_mixing", "training")}
+    assert keys[("token_mixing", "forward")]["min_speedup"] == 1.2
+    assert keys[("token_mixing", "forward")]["evidence"] == 2
+    assert wins_table.chosen([]) == []
+
+
+def test_gpu_check_timings_are_evidence(tmp_path):
+    # bench/gpu_check.py's "timing" records (its schema) become rows; records without a triton time do not.
+    folder = tmp_path / "2026-12-01-NVIDIA_H100"
+    folder.mkdir()
+    lines = [{"kind": "env", "device_class": "sm_90"},
+             {"kind": "timing", "op": "token_mixing", "block": None, "shape": "mixer_b16", "batch": 256,
+              "mode": "forward", "dtype": "bf16", "device_class": "sm_90",
+              "ms": {"reference": 0.9, "compile": 0.8, "triton": 0.3}, "floor_ms": 0.1},
+             {"kind": "timing", "op": "block", "block": "mixer", "shape": "mixer_b16", "batch": 256,
+              "mode": "training", "dtype": "bf16", "device_class": "sm_90", "ms": {"reference": 6.0, "triton": 5.0}},
+             {"kind": "timing", "op": "channel_mixing", "block": None, "shape": "mixer_b16", "batch": 256,
+              "mode": "forward", "dtype": "bf16", "device_class": "sm_90", "ms": {"reference": 1.0},
+              "errors": {"triton": "fault"}}]
+    (folder / "check.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    rows = wins_table.evidence(tmp_path)
+    assert [(r["op"], r["mode"], r["speedup"]) for r in rows] == [("token_mixing", "forward", 3.0),
+                                                                   ("block:mixer", "training", 1.2)]
+    assert {(r["op"], r["mode"]) for r in wins_table.chosen(rows)} == {
+        ("token_mixing", "forward"), ("token_mixing", "training"), ("channel_mixing", "training")}
+
+
+def test_cpu_class(monkeypatch):
+    wins.cpu_class.cache_clear()
+    try:
+        for flags, isa, want in ((("avx2", "fma"), None, "avx2"), (("avx512f", "avx2", "fma"), None, "avx512"),
+                                 (("avx512f", "avx512_bf16"), "avx512", "avx512_bf16"),
+                                 (("avx512f", "avx512_bf16", "amx_bf16"), "avx512", "avx512_amx"),
+                                 ((), None, "portable")):
+            monkeypatch.setattr(wins, "_cpu_flags", lambda flags=flags: frozenset(flags))
+            wins.cpu_class.cache_clear()
+            assert wins.cpu_class(isa) == want
+    finally:
+        wins.cpu_class.cache_clear()
+    assert wins.cuda_class((9, 0)) == "sm_90"
+    assert wins.dtype_name("bfloat16") == "bf16" and wins.dtype_name("float64") == "float64"
+
+
+def test_block_names_are_known():
+    assert wins_table.block_op("mixer_b16") == "block:mixer"
+    assert wins_table.block_op("resmlp_big_24") == "block:resmlp"
+    with pytest.raises(ValueError, match="config: no block family known for 'vit_b16'"):
+        wins_table.block_op("vit_b16")
