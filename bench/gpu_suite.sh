@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
 # One script for a lent GPU: install mixer_fast there without a registry, then run a stage:
 #
-#     bash bench/gpu_suite.sh [STAGE] [OUT_DIR]     STAGE: tests | bench | all (default all)
+#     bash bench/gpu_suite.sh [STAGE] [OUT_DIR]     STAGE: check | gputests | tests | bench | all (default check)
 #                                                   OUT_DIR: default $OUT if set, else bench/results/<date>-<gpu>
 #
-# A device call lasts at most 10 minutes, and the whole suite takes longer: run `tests` and `bench` in separate
-# calls. Every stage ends inside its own time budget (TESTS_BUDGET / BENCH_BUDGET seconds, default 480) with
+# Start with `check` (bench/gpu_check.py check, about 4 minutes): the triton backend's correctness per op, dtype
+# and shape, each case in its own process, compute-sanitizer on whatever faults, a CUDA-graph replay, and timings
+# against eager / torch.compile / cuBLAS, as JSON lines (check.jsonl, check.log, sanitizer.txt); CHECK_ARGS
+# passes options, e.g. CHECK_ARGS="--parts timings --budget 540" for a second call that only times.
+# `gputests` (bench/gpu_check.py tests, about 5 minutes: GPUTESTS_BUDGET seconds, default 260) runs the triton
+# test files and the gpu-marked tests (tests.log). `tests` is the whole suite, `bench` the pytest-benchmark
+# suites, `all` both: a device call lasts at most 10 minutes, and the whole suite takes longer, so run them in
+# separate calls, and never the whole suite as a first check (DESIGN.md, "Checking on a GPU").
+# Every stage ends inside its own time budget (TESTS_BUDGET / BENCH_BUDGET seconds, default 480) with
 # SIGINT, so pytest still prints its summary and writes its files; tests run verbose (-v), so a run cut short
 # still names every test that failed so far. BENCH_K selects benchmarks (pytest -k), e.g.
 #     BENCH_K="mixer_b16 and 256" bash bench/gpu_suite.sh bench
-# Files (at most 8, so that all come back from a lent machine): env.txt, install.log, tests.log, report.json,
-# bench.json, bench.log, roofline.png, roofline.json. Commit the folder under bench/results/; the README's performance
-# table is generated from those files (python bench/results_table.py --write-readme).
+# Files (at most 8, so that all come back from a lent machine; one stage per OUT_DIR keeps under that): env.txt,
+# install.log, and check.jsonl, check.log, sanitizer.txt (check); tests.log (gputests, tests); report.json,
+# bench.json, bench.log, roofline.png, roofline.json (bench). Commit the folder under bench/results/; the README's
+# performance table is generated from those files (python bench/results_table.py --write-readme).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-stage=${1:-all}
-case "$stage" in tests|bench|all) ;; *) echo "STAGE: expected tests, bench or all, got '$stage'" >&2; exit 2 ;; esac
+stage=${1:-check}
+case "$stage" in check|gputests|tests|bench|all) ;;
+  *) echo "STAGE: expected check, gputests, tests, bench or all, got '$stage'" >&2; exit 2 ;;
+esac
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr ' ' '_' || echo unknown)
 out=${2:-${OUT:-bench/results/$(date -u +%Y-%m-%d)-${gpu}}}
 mkdir -p "$out"
@@ -42,13 +52,20 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 } >"$out/env.txt" 2>&1
 
 status=0
-if [ "$stage" != bench ]; then
+if [ "$stage" = check ]; then
+  # shellcheck disable=SC2086  # CHECK_ARGS is a list of options
+  python3 bench/gpu_check.py check --out "$out" ${CHECK_ARGS:-} || status=1
+fi
+if [ "$stage" = gputests ]; then
+  python3 bench/gpu_check.py tests --out "$out" --budget "${GPUTESTS_BUDGET:-260}" --jobs "${JOBS:-12}" || status=1
+fi
+if [ "$stage" = tests ] || [ "$stage" = all ]; then
   timeout -s INT "${TESTS_BUDGET:-480}" python3 -m pytest tests -v --tb=short -rfE -p no:cacheprovider \
     -n "${JOBS:-12}" --timeout 300 >"$out/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | cut -c1-220 | head -n 60
   tail -n 3 "$out/tests.log"
 fi
-if [ "$stage" != tests ]; then
+if [ "$stage" = bench ] || [ "$stage" = all ]; then
   python3 -m mixer_fast report --arch sm_90a --format json >"$out/report.json" 2>>"$out/bench.log" || status=1
   timeout -s INT "${BENCH_BUDGET:-480}" python3 -m pytest bench/ --benchmark-only -q -rs -p no:cacheprovider \
     ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="$out/bench.json" >>"$out/bench.log" 2>&1 || status=1

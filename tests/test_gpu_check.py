@@ -1,0 +1,210 @@
+"""bench/gpu_check.py, the prepared command for a lent GPU: its ``--quick`` mode run here as a subprocess (Triton's
+interpreter without CUDA; tiny shapes on a GPU) must pass and write the record schema the dispatch table is built
+from, and its pure helpers (timing records, the budget, FLOP floors, strict JSON, the fault and sanitizer text,
+the case lists, the pytest command) behave."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "gpu_check.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load()
+
+KEYS = {
+    "env": {"kind", "date", "commit", "gpu", "device_class", "driver", "versions", "ptxas"},
+    "check": {"kind", "op", "mode", "dtype", "shape", "batch", "ok", "errors", "error", "sanitizer"},
+    "graph": {"kind", "ok", "max_diff", "error"},
+    "summary": {"kind", "checks", "failed", "faulted", "timings", "skipped", "seconds"},
+}
+
+
+def _strict(text: str):
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_quick_check_passes_and_writes_the_schema(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "check", "--out", str(tmp_path), "--quick", "--jobs", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    log = (tmp_path / "check.log").read_text() if (tmp_path / "check.log").exists() else ""
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{log}"
+    records = [_strict(line) for line in (tmp_path / "check.jsonl").read_text().splitlines()]
+    for r in records:
+        assert set(r) == KEYS[r["kind"]], r
+    assert records[0]["kind"] == "env" and records[-1]["kind"] == "summary"
+    assert records[0]["versions"].keys() == {"torch", "triton", "python"}
+    checks = [r for r in records if r["kind"] == "check"]
+    for op in ("token_mixing", "channel_mixing", "spatial_gating"):
+        for mode in ("forward", "backward"):
+            assert any(r["op"] == op and r["mode"] == mode and r["ok"] for r in checks), (op, mode)
+    for r in checks:
+        assert r["ok"] and r["error"] is None and r["sanitizer"] is None, r
+        assert r["errors"] and all(0 <= err <= bound for err, bound in r["errors"].values()), r
+    backward = next(r for r in checks if r["op"] == "token_mixing" and r["mode"] == "backward")
+    assert {"x", "norm_weight", "fc1_weight", "fc1_bias"} <= backward["errors"].keys()
+    summary = records[-1]
+    assert summary["checks"] == len(checks) and summary["failed"] == [] and summary["faulted"] == []
+    assert summary["timings"] == 0
+    assert any(s.startswith("graph: ") for s in summary["skipped"])  # quick (or no CUDA): named, with the reason
+    assert any(s.startswith("timings: ") for s in summary["skipped"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.jsonl", "check.log"]
+    assert f"{len(checks)} of {len(checks)} passed" in done.stdout
+
+
+def test_timing_record_schema():
+    fwd = gpu_check.timing_record("block", "gmlp_s16", 256, "forward", "bf16", "sm_90",
+                                  {"reference": 1.2, "triton": 3.0}, {}, 0.5, {})
+    assert fwd == {"kind": "timing", "op": "block", "block": "gmlp", "shape": "gmlp_s16", "batch": 256,
+                   "mode": "forward", "dtype": "bf16", "device_class": "sm_90",
+                   "ms": {"reference": 1.2, "triton": 3.0}, "floor_ms": 0.5}
+    train = gpu_check.timing_record("channel_mixing", "mixer_b16", 256, "training", "fp16", "sm_90",
+                                    {"reference": 3.1}, {"triton": "RuntimeError: boom"}, None, {"reference": 1602.0})
+    assert train["block"] is None and train["errors"] == {"triton": "RuntimeError: boom"}
+    assert train["peak_mib"] == {"reference": 1602.0} and "triton" not in train["ms"]
+
+
+def test_floor_matches_the_h200_figures_in_design_md():
+    # DESIGN.md: Mixer-B/16, batch 256, 786 TFLOP/s: token 59 GFLOP, channel 474; block floor 0.68 / 2.03 ms.
+    dims = gpu_check.SHAPES["mixer_b16"]
+    assert gpu_check.forward_flops("token_mixing", dims, 256) / 1e9 == pytest.approx(59.2, abs=0.1)
+    assert gpu_check.forward_flops("channel_mixing", dims, 256) / 1e9 == pytest.approx(473.6, abs=0.1)
+    assert gpu_check.floor_ms("block", dims, 256, "forward", 786.0) == pytest.approx(0.678, abs=0.001)
+    assert gpu_check.floor_ms("block", dims, 256, "training", 786.0) == pytest.approx(2.03, abs=0.01)
+    assert gpu_check.floor_ms("block", dims, 256, "forward", None) is None
+    # ResMLP's token branch is one S×S GEMM; gMLP's block is fc1, the gate's S×S linear on H/2, fc2.
+    assert gpu_check.forward_flops("token_mixing", gpu_check.SHAPES["resmlp_24"], 1) == 2 * 384 * 196 * 196
+    gmlp = 2 * 196 * (256 * 1536 + 768 * 196 + 768 * 256)
+    assert gpu_check.forward_flops("block", gpu_check.SHAPES["gmlp_s16"], 1) == gmlp
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_budget_runs_what_fits_and_names_what_was_skipped():
+    clock = FakeClock()
+    budget = gpu_check.Budget(100, clock=clock)
+    groups = [gpu_check.TimingGroup("peak", None, "bf16", 10), gpu_check.TimingGroup("block", "mixer_b16", "bf16", 50),
+              gpu_check.TimingGroup("token_mixing", "mixer_b16", "bf16", 45),  # 40 s left when its turn comes
+              gpu_check.TimingGroup("token_mixing", "resmlp_24", "bf16", 30)]
+    ran = []
+
+    def run(group, timeout):
+        ran.append((group.name, timeout))
+        clock.now += group.estimate_s
+
+    skipped = gpu_check.run_in_budget(groups, budget, run)
+    assert ran == [("timing peak", 100), ("timing block mixer_b16 bf16", 90),
+                   ("timing token_mixing resmlp_24 bf16", 40)]
+    assert skipped == ["timing token_mixing mixer_b16 bf16: budget (needs ~45 s, 40 s left)"]
+    clock.now = 1000
+    assert budget.left() == 0
+
+
+def test_strict_json_and_fault_texts():
+    line = gpu_check.dumps({"errors": {"out": [math.inf, 0.1], "x": [math.nan, -math.inf]}})
+    assert _strict(line) == {"errors": {"out": ["inf", 0.1], "x": ["nan", "-inf"]}}
+    assert gpu_check.is_device_fault("RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered")
+    assert gpu_check.is_device_fault("AcceleratorError: CUDA error: unspecified launch failure")
+    assert not gpu_check.is_device_fault("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert not gpu_check.is_device_fault("AssertionError: max|fused - ref64| = 1e-1 > bound 1e-2")
+    report = "\n".join(["python noise"] + [f"========= line {i}" for i in range(50)] + ["more noise"])
+    excerpt = gpu_check.sanitizer_excerpt(report).splitlines()
+    assert len(excerpt) == 40 and excerpt[0] == "========= line 0"
+    assert gpu_check.sanitizer_excerpt("a\nb") == "a\nb"  # no report: the end of the output
+
+
+def test_worker_run_fault_classification():
+    def run(rc, output=""):
+        return gpu_check.WorkerRun([], rc, 1.0, output)
+
+    assert run(gpu_check.FAULT_EXIT).faulted and run(-11).faulted
+    assert run(1, "AcceleratorError: CUDA error: an illegal memory access was encountered").faulted
+    assert not run(0).faulted and not run(None).faulted  # a timeout is a failure, not a fault
+    assert not run(1, "ImportError: no module named timm").faulted
+    assert "killed at its timeout" in run(None, "last words").failure()
+
+
+def test_case_lists():
+    cases = gpu_check.check_cases(quick=False)
+    assert len(cases) == len({c.name for c in cases}) == 21  # (2 ops × 3 shapes + gating) × 3 dtypes
+    assert {c.shape for c in cases if c.op == "spatial_gating"} == {"gmlp_s16"}
+    assert {c.shape for c in cases if c.op == "token_mixing"} == {"mixer_b16", "resmlp_24", "awkward"}
+    assert all(2 <= c.batch <= 4 for c in cases)
+    quick = gpu_check.check_cases(quick=True)
+    assert {c.op for c in quick} == {"token_mixing", "channel_mixing", "spatial_gating"}
+    assert {c.dtype for c in quick} == {"bf16", "fp16", "fp32"} and all(c.quick for c in quick)
+    assert [g.name for g in gpu_check.timing_groups("timing block")] == [
+        "timing peak", "timing block mixer_b16 bf16", "timing block resmlp_24 bf16", "timing block gmlp_s16 bf16"]
+    assert gpu_check.timing_groups("nothing matches") == []
+    assert gpu_check.TIMING_GROUPS[0].what == "peak" and all(g.estimate_s > 0 for g in gpu_check.TIMING_GROUPS)
+
+
+def test_tests_stage_command():
+    files = gpu_check.gpu_test_files()
+    assert files[:2] == ["tests/test_token_mixing.py", "tests/test_channel_mixing.py"]
+    assert "tests/test_large_tensors.py" in files and all((ROOT / f).exists() for f in files)
+    cmd = gpu_check.pytest_command(files, 12, xdist=True, timeout_plugin=False)
+    assert cmd[1:3] == ["-m", "pytest"] and "-v" in cmd and cmd[cmd.index("-n") + 1] == "12"
+    assert "--timeout" not in cmd
+    assert "-n" not in gpu_check.pytest_command(files, 12, xdist=False, timeout_plugin=True)
+
+
+def test_a_fault_is_rerun_under_the_sanitizer_and_recorded(tmp_path, monkeypatch):
+    fault = "AcceleratorError: CUDA error: an illegal memory access was encountered"
+    report_text = "noise\n========= Invalid __shared__ read of size 512 bytes\n========= at token_mlp_fwd_kernel+0x9340"
+    wrappers = []
+
+    def fake_run_worker(task, timeout, env=None, wrapper=()):
+        wrappers.append(list(wrapper))
+        assert env["CUDA_LAUNCH_BLOCKING"] == "1"
+        if wrapper:
+            return gpu_check.WorkerRun([], 1, 2.0, report_text)
+        forward = gpu_check._check_record(task, "forward", error=fault)  # the worker died before its backward
+        return gpu_check.WorkerRun([forward], gpu_check.FAULT_EXIT, 5.0, fault)
+
+    monkeypatch.setattr(gpu_check, "run_worker", fake_run_worker)
+    monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: "/cuda/bin/compute-sanitizer")
+    report = gpu_check.Report(tmp_path)
+    phase = gpu_check.CheckPhase(report, gpu_check.Budget(100), gpu_check.Budget(100), sanitize_left=1)
+    first, second = (gpu_check.CheckCase("token_mixing", shape, "bf16", 4) for shape in ("mixer_b16", "awkward"))
+    gpu_check._run_check(first, phase)
+    gpu_check._run_check(second, phase)  # the one sanitizer rerun is spent
+    gpu_check._run_check(gpu_check.CheckCase("channel_mixing", "awkward", "fp32", 3),
+                         gpu_check.CheckPhase(report, gpu_check.Budget(0), gpu_check.Budget(100), 1))
+    report.close()
+    assert wrappers[1][0] == "/cuda/bin/compute-sanitizer" and [bool(w) for w in wrappers] == [False, True, False]
+    records = [_strict(line) for line in (tmp_path / "check.jsonl").read_text().splitlines()]
+    assert [(r["shape"], r["mode"], r["ok"]) for r in records] == [
+        ("mixer_b16", "forward", False), ("mixer_b16", "backward", False),
+        ("awkward", "forward", False), ("awkward", "backward", False),
+        ("awkward", "forward", False), ("awkward", "backward", False)]
+    assert records[0]["error"] == fault and records[0]["sanitizer"].startswith("========= Invalid __shared__ read")
+    assert "exited with status 3" in records[1]["error"]  # the mode it never reported
+    assert records[2]["sanitizer"].startswith("not run: --max-sanitize")
+    assert records[4]["error"].startswith("not run") and records[4]["sanitizer"] is None
+    assert phase.faulted == ["token_mixing mixer_b16 bf16", "token_mixing awkward bf16"]
+    assert "Invalid __shared__ read" in (tmp_path / "sanitizer.txt").read_text()
