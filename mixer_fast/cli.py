@@ -210,14 +210,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
         return 0
     print(f"Static report: every Triton kernel variant and GPU config compiled ahead of time for {args.arch} "
-          f"({args.dtype}); no GPU used.")
-    print(f"{'kernel':<28} {'config':<32} {'regs':>5} {'spills':>7} {'smem':>8} {'wgmma':>6}")
+          f"({args.dtype}) with ptxas {', '.join(sorted({r.ptxas for r in rows}))}; no GPU used.")
+    print(f"{'kernel':<28} {'config':<32} {'regs':>5} {'spills':>7} {'smem':>8} {'wgmma':>6} {'hazards':>8}")
     for r in rows:
         print(f"{r.kernel:<28} {r.config:<32} {r.registers:>5} {r.spills:>7} {r.shared_bytes:>8} "
-              f"{('yes' if r.wgmma else 'no') if r.has_dot else '-':>6}")
+              f"{('yes' if r.wgmma else 'no') if r.has_dot else '-':>6} {r.wgmma_descriptor_hazards:>8}")
     spilling = sum(r.spills > 0 for r in rows)
     print(f"{len(rows)} variants, {spilling} with spills, "
-          f"{sum(r.has_dot and not r.wgmma for r in rows)} dot kernels without wgmma")
+          f"{sum(r.has_dot and not r.wgmma for r in rows)} dot kernels without wgmma, "
+          f"{sum(r.wgmma_descriptor_hazards > 0 for r in rows)} with wgmma descriptor hazards")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""``mixer-fast report``: every Triton kernel and GPU config compiles for sm_90a ahead of time, with no
-register spills, and every kernel with a dot uses Hopper's wgmma."""
+"""``mixer-fast report``: every Triton kernel and GPU config compiles for sm_90a ahead of time, with the ptxas the
+backend would use, with no register spills and no wgmma descriptor hazard in the SASS, and every kernel with a
+dot uses Hopper's wgmma."""
 from __future__ import annotations
 
 import json
@@ -25,13 +26,27 @@ def rows():
 def test_report_rows_have_the_keys(rows):
     assert rows
     for row in rows:
-        assert {"kernel", "config", "registers", "spills", "shared_bytes", "wgmma"} <= row.keys()
+        assert {"kernel", "config", "registers", "spills", "shared_bytes", "wgmma", "ptxas",
+                "wgmma_descriptor_hazards"} <= row.keys()
     assert any("autocast" in row["kernel"] for row in rows)
     kernels = {row["kernel"].split("[")[0] for row in rows}
     assert kernels == {"fused_matmul", "token_mlp_fwd", "token_mlp_dx", "token_mlp_dw", "ln_stats", "ln_backward",
                        "gate_grad"}
     # gMLP's launch sites are in it
     assert {"fused_matmul[gate_proj]", "fused_matmul[gate_b]", "ln_backward[gate,C=768]"} <= {r["kernel"] for r in rows}
+
+
+def test_assembled_by_the_backends_ptxas(rows):
+    from mixer_fast.kernels.triton import toolchain
+
+    assert {r["ptxas"] for r in rows} == {toolchain.choose(90).version_text}
+
+
+def test_no_wgmma_descriptor_hazards(rows):
+    # ptxas 12.8.93 built these descriptors from data registers (an H200 crash); kernels/triton/sass.py.
+    hazards = [(r["kernel"], r["config"], r["wgmma_descriptor_hazards"]) for r in rows
+               if r["wgmma_descriptor_hazards"]]
+    assert not hazards, hazards
 
 
 def test_no_config_spills(rows):

@@ -3,7 +3,9 @@
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` yields PTX and a cubin on any
 machine, assembled by the ptxas the triton backend would use on that GPU (toolchain.py: never Triton's
 bundled one where it is known to miscompile these kernels); that ptxas reports registers and spills, the
-PTX shows whether Hopper's wgmma is used, and the compile metadata the shared memory. Needs triton imported in compiled mode
+PTX shows whether Hopper's wgmma is used, and the compile metadata the shared memory. A clean compile is
+not proof (ptxas 12.8.93 compiled the token kernels without complaint into code that crashed an H200), so
+each cubin's SASS is also checked for wgmma descriptors not built from the shared-memory base (sass.py). Needs triton imported in compiled mode
 (TRITON_INTERPRET unset or 0): the CLI runs it in a process of its own.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import toolchain
+from . import sass, toolchain
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 _FP32_PTRS = {"mean_ptr", "rstd_ptr", "a_mean_ptr", "a_rstd_ptr", "b_mean_ptr", "b_rstd_ptr", "g_ptr", "dw1_ptr",
@@ -41,6 +43,7 @@ class Row:
     wgmma: bool
     has_dot: bool
     ptxas: str  # the assembler's version, e.g. "13.0.88"
+    wgmma_descriptor_hazards: int  # HGMMAs whose descriptor is not built from the shared-memory base
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +81,7 @@ def compile_row(fn, name: str, config: str, constexprs: Dict[str, object], *, ar
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return Row(name, config, arch, dtype, regs, spills, int(compiled.metadata.shared), "wgmma.mma_async" in ptx,
-               "mma" in ptx, ptxas.version_text)
+               "mma" in ptx, ptxas.version_text, len(sass.hazards_in_cubin(compiled.asm["cubin"])))
 
 
 def variants(dtype: str) -> Iterator[Tuple]:
