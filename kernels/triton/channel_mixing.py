@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from . import _launch
 from .matmul import flat, fused_matmul, split
-from .token_mixing import branch_grad, norm_backward
+from .token_mixing import branch_grad, norm_backward, scale_grad
 from .layer_norm import layer_norm_stats
 
 if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
@@ -87,8 +87,7 @@ def channel_mixing_backward(
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
     if scale is not None:
-        ss = sample_scale.float().view(-1, 1, 1) if sample_scale is not None else 1.0
-        grads["scale"] = (dout.float() * branch.float() * ss).sum((0, 1))
+        grads["scale"] = scale_grad(dout, branch, sample_scale)
     h_axes = (flat(M, D), flat(D, 1))
     do_tok, do_ch = _token_axis(do, S), flat(C, do.stride(2))
     x_tok, x_ch = _token_axis(x, S), flat(C, x.stride(2))
@@ -106,8 +105,8 @@ def channel_mixing_backward(
     fused_matmul(do, (do_ch, do_tok), z, h_axes, dw2, (flat(C, D), flat(D, 1)), C, D, M,
                  variant="gelu_b", b_pro=4, approximate=approximate, allow_tf32=allow_tf32)
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
-    grads["fc1_bias"] = dz.float().sum(0) if fc1_bias is not None else None
-    grads["fc2_bias"] = do.float().sum((0, 1)) if fc2_bias is not None else None
+    grads["fc1_bias"] = dz.sum(0, dtype=torch.float32) if fc1_bias is not None else None
+    grads["fc2_bias"] = do.sum((0, 1), dtype=torch.float32) if fc2_bias is not None else None
     grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
     grads["norm_weight"] = dnw if norm_weight is not None else None
     grads["norm_bias"] = dnb if norm_bias is not None else None

@@ -4,8 +4,9 @@ Each function mirrors its namesake in layer_norm.py / matmul.py / token_mixing.p
 (same kernels, block sizes, autotune configs and epilogues), taking one compute dtype for every array
 (the caller casts). JAX arrays are row-major, so strides follow from shapes. Flax kernels (in, out) of
 channel mixing are read through strides as the (out, in) weights the GEMM expects, with no transpose;
-the small token-mixing kernels are transposed once by XLA (S × D_S elements), so the token kernels read
-them exactly as they read torch weights.
+the small token-mixing kernels are transposed once by XLA (S × D_S elements) and, where a row is not a
+multiple of 16 elements, zero-padded to one (token_mixing.token_weights, as the torch launchers do), so the
+token kernels read them exactly as they read torch weights.
 
 How a launch runs (``call``): on a GPU through ``jax_triton.triton_call``; with Triton's interpreter (no
 GPU: tests) through ``jax.pure_callback`` on CPU torch tensors, in jax-triton's argument order, so the
@@ -24,7 +25,7 @@ import triton
 from . import _launch, jax_kernels
 from .layer_norm import ROWS, block_c
 from .matmul import Axis, autotuned, flat, plan, split
-from .token_mixing import NORMS, dw_parts, dw_splits, launch_blocks
+from .token_mixing import NORMS, dw_parts, dw_splits, launch_blocks, token_weights
 
 Array = jax.Array
 F32 = jnp.float32
@@ -231,6 +232,11 @@ def _norm_backward(g: Array, x: Array, dout: Array, nw: Optional[Array], mean, r
     return dx, (g3 * x.astype(F32)).sum((0, 1)), g3.sum((0, 1))
 
 
+def _pad_columns(w: Array, width: int) -> Array:
+    """token_weights' ``pad_columns`` for jax arrays (row-major: the row stride is the width)."""
+    return w if w.shape[1] == width else jnp.pad(w, ((0, 0), (0, width - w.shape[1])))
+
+
 def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1: Array, b1: Optional[Array],
                          k2: Optional[Array], b2: Optional[Array], *, eps: float, approximate: str, norm: str,
                          scale: Optional[Array], ss: Optional[Array], store_branch: bool, precision: str):
@@ -257,13 +263,14 @@ def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1:
     D = k1.shape[1]
     S_PAD = _launch.pow2(S)
     block_c_, block_d, warps, stages = launch_blocks("token_mlp_fwd", S_PAD, D)
+    w1, w2 = token_weights(k1.T, k2.T, _pad_columns)  # (D, S), (S, D): the torch layout, aligned rows
     dummy = nwv
     out, branch = call(
         jax_kernels.token_mlp_fwd, (triton.cdiv(C, block_c_), B),
         [x, mean if mean is not None else nwv, rstd if rstd is not None else nwv, nwv, nbv,
-         k1.T, b1 if b1 is not None else dummy, k2.T, b2 if b2 is not None else dummy,
+         w1, b1 if b1 is not None else dummy, w2, b2 if b2 is not None else dummy,
          scale if scale is not None else dummy, ss if ss is not None else dummy,
-         S, C, D, S * C, C, 1, S * C, C, 1, S, 1, D, 1],
+         S, C, D, S * C, C, 1, S * C, C, 1, w1.shape[1], 1, w2.shape[1], 1],
         [_shape(x.shape, x.dtype), _shape(x.shape if store_branch else (1,), x.dtype)],
         num_warps=warps, num_stages=stages,
         NORM=NORMS[norm], HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_SCALE=scale is not None,
@@ -303,12 +310,12 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
     else:
         D = k1.shape[1]
         S_PAD = _launch.pow2(S)
-        w1, w2 = k1.T, k2.T  # (D, S), (S, D): the torch layout the token kernels read
+        w1, w2 = token_weights(k1.T, k2.T, _pad_columns)  # (D, S), (S, D): the torch layout, aligned rows
         stats = [mean, rstd] if mean is not None else [nwv, nwv]
         b1v = b1 if b1 is not None else nwv
         common = dict(NORM=NORMS[norm], HAS_B1=b1 is not None, APPROX_TANH=approximate == "tanh",
                       PRECISION=precision, INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x), S_PAD=S_PAD)
-        strides = [S * C, C, 1, S * C, C, 1, S, 1, D, 1]
+        strides = [S * C, C, 1, S * C, C, 1, w1.shape[1], 1, w2.shape[1], 1]
         block_c_, block_d, warps, stages = launch_blocks("token_mlp_dx", S_PAD, D)
         if B:
             (g,) = call(jax_kernels.token_mlp_dx, (triton.cdiv(C, block_c_), B),

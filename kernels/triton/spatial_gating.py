@@ -162,7 +162,7 @@ def spatial_gating_backward(
                  dwp, (flat(S, S), flat(S, 1)), S, S, B * Hh, variant="gate_b", b_pro=6,
                  b_stats=(gate_mean, gate_rstd), b_vec=(gw, gb), approximate=approximate, allow_tf32=allow_tf32)
     grads["proj_weight"] = dwp
-    grads["proj_bias"] = dp.float().sum((0, 2)) if proj_bias is not None else None
+    grads["proj_bias"] = dp.sum((0, 2), dtype=torch.float32) if proj_bias is not None else None
     # g_v[b, t, c] = Σ_s W_p[s, t] · dP[b, s, c] (fp32), then LN_g's backward × GELU'(z_v) into dZ's v half.
     gv = _launch.new_output((M, Hh), x, torch.float32)
     fused_matmul(proj_weight, (flat(S, proj_weight.stride(1)), flat(S, proj_weight.stride(0))),
@@ -187,8 +187,8 @@ def spatial_gating_backward(
     fused_matmul(do, (do_ch, do_tok), q, (flat(M, Hh), flat(Hh, 1)), dw2, (flat(C, Hh), flat(Hh, 1)), C, Hh, M,
                  variant="plain", allow_tf32=allow_tf32)
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
-    grads["fc1_bias"] = dz.float().sum((0, 1)) if fc1_bias is not None else None
-    grads["fc2_bias"] = do.float().sum((0, 1)) if fc2_bias is not None else None
+    grads["fc1_bias"] = dz.sum((0, 1), dtype=torch.float32) if fc1_bias is not None else None
+    grads["fc2_bias"] = do.sum((0, 1), dtype=torch.float32) if fc2_bias is not None else None
     grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, "layernorm")
     grads["norm_weight"] = dnw if norm_weight is not None else None
     grads["norm_bias"] = dnb if norm_bias is not None else None

@@ -27,6 +27,13 @@ if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.
 
     Tensor = torch.Tensor
 
+# The token weights' row strides and the widths the kernels read them at are multiples of GRANULE
+# elements (the MMA granule; 16 elements are 16-byte aligned in every dtype): Triton only learns that an
+# integer argument is a multiple of 16, so a 16-byte-aligned but otherwise odd stride (fp32 at S = 196)
+# would still load element by element. token_weights makes the copies.
+GRANULE = 16
+_GRANULE = tl.constexpr(GRANULE)  # the same, as kernels see it
+
 
 @triton.jit
 def _slab_offsets(b, offs_s, offs_c, sb, ss, sc, IDX64: tl.constexpr):
@@ -47,16 +54,26 @@ def _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64: tl.constexp
 @triton.jit
 def _w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr):
     """W1[d0:d0+BLOCK_D, :S_PAD], zero outside W1. A block pointer, not a tensor of per-element pointers:
-    a 64 × 256 slice of those holds 128 registers a thread at 8 warps (measured: spills)."""
-    bp = tl.make_block_ptr(w1_ptr, shape=(D, S), strides=(sw1d, sw1s), offsets=(d0, 0),
+    a 64 × 256 slice of those holds 128 registers a thread at 8 warps (measured: spills).
+
+    W1 is the launchers' copy (:func:`token_weights`): row stride a multiple of GRANULE elements, zero
+    columns from S up to the next multiple of GRANULE. So the slice is bounded at that width, not at S:
+    both the row stride and the bound are then known multiples of 16 and the rows load in 16-byte
+    vectors (at S = 196 a 392-byte row stride compiled to 2-byte scalar loads). The column stride is
+    that copy's 1, so ``sw1s`` goes unused (kept: jax_kernels.py and aot.py restate the signature)."""
+    s_al = tl.cdiv(S, _GRANULE) * _GRANULE
+    bp = tl.make_block_ptr(w1_ptr, shape=(D, s_al), strides=(tl.multiple_of(sw1d, _GRANULE), 1), offsets=(d0, 0),
                            block_shape=(BLOCK_D, S_PAD), order=(1, 0))
     return tl.load(bp, boundary_check=(0, 1), padding_option="zero")
 
 
 @triton.jit
 def _w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr):
-    """W2ᵀ[d0:d0+BLOCK_D, :S_PAD] (W2 is (S, D)), zero outside W2."""
-    bp = tl.make_block_ptr(w2_ptr, shape=(D, S), strides=(sw2d, sw2s), offsets=(d0, 0),
+    """W2ᵀ[d0:d0+BLOCK_D, :S_PAD] (W2 is (S, D)), zero outside W2; read along D, W2's rows. W2 is the
+    launchers' copy as W1 is: row stride a multiple of GRANULE, zero columns from D to the next multiple,
+    unit column stride (``sw2d`` unused)."""
+    d_al = tl.cdiv(D, _GRANULE) * _GRANULE
+    bp = tl.make_block_ptr(w2_ptr, shape=(d_al, S), strides=(1, tl.multiple_of(sw2s, _GRANULE)), offsets=(d0, 0),
                            block_shape=(BLOCK_D, S_PAD), order=(0, 1))
     return tl.load(bp, boundary_check=(0, 1), padding_option="zero")
 
@@ -242,12 +259,62 @@ NORMS = {"layernorm": 1, "affine": 2}
 def gpu_config(kernel: str, S_PAD: int, D: int) -> Tuple[int, int, int, int]:
     """(BLOCK_C, BLOCK_D, num_warps, num_stages) on a GPU for ``kernel`` (token_mlp_fwd / _dx / _dw).
 
-    The S_PAD × BLOCK_C accumulator and the BLOCK_D × S_PAD weight slices share the register file;
-    these sizes compile without spills on sm_90a (``mixer-fast report``; bench/NOTES.md)."""
-    block_d = min(64, _launch.pow2(D))
-    if S_PAD <= 64:  # dx at 32 channels: 64 spilled 68 B under triton 3.6
-        return (32 if kernel == "token_mlp_dx" else 64), block_d, 8, 1
-    return (32 if kernel == "token_mlp_dx" else 16), block_d, 8, 1
+    The S_PAD × BLOCK_C accumulator and the BLOCK_D × S_PAD weight slices share the register file. In
+    bf16 and fp16 every config here compiles with wgmma and no spills on sm_90a under both toolchains the
+    backend uses, triton 3.6 assembled by CUDA 13.0's ptxas (toolchain.py) and triton 3.8 with its bundled
+    ptxas 12.9, both in ``mixer-fast report`` (no argument specialised) and specialised as a launch is (unit
+    strides constant, 16-divisible ones and the pointers marked); one exception below (bench/NOTES.md).
+
+    S_PAD 256 (S = 196). Measured on an H200, token forward at Mixer-B/16 (shared/gpu/2026-11-27-H200):
+    (BLOCK_C 16, BLOCK_D 64, 8 warps, 1 stage) 1.75 ms, (64, 64, 8, 1) 0.82, (128, 64, 8, 1) 0.72,
+    (64, 32, 4, 2) 0.58: wider channel tiles (fewer CTAs re-streaming both weights) and a second stage
+    (the next BLOCK_D step's weight slices load by 16-byte cp.async, given token_weights' aligned rows,
+    while this one multiplies) are what pay. But (64, 32, 4, 2) spills under both toolchains (32 B / 744 B
+    specialised, over 2 KB in the report), as do BLOCK_C 128 and BLOCK_D 64 at BLOCK_C ≥ 32 in the
+    forward; at 2 stages only (32, 16, 8, 2) is spill-free in every compile, the fp32-activation
+    (autocast) forward included ((64, 16, 8, 2) spills 128 B there under triton 3.6; (64, 32, 8, 2)
+    160-208 B in the report): not yet timed on a GPU. dx fits (64, 16, 8, 2). dW: every dot has
+    M = BLOCK_D, so wgmma needs BLOCK_D 64, and no such config is spill-free for part 1 (dW1, db1) in all
+    four compiles: (16, 64, 8, 2) is the least-spilling (312 B in triton 3.6's report only; none
+    specialised), and part 2, which shares its config, image split and buffers, is spill-free at it.
+    S_PAD 64 (S = 49): BLOCK_C 128 for the forward and dx (a quarter of the CTAs of BLOCK_C 32), 64 for
+    dW (its programs loop over channel tiles; 128 spills), 2 stages throughout.
+
+    fp32 (``"ieee"`` dots run on the FMA units: never wgmma) spills at all of these, as it did before;
+    it fits only 16 × 16 tiles (bench/NOTES.md) and there is no dtype argument to choose them by."""
+    if S_PAD <= 64:
+        if kernel == "token_mlp_dw":
+            return 64, min(64, _launch.pow2(D)), 8, 2
+        return 128, min(32, _launch.pow2(D)), 8, 2
+    if kernel == "token_mlp_dw":
+        return 16, min(64, _launch.pow2(D)), 8, 2
+    return (64 if kernel == "token_mlp_dx" else 32), 16, 8, 2
+
+
+def aligned(n: int) -> int:
+    """``n`` rounded up to a multiple of GRANULE (196 → 208)."""
+    return -(-int(n) // GRANULE) * GRANULE
+
+
+def token_weights(w1, w2, pad_columns):
+    """(W1 (D, S), W2 (S, D)) as the token kernels read them, for the torch and the JAX launchers alike:
+    unit column stride, a row stride that is a multiple of GRANULE elements, and zero columns from the
+    width (S for W1, D for W2) up to ``aligned`` of it (_w1_slice, _w2t_slice rely on all three).
+    ``pad_columns(w, width)`` returns ``w`` itself when it is laid out so already, else a zero-padded
+    copy of that width: once per launch, D·aligned(S) + S·aligned(D) elements (W2 at D = 384 passes as
+    it is; W1 at S = 196 is copied to row stride 208)."""
+    D, S = w1.shape
+    return pad_columns(w1, aligned(S)), pad_columns(w2, aligned(D))
+
+
+def _pad_columns(w: Tensor, width: int) -> Tensor:
+    """token_weights' ``pad_columns`` for torch tensors."""
+    rows, cols = w.shape
+    if cols == width and w.stride(1) == 1 and w.stride(0) % GRANULE == 0:
+        return w
+    out = w.new_zeros((rows, width))
+    out[:, :cols] = w.detach()
+    return out
 
 
 def dw_parts(S_PAD: int) -> Tuple[int, ...]:
@@ -309,15 +376,16 @@ def token_mixing_forward(
     D = fc1_weight.shape[0]
     S_PAD = _launch.pow2(S)
     block_c, block_d, warps, stages = launch_blocks("token_mlp_fwd", S_PAD, D)
+    w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
     dummy = nw
     with _launch.serialized():
         token_mlp_fwd_kernel[(triton.cdiv(C, block_c), B)](
             x, out, branch if branch is not None else out, mean if mean is not None else nw,
             rstd if rstd is not None else nw, nw, nb,
-            fc1_weight, fc1_bias if fc1_bias is not None else dummy, fc2_weight,
+            w1, fc1_bias if fc1_bias is not None else dummy, w2,
             fc2_bias if fc2_bias is not None else dummy, scale if scale is not None else dummy,
             sample_scale if sample_scale is not None else dummy,
-            S, C, D, *x.stride(), *out.stride(), *fc1_weight.stride(), *fc2_weight.stride(),
+            S, C, D, *x.stride(), *out.stride(), *w1.stride(), *w2.stride(),
             NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
             HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
             APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
@@ -327,27 +395,45 @@ def token_mixing_forward(
 
 
 def branch_grad(dout: Tensor, scale: Optional[Tensor], sample_scale: Optional[Tensor]) -> Tensor:
-    """dL/d(branch before scale) = dout · scale · sample_scale, in dout's dtype (dout itself if neither)."""
+    """dL/d(branch before scale) = dout · scale · sample_scale, in dout's dtype (dout itself if neither):
+    one multiply in fp32 (the factor is fp32, C or B × C elements) rounded once into dout's dtype, with no
+    fp32 copy of dout."""
+    import torch
+
     if scale is None and sample_scale is None:
         return dout
-    g = dout.float()
-    if scale is not None:
-        g = g * scale.float()
+    f = scale.float() if scale is not None else 1.0
     if sample_scale is not None:
-        g = g * sample_scale.float().view(-1, 1, 1)
-    return g.to(dout.dtype)
+        f = sample_scale.float().view(-1, 1, 1) * f
+    return torch.mul(dout, f, out=torch.empty_like(dout))
+
+
+def scale_grad(dout: Tensor, branch: Tensor, sample_scale: Optional[Tensor]) -> Tensor:
+    """dL/dscale (C,) fp32 = Σ_(b, s) dout · branch · sample_scale. The product is rounded to the
+    activations' dtype, as eager autograd forms it, and summed in fp32: no fp32 copy of either activation
+    (``x.float()`` made three). sample_scale multiplies the per-image sums (B × C)."""
+    import torch
+
+    if sample_scale is None:
+        return torch.mul(dout, branch).sum((0, 1), dtype=torch.float32)
+    return (torch.mul(dout, branch).sum(1, dtype=torch.float32) * sample_scale.float()[:, None]).sum(0)
 
 
 def norm_backward(g: Tensor, x: Tensor, dout: Tensor, norm_weight: Optional[Tensor], mean: Optional[Tensor],
                   rstd: Optional[Tensor], norm: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dnorm_weight, dnorm_bias) from g = dL/dN(x) (B·S, C) fp32 and the residual's dout."""
+    import torch
+
     if norm == "layernorm":
         return layer_norm_backward(g, x, dout, mean, rstd, norm_weight)
     B, S, C = x.shape
     g3 = g.view(B, S, C)
-    w = norm_weight.float() if norm_weight is not None else 1.0
-    dx = (dout.float() + g3 * w).to(x.dtype)
-    return dx, (g3 * x.float()).sum((0, 1)), g3.sum((0, 1))
+    dx = torch.empty_like(x)  # dout + g·w computed in fp32, rounded once into x's dtype
+    if norm_weight is not None:
+        torch.addcmul(dout, g3, norm_weight.float(), out=dx)
+    else:
+        torch.add(dout, g3, out=dx)
+    return dx, (g3 * x).sum((0, 1)), g3.sum((0, 1))
 
 
 def token_mixing_backward(
@@ -368,8 +454,7 @@ def token_mixing_backward(
     g = _launch.new_output((B * S, C), x, torch.float32)
     prec = _launch.precision(fc1_weight.dtype, allow_tf32)
     if scale is not None:
-        ss = sample_scale.float().view(-1, 1, 1) if sample_scale is not None else 1.0
-        grads["scale"] = (dout.float() * branch.float() * ss).sum((0, 1))
+        grads["scale"] = scale_grad(dout, branch, sample_scale)
     if fc2_weight is None:
         ws, ds, xs = fc1_weight.stride(), do.stride(), x.stride()
         fused_matmul(fc1_weight, (flat(S, ws[1]), flat(S, ws[0])), do, (flat(S, ds[1]), split(C, ds[0], ds[2])),
@@ -384,7 +469,7 @@ def token_mixing_backward(
         fused_matmul(do, (flat(S, ds[1]), split(C, ds[0], ds[2])), xn_src, (split(C, xs[0], xs[2]), flat(S, xs[1])),
                      dw, (flat(S, S), flat(S, 1)), S, S, B * C, variant="ln_b", b_pro=b_pro, b_vec=b_vec, allow_tf32=allow_tf32)
         grads["fc1_weight"] = dw
-        grads["fc1_bias"] = do.float().sum((0, 2)) if fc1_bias is not None else None
+        grads["fc1_bias"] = do.sum((0, 2), dtype=torch.float32) if fc1_bias is not None else None
     else:
         D = fc1_weight.shape[0]
         S_PAD = _launch.pow2(S)
@@ -392,12 +477,13 @@ def token_mixing_backward(
         common = dict(NORM=NORMS[norm], HAS_B1=fc1_bias is not None, APPROX_TANH=approximate == "tanh",
                       PRECISION=prec, INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, do, g), S_PAD=S_PAD)
         b1 = fc1_bias if fc1_bias is not None else nw
+        w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
         block_c, block_d, warps, stages = launch_blocks("token_mlp_dx", S_PAD, D)
         if B:
             with _launch.serialized():
                 token_mlp_dx_kernel[(triton.cdiv(C, block_c), B)](
-                    x, do, g, *stats, nw, nb, fc1_weight, b1, fc2_weight, S, C, D, *x.stride(), *do.stride(),
-                    *fc1_weight.stride(), *fc2_weight.stride(), **common, BLOCK_C=block_c, BLOCK_D=block_d,
+                    x, do, g, *stats, nw, nb, w1, b1, w2, S, C, D, *x.stride(), *do.stride(),
+                    *w1.stride(), *w2.stride(), **common, BLOCK_C=block_c, BLOCK_D=block_d,
                     num_warps=warps, num_stages=stages)
         block_c, block_d, warps, stages = launch_blocks("token_mlp_dw", S_PAD, D)
         n_d = triton.cdiv(D, block_d)
@@ -408,12 +494,12 @@ def token_mixing_backward(
         for part in dw_parts(S_PAD):  # runs with B = 0 too: it writes the zero gradients
             with _launch.serialized():
                 token_mlp_dw_kernel[(n_d, splits)](
-                    x, do, *stats, nw, nb, fc1_weight, b1, fc2_weight, dw1, dw2, db1, B, S, C, D, splits,
-                    *x.stride(), *do.stride(), *fc1_weight.stride(), *fc2_weight.stride(), **common, PART=part,
+                    x, do, *stats, nw, nb, w1, b1, w2, dw1, dw2, db1, B, S, C, D, splits,
+                    *x.stride(), *do.stride(), *w1.stride(), *w2.stride(), **common, PART=part,
                     BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
-        grads["fc2_bias"] = do.float().sum((0, 2)) if fc2_bias is not None else None
+        grads["fc2_bias"] = do.sum((0, 2), dtype=torch.float32) if fc2_bias is not None else None
     grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
     grads["norm_weight"] = dnw if norm_weight is not None else None
     grads["norm_bias"] = dnb if norm_bias is not None else None
