@@ -55,10 +55,15 @@ def device_name() -> str:
 
 def device_class() -> str:
     """The key the automatic choice's table of measured wins files this device under (mixer_fast/wins.py;
-    bench/wins_table.py reads it from extra_info)."""
-    from mixer_fast import wins
+    bench/wins_table.py reads it from extra_info): the same one the backends look up at run time."""
+    from mixer_fast import dispatch, wins
 
-    return wins.cuda_class(torch.cuda.get_device_capability()) if GPU else wins.cpu_class()
+    if GPU:
+        return wins.cuda_class(torch.cuda.get_device_capability())
+    try:
+        return dispatch.load("cpu").device_class()
+    except dispatch.BackendUnavailable:  # no C++ extension: the class read from the CPU
+        return wins.cpu_class()
 
 
 def skip_reason(provider: str, config: str) -> str:

@@ -8,8 +8,10 @@ dtype and device class: ``check.jsonl`` of bench/gpu_check.py ("timing" records)
 (``bench.json`` of bench/gpu_suite.sh, ``cpu_bench*.json`` of bench/test_cpu.py) and the 2026-11-27 H200
 ``measurements.jsonl``. The rule: a backend is chosen for (op, mode, dtype, device class) when it has
 evidence there and every piece of it is faster than the reference (reference time / backend time > 1,
-medians where a file has several rounds). A block's timing counts for each op the block is made of.
-Nothing else enters the table: no evidence, no automatic choice.
+medians where a file has several rounds). A block's timing counts for each op the block is made of. A fault
+or error of the backend in a timing, or a failed correctness check of gpu_check.py (forward → forward,
+backward → training), is evidence too: a loss (speedup 0). Backward-only benchmarks ("bwd") are not a mode
+a call runs in and are left out. Nothing else enters the table: no evidence, no automatic choice.
 """
 from __future__ import annotations
 
@@ -24,12 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 TABLE = ROOT / "mixer_fast" / "measured_wins.json"
 RULE = ("a fused backend is chosen for (op, mode, dtype, device class) only when it has committed evidence there "
-        "and every piece of it is faster than the reference (speedup = reference ms / backend ms > 1)")
+        "and every piece of it is faster than the reference (speedup = reference ms / backend ms > 1; a fault or a "
+        "failed correctness check counts as a loss)")
 BLOCK_OPS = {"mixer": ("token_mixing", "channel_mixing"), "resmlp": ("token_mixing", "channel_mixing"),
              "gmlp": ("spatial_gating",)}
 CONFIG_BLOCK = {"mixer": "mixer", "resmlp": "resmlp", "gmlp": "gmlp"}  # by config-name prefix
 MODES = {"forward": "forward", "fwd": "forward", "training": "training", "train": "training", "fwd+bwd": "training",
-         "fwd_bwd": "training"}
+         "fwd_bwd": "training", "backward": "training"}
+SKIPPED_MODES = {"bwd"}  # a backward alone: no call runs only that
 # GPUs of results that predate the device_class field.
 GPU_CLASSES = {"NVIDIA H200": "sm_90", "NVIDIA H100 80GB HBM3": "sm_90", "NVIDIA H100": "sm_90"}
 # Fused providers in pytest-benchmark files, and the reference provider they are measured against.
@@ -39,11 +43,17 @@ REFERENCE = {"torch": "eager", "jax": "xla"}
 
 
 def evidence_row(framework: str, backend: str, device_class: str, op: str, mode: str, dtype: str, shape: str,
-                 batch: int, reference_ms: float, backend_ms: float, source: Path) -> dict:
+                 batch: int, reference_ms: Optional[float], backend_ms: Optional[float], source: Path,
+                 failure: Optional[str] = None) -> dict:
+    """One piece of evidence; ``failure`` (a fault, a failed check) makes it a loss whatever the times."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {sorted(MODES)} in {source}, got {mode!r}")
+    speedup = 0.0 if failure or not backend_ms or not reference_ms else reference_ms / backend_ms
     return {"framework": framework, "backend": backend, "device_class": device_class, "op": op,
             "mode": MODES[mode], "dtype": dtype, "shape": shape, "batch": batch,
-            "reference_ms": round(reference_ms, 4), "backend_ms": round(backend_ms, 4),
-            "speedup": round(reference_ms / backend_ms, 3),
+            "reference_ms": None if reference_ms is None else round(reference_ms, 4),
+            "backend_ms": None if backend_ms is None else round(backend_ms, 4),
+            "speedup": round(speedup, 3), **({"failure": failure[:200]} if failure else {}),
             "source": (source.relative_to(ROOT) if source.is_relative_to(ROOT) else source).as_posix()}
 
 
@@ -56,14 +66,23 @@ def block_op(config: str) -> str:
 
 
 def from_check(path: Path) -> Iterator[dict]:
-    """"timing" records of bench/gpu_check.py: the triton backend against the reference."""
+    """bench/gpu_check.py records: "timing" ones (the triton backend against the reference; a triton error is
+    a loss) and failed "check" ones (a loss for that op, mode and dtype on the run's device class)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    device_class = next((r.get("device_class") for r in records if r.get("kind") == "env"), None)
     for r in records:
-        if r.get("kind") != "timing" or "triton" not in r.get("ms", {}) or "reference" not in r["ms"]:
+        if r.get("kind") == "check" and not r.get("ok") and device_class and not str(r.get("error")).startswith(
+                "not run"):
+            yield evidence_row("torch", "triton", device_class, r["op"], r["mode"], r["dtype"], r["shape"], r["batch"],
+                               None, None, path, failure=r.get("error") or "outside the numerics rule")
+        if r.get("kind") != "timing" or "reference" not in r.get("ms", {}):
+            continue
+        failure = r.get("errors", {}).get("triton")
+        if "triton" not in r["ms"] and not failure:
             continue
         op = f"block:{r['block']}" if r["op"] == "block" else r["op"]
         yield evidence_row("torch", "triton", r["device_class"], op, r["mode"], r["dtype"], r["shape"], r["batch"],
-                           r["ms"]["reference"], r["ms"]["triton"], path)
+                           r["ms"]["reference"], r["ms"].get("triton"), path, failure=failure)
 
 
 def from_h200_measurements(path: Path) -> Iterator[dict]:
@@ -71,6 +90,8 @@ def from_h200_measurements(path: Path) -> Iterator[dict]:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         stage, res = r["stage"], r["result"]
+        if r["env"]["gpu"] not in GPU_CLASSES:
+            raise ValueError(f"gpu: expected one of {sorted(GPU_CLASSES)} in {path}, got {r['env']['gpu']!r}")
         cls = GPU_CLASSES[r["env"]["gpu"]]
         row = lambda op, mode, dtype, shape, batch, ref, fused: evidence_row(  # noqa: E731
             "torch", "triton", cls, op, mode, dtype, shape, batch, ref, fused, path)
@@ -111,7 +132,7 @@ def from_pytest_benchmark(path: Path) -> Iterator[dict]:
     infos: Dict[tuple, dict] = {}
     for b in data.get("benchmarks", []):
         info = b.get("extra_info", {})
-        if "provider" not in info:
+        if "provider" not in info or info.get("mode") in SKIPPED_MODES:
             continue
         cls = info.get("device_class") or cpu_class_of_run(path.parent)
         if cls is None:
@@ -182,7 +203,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\nevidence (speedup = reference / backend):")
     for r in table["evidence"]:
         print(f"  {r['backend']:<7} {r['device_class']:<12} {r['op']:<15} {r['mode']:<8} {r['dtype']} "
-              f"{r['shape']} b{r['batch']}: {r['speedup']:.3f}  ({r['source']})")
+              f"{r['shape']} b{r['batch']}: {r['speedup']:.3f}{' FAILED ' + r['failure'] if 'failure' in r else ''}"
+              f"  ({r['source']})")
     return 0
 
 

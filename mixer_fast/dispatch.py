@@ -166,6 +166,12 @@ def choose(framework: str, device_type: str, backend: Optional[str] = None, need
     """The backend object to run ``op`` in ``mode`` ("forward" or "training"; None: either may follow, so
     both must win) on ``dtype`` data on ``device_type`` (device ``device_index``), needing the ``needs``
     features. Without ``op`` and ``dtype`` no fused backend can show a measured win: the reference runs."""
+    from . import wins
+
+    if op is not None and op not in wins.OPS:
+        raise ValueError(f"op: expected one of {list(wins.OPS)} or None, got {op!r}")
+    if mode is not None and mode not in wins.MODES:
+        raise ValueError(f"mode: expected one of {list(wins.MODES)} or None, got {mode!r}")
     needs = frozenset(needs)
     name = requested_backend(backend, framework)
     if name is not None:

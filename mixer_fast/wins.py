@@ -65,16 +65,18 @@ def cuda_class(capability: Tuple[int, int]) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_class(isa: Optional[str] = None) -> str:
+def cpu_class(isa: Optional[str] = None, native_bf16: Optional[bool] = None) -> str:
     """The CPU's instruction-set class: the C++ kernels' micro-kernel family (``isa``: avx512, avx2,
-    portable; read from the CPU when not given), then what eager's bf16 GEMMs run on, which decides
-    whether the fused kernels can win: ``_amx`` (AMX tiles), ``_bf16`` (AVX512-BF16 dot products)."""
+    portable; read from /proc/cpuinfo when not given), then what eager's bf16 GEMMs run on, which decides
+    whether the fused kernels can win: ``_amx`` (AMX tiles), ``_bf16`` (AVX512-BF16 dot products).
+    Without /proc/cpuinfo (not Linux) ``native_bf16`` (the C++ extension's own CPUID check) says ``_bf16``;
+    AMX is then not told apart."""
     flags = _cpu_flags()
     if isa is None:
         isa = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "portable"
     if "amx_bf16" in flags:
         return f"{isa}_amx"
-    if "avx512_bf16" in flags:
+    if "avx512_bf16" in flags or (not flags and native_bf16):
         return f"{isa}_bf16"
     return isa
 

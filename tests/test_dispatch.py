@@ -150,6 +150,10 @@ def test_needs_and_measured_wins_are_checked(fake_backend, monkeypatch):
         dispatch.choose("torch", "cuda", "triton", needs={"dropout"})
     monkeypatch.setattr(wins, "_chosen", lambda: frozenset())
     assert dispatch.choose("torch", "cuda", "triton", **kw).name == "triton"
+    with pytest.raises(ValueError, match=r"mode: expected one of \['forward', 'training'\] or None, got 'train'"):
+        dispatch.choose("torch", "cuda", **dict(kw, mode="train"))
+    with pytest.raises(ValueError, match="op: expected one of .* or None, got 'token'"):
+        dispatch.choose("torch", "cuda", **dict(kw, op="token"))
 
 
 def test_missing_dependency_reason(monkeypatch):

@@ -37,6 +37,7 @@ def tc(monkeypatch, tmp_path):
     toolchain.version_of.cache_clear()
     monkeypatch.delenv(toolchain.ENV_VAR, raising=False)
     monkeypatch.delenv(toolchain.BLACKWELL_ENV_VAR, raising=False)
+    monkeypatch.setattr(toolchain, "_applied", {})
     state = {"bundled": fake_ptxas(tmp_path / "bundled", "12.8.93"), "others": []}
     monkeypatch.setattr(toolchain, "bundled_path", lambda arch: state["bundled"])
     monkeypatch.setattr(toolchain, "candidates", lambda: list(state["others"]))
@@ -69,16 +70,26 @@ def test_known_bad_bundled_ptxas_is_replaced_by_the_newest_cuda13_one(tc, tmp_pa
                           (fake_ptxas(tmp_path / "c135", "13.5.37"), "the nvidia-cuda-nvcc wheel (mixer_fast[gpu])")]
     chosen = tc.choose(90)
     assert chosen.version == (13, 5, 37) and chosen.source.startswith("the nvidia-cuda-nvcc wheel")
-    assert "replaces Triton's bundled ptxas 12.8.93, which builds wgmma shared-memory descriptors" in chosen.why
+    assert "replaces Triton's bundled ptxas (12.8.93), which builds wgmma shared-memory descriptors" in chosen.why
     monkeypatch.setenv(tc.ENV_VAR, "")  # restored by monkeypatch after apply() sets it
     monkeypatch.delenv(tc.ENV_VAR)
     assert tc.apply(90) == chosen and os.environ[tc.ENV_VAR] == chosen.path
+    # What apply() set is reported as chosen (mixer-fast info after the backend loaded), not as the user's.
+    assert tc.choose(90) == chosen and tc.apply(90) == chosen
     # 12.9 alone is not taken as a replacement (its own wgmma hazard, fixed in 13.3).
     monkeypatch.delenv(tc.ENV_VAR)
     tc.state["others"] = tc.state["others"][:1]
     with pytest.raises(tc.ToolchainProblem, match=r"no CUDA >= 13\.0 ptxas was found to replace it; "
                                                   r"pip install \"mixer_fast\[gpu\]\""):
         tc.choose(90)
+
+
+def test_a_missing_bundled_ptxas_is_replaced_too(tc, tmp_path):
+    # Some builds of triton ship without one: the other ptxas binaries are tried as for a known-bad one.
+    tc.state["bundled"] = str(tmp_path / "no-ptxas")
+    tc.state["others"] = [(fake_ptxas(tmp_path / "c130", "13.0.88"), "/usr/local/cuda")]
+    chosen = tc.choose(90)
+    assert chosen.version == (13, 0, 88) and "bundled ptxas (missing), which does not run" in chosen.why
 
 
 def test_a_path_the_user_set_is_never_overridden(tc, tmp_path, monkeypatch):
@@ -121,6 +132,8 @@ def test_backend_refuses_to_load_without_a_safe_ptxas(tc, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     with pytest.raises(dispatch.BackendUnavailable, match=r"on NVIDIA H200: the ptxas bundled with this triton "
                                                           r"\(12\.8\.93\) builds wgmma .*mixer_fast\[gpu\]"):
         triton_backend.load()

@@ -51,7 +51,8 @@ def test_rule_every_piece_of_evidence_must_win_and_blocks_count_for_their_ops():
 
 
 def test_gpu_check_timings_are_evidence(tmp_path):
-    # bench/gpu_check.py's "timing" records (its schema) become rows; records without a triton time do not.
+    # bench/gpu_check.py's "timing" records (its schema) become rows; a triton error there, or a failed
+    # correctness check, is a loss that vetoes its key.
     folder = tmp_path / "2026-12-01-NVIDIA_H100"
     folder.mkdir()
     lines = [{"kind": "env", "device_class": "sm_90"},
@@ -62,13 +63,36 @@ def test_gpu_check_timings_are_evidence(tmp_path):
               "mode": "training", "dtype": "bf16", "device_class": "sm_90", "ms": {"reference": 6.0, "triton": 5.0}},
              {"kind": "timing", "op": "channel_mixing", "block": None, "shape": "mixer_b16", "batch": 256,
               "mode": "forward", "dtype": "bf16", "device_class": "sm_90", "ms": {"reference": 1.0},
-              "errors": {"triton": "fault"}}]
+              "errors": {"triton": "fault"}},
+             {"kind": "check", "op": "token_mixing", "mode": "backward", "dtype": "fp16", "shape": "awkward",
+              "batch": 3, "ok": False, "errors": {"dx": [1.0, 0.1]}, "error": None, "sanitizer": None},
+             {"kind": "check", "op": "token_mixing", "mode": "forward", "dtype": "fp16", "shape": "awkward",
+              "batch": 3, "ok": True, "errors": {}, "error": None, "sanitizer": None},
+             {"kind": "timing", "op": "token_mixing", "block": None, "shape": "mixer_b16", "batch": 256,
+              "mode": "training", "dtype": "fp16", "device_class": "sm_90", "ms": {"reference": 2.0, "triton": 1.0}}]
     (folder / "check.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     rows = wins_table.evidence(tmp_path)
-    assert [(r["op"], r["mode"], r["speedup"]) for r in rows] == [("token_mixing", "forward", 3.0),
-                                                                   ("block:mixer", "training", 1.2)]
-    assert {(r["op"], r["mode"]) for r in wins_table.chosen(rows)} == {
-        ("token_mixing", "forward"), ("token_mixing", "training"), ("channel_mixing", "training")}
+    assert [(r["op"], r["mode"], r["dtype"], r["speedup"]) for r in rows] == [
+        ("token_mixing", "forward", "bf16", 3.0), ("block:mixer", "training", "bf16", 1.2),
+        ("channel_mixing", "forward", "bf16", 0.0), ("token_mixing", "training", "fp16", 0.0),
+        ("token_mixing", "training", "fp16", 2.0)]
+    assert rows[2]["failure"] == "fault" and rows[3]["failure"] == "outside the numerics rule"
+    assert {(r["op"], r["mode"], r["dtype"]) for r in wins_table.chosen(rows)} == {
+        ("token_mixing", "forward", "bf16"), ("token_mixing", "training", "bf16"),
+        ("channel_mixing", "training", "bf16")}
+
+
+def test_backward_only_benchmarks_are_not_evidence_and_unknown_modes_are_errors(tmp_path):
+    info = dict(op="channel_mixing", config="mixer_b16", batch=256, dtype="bf16", device_class="sm_90")
+    bench = {"benchmarks": [{"extra_info": dict(info, mode=mode, provider=p), "stats": {"median": t}}
+                            for mode in ("fwd", "bwd") for p, t in (("eager", 2e-3), ("triton", 1e-3))]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    assert [(r["mode"], r["speedup"]) for r in wins_table.evidence(tmp_path)] == [("forward", 2.0)]
+    for b in bench["benchmarks"][:2]:
+        b["extra_info"]["mode"] = "fwd2"
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    with pytest.raises(ValueError, match="mode: expected one of .* got 'fwd2'"):
+        wins_table.evidence(tmp_path)
 
 
 def test_cpu_class(monkeypatch):

@@ -23,7 +23,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 ENV_VAR = "TRITON_PTXAS_PATH"
 BLACKWELL_ENV_VAR = "TRITON_PTXAS_BLACKWELL_PATH"  # Triton assembles sm_100+ with a ptxas of its own
@@ -35,11 +35,16 @@ KNOWN_BAD = {
                          "kernels (an illegal shared-memory read on Hopper; seen with 12.8.93 on an H200)"),
 }
 # The oldest ptxas taken as a replacement: CUDA 13.0's assembled the token kernels correctly on an H200.
-# (ptxas 12.9 assembled them correctly too, but has a separate register-operand wgmma hazard, triton PR
-# 11781, fixed in 13.3: a replacement is chosen among 13.x only, the newest found.)
+# ptxas 12.9-13.2 have a separate hazard with register-operand wgmma (triton PR 11781, fixed in 13.3) that
+# has not been seen in these kernels, so they are not listed as known bad; the newest ptxas found is taken,
+# and the gpu extra brings >= 13.3.
 MIN_REPLACEMENT: Version = (13, 0, 0)
 INSTALL_HINT = ('pip install "mixer_fast[gpu]" (brings a CUDA 13 ptxas in the nvidia-cuda-nvcc wheel), or set '
                 f"{ENV_VAR} to a CUDA >= 13.0 ptxas")
+
+
+# What apply() set, by arch: a TRITON_PTXAS_PATH equal to one of these is ours, not the user's.
+_applied: Dict[int, "Ptxas"] = {}
 
 
 class ToolchainProblem(RuntimeError):
@@ -137,6 +142,9 @@ def choose(arch: int) -> Ptxas:
     :class:`ToolchainProblem` saying why there is none that is safe."""
     env_var = env_var_for(arch)
     user = os.environ.get(env_var)
+    ours = [p for p in _applied.values() if p.path == user]
+    if user and ours:  # set by apply() in this process: report it as chosen, not as the user's
+        return ours[0]
     if user:
         version = version_of(user)
         if version is None:
@@ -150,18 +158,17 @@ def choose(arch: int) -> Ptxas:
         return Ptxas(user, version, f"{env_var} (set by the user)", "set by the user; never overridden")
     bundled = bundled_path(arch)
     version = version_of(bundled)
-    if version is None:
-        raise ToolchainProblem(f"Triton's bundled ptxas ({bundled}) does not run; {INSTALL_HINT}")
-    bad = known_bad(version, arch)
+    bad = f"does not run ({bundled})" if version is None else known_bad(version, arch)
     if not bad:
         return Ptxas(bundled, version, "bundled with triton", "Triton's own (not known to miscompile these kernels)")
+    bundled_text = "missing" if version is None else ".".join(map(str, version))
     good = [(v, p, s) for p, s in candidates() if (v := version_of(p)) and v >= MIN_REPLACEMENT
             and not known_bad(v, arch)]
     if not good:
-        raise ToolchainProblem(f"the ptxas bundled with this triton ({'.'.join(map(str, version))}) {bad}, and no "
+        raise ToolchainProblem(f"the ptxas bundled with this triton ({bundled_text}) {bad}, and no "
                                f"CUDA >= 13.0 ptxas was found to replace it; {INSTALL_HINT}")
     v, path, source = max(good, key=lambda t: t[0])
-    return Ptxas(path, v, source, f"replaces Triton's bundled ptxas {'.'.join(map(str, version))}, which {bad}")
+    return Ptxas(path, v, source, f"replaces Triton's bundled ptxas ({bundled_text}), which {bad}")
 
 
 def apply(arch: int) -> Ptxas:
@@ -170,13 +177,16 @@ def apply(arch: int) -> Ptxas:
     Call before the first kernel compiles. Triton memoises the ptxas version that keys its kernel cache;
     that memo is cleared so the cache key follows the new assembler."""
     chosen = choose(arch)
-    if chosen.source.startswith(env_var_for(arch)) or os.path.realpath(chosen.path) == os.path.realpath(bundled_path(arch)):
+    if (chosen.source.startswith(env_var_for(arch)) or os.environ.get(env_var_for(arch)) == chosen.path
+            or os.path.realpath(chosen.path) == os.path.realpath(bundled_path(arch))):
         return chosen
     os.environ[env_var_for(arch)] = chosen.path
+    _applied[arch] = chosen
     try:
         from triton.backends.nvidia import compiler as nvidia_compiler
 
-        for name in ("get_ptxas_version", "get_ptxas"):
+        # get_ptxas_version keys the cache; _path_to_binary memoises the path in triton <= 3.3.
+        for name in ("get_ptxas_version", "get_ptxas", "_path_to_binary"):
             fn = getattr(nvidia_compiler, name, None)
             if hasattr(fn, "cache_clear"):
                 fn.cache_clear()

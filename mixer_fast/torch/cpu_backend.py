@@ -45,7 +45,7 @@ def load() -> SimpleNamespace:
     from .. import wins
 
     features = frozenset({"deterministic", "float32", "bfloat16", TRANSFORMS})
-    cls = wins.cpu_class(_C.isa())
+    cls = wins.cpu_class(_C.isa(), _C.native_bf16_matmul())
     chosen = wins.describe(wins.wins_for("torch", "cpu")).get(cls)
     auto = f"chosen automatically on this {cls} CPU for {', '.join(chosen)}" if chosen else (
         f"not chosen automatically on this {cls} CPU: no measured win over the reference")

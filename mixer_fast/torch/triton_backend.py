@@ -43,12 +43,16 @@ def load() -> SimpleNamespace:
     if _launch.INTERPRET:
         detail = "Triton's interpreter on CPU tensors (no CUDA device; for testing, slow)"
     else:
-        # Before any kernel compiles: a ptxas known to miscompile these kernels is never used (toolchain.py).
-        major, minor = torch.cuda.get_device_capability()
+        # Before any kernel compiles: a ptxas known to miscompile these kernels is never used (toolchain.py),
+        # on any visible GPU (one assembler serves the process); the current device's choice is reported.
+        current = torch.cuda.current_device()
+        devices = sorted(range(torch.cuda.device_count()), key=lambda i: i == current)
         try:
-            ptxas = toolchain.apply(major * 10 + minor)
+            for index in devices:
+                major, minor = torch.cuda.get_device_capability(index)
+                ptxas = toolchain.apply(major * 10 + minor)
         except toolchain.ToolchainProblem as e:
-            raise BackendUnavailable(f"on {torch.cuda.get_device_name()}: {e}") from None
+            raise BackendUnavailable(f"on {torch.cuda.get_device_name(index)}: {e}") from None
         detail = (f"compiled Triton kernels on {torch.cuda.get_device_name()}; ptxas {ptxas.version_text} "
                   f"({ptxas.source}: {ptxas.why})")
     _register_ops()
