@@ -30,7 +30,6 @@ RULE = ("a fused backend is chosen for (op, mode, dtype, device class) only when
         "failed correctness check counts as a loss)")
 BLOCK_OPS = {"mixer": ("token_mixing", "channel_mixing"), "resmlp": ("token_mixing", "channel_mixing"),
              "gmlp": ("spatial_gating",)}
-CONFIG_BLOCK = {"mixer": "mixer", "resmlp": "resmlp", "gmlp": "gmlp"}  # by config-name prefix
 MODES = {"forward": "forward", "fwd": "forward", "training": "training", "train": "training", "fwd+bwd": "training",
          "fwd_bwd": "training", "backward": "training"}
 SKIPPED_MODES = {"bwd"}  # a backward alone: no call runs only that
@@ -59,8 +58,8 @@ def evidence_row(framework: str, backend: str, device_class: str, op: str, mode:
 
 def block_op(config: str) -> str:
     """"block:mixer" for mixer_b16 and the like."""
-    for prefix, block in CONFIG_BLOCK.items():
-        if config.startswith(prefix):
+    for block in BLOCK_OPS:  # named configs start with their family: mixer_b16, resmlp_24, gmlp_s16
+        if config.startswith(block):
             return f"block:{block}"
     raise ValueError(f"config: no block family known for {config!r}")
 

@@ -2,8 +2,9 @@
 
 A backend is a module exposing ``load()``, which returns an object with the ops (``token_mixing``,
 ``channel_mixing``) and a ``features`` set (what it can run), optionally an ``auto_features`` subset (what
-it can be chosen for automatically), or raises :class:`BackendUnavailable` saying why. A fused backend (``measured``
-in its spec) also has ``device_class(device_index)``, the key it is measured under (``sm_90``, ``avx2``, …). An op beyond those two is a feature of its own name (``"spatial_gating"``): a backend has it
+it can be chosen for automatically), or raises :class:`BackendUnavailable` saying why. A fused backend
+(``measured`` in its spec) also has ``device_class(device_index)``, the key it is measured under (``sm_90``,
+``avx2``, …). An op beyond those two is a feature of its own name (``"spatial_gating"``): a backend has it
 only if it lists it, so one without it is never chosen for it and, asked for by name, raises
 NotImplementedError. Loading is lazy and cached, so ``import mixer_fast`` stays light (no triton, jax or C++
 extension until first use).
@@ -22,6 +23,8 @@ import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from . import wins  # stdlib only: import mixer_fast stays light
 
 ENV_VAR = "MIXER_FAST_BACKEND"
 FRAMEWORKS = ("torch", "jax")
@@ -166,8 +169,6 @@ def choose(framework: str, device_type: str, backend: Optional[str] = None, need
     """The backend object to run ``op`` in ``mode`` ("forward" or "training"; None: either may follow, so
     both must win) on ``dtype`` data on ``device_type`` (device ``device_index``), needing the ``needs``
     features. Without ``op`` and ``dtype`` no fused backend can show a measured win: the reference runs."""
-    from . import wins
-
     if op is not None and op not in wins.OPS:
         raise ValueError(f"op: expected one of {list(wins.OPS)} or None, got {op!r}")
     if mode is not None and mode not in wins.MODES:
@@ -210,8 +211,6 @@ def choose(framework: str, device_type: str, backend: Optional[str] = None, need
 def _no_win(framework: str, name: str, impl: Any, op: Optional[str], mode: Optional[str], dtype: Optional[str],
             device_index: Optional[int]) -> Optional[str]:
     """Why fused backend ``name`` is not chosen automatically for this call (None: it has a measured win)."""
-    from . import wins
-
     if op is None or dtype is None:
         return f"backend {name!r} is chosen only for a known op and dtype (none given)"
     device_class = impl.device_class(device_index)

@@ -5,8 +5,8 @@ machine, assembled by the ptxas the triton backend would use on that GPU (toolch
 bundled one where it is known to miscompile these kernels); that ptxas reports registers and spills, the
 PTX shows whether Hopper's wgmma is used, and the compile metadata the shared memory. A clean compile is
 not proof (ptxas 12.8.93 compiled the token kernels without complaint into code that crashed an H200), so
-each cubin's SASS is also checked for wgmma descriptors not built from the shared-memory base (sass.py). Needs triton imported in compiled mode
-(TRITON_INTERPRET unset or 0): the CLI runs it in a process of its own.
+each cubin's SASS is also checked for wgmma descriptors not built from the shared-memory base (sass.py).
+Needs triton imported in compiled mode (TRITON_INTERPRET unset or 0): the CLI runs it in a process of its own.
 """
 from __future__ import annotations
 

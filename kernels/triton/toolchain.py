@@ -63,7 +63,12 @@ class Ptxas:
 
     @property
     def version_text(self) -> str:
-        return ".".join(map(str, self.version))
+        return version_text(self.version)
+
+
+def version_text(version: Version) -> str:
+    """"12.8.93" for (12, 8, 93)."""
+    return ".".join(map(str, version))
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,7 +157,7 @@ def choose(arch: int) -> Ptxas:
                                    f"unset it or point it to a CUDA >= 13.0 ptxas")
         bad = known_bad(version, arch)
         if bad:
-            raise ToolchainProblem(f"{env_var} points to ptxas {'.'.join(map(str, version))}, which {bad}; "
+            raise ToolchainProblem(f"{env_var} points to ptxas {version_text(version)}, which {bad}; "
                                    f"unset it (mixer_fast then finds a good one) or point it to a CUDA >= 13.0 "
                                    f"ptxas")
         return Ptxas(user, version, f"{env_var} (set by the user)", "set by the user; never overridden")
@@ -161,7 +166,7 @@ def choose(arch: int) -> Ptxas:
     bad = f"does not run ({bundled})" if version is None else known_bad(version, arch)
     if not bad:
         return Ptxas(bundled, version, "bundled with triton", "Triton's own (not known to miscompile these kernels)")
-    bundled_text = "missing" if version is None else ".".join(map(str, version))
+    bundled_text = "missing" if version is None else version_text(version)
     good = [(v, p, s) for p, s in candidates() if (v := version_of(p)) and v >= MIN_REPLACEMENT
             and not known_bad(v, arch)]
     if not good:
@@ -177,7 +182,8 @@ def apply(arch: int) -> Ptxas:
     Call before the first kernel compiles. Triton memoises the ptxas version that keys its kernel cache;
     that memo is cleared so the cache key follows the new assembler."""
     chosen = choose(arch)
-    if (chosen.source.startswith(env_var_for(arch)) or os.environ.get(env_var_for(arch)) == chosen.path
+    # Already in force: the user's path or an earlier apply() (the variable names it), or Triton's default.
+    if (os.environ.get(env_var_for(arch)) == chosen.path
             or os.path.realpath(chosen.path) == os.path.realpath(bundled_path(arch))):
         return chosen
     os.environ[env_var_for(arch)] = chosen.path
