@@ -242,7 +242,8 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
     # dZ = (dO · W2) ⊙ GELU'(Z)
     "gelu_grad": (dict(EPI_GELU_GRAD=True), ((64, 128, 32, 4, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3))),
     # weight gradients with the norm recomputed on the B tile (dW1 = dZᵀ · LN(x); ResMLP's dW)
-    "ln_b": (dict(B_PRO=1), ((128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
+    # (64, 128, 32, 4, 3) left out: 68 B of spills with CUDA 13.5's ptxas (triton 3.6 + the gpu extra)
+    "ln_b": (dict(B_PRO=1), ((128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
     # dW2 = dOᵀ · GELU(Z), GELU recomputed on the B tile
     "gelu_b": (dict(B_PRO=4), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3))),
     # gMLP's gate: per-image S×S token linear of LN(v), + bias, kept (backward), × u

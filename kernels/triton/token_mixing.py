@@ -273,10 +273,11 @@ def gpu_config(kernel: str, S_PAD: int, D: int) -> Tuple[int, int, int, int]:
     specialised, over 2 KB in the report), as do BLOCK_C 128 and BLOCK_D 64 at BLOCK_C ≥ 32 in the
     forward; at 2 stages only (32, 16, 8, 2) is spill-free in every compile, the fp32-activation
     (autocast) forward included ((64, 16, 8, 2) spills 128 B there under triton 3.6; (64, 32, 8, 2)
-    160-208 B in the report): not yet timed on a GPU. dx fits (64, 16, 8, 2). dW: every dot has
-    M = BLOCK_D, so wgmma needs BLOCK_D 64, and no such config is spill-free for part 1 (dW1, db1) in all
-    four compiles: (16, 64, 8, 2) is the least-spilling (312 B in triton 3.6's report only; none
-    specialised), and part 2, which shares its config, image split and buffers, is spill-free at it.
+    160-208 B in the report): not yet timed on a GPU. dx: the same (32, 16, 8, 2); (64, 16, 8, 2) spills
+    160 B with CUDA 13.5's ptxas (the gpu extra's). dW: every dot has M = BLOCK_D, so wgmma needs
+    BLOCK_D 64, and no such config is spill-free for part 1 (dW1, db1) in all compiles: (16, 64, 8, 2) is
+    the least-spilling (312 B in triton 3.6's report with ptxas 13.0, 844 B with 13.5; none specialised),
+    and part 2, which shares its config, image split and buffers, is spill-free at it.
     S_PAD 64 (S = 49): BLOCK_C 128 for the forward and dx (a quarter of the CTAs of BLOCK_C 32), 64 for
     dW (its programs loop over channel tiles; 128 spills), 2 stages throughout.
 
@@ -288,7 +289,7 @@ def gpu_config(kernel: str, S_PAD: int, D: int) -> Tuple[int, int, int, int]:
         return 128, min(32, _launch.pow2(D)), 8, 2
     if kernel == "token_mlp_dw":
         return 16, min(64, _launch.pow2(D)), 8, 2
-    return (64 if kernel == "token_mlp_dx" else 32), 16, 8, 2
+    return 32, 16, 8, 2
 
 
 def aligned(n: int) -> int:
