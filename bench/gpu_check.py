@@ -2,7 +2,7 @@
 """One prepared command for a lent GPU: the triton backend's correctness, a CUDA graph and timings, as JSON lines.
 
     python bench/gpu_check.py check --out DIR [--quick] [--jobs 6] [--budget 225] [--check-budget 150]
-                                    [--parts checks,graph,timings] [--only REGEX] [--max-sanitize 4]
+                                    [--parts checks,graph,timings,tiles] [--only REGEX] [--max-sanitize 4]
     python bench/gpu_check.py tests --out DIR [--jobs 12] [--budget 260]
 
 GPU time is scarce (DESIGN.md, "Checking on a GPU"), so ``check`` fits one device call of at most 4 minutes:
@@ -29,14 +29,21 @@ something faulted). Record schema, one JSON object a line (non-finite floats wri
     {"kind": "graph", "ok", "max_diff", "error"}
     {"kind": "timing", "op", "block", "shape", "batch", "mode": "forward" | "training", "dtype", "device_class",
      "ms": {provider: ms}, "errors": {provider: str} (only when one failed), "floor_ms", "peak_mib" (training)}
+    {"kind": "tiles", "kernel", "plan", "shape", "batch", "mode", "dtype", "ms": float | null, "error": str | null}
     {"kind": "summary", "checks", "failed", "faulted", "timings", "skipped", "seconds"}
 
 The exit status is non-zero when a check failed, faulted or was not run, or the graph check failed. Without
 CUDA, ``check --quick`` runs the same harness in Triton's interpreter on tiny shapes (tests/test_gpu_check.py);
 graph and timings are then skipped, and named so in the summary.
 
+4. Tiles (only when ``--parts`` names it): the token kernels' candidate launches (tile_candidates; the first of
+   each is the one token_mixing.gpu_config plans), each timed in token mixing at batch 256, bf16, Mixer-B/16
+   and Mixer-L/16: the forward for token_mlp_fwd's, a training step for token_mlp_dx's and _dw's (the
+   other kernels at their planned launches). The fastest spill-free one belongs in gpu_config.
+
 Within 4 minutes the correctness part (about 2 minutes with a cold Triton cache) leaves time for the first
-timing groups only; ``check --parts timings --budget 540`` in a second device call times all of them.
+timing groups only; ``check --parts timings --budget 540`` in a second device call times all of them, and
+``check --parts tiles --budget 300`` the tiles.
 
 ``tests`` runs the triton test files and the gpu-marked tests with pytest-xdist, verbose, and interrupts
 pytest with SIGINT when ``--budget`` runs out so that it still prints its summary; log in DIR/tests.log.
@@ -99,6 +106,7 @@ class Dims:
 
 SHAPES = {
     "mixer_b16": Dims(196, 768, 384, 3072, "mixer"),
+    "mixer_l16": Dims(196, 1024, 512, 4096, "mixer"),
     "resmlp_24": Dims(196, 384, 196, 1536, "resmlp", drop_path=True),
     "gmlp_s16": Dims(196, 256, 196, 1536, "gmlp"),  # timm gmlp_s16_224: mlp_ratio 6, the gate on 768
     # S = 49 (/32 models), C = 100 and D_S = 24 not multiples of 16, tanh GELU, drop path
@@ -147,7 +155,8 @@ class CheckCase:
 
 @dataclass(frozen=True)
 class TimingGroup:
-    """One timing process. ``what``: an op, "block", or "peak" (the 8192³ bf16 matmul the floors divide by).
+    """One timing process. ``what``: an op, "block", "peak" (the 8192³ bf16 matmul the floors divide by), or
+    "tiles" (tile_candidates).
     ``estimate_s``: its expected wall time on an H100/H200 with a cold Triton cache (see TIMING_GROUPS)."""
 
     what: str
@@ -170,6 +179,7 @@ TIMING_GROUPS = (
     TimingGroup("peak", None, "bf16", 10),
     TimingGroup("token_mixing", "mixer_b16", "bf16", 35),
     TimingGroup("channel_mixing", "mixer_b16", "bf16", 40),
+    TimingGroup("token_mixing", "mixer_l16", "bf16", 35),
     TimingGroup("spatial_gating", "gmlp_s16", "bf16", 40),
     TimingGroup("token_mixing", "resmlp_24", "bf16", 30),
     TimingGroup("channel_mixing", "resmlp_24", "bf16", 35),
@@ -181,6 +191,28 @@ TIMING_GROUPS = (
     TimingGroup("token_mixing", "mixer_b16", "fp32", 35),
     TimingGroup("channel_mixing", "mixer_b16", "fp32", 40),
 )
+
+
+# ``--parts tiles``: one process a shape; ~2 s to compile and ~1 s to time each candidate (estimates).
+TILE_GROUPS = (TimingGroup("tiles", "mixer_b16", "bf16", 60), TimingGroup("tiles", "mixer_l16", "bf16", 60))
+
+
+def tile_candidates() -> Dict[str, List[Any]]:
+    """kernel → the token_mixing.Launch candidates timed by ``--parts tiles`` at S = 196, the planned one
+    first. Spill-free in the static report (triton 3.6 with CUDA 13's ptxas, sm_90a, bf16) except where
+    marked; bench/NOTES.md has the sweep they come from."""
+    from mixer_fast.kernels.triton.token_mixing import DW1, DW2, Launch, s_pieces
+
+    p, wide, both = s_pieces(196), (256, 0, 0), (DW1, DW2)
+    return {
+        "token_mlp_fwd": [Launch(p, 64, 32, 8, 2), Launch(p, 64, 32, 4, 2),  # 4 warps: 120 B spills in triton 3.8
+                          Launch(p, 64, 16, 4, 2), Launch(p, 64, 16, 8, 2), Launch(p, 128, 32, 8, 2)],
+        "token_mlp_dx": [Launch(p, 64, 32, 4, 2), Launch(p, 64, 16, 4, 2), Launch(p, 64, 32, 8, 2),
+                         Launch(p, 128, 32, 8, 2)],
+        "token_mlp_dw": [Launch(wide, 16, 64, 8, 3, both), Launch(wide, 16, 64, 8, 2, both),  # 72 B spills
+                         Launch(wide, 32, 64, 8, 2, both),  # 136 B spills (dW1)
+                         Launch(p, 32, 64, 8, 3, both)],  # 152 B spills (dW1)
+    }
 
 
 def check_cases(quick: bool) -> List[CheckCase]:
@@ -640,11 +672,40 @@ def timing_worker(what: str, shape: str, dtype: str, batch: int, peak_tflops: Op
     return fault
 
 
+def tiles_worker(shape: str, dtype: str, batch: int) -> bool:
+    """Times token mixing with each of tile_candidates() in turn; emits one "tiles" record per candidate.
+    Returns whether a CUDA fault was caught (the process then stops)."""
+    import torch
+
+    from mixer_fast.kernels.triton import token_mixing
+
+    dims = SHAPES[shape]
+    args, call = _op_inputs("token_mixing", dims, batch, drop_path=False)
+    leaves = _leaves(args, _torch_dtype(dtype), _device())
+    modes = _modes(lambda: call(leaves, "triton"), leaves.values(), torch.randn_like(leaves["x"]))
+    for kernel, launches in tile_candidates().items():
+        mode = "forward" if kernel == "token_mlp_fwd" else "training"
+        for launch in launches:
+            record = {"kind": "tiles", "kernel": kernel, "plan": launch.label() + (
+                f" parts {','.join(map(str, launch.parts))}" if kernel == "token_mlp_dw" else ""),
+                "shape": shape, "batch": batch, "mode": mode, "dtype": dtype, "ms": None, "error": None}
+            try:
+                with token_mixing.override_plan(kernel, launch):
+                    record["ms"] = _measure(modes[mode])
+            except Exception as e:  # noqa: BLE001 - recorded; the other candidates still run
+                record["error"] = error_text(e)
+            emit(record)
+            if record["error"] and is_device_fault(record["error"]):
+                return True
+    return False
+
+
 def worker_main(task: Dict[str, Any]) -> int:
     """Runs one task (the JSON the parent passed) and returns the process's exit status."""
     _setup_worker()
     kind = task.pop("task")
-    handler = {"check": check_worker, "graph": graph_worker, "peak": peak_worker, "timing": timing_worker}[kind]
+    handler = {"check": check_worker, "graph": graph_worker, "peak": peak_worker, "timing": timing_worker,
+               "tiles": tiles_worker}[kind]
     return FAULT_EXIT if handler(**task) else 0
 
 
@@ -837,9 +898,13 @@ def run_timings(groups: Sequence[TimingGroup], report: Report, budget: Budget) -
     skipped: List[str] = []
 
     def run(group: TimingGroup, left: float) -> None:
-        task = {"task": "peak"} if group.what == "peak" else {
-            "task": "timing", "what": group.what, "shape": group.shape, "dtype": group.dtype,
-            "batch": TIMING_BATCH, "peak_tflops": state["peak_tflops"]}
+        if group.what == "peak":
+            task: Dict[str, Any] = {"task": "peak"}
+        elif group.what == "tiles":
+            task = {"task": "tiles", "shape": group.shape, "dtype": group.dtype, "batch": TIMING_BATCH}
+        else:
+            task = {"task": "timing", "what": group.what, "shape": group.shape, "dtype": group.dtype,
+                    "batch": TIMING_BATCH, "peak_tflops": state["peak_tflops"]}
         result = run_worker(task, left)
         report.log_run(group.name, result)
         for r in result.records:
@@ -848,7 +913,8 @@ def run_timings(groups: Sequence[TimingGroup], report: Report, budget: Budget) -
                 report.log(f"measured bf16 matmul peak: {r['tflops']:.0f} TFLOP/s (8192³)")
             else:
                 report.record(r)
-        expected = 1 if group.what == "peak" else len(MODES["timing"])
+        expected = {"peak": 1, "tiles": sum(map(len, tile_candidates().values()))}.get(group.what,
+                                                                                     len(MODES["timing"]))
         if len(result.records) < expected:
             skipped.append(f"{group.name}: {len(result.records)} of {expected} record(s); {result.failure()}")
 
@@ -936,6 +1002,9 @@ def format_summary(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -
                          f"{_ms(ms.get('compile')):>9}{_ms(ms.get('cublas')):>9}{_ms(ms.get('triton')):>9}"
                          f"{_ms(r['floor_ms']):>8}{ratio:>8}")
             lines += [f"    {p} failed: {e.splitlines()[0][:150]}" for p, e in r.get("errors", {}).items()]
+    for r in (r for r in records if r["kind"] == "tiles"):
+        lines.append(f"tiles {r['shape']:<10} {r['kernel']:<14} {r['plan']:<40} {r['mode']:<9} {_ms(r['ms']):>8}"
+                     + (f"  failed: {r['error'].splitlines()[0][:100]}" if r["error"] else ""))
     lines += [f"skipped: {s.splitlines()[0]}" for s in summary["skipped"]]
     lines.append(f"{summary['seconds']:.0f} s (ms: median of do_bench; tri/ref < 1: triton faster)")
     return "\n".join(lines)
@@ -971,7 +1040,7 @@ def check_stage(opts: argparse.Namespace) -> int:
     phase = CheckPhase(report, Budget(min(opts.check_budget, opts.budget)), total, opts.max_sanitize)
     why_not = "no CUDA device" if not gpu else "--quick" if opts.quick else None
     if why_not:
-        phase.skipped += [f"{part}: {why_not}" for part in ("graph", "timings") if part in parts]
+        phase.skipped += [f"{part}: {why_not}" for part in ("graph", "timings", "tiles") if part in parts]
     cases = _selected(check_cases(opts.quick), opts.only) if "checks" in parts else []
     report.log(f"{len(cases)} correctness process(es), {opts.jobs} at a time, none started after "
                f"{phase.checks_budget.left():.0f} s; {opts.budget:.0f} s in all")
@@ -979,6 +1048,8 @@ def check_stage(opts: argparse.Namespace) -> int:
     skipped = phase.skipped
     if "timings" in parts and not why_not:
         skipped += run_timings(timing_groups(opts.only), report, total)
+    if "tiles" in parts and not why_not:
+        skipped += run_timings(_selected(TILE_GROUPS, opts.only), report, total)
     summary = {"kind": "summary", "checks": sum(r["kind"] == "check" for r in report.records),
                "failed": [check_name(r) for r in report.records if r["kind"] == "check" and not r["ok"]],
                "faulted": sorted(phase.faulted), "timings": sum(r["kind"] == "timing" for r in report.records),
@@ -1051,7 +1122,8 @@ def tests_stage(opts: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 
-PARTS = ("checks", "graph", "timings")
+PARTS = ("checks", "graph", "timings", "tiles")
+DEFAULT_PARTS = ("checks", "graph", "timings")
 
 
 def _parts(text: str) -> set:
@@ -1072,8 +1144,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     check.add_argument("--check-budget", type=float, default=150,
                        help="seconds after which no correctness process starts")
     check.add_argument("--max-sanitize", type=int, default=4, help="compute-sanitizer reruns at most")
-    check.add_argument("--parts", type=_parts, default=set(PARTS), help="comma-separated subset of "
-                       + ",".join(PARTS))
+    check.add_argument("--parts", type=_parts, default=set(DEFAULT_PARTS), help="comma-separated subset of "
+                       + ",".join(PARTS) + " (default " + ",".join(DEFAULT_PARTS) + ")")
     check.add_argument("--only", help="regex on case names ('token_mixing mixer_b16 bf16', 'timing block "
                                       "gmlp_s16 bf16', 'timing peak')")
     tests = sub.add_parser("tests", help="the triton and gpu-marked tests with pytest-xdist (<= 5 min)")

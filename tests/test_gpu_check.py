@@ -163,6 +163,19 @@ def test_case_lists():
     assert gpu_check.TIMING_GROUPS[0].what == "peak" and all(g.estimate_s > 0 for g in gpu_check.TIMING_GROUPS)
 
 
+def test_tile_candidates_start_with_the_plan():
+    from mixer_fast.kernels.triton.token_mixing import KERNELS, gpu_config
+
+    candidates = gpu_check.tile_candidates()
+    assert set(candidates) == set(KERNELS)
+    for kernel, launches in candidates.items():
+        assert launches[0] == gpu_config(kernel, 196, 384)  # the planned launch is the baseline
+        assert len(set(launches)) == len(launches) and all(sum(launch.pieces) >= 196 for launch in launches)
+    assert [g.name for g in gpu_check.TILE_GROUPS] == ["timing tiles mixer_b16 bf16", "timing tiles mixer_l16 bf16"]
+    assert gpu_check.parse_args(["check", "--out", "x"]).parts == {"checks", "graph", "timings"}
+    assert gpu_check.parse_args(["check", "--out", "x", "--parts", "tiles"]).parts == {"tiles"}
+
+
 def test_tests_stage_command():
     files = gpu_check.gpu_test_files()
     assert files[:2] == ["tests/test_token_mixing.py", "tests/test_channel_mixing.py"]

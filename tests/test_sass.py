@@ -214,11 +214,12 @@ _COMPILE = textwrap.dedent('''
         sys.exit(0)
     jobs = [(dot_kernel, "dot", {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "K": "i32",
                                  "BLOCK": "constexpr"}, {"BLOCK": 64}, 4, 3)]
-    for fn, name, config, cfg, warps, stages, ptrs in aot.variants("bf16"):
+    for fn, name, config, cfg, warps, stages, ptrs, ints in aot.variants("bf16"):
         if name in ("token_mlp_fwd[S=196]", "token_mlp_dx[S=196]"):  # the kernels 12.8.93 miscompiled
-            jobs.append((fn, name, aot._signature(fn, "bf16", ptrs or {}), cfg, warps, stages))
-    for fn, name, sig, cfg, warps, stages in jobs:
-        compiled = triton.compile(ASTSource(fn, sig, cfg), target=GPUTarget("cuda", 90, 32),
+            sig, cfg, attrs = aot.specialised(fn, aot._signature(fn, "bf16", ptrs or {}), cfg, ints)
+            jobs.append((fn, name, sig, cfg, warps, stages, attrs))
+    for fn, name, sig, cfg, warps, stages, *attrs in jobs:
+        compiled = triton.compile(ASTSource(fn, sig, cfg, *attrs), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": warps, "num_stages": stages})
         with open(os.path.join(out, name + ".cubin"), "wb") as f:
             f.write(compiled.asm["cubin"])

@@ -63,12 +63,39 @@ def _signature(fn, dtype: str, ptr_dtypes: Dict[str, str]) -> Dict[str, str]:
     return sig
 
 
+def specialised(fn, sig: Dict[str, str], constexprs: Dict[str, object],
+                ints: Dict[str, int]) -> Tuple[Dict[str, str], Dict[str, object], Dict[tuple, list]]:
+    """(signature, constexprs, attrs) of ``fn`` as Triton's launcher specialises a launch whose integer
+    arguments have the example values ``ints``: pointers 16-byte aligned (as torch and XLA allocate),
+    integers equal to 1 made constants and multiples of 16 marked so. Unspecialised, Triton cannot
+    prove a 16-byte cp.async legal and does not pipeline the loads, which leaves a different register
+    picture from the one that runs."""
+    sig, constexprs, attrs = dict(sig), dict(constexprs), {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            continue
+        if p.name.endswith("_ptr"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif p.name in ints:
+            if ints[p.name] == 1:
+                sig[p.name], constexprs[p.name] = "constexpr", 1
+            elif ints[p.name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, constexprs, attrs
+
+
 def compile_row(fn, name: str, config: str, constexprs: Dict[str, object], *, arch: str, dtype: str,
-                num_warps: int, num_stages: int, ptr_dtypes: Optional[Dict[str, str]] = None) -> Row:
+                num_warps: int, num_stages: int, ptr_dtypes: Optional[Dict[str, str]] = None,
+                ints: Optional[Dict[str, int]] = None) -> Row:
     """Compile one kernel variant for ``arch`` and measure it, with the ptxas the backend would use
-    (:func:`toolchain.apply`; ToolchainProblem if there is no safe one)."""
+    (:func:`toolchain.apply`; ToolchainProblem if there is no safe one); specialised as a launch with
+    the integer arguments ``ints`` (:func:`specialised`), or with no argument specialised."""
     ptxas = toolchain.apply(ARCHS[arch])
-    src = ASTSource(fn, _signature(fn, _DTYPES[dtype], ptr_dtypes or {}), constexprs)
+    sig = _signature(fn, _DTYPES[dtype], ptr_dtypes or {})
+    attrs: Dict[tuple, list] = {}
+    if ints is not None:
+        sig, constexprs, attrs = specialised(fn, sig, constexprs, ints)
+    src = ASTSource(fn, sig, constexprs, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
@@ -84,9 +111,28 @@ def compile_row(fn, name: str, config: str, constexprs: Dict[str, object], *, ar
                "mma" in ptx, ptxas.version_text, len(sass.hazards_in_cubin(compiled.asm["cubin"])))
 
 
+_TOKEN_BWD = dict(NORM=1, HAS_B1=True, APPROX_TANH=False, PRECISION="ieee", INTERPRETER=False, IDX64=False)
+_TOKEN_FWD = dict(_TOKEN_BWD, HAS_B2=True, HAS_SCALE=False, HAS_SS=True, STORE_BRANCH=False)
+
+
+def token_ints(S: int, C: int, D: int, B: int = 256) -> Dict[str, int]:
+    """The token kernels' integer arguments at a contiguous (B, S, C) input and the launchers' aligned
+    weight copies (token_mixing.token_weights), for :func:`specialised`."""
+    from .token_mixing import aligned
+
+    return dict(B=B, S=S, C=C, D=D, SPLITS=44, sxb=S * C, sxs=C, sxc=1, sob=S * C, sos=C, soc=1, sdb=S * C,
+                sds=C, sdc=1, sw1d=aligned(S), sw1s=1, sw2s=aligned(D), sw2d=1)
+
+
+def _token_ptrs(kernel: str, dtype: str) -> Optional[Dict[str, str]]:
+    # token_mlp_dx writes dL/dN(x) in the weights' dtype (token_mixing.token_mixing_backward).
+    return {"g_ptr": dtype} if kernel == "token_mlp_dx" else None
+
+
 def variants(dtype: str) -> Iterator[Tuple]:
-    """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes) for every kernel
-    variant and GPU config the launchers use on a GPU, at the named models' shapes."""
+    """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes, ints) for every
+    kernel variant and GPU config the launchers use on a GPU, at the named models' shapes; ``ints``: the
+    integer arguments to specialise on as a launch does (the token kernels), or None."""
     from . import layer_norm, matmul, spatial_gating, token_mixing
 
     prec = "ieee"
@@ -100,7 +146,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
         for bm, bn, bk, warps, stages in configs:
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-                   cfg, warps, stages, None)
+                   cfg, warps, stages, None, None)
     # torch.autocast: fp32 activations meet bf16 weights in the same kernels.
     if dtype != "fp32":
         mixed = {"x_ptr": "fp32", "out_ptr": "fp32", "res_ptr": "fp32", "branch_ptr": "fp32"}
@@ -110,30 +156,25 @@ def variants(dtype: str) -> Iterator[Tuple]:
             side = "a_ptr" if label == "ln_gelu" else "b_ptr"
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},autocast]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages,
-                   dict(mixed, **{side: "fp32"}))
-        block_c, block_d, warps, stages = token_mixing.gpu_config("token_mlp_fwd", 256, 512)
-        yield (token_mixing.token_mlp_fwd_kernel, "token_mlp_fwd[S=196,autocast]",
-               f"S_PAD=256 C{block_c} D{block_d} w{warps} s{stages}",
-               dict(NORM=1, HAS_B1=True, HAS_B2=True, HAS_SCALE=False, HAS_SS=True, STORE_BRANCH=False,
-                    APPROX_TANH=False, PRECISION=prec, INTERPRETER=False, IDX64=False, S_PAD=256, BLOCK_C=block_c,
-                    BLOCK_D=block_d), warps, stages, mixed)
-    for S in (49, 196):
-        S_PAD = token_mixing._launch.pow2(S)
+                   dict(mixed, **{side: "fp32"}), None)
+        plan = token_mixing.gpu_config("token_mlp_fwd", 196, 512)
+        yield (token_mixing.token_mlp_fwd_kernel, "token_mlp_fwd[S=196,autocast]", plan.label(),
+               dict(_TOKEN_FWD, **plan.constexprs()), plan.num_warps, plan.num_stages, mixed,
+               token_ints(196, 1024, 512))
+    for S, C, D in ((49, 768, 384), (196, 768, 384)):
         for kname, fn in (("token_mlp_fwd", token_mixing.token_mlp_fwd_kernel),
                           ("token_mlp_dx", token_mixing.token_mlp_dx_kernel),
                           ("token_mlp_dw", token_mixing.token_mlp_dw_kernel)):
-            block_c, block_d, warps, stages = token_mixing.gpu_config(kname, S_PAD, 512)
-            cfg = dict(NORM=1, HAS_B1=True, APPROX_TANH=False, PRECISION=prec, INTERPRETER=False, IDX64=False, S_PAD=S_PAD,
-                       BLOCK_C=block_c, BLOCK_D=block_d)
-            parts = token_mixing.dw_parts(S_PAD) if kname == "token_mlp_dw" else (None,)
-            if kname == "token_mlp_fwd":
-                cfg.update(HAS_B2=True, HAS_SCALE=False, HAS_SS=True, STORE_BRANCH=False)
+            plan = token_mixing.gpu_config(kname, S, D, 4 if dtype == "fp32" else 2)
+            cfg = dict(_TOKEN_FWD if kname == "token_mlp_fwd" else _TOKEN_BWD, **plan.constexprs())
+            parts = plan.parts if kname == "token_mlp_dw" else (None,)
             for part in parts:
-                label = f"S_PAD={S_PAD} C{block_c} D{block_d} w{warps} s{stages}"
+                label = plan.label()
                 if part is not None:
                     cfg = dict(cfg, PART=part)
                     label += f" part{part}"
-                yield fn, f"{kname}[S={S}]", label, cfg, warps, stages, None
+                yield (fn, f"{kname}[S={S}]", label, cfg, plan.num_warps, plan.num_stages, _token_ptrs(kname, dtype),
+                       token_ints(S, C, D))
     # The JAX entry points (jax_kernels.py) wrap the same kernels; one variant each shows the wrapping
     # costs nothing (same registers, no spills).
     from . import jax_kernels
@@ -141,32 +182,31 @@ def variants(dtype: str) -> Iterator[Tuple]:
     flags, configs = matmul.VARIANTS["ln_gelu"]
     bm, bn, bk, warps, stages = configs[0]
     yield (jax_kernels.fused_matmul, "fused_matmul[ln_gelu,jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-           dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages, None)
+           dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages, None, None)
     for kname in ("token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"):
-        block_c, block_d, warps, stages = token_mixing.gpu_config(kname, 256, 512)
-        cfg = dict(NORM=1, HAS_B1=True, APPROX_TANH=True, PRECISION=prec, INTERPRETER=False, IDX64=False, S_PAD=256,
-                   BLOCK_C=block_c, BLOCK_D=block_d)
-        cfg.update(dict(HAS_B2=True, HAS_SCALE=False, HAS_SS=False, STORE_BRANCH=False) if kname == "token_mlp_fwd"
-                   else dict(PART=1) if kname == "token_mlp_dw" else {})
-        yield (getattr(jax_kernels, kname), f"{kname}[S=196,jax]", f"S_PAD=256 C{block_c} D{block_d} w{warps} s{stages}",
-               cfg, warps, stages, None)
+        plan = token_mixing.gpu_config(kname, 196, 384)
+        cfg = dict(_TOKEN_FWD if kname == "token_mlp_fwd" else _TOKEN_BWD, APPROX_TANH=True, **plan.constexprs())
+        if kname == "token_mlp_dw":
+            cfg["PART"] = plan.parts[0]
+        yield (getattr(jax_kernels, kname), f"{kname}[S=196,jax]", plan.label(), cfg, plan.num_warps,
+               plan.num_stages, _token_ptrs(kname, dtype), token_ints(196, 768, 384))
     for C in (384, 768, 1024):
         block_c = layer_norm.gpu_block_c(C)
         # Launched with Triton's defaults (4 warps, 3 stages).
         yield (layer_norm.ln_stats_kernel, f"ln_stats[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
-               dict(BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None)
+               dict(BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None, None)
         yield (layer_norm.ln_backward_kernel, f"ln_backward[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
                dict(HAS_W=True, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, INTERPRETER=False,
-                    BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None)
+                    BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None, None)
     # gMLP (gmlp_s16: H/2 = 768): the gate's LayerNorm backward through GELU, and dZ_u / dP.
     block_c = layer_norm.gpu_block_c(768)
     yield (layer_norm.ln_backward_kernel, "ln_backward[gate,C=768]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
            dict(HAS_W=True, HAS_DY=False, GELU_IN=True, APPROX_TANH=False, INTERPRETER=False,
-                BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None)
+                BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None, None)
     bm, bh = spatial_gating.GATE_BLOCK
     yield (spatial_gating.gate_grad_kernel, "gate_grad", f"{bm}x{bh} w4 s3",
            dict(APPROX_TANH=False, INTERPRETER=False, IDX64=False, BLOCK_M=bm, BLOCK_H=bh), 4, 3,
-           {"dq_ptr": "fp32"})
+           {"dq_ptr": "fp32"}, None)
 
 
 def report(arch: str, dtype: str = "bf16") -> List[Row]:
@@ -175,5 +215,6 @@ def report(arch: str, dtype: str = "bf16") -> List[Row]:
         raise ValueError(f"arch: expected one of {sorted(ARCHS)}, got {arch!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-    return [compile_row(fn, name, config, cfg, arch=arch, dtype=dtype, num_warps=w, num_stages=s, ptr_dtypes=p)
-            for fn, name, config, cfg, w, s, p in variants(dtype)]
+    return [compile_row(fn, name, config, cfg, arch=arch, dtype=dtype, num_warps=w, num_stages=s, ptr_dtypes=p,
+                        ints=ints)
+            for fn, name, config, cfg, w, s, p, ints in variants(dtype)]

@@ -41,12 +41,13 @@ def token_mlp_fwd(x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_
                   NORM: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
                   HAS_SS: tl.constexpr, STORE_BRANCH: tl.constexpr, APPROX_TANH: tl.constexpr,
                   PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
-                  S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                  S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     token_mlp_fwd_kernel(x_ptr, out_ptr, branch_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
                          w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale_ptr, ss_ptr, S, C, D,
                          sxb, sxs, sxc, sob, sos, soc, sw1d, sw1s, sw2s, sw2d,
                          NORM, HAS_B1, HAS_B2, HAS_SCALE, HAS_SS, STORE_BRANCH, APPROX_TANH,
-                         PRECISION, INTERPRETER, IDX64, S_PAD, BLOCK_C, BLOCK_D)
+                         PRECISION, INTERPRETER, IDX64, S_PIECE0, S_PIECE1, S_PIECE2, BLOCK_C, BLOCK_D)
 
 
 @triton.jit
@@ -55,10 +56,12 @@ def token_mlp_dx(x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_p
                  g_ptr,
                  NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
                  PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
-                 S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                 S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     token_mlp_dx_kernel(x_ptr, do_ptr, g_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr,
                         S, C, D, sxb, sxs, sxc, sdb, sds, sdc, sw1d, sw1s, sw2s, sw2d,
-                        NORM, HAS_B1, APPROX_TANH, PRECISION, INTERPRETER, IDX64, S_PAD, BLOCK_C, BLOCK_D)
+                        NORM, HAS_B1, APPROX_TANH, PRECISION, INTERPRETER, IDX64, S_PIECE0, S_PIECE1, S_PIECE2,
+                        BLOCK_C, BLOCK_D)
 
 
 @triton.jit
@@ -67,11 +70,12 @@ def token_mlp_dw(x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_p
                  dw1_ptr, dw2_ptr, db1_ptr,
                  NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
                  PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr, PART: tl.constexpr,
-                 S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                 S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     token_mlp_dw_kernel(x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr,
                         dw1_ptr, dw2_ptr, db1_ptr, B, S, C, D, SPLITS, sxb, sxs, sxc, sdb, sds, sdc,
                         sw1d, sw1s, sw2s, sw2d, NORM, HAS_B1, APPROX_TANH, PRECISION, INTERPRETER, IDX64, PART,
-                        S_PAD, BLOCK_C, BLOCK_D)
+                        S_PIECE0, S_PIECE1, S_PIECE2, BLOCK_C, BLOCK_D)
 
 
 @triton.jit

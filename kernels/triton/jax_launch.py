@@ -25,7 +25,7 @@ import triton
 from . import _launch, jax_kernels
 from .layer_norm import ROWS, block_c
 from .matmul import Axis, autotuned, flat, plan, split
-from .token_mixing import NORMS, dw_parts, dw_splits, launch_blocks, token_weights
+from .token_mixing import DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, token_weights
 
 Array = jax.Array
 F32 = jnp.float32
@@ -131,7 +131,7 @@ def layer_norm_stats(x: Array, eps: float) -> Tuple[Array, Array]:
 
 def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
                         weight: Optional[Array]) -> Tuple[Array, Array, Array]:
-    """dx = dy + LayerNorm-backward(g) for x (B, S, C), g = dL/dLN(x) fp32 (B·S, C); returns
+    """dx = dy + LayerNorm-backward(g) for x (B, S, C), g = dL/dLN(x) (B·S, C; any float dtype); returns
     (dx (B, S, C) in x's dtype, dweight (C,) fp32, dbias (C,) fp32)."""
     B, S, C = x.shape
     R = B * S
@@ -222,11 +222,12 @@ def _scale_grads(grads: Dict[str, Optional[Array]], dout: Array, branch: Optiona
 
 def _norm_backward(g: Array, x: Array, dout: Array, nw: Optional[Array], mean, rstd,
                    norm: str) -> Tuple[Array, Array, Array]:
-    """(dx, dnorm_weight, dnorm_bias) from g = dL/dN(x) (B·S, C) fp32 and the residual's dout."""
+    """(dx, dnorm_weight, dnorm_bias) from g = dL/dN(x) (B·S, C; fp32 or the weights' dtype) and the
+    residual's dout."""
     if norm == "layernorm":
         return layer_norm_backward(g, x, dout, mean, rstd, nw)
     B, S, C = x.shape
-    g3 = g.reshape(B, S, C)
+    g3 = g.reshape(B, S, C).astype(F32)
     w = nw.astype(F32) if nw is not None else 1.0
     dx = (dout.astype(F32) + g3 * w).astype(x.dtype)
     return dx, (g3 * x.astype(F32)).sum((0, 1)), g3.sum((0, 1))
@@ -261,21 +262,20 @@ def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1:
             approximate=approximate)
         return out, mean, rstd, branch
     D = k1.shape[1]
-    S_PAD = _launch.pow2(S)
-    block_c_, block_d, warps, stages = launch_blocks("token_mlp_fwd", S_PAD, D)
     w1, w2 = token_weights(k1.T, k2.T, _pad_columns)  # (D, S), (S, D): the torch layout, aligned rows
+    plan = launch_plan("token_mlp_fwd", S, D, w1.dtype.itemsize)
     dummy = nwv
     out, branch = call(
-        jax_kernels.token_mlp_fwd, (triton.cdiv(C, block_c_), B),
+        jax_kernels.token_mlp_fwd, (triton.cdiv(C, plan.block_c), B),
         [x, mean if mean is not None else nwv, rstd if rstd is not None else nwv, nwv, nbv,
          w1, b1 if b1 is not None else dummy, w2, b2 if b2 is not None else dummy,
          scale if scale is not None else dummy, ss if ss is not None else dummy,
          S, C, D, S * C, C, 1, S * C, C, 1, w1.shape[1], 1, w2.shape[1], 1],
         [_shape(x.shape, x.dtype), _shape(x.shape if store_branch else (1,), x.dtype)],
-        num_warps=warps, num_stages=stages,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
         NORM=NORMS[norm], HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_SCALE=scale is not None,
         HAS_SS=ss is not None, STORE_BRANCH=store_branch, APPROX_TANH=approximate == "tanh", PRECISION=precision,
-        INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x), S_PAD=S_PAD, BLOCK_C=block_c_, BLOCK_D=block_d)
+        INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x), **plan.constexprs())
     return out, mean, rstd, (branch if store_branch else None)
 
 
@@ -309,35 +309,35 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
         grads["fc1_bias"] = do.astype(F32).sum((0, 2)) if b1 is not None else None
     else:
         D = k1.shape[1]
-        S_PAD = _launch.pow2(S)
         w1, w2 = token_weights(k1.T, k2.T, _pad_columns)  # (D, S), (S, D): the torch layout, aligned rows
         stats = [mean, rstd] if mean is not None else [nwv, nwv]
         b1v = b1 if b1 is not None else nwv
         common = dict(NORM=NORMS[norm], HAS_B1=b1 is not None, APPROX_TANH=approximate == "tanh",
-                      PRECISION=precision, INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x), S_PAD=S_PAD)
+                      PRECISION=precision, INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x))
         strides = [S * C, C, 1, S * C, C, 1, w1.shape[1], 1, w2.shape[1], 1]
-        block_c_, block_d, warps, stages = launch_blocks("token_mlp_dx", S_PAD, D)
+        plan = launch_plan("token_mlp_dx", S, D, w1.dtype.itemsize)
+        # g in the weights' dtype, as the torch launcher (and eager) rounds it.
         if B:
-            (g,) = call(jax_kernels.token_mlp_dx, (triton.cdiv(C, block_c_), B),
-                        [x, do, *stats, nwv, nbv, w1, b1v, w2, S, C, D, *strides], [_shape((B * S, C), F32)],
-                        num_warps=warps, num_stages=stages, **common, BLOCK_C=block_c_, BLOCK_D=block_d)
+            (g,) = call(jax_kernels.token_mlp_dx, (triton.cdiv(C, plan.block_c), B),
+                        [x, do, *stats, nwv, nbv, w1, b1v, w2, S, C, D, *strides], [_shape((B * S, C), w1.dtype)],
+                        num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **plan.constexprs())
         else:
-            g = jnp.zeros((0, C), F32)
-        block_c_, block_d, warps, stages = launch_blocks("token_mlp_dw", S_PAD, D)
-        n_d = triton.cdiv(D, block_d)
-        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, block_c_)))
+            g = jnp.zeros((0, C), w1.dtype)
+        plan = launch_plan("token_mlp_dw", S, D, w1.dtype.itemsize)
+        n_d = triton.cdiv(D, plan.block_d)
+        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c)))
         dw1 = jnp.zeros((splits, D, S), F32)
         dw2 = jnp.zeros((splits, S, D), F32)
         db1 = jnp.zeros((splits, D), F32)
-        for part in dw_parts(S_PAD):  # runs with B = 0 too: it writes the zero gradients
+        for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
             p1, p2, pb = call(
                 jax_kernels.token_mlp_dw, (n_d, splits),
                 [x, do, *stats, nwv, nbv, w1, b1v, w2, B, S, C, D, splits, *strides],
                 [_shape(dw1.shape, F32), _shape(dw2.shape, F32), _shape(db1.shape, F32)],
-                num_warps=warps, num_stages=stages, **common, PART=part, BLOCK_C=block_c_, BLOCK_D=block_d)
-            # PART 1 writes dW1 and db1, PART 2 dW2; PART 0 all three.
-            dw1, db1 = (p1, pb) if part in (0, 1) else (dw1, db1)
-            dw2 = p2 if part in (0, 2) else dw2
+                num_warps=plan.num_warps, num_stages=plan.num_stages, **common, PART=part, **plan.constexprs())
+            # DW1 writes dW1 and db1, DW2 dW2; DW_BOTH all three.
+            dw1, db1 = (p1, pb) if part in (DW_BOTH, DW1) else (dw1, db1)
+            dw2 = p2 if part in (DW_BOTH, DW2) else dw2
         grads["fc1_kernel"], grads["fc2_kernel"] = dw1.sum(0).T, dw2.sum(0).T
         grads["fc1_bias"] = db1.sum(0) if b1 is not None else None
         grads["fc2_bias"] = do.astype(F32).sum((0, 2)) if b2 is not None else None

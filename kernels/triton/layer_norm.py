@@ -151,7 +151,7 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.T
 def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Tensor], mean: torch.Tensor,
                         rstd: torch.Tensor, weight: Optional[torch.Tensor], *, gelu_in: Optional[str] = None,
                         dx: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx = dy + LayerNorm-backward(g) for x (B, S, C), g = dL/dLN(x) fp32 (B·S, C); returns
+    """dx = dy + LayerNorm-backward(g) for x (B, S, C), g = dL/dLN(x) (B·S, C; any float dtype); returns
     (dx (B, S, C) in x's dtype, dweight (C,) fp32, dbias (C,) fp32). ``dy`` None: no residual term.
     ``gelu_in`` ("none" / "tanh", gMLP's gate): x holds z, the normalised input was GELU(z), and dx is
     with respect to z. ``dx``: a (B, S, C) view to write into (strided: a half of gMLP's dZ)."""

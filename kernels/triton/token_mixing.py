@@ -1,18 +1,27 @@
-"""Fused token-mixing MLP kernels: per image, LN → W1 · (·) + b1 → GELU → W2 · (·) + b2 → scale → + x.
+"""Token mixing as a flash-MLP: per image, LN → W1 · (·) + b1 → GELU → W2 · (·) + b2 → scale → + x, fused.
 
-One program owns one image's S × BLOCK_C slab: the normalised slab is loaded once, and the hidden
-D_S × BLOCK_C tile lives only in registers/shared memory, one BLOCK_D slice at a time, so the hidden
-activations never reach global memory (forward or backward) and no transpose is materialised: the
-token MLP is a left-multiplication of the S × C table. S is padded to S_PAD, a power of two.
+The token MLP left-multiplies each image's S × C table, so no transpose is ever materialised. Each
+program owns one image's BLOCK_C channels and computes the transposed product, channels as the MMA's M
+(FlashAttention's pattern, with queries → channels, keys → W1's rows, values → W2ᵀ's rows, softmax →
+GELU): per BLOCK_D slice of the hidden, Zᵀ = N(x)ᵀ · W1ᵀ, Hᵀ = GELU(Zᵀ + b1) in registers, and
+Yᵀ += Hᵀ · W2ᵀ with Hᵀ as the register A operand; x is read once (normalised as it is loaded), the
+output written once, the hidden never reaches global memory.
 
-Backward: ``token_mlp_dx_kernel`` (per image and channel slab) recomputes the hidden tile and produces
-dL/dLN(x); ``token_mlp_dw_kernel`` (per BLOCK_D slice of the hidden, over a share of the images)
-recomputes it again and accumulates dW1, dW2, db1 in registers, one partial per share, summed in a
-fixed order afterwards (deterministic: no atomics).
+Tokens are covered by up to three power-of-two pieces (:func:`s_pieces`: 196 → 128 + 64 + 16 = 208, the
+16-element MMA granule, rather than the next power of two, 256): Triton tiles must be powers of two,
+and a 256-wide tile is 23 % more MMA work and 24 more accumulator registers a thread (spills).
+
+Backward: ``token_mlp_dx_kernel`` has the forward's structure (the hidden recomputed, dZᵀ the register A
+operand) and produces dL/dN(x); ``token_mlp_dw_kernel`` is FlashAttention's dK/dV loop: one BLOCK_D
+slice of W1 and W2 stays on chip while the program walks its share of the (image, channel tile) items,
+accumulating dW1, dW2 and db1 in registers; the shares' partials are summed in a fixed order
+(deterministic: no atomics).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
 
 import triton
 import triton.language as tl
@@ -35,61 +44,10 @@ GRANULE = 16
 _GRANULE = tl.constexpr(GRANULE)  # the same, as kernels see it
 
 
-@triton.jit
-def _slab_offsets(b, offs_s, offs_c, sb, ss, sc, IDX64: tl.constexpr):
-    # int64 only when the launch has a tensor of 2³¹ or more elements (2-D int64 offsets cost registers).
-    if IDX64:
-        return b.to(tl.int64) * sb + offs_s.to(tl.int64)[:, None] * ss + offs_c.to(tl.int64)[None, :] * sc
-    else:
-        return b * sb + offs_s[:, None] * ss + offs_c[None, :] * sc
-
-
-@triton.jit
-def _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64: tl.constexpr):
-    mask = (offs_s < S)[:, None] & (offs_c < C)[None, :]
-    off = _slab_offsets(b, offs_s, offs_c, sxb, sxs, sxc, IDX64)
-    return tl.load(x_ptr + off, mask=mask, other=0.0), mask, off
-
-
-@triton.jit
-def _w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr):
-    """W1[d0:d0+BLOCK_D, :S_PAD], zero outside W1. A block pointer, not a tensor of per-element pointers:
-    a 64 × 256 slice of those holds 128 registers a thread at 8 warps (measured: spills).
-
-    W1 is the launchers' copy (:func:`token_weights`): row stride a multiple of GRANULE elements, zero
-    columns from S up to the next multiple of GRANULE. So the slice is bounded at that width, not at S:
-    both the row stride and the bound are then known multiples of 16 and the rows load in 16-byte
-    vectors (at S = 196 a 392-byte row stride compiled to 2-byte scalar loads). The column stride is
-    that copy's 1, so ``sw1s`` goes unused (kept: jax_kernels.py and aot.py restate the signature)."""
-    s_al = tl.cdiv(S, _GRANULE) * _GRANULE
-    bp = tl.make_block_ptr(w1_ptr, shape=(D, s_al), strides=(tl.multiple_of(sw1d, _GRANULE), 1), offsets=(d0, 0),
-                           block_shape=(BLOCK_D, S_PAD), order=(1, 0))
-    return tl.load(bp, boundary_check=(0, 1), padding_option="zero")
-
-
-@triton.jit
-def _w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr):
-    """W2ᵀ[d0:d0+BLOCK_D, :S_PAD] (W2 is (S, D)), zero outside W2; read along D, W2's rows. W2 is the
-    launchers' copy as W1 is: row stride a multiple of GRANULE, zero columns from D to the next multiple,
-    unit column stride (``sw2d`` unused)."""
-    d_al = tl.cdiv(D, _GRANULE) * _GRANULE
-    bp = tl.make_block_ptr(w2_ptr, shape=(d_al, S), strides=(1, tl.multiple_of(sw2s, _GRANULE)), offsets=(d0, 0),
-                           block_shape=(BLOCK_D, S_PAD), order=(0, 1))
-    return tl.load(bp, boundary_check=(0, 1), padding_option="zero")
-
-
-@triton.jit
-def _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM: tl.constexpr):
-    """N(x) of a slab in fp32 (zero outside ``mask``): LayerNorm with stored stats, or ResMLP's affine."""
-    xf = x.to(tl.float32)
-    if NORM == 1:
-        rows = b.to(tl.int64) * S + offs_s
-        mean = tl.load(mean_ptr + rows, mask=offs_s < S, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=offs_s < S, other=0.0)
-        xf = (xf - mean[:, None]) * rstd[:, None]
-    w = tl.load(nw_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
-    bias = tl.load(nb_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
-    return tl.where(mask, xf * w[None, :] + bias[None, :], 0.0)
+# Kernel modes as the kernels see them (the launchers use NORMS and the DW_* names below).
+_LAYERNORM = tl.constexpr(1)
+_W1_GRADS = tl.constexpr(1)  # token_mlp_dw_kernel's PART: dW1 and db1 only
+_W2_GRAD = tl.constexpr(2)  # PART: dW2 only
 
 
 @triton.jit
@@ -101,15 +59,96 @@ def _operand(t, INTERPRETER: tl.constexpr):
     return t
 
 
+
+
 @triton.jit
-def _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-                     dtype: tl.constexpr, NORM: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr):
-    """N(x) of one image's S_PAD × BLOCK_C slab, rounded to the weights' ``dtype`` (x's own, or the
-    autocast dtype) as eager's LayerNorm output is, as a dot operand (zero outside the tensor); and the
-    slab's mask."""
-    x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
-    xn = _normalise(x, mask, b, offs_s, offs_c, S, C, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, NORM)
-    return _operand(round_to(xn, dtype, INTERPRETER), INTERPRETER), mask
+def _tile_offsets(b, rows, cols, sb, s_rows, s_cols, IDX64: tl.constexpr):
+    # int64 only when the launch has a tensor of 2³¹ or more elements (2-D int64 offsets cost registers).
+    if IDX64:
+        return b.to(tl.int64) * sb + rows.to(tl.int64)[:, None] * s_rows + cols.to(tl.int64)[None, :] * s_cols
+    else:
+        return b * sb + rows[:, None] * s_rows + cols[None, :] * s_cols
+
+
+@triton.jit
+def _load_t(ptr, b, s0, offs_c, S, C, sb, ss, sc, IDX64: tl.constexpr, P: tl.constexpr):
+    """One image's (BLOCK_C, P) tile of a (B, S, C) tensor, transposed: rows are channels offs_c, columns
+    tokens s0 … s0 + P; zero outside the tensor. Also its mask and offsets."""
+    offs_s = s0 + tl.arange(0, P)
+    mask = (offs_c < C)[:, None] & (offs_s < S)[None, :]
+    off = _tile_offsets(b, offs_c, offs_s, sb, sc, ss, IDX64)
+    return tl.load(ptr + off, mask=mask, other=0.0), mask, off
+
+
+@triton.jit
+def _xn_t(x_ptr, b, s0, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb,
+          dtype: tl.constexpr, NORM: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
+          P: tl.constexpr):
+    """N(x)ᵀ of one image's (BLOCK_C, P) tile (``nw``, ``nb``: the norm's weight and bias at offs_c, fp32):
+    LayerNorm with the stored statistics or ResMLP's affine, applied as x is loaded, rounded to the
+    weights' ``dtype`` (x's own, or the autocast dtype) as eager's norm output is; zero outside x."""
+    x, mask, _ = _load_t(x_ptr, b, s0, offs_c, S, C, sxb, sxs, sxc, IDX64, P)
+    xf = x.to(tl.float32)
+    if NORM == _LAYERNORM:
+        offs_s = s0 + tl.arange(0, P)
+        rows = b.to(tl.int64) * S + offs_s
+        mean = tl.load(mean_ptr + rows, mask=offs_s < S, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=offs_s < S, other=0.0)
+        xf = (xf - mean[None, :]) * rstd[None, :]
+    xf = tl.where(mask, xf * nw[:, None] + nb[:, None], 0.0)
+    return _operand(round_to(xf, dtype, INTERPRETER), INTERPRETER)
+
+
+@triton.jit
+def _w1_piece(w1_ptr, d0, s0, D, S, sw1d, BLOCK_D: tl.constexpr, P: tl.constexpr, INTERPRETER: tl.constexpr):
+    """W1[d0 : d0 + BLOCK_D, s0 : s0 + P], zero outside W1, as a dot operand. W1 is the launchers' copy
+    (:func:`token_weights`): unit column stride, row stride a multiple of GRANULE and zero columns from S
+    up to the next multiple; so the piece is bounded at that width, not at S: both the row stride and the
+    bound are known multiples of 16 and rows load in 16-byte vectors (at S = 196 an unpadded 392-byte row
+    stride compiled to 2-byte scalar loads). A block pointer, not a tensor of per-element pointers: those
+    hold a register per element (measured: spills)."""
+    s_al = tl.cdiv(S, _GRANULE) * _GRANULE
+    bp = tl.make_block_ptr(w1_ptr, shape=(D, s_al), strides=(tl.multiple_of(sw1d, _GRANULE), 1), offsets=(d0, s0),
+                           block_shape=(BLOCK_D, P), order=(1, 0))
+    return _operand(tl.load(bp, boundary_check=(0, 1), padding_option="zero"), INTERPRETER)
+
+
+@triton.jit
+def _w2t_piece(w2_ptr, d0, s0, D, S, sw2s, BLOCK_D: tl.constexpr, P: tl.constexpr, INTERPRETER: tl.constexpr):
+    """W2ᵀ[d0 : d0 + BLOCK_D, s0 : s0 + P] (W2 is (S, D)), zero outside W2, as a dot operand; W2 is the
+    launchers' copy as W1 is (row stride a multiple of GRANULE, zero columns from D to the next one)."""
+    d_al = tl.cdiv(D, _GRANULE) * _GRANULE
+    bp = tl.make_block_ptr(w2_ptr, shape=(d_al, S), strides=(1, tl.multiple_of(sw2s, _GRANULE)), offsets=(d0, s0),
+                           block_shape=(BLOCK_D, P), order=(0, 1))
+    return _operand(tl.load(bp, boundary_check=(0, 1), padding_option="zero"), INTERPRETER)
+
+
+@triton.jit
+def _norm_vectors(nw_ptr, nb_ptr, offs_c, C):
+    nw = tl.load(nw_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+    nb = tl.load(nb_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+    return nw, nb
+
+
+@triton.jit
+def _fwd_epilogue(acc, x_ptr, out_ptr, branch_ptr, b2_ptr, scale_ptr, ss_ptr, b, s0, offs_c, S, C,
+                  sxb, sxs, sxc, sob, sos, soc, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SS: tl.constexpr,
+                  STORE_BRANCH: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr, P: tl.constexpr):
+    """out = x + ss_b · scale ⊙ (acc + b2) for one (BLOCK_C, P) piece of the output, transposed."""
+    offs_s = s0 + tl.arange(0, P)
+    if HAS_B2:
+        acc += tl.load(b2_ptr + offs_s, mask=offs_s < S, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_c < C)[:, None] & (offs_s < S)[None, :]
+    out_off = _tile_offsets(b, offs_c, offs_s, sob, soc, sos, IDX64)
+    if STORE_BRANCH:
+        tl.store(branch_ptr + out_off, round_to(acc, branch_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None]
+    if HAS_SS:
+        acc *= tl.load(ss_ptr + b).to(tl.float32)
+    # x is re-read here rather than kept live through the loop: it would cost BLOCK_C·P registers.
+    x, _, _ = _load_t(x_ptr, b, s0, offs_c, S, C, sxb, sxs, sxc, IDX64, P)
+    tl.store(out_ptr + out_off, round_to(x.to(tl.float32) + acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 @triton.jit
@@ -122,37 +161,73 @@ def token_mlp_fwd_kernel(
     NORM: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SS: tl.constexpr, STORE_BRANCH: tl.constexpr, APPROX_TANH: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
-    S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """The flash-MLP forward of one image's BLOCK_C channels, transposed (channels are the MMA's M):
+    per BLOCK_D slice of the hidden, Zᵀ = N(x)ᵀ · W1ᵀ, Hᵀ = GELU(Zᵀ + b1) in registers, Yᵀ += Hᵀ · W2ᵀ
+    with Hᵀ as the register A operand (FlashAttention's P·V); tokens are the pieces S_PIECE0..2."""
     pid_c = tl.program_id(0)
     b = tl.program_id(1)
-    offs_s = tl.arange(0, S_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    xn, mask = _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-                                w1_ptr.dtype.element_ty, NORM, INTERPRETER, IDX64)
-    acc = tl.zeros((S_PAD, BLOCK_C), dtype=tl.float32)
+    dtype = w1_ptr.dtype.element_ty
+    nw, nb = _norm_vectors(nw_ptr, nb_ptr, offs_c, C)
+    s1 = S_PIECE0
+    s2 = S_PIECE0 + S_PIECE1
+    xn0 = _xn_t(x_ptr, b, 0, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM, INTERPRETER,
+                IDX64, S_PIECE0)
+    acc0 = tl.zeros((BLOCK_C, S_PIECE0), dtype=tl.float32)
+    xn1 = xn0  # stand-ins when a piece is absent (width 0): never read then
+    xn2 = xn0
+    if S_PIECE1 > 0:
+        xn1 = _xn_t(x_ptr, b, s1, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
+                    INTERPRETER, IDX64, S_PIECE1)
+        acc1 = tl.zeros((BLOCK_C, S_PIECE1), dtype=tl.float32)
+    if S_PIECE2 > 0:
+        xn2 = _xn_t(x_ptr, b, s2, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
+                    INTERPRETER, IDX64, S_PIECE2)
+        acc2 = tl.zeros((BLOCK_C, S_PIECE2), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        w1 = _operand(_w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D, S_PAD), INTERPRETER)
-        w2 = _operand(tl.trans(_w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D, S_PAD)), INTERPRETER)
-        z = tl.dot(w1, xn, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
+        z = _z_t(xn0, xn1, xn2, w1_ptr, d0, D, S, sw1d, PRECISION, INTERPRETER, S_PIECE0, S_PIECE1, S_PIECE2,
+                 BLOCK_D)
         if HAS_B1:
-            z += tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            z += tl.load(b1_ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)[None, :]
         h = _operand(round_to(gelu(z, APPROX_TANH), w2_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
-        acc = tl.dot(w2, h, acc, input_precision=PRECISION)  # padded rows of w2 are zero
-    if HAS_B2:
-        acc += tl.load(b2_ptr + offs_s, mask=offs_s < S, other=0.0).to(tl.float32)[:, None]
-    out_off = _slab_offsets(b, offs_s, offs_c, sob, sos, soc, IDX64)
-    if STORE_BRANCH:
-        tl.store(branch_ptr + out_off, round_to(acc, branch_ptr.dtype.element_ty, INTERPRETER), mask=mask)
-    if HAS_SCALE:
-        acc *= tl.load(scale_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
-    if HAS_SS:
-        acc *= tl.load(ss_ptr + b).to(tl.float32)
-    # x is re-read here rather than kept live through the loop: it would cost S_PAD·BLOCK_C registers.
-    x, mask, _ = _load_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, IDX64)
-    tl.store(out_ptr + out_off, round_to(x.to(tl.float32) + acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+        # Rows of W2ᵀ past D are zero (padded copy, boundary-checked), so padded hidden units add nothing.
+        acc0 = tl.dot(h, _w2t_piece(w2_ptr, d0, 0, D, S, sw2s, BLOCK_D, S_PIECE0, INTERPRETER), acc0,
+                      input_precision=PRECISION)
+        if S_PIECE1 > 0:
+            acc1 = tl.dot(h, _w2t_piece(w2_ptr, d0, s1, D, S, sw2s, BLOCK_D, S_PIECE1, INTERPRETER), acc1,
+                          input_precision=PRECISION)
+        if S_PIECE2 > 0:
+            acc2 = tl.dot(h, _w2t_piece(w2_ptr, d0, s2, D, S, sw2s, BLOCK_D, S_PIECE2, INTERPRETER), acc2,
+                          input_precision=PRECISION)
+    _fwd_epilogue(acc0, x_ptr, out_ptr, branch_ptr, b2_ptr, scale_ptr, ss_ptr, b, 0, offs_c, S, C,
+                  sxb, sxs, sxc, sob, sos, soc, HAS_B2, HAS_SCALE, HAS_SS, STORE_BRANCH, INTERPRETER, IDX64, S_PIECE0)
+    if S_PIECE1 > 0:
+        _fwd_epilogue(acc1, x_ptr, out_ptr, branch_ptr, b2_ptr, scale_ptr, ss_ptr, b, s1, offs_c, S, C,
+                      sxb, sxs, sxc, sob, sos, soc, HAS_B2, HAS_SCALE, HAS_SS, STORE_BRANCH, INTERPRETER, IDX64,
+                      S_PIECE1)
+    if S_PIECE2 > 0:
+        _fwd_epilogue(acc2, x_ptr, out_ptr, branch_ptr, b2_ptr, scale_ptr, ss_ptr, b, s2, offs_c, S, C,
+                      sxb, sxs, sxc, sob, sos, soc, HAS_B2, HAS_SCALE, HAS_SS, STORE_BRANCH, INTERPRETER, IDX64,
+                      S_PIECE2)
+
+
+@triton.jit
+def _z_t(xn0, xn1, xn2, w1_ptr, d0, D, S, sw1d, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+         S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Zᵀ (BLOCK_C, BLOCK_D) = N(x)ᵀ · W1[d0 : d0 + BLOCK_D]ᵀ, summed over the token pieces."""
+    z = tl.dot(xn0, tl.trans(_w1_piece(w1_ptr, d0, 0, D, S, sw1d, BLOCK_D, S_PIECE0, INTERPRETER)),
+               input_precision=PRECISION)
+    if S_PIECE1 > 0:
+        z = tl.dot(xn1, tl.trans(_w1_piece(w1_ptr, d0, S_PIECE0, D, S, sw1d, BLOCK_D, S_PIECE1, INTERPRETER)), z,
+                   input_precision=PRECISION)
+    if S_PIECE2 > 0:
+        z = tl.dot(xn2, tl.trans(_w1_piece(w1_ptr, d0, S_PIECE0 + S_PIECE1, D, S, sw1d, BLOCK_D, S_PIECE2,
+                                           INTERPRETER)), z, input_precision=PRECISION)
+    return z
 
 
 @triton.jit
@@ -164,32 +239,74 @@ def token_mlp_dx_kernel(
     sw1d, sw1s, sw2s, sw2d,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
-    S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """g = dL/dN(x) = W1ᵀ · (GELU'(Z) ⊙ (W2ᵀ · dO)) for one image's slab, written in fp32 to ``g``
-    ((B·S, C) contiguous); dO = dL/d(branch before scale)."""
+    """gᵀ = dL/dN(x)ᵀ = Σ_d (GELU'(Zᵀ) ⊙ (dOᵀ · W2)) · W1 for one image's BLOCK_C channels, transposed as
+    the forward (the hidden recomputed, dZᵀ the register A operand), written to ``g`` ((B·S, C)
+    contiguous, in g's dtype); dO = dL/d(branch before scale)."""
     pid_c = tl.program_id(0)
     b = tl.program_id(1)
-    offs_s = tl.arange(0, S_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    xn, mask = _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-                                w1_ptr.dtype.element_ty, NORM, INTERPRETER, IDX64)
-    do = _operand(_load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc, IDX64)[0], INTERPRETER)
-    g = tl.zeros((S_PAD, BLOCK_C), dtype=tl.float32)
+    dtype = w1_ptr.dtype.element_ty
+    nw, nb = _norm_vectors(nw_ptr, nb_ptr, offs_c, C)
+    xn0 = _xn_t(x_ptr, b, 0, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM, INTERPRETER,
+                IDX64, S_PIECE0)
+    do0 = _operand(_load_t(do_ptr, b, 0, offs_c, S, C, sdb, sds, sdc, IDX64, S_PIECE0)[0], INTERPRETER)
+    g0 = tl.zeros((BLOCK_C, S_PIECE0), dtype=tl.float32)
+    s1 = S_PIECE0
+    s2 = S_PIECE0 + S_PIECE1
+    xn1 = xn0  # stand-ins when a piece is absent (width 0): never read then
+    do1 = do0
+    xn2 = xn0
+    do2 = do0
+    if S_PIECE1 > 0:
+        xn1 = _xn_t(x_ptr, b, s1, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
+                    INTERPRETER, IDX64, S_PIECE1)
+        do1 = _operand(_load_t(do_ptr, b, s1, offs_c, S, C, sdb, sds, sdc, IDX64, S_PIECE1)[0], INTERPRETER)
+        g1 = tl.zeros((BLOCK_C, S_PIECE1), dtype=tl.float32)
+    if S_PIECE2 > 0:
+        xn2 = _xn_t(x_ptr, b, s2, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
+                    INTERPRETER, IDX64, S_PIECE2)
+        do2 = _operand(_load_t(do_ptr, b, s2, offs_c, S, C, sdb, sds, sdc, IDX64, S_PIECE2)[0], INTERPRETER)
+        g2 = tl.zeros((BLOCK_C, S_PIECE2), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        w1 = _operand(_w1_slice(w1_ptr, d0, D, S, sw1d, sw1s, BLOCK_D, S_PAD), INTERPRETER)
-        w2t = _operand(_w2t_slice(w2_ptr, d0, D, S, sw2s, sw2d, BLOCK_D, S_PAD), INTERPRETER)
-        z = tl.dot(w1, xn, input_precision=PRECISION)
+        z = _z_t(xn0, xn1, xn2, w1_ptr, d0, D, S, sw1d, PRECISION, INTERPRETER, S_PIECE0, S_PIECE1, S_PIECE2,
+                 BLOCK_D)
+        # dAᵀ = dOᵀ · W2[:, d0 : d0 + BLOCK_D], from the same W2ᵀ pieces the forward reads.
+        da = tl.dot(do0, tl.trans(_w2t_piece(w2_ptr, d0, 0, D, S, sw2s, BLOCK_D, S_PIECE0, INTERPRETER)),
+                    input_precision=PRECISION)
+        if S_PIECE1 > 0:
+            da = tl.dot(do1, tl.trans(_w2t_piece(w2_ptr, d0, s1, D, S, sw2s, BLOCK_D, S_PIECE1, INTERPRETER)),
+                        da, input_precision=PRECISION)
+        if S_PIECE2 > 0:
+            da = tl.dot(do2, tl.trans(_w2t_piece(w2_ptr, d0, s2, D, S, sw2s, BLOCK_D, S_PIECE2,
+                                                 INTERPRETER)), da, input_precision=PRECISION)
         if HAS_B1:
-            z += tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-        da = tl.dot(w2t, do, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
-        dz = _operand(round_to(da * gelu_grad(z, APPROX_TANH), w1_ptr.dtype.element_ty, INTERPRETER),
-                      INTERPRETER)
-        g = tl.dot(tl.trans(w1), dz, g, input_precision=PRECISION)
-    g_off = _slab_offsets(b, offs_s, offs_c, S * C, C, 1, IDX64)
-    tl.store(g_ptr + g_off, g, mask=mask)
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            z += tl.load(b1_ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)[None, :]
+        dz = _operand(round_to(da * gelu_grad(z, APPROX_TANH), dtype, INTERPRETER), INTERPRETER)
+        g0 = tl.dot(dz, _w1_piece(w1_ptr, d0, 0, D, S, sw1d, BLOCK_D, S_PIECE0, INTERPRETER), g0,
+                    input_precision=PRECISION)
+        if S_PIECE1 > 0:
+            g1 = tl.dot(dz, _w1_piece(w1_ptr, d0, s1, D, S, sw1d, BLOCK_D, S_PIECE1, INTERPRETER), g1,
+                        input_precision=PRECISION)
+        if S_PIECE2 > 0:
+            g2 = tl.dot(dz, _w1_piece(w1_ptr, d0, s2, D, S, sw1d, BLOCK_D, S_PIECE2, INTERPRETER),
+                        g2, input_precision=PRECISION)
+    _store_g(g0, g_ptr, b, 0, offs_c, S, C, INTERPRETER, IDX64, S_PIECE0)
+    if S_PIECE1 > 0:
+        _store_g(g1, g_ptr, b, s1, offs_c, S, C, INTERPRETER, IDX64, S_PIECE1)
+    if S_PIECE2 > 0:
+        _store_g(g2, g_ptr, b, s2, offs_c, S, C, INTERPRETER, IDX64, S_PIECE2)
+
+
+@triton.jit
+def _store_g(g, g_ptr, b, s0, offs_c, S, C, INTERPRETER: tl.constexpr, IDX64: tl.constexpr, P: tl.constexpr):
+    offs_s = s0 + tl.arange(0, P)
+    off = _tile_offsets(b, offs_c, offs_s, S * C, 1, C, IDX64)
+    tl.store(g_ptr + off, round_to(g, g_ptr.dtype.element_ty, INTERPRETER),
+             mask=(offs_c < C)[:, None] & (offs_s < S)[None, :])
 
 
 @triton.jit
@@ -201,95 +318,112 @@ def token_mlp_dw_kernel(
     sw1d, sw1s, sw2s, sw2d,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr, PART: tl.constexpr,
-    S_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Partial dW1 (D, S) and db1 (D,) (PART 0 or 1) and dW2 (S, D) (PART 0 or 2) over images split,
-    split + SPLITS, … for one BLOCK_D slice, written to slot ``split`` of fp32 buffers (SPLITS, …).
-    At S_PAD ≥ 128 the two BLOCK_D × S_PAD accumulators do not fit in registers together (measured:
-    spills), so the launcher runs PART 1 and PART 2 as two kernels, each recomputing the hidden tile."""
+    """Partial dW1 (D, S), db1 (D,) and dW2 (S, D) of one BLOCK_D slice of the hidden over the work items
+    (image, channel tile) split, split + SPLITS, …, written to slot ``split`` of fp32 buffers (SPLITS, …)
+    that the launcher sums in a fixed order (deterministic: no atomics). FlashAttention's dK/dV loop: the
+    slice's W1 and W2ᵀ pieces stay in shared memory, each item recomputes Z = W1 · N(x) and
+    dA = W2ᵀ · dO (BLOCK_D, BLOCK_C), and H, dZ are the register A operands of dW2ᵀ += H · dOᵀ and
+    dW1 += dZ · N(x)ᵀ. PART: DW_BOTH, or DW1 (dW1, db1) / DW2 (dW2) where the two sets of
+    accumulators do not fit in registers together."""
     pid_d = tl.program_id(0)
     split = tl.program_id(1)
-    offs_s = tl.arange(0, S_PAD)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    mask_s = offs_s < S
-    w1 = _operand(_w1_slice(w1_ptr, pid_d * BLOCK_D, D, S, sw1d, sw1s, BLOCK_D, S_PAD), INTERPRETER)
-    w2t = _operand(_w2t_slice(w2_ptr, pid_d * BLOCK_D, D, S, sw2s, sw2d, BLOCK_D, S_PAD), INTERPRETER)
+    dtype = w1_ptr.dtype.element_ty
+    s1 = S_PIECE0
+    s2 = S_PIECE0 + S_PIECE1
     if HAS_B1:
         b1 = tl.load(b1_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    dw1 = tl.zeros((BLOCK_D, S_PAD), dtype=tl.float32)
-    dw2t = tl.zeros((BLOCK_D, S_PAD), dtype=tl.float32)
+    w1_0 = _w1_piece(w1_ptr, d0, 0, D, S, sw1d, BLOCK_D, S_PIECE0, INTERPRETER)
+    w2_0 = _w2t_piece(w2_ptr, d0, 0, D, S, sw2s, BLOCK_D, S_PIECE0, INTERPRETER)
+    dw1_0 = tl.zeros((BLOCK_D, S_PIECE0), dtype=tl.float32)
+    dw2_0 = tl.zeros((BLOCK_D, S_PIECE0), dtype=tl.float32)
+    if S_PIECE1 > 0:
+        w1_1 = _w1_piece(w1_ptr, d0, s1, D, S, sw1d, BLOCK_D, S_PIECE1, INTERPRETER)
+        w2_1 = _w2t_piece(w2_ptr, d0, s1, D, S, sw2s, BLOCK_D, S_PIECE1, INTERPRETER)
+        dw1_1 = tl.zeros((BLOCK_D, S_PIECE1), dtype=tl.float32)
+        dw2_1 = tl.zeros((BLOCK_D, S_PIECE1), dtype=tl.float32)
+    if S_PIECE2 > 0:
+        w1_2 = _w1_piece(w1_ptr, d0, s2, D, S, sw1d, BLOCK_D, S_PIECE2, INTERPRETER)
+        w2_2 = _w2t_piece(w2_ptr, d0, s2, D, S, sw2s, BLOCK_D, S_PIECE2, INTERPRETER)
+        dw1_2 = tl.zeros((BLOCK_D, S_PIECE2), dtype=tl.float32)
+        dw2_2 = tl.zeros((BLOCK_D, S_PIECE2), dtype=tl.float32)
     db1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     n_c = tl.cdiv(C, BLOCK_C)
     for item in range(split, B * n_c, SPLITS):
         b = item // n_c
         offs_c = (item % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-        xn, _ = _normalised_slab(x_ptr, b, offs_s, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw_ptr,
-                                 nb_ptr, w1_ptr.dtype.element_ty, NORM, INTERPRETER, IDX64)
-        do = _operand(_load_slab(do_ptr, b, offs_s, offs_c, S, C, sdb, sds, sdc, IDX64)[0], INTERPRETER)
-        z = tl.dot(w1, xn, input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
+        nw, nb = _norm_vectors(nw_ptr, nb_ptr, offs_c, C)
+        xn0 = _xn_t(x_ptr, b, 0, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
+                    INTERPRETER, IDX64, S_PIECE0)
+        do0 = _operand(_load_t(do_ptr, b, 0, offs_c, S, C, sdb, sds, sdc, IDX64, S_PIECE0)[0], INTERPRETER)
+        z = tl.dot(w1_0, tl.trans(xn0), input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
+        if PART != _W2_GRAD:
+            da = tl.dot(w2_0, tl.trans(do0), input_precision=PRECISION)
+        if S_PIECE1 > 0:
+            xn1 = _xn_t(x_ptr, b, s1, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
+                        INTERPRETER, IDX64, S_PIECE1)
+            do1 = _operand(_load_t(do_ptr, b, s1, offs_c, S, C, sdb, sds, sdc, IDX64, S_PIECE1)[0], INTERPRETER)
+            z = tl.dot(w1_1, tl.trans(xn1), z, input_precision=PRECISION)
+            if PART != _W2_GRAD:
+                da = tl.dot(w2_1, tl.trans(do1), da, input_precision=PRECISION)
+        if S_PIECE2 > 0:
+            xn2 = _xn_t(x_ptr, b, s2, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
+                        INTERPRETER, IDX64, S_PIECE2)
+            do2 = _operand(_load_t(do_ptr, b, s2, offs_c, S, C, sdb, sds, sdc, IDX64, S_PIECE2)[0], INTERPRETER)
+            z = tl.dot(w1_2, tl.trans(xn2), z, input_precision=PRECISION)
+            if PART != _W2_GRAD:
+                da = tl.dot(w2_2, tl.trans(do2), da, input_precision=PRECISION)
         if HAS_B1:
             z += b1[:, None]
-        h = _operand(round_to(gelu(z, APPROX_TANH), w2_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
-        if PART != 1:
-            dw2t = tl.dot(h, tl.trans(do), dw2t, input_precision=PRECISION)  # (BLOCK_D, S_PAD) = (dO · Hᵀ)ᵀ
-        if PART != 2:
-            da = tl.dot(w2t, do, input_precision=PRECISION)
-            dz = da * gelu_grad(z, APPROX_TANH)
-            dz = tl.where((offs_c < C)[None, :], dz, 0.0)
+        if PART != _W1_GRADS:
+            h = _operand(round_to(gelu(z, APPROX_TANH), w2_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
+            dw2_0 = tl.dot(h, do0, dw2_0, input_precision=PRECISION)
+            if S_PIECE1 > 0:
+                dw2_1 = tl.dot(h, do1, dw2_1, input_precision=PRECISION)
+            if S_PIECE2 > 0:
+                dw2_2 = tl.dot(h, do2, dw2_2, input_precision=PRECISION)
+        if PART != _W2_GRAD:
+            dz = tl.where((offs_c < C)[None, :], da * gelu_grad(z, APPROX_TANH), 0.0)
             db1 += tl.sum(dz, axis=1)
-            dz = _operand(round_to(dz, w1_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
-            dw1 = tl.dot(dz, tl.trans(xn), dw1, input_precision=PRECISION)
-    out_mask = mask_d[:, None] & mask_s[None, :]
-    base = split.to(tl.int64) * D * S
-    if PART != 2:
-        tl.store(dw1_ptr + base + offs_d[:, None] * S + offs_s[None, :], dw1, mask=out_mask)
+            dz = _operand(round_to(dz, dtype, INTERPRETER), INTERPRETER)
+            dw1_0 = tl.dot(dz, xn0, dw1_0, input_precision=PRECISION)
+            if S_PIECE1 > 0:
+                dw1_1 = tl.dot(dz, xn1, dw1_1, input_precision=PRECISION)
+            if S_PIECE2 > 0:
+                dw1_2 = tl.dot(dz, xn2, dw1_2, input_precision=PRECISION)
+    if PART != _W2_GRAD:
         tl.store(db1_ptr + split.to(tl.int64) * D + offs_d, db1, mask=mask_d)
-    if PART != 1:
-        tl.store(dw2_ptr + base + offs_s[None, :] * D + offs_d[:, None], dw2t, mask=out_mask)
+    _store_dw(dw1_0, dw2_0, dw1_ptr, dw2_ptr, split, offs_d, 0, S, D, PART, S_PIECE0)
+    if S_PIECE1 > 0:
+        _store_dw(dw1_1, dw2_1, dw1_ptr, dw2_ptr, split, offs_d, s1, S, D, PART, S_PIECE1)
+    if S_PIECE2 > 0:
+        _store_dw(dw1_2, dw2_2, dw1_ptr, dw2_ptr, split, offs_d, s2, S, D, PART, S_PIECE2)
+
+
+@triton.jit
+def _store_dw(dw1, dw2t, dw1_ptr, dw2_ptr, split, offs_d, s0, S, D, PART: tl.constexpr, P: tl.constexpr):
+    """One token piece of slot ``split`` of the dW1 (SPLITS, D, S) and dW2 (SPLITS, S, D) partials."""
+    offs_s = s0 + tl.arange(0, P)
+    mask = (offs_d < D)[:, None] & (offs_s < S)[None, :]
+    base = split.to(tl.int64) * D * S
+    if PART != _W2_GRAD:
+        tl.store(dw1_ptr + base + offs_d[:, None] * S + offs_s[None, :], dw1, mask=mask)
+    if PART != _W1_GRADS:
+        tl.store(dw2_ptr + base + offs_s[None, :] * D + offs_d[:, None], dw2t, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
 
 
-NORMS = {"layernorm": 1, "affine": 2}
-
-
-def gpu_config(kernel: str, S_PAD: int, D: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_D, num_warps, num_stages) on a GPU for ``kernel`` (token_mlp_fwd / _dx / _dw).
-
-    The S_PAD × BLOCK_C accumulator and the BLOCK_D × S_PAD weight slices share the register file. In
-    bf16 and fp16 every config here compiles with wgmma and no spills on sm_90a under both toolchains the
-    backend uses, triton 3.6 assembled by CUDA 13.0's ptxas (toolchain.py) and triton 3.8 with its bundled
-    ptxas 12.9, both in ``mixer-fast report`` (no argument specialised) and specialised as a launch is (unit
-    strides constant, 16-divisible ones and the pointers marked); one exception below (bench/NOTES.md).
-
-    S_PAD 256 (S = 196). Measured on an H200, token forward at Mixer-B/16 (shared/gpu/2026-11-27-H200):
-    (BLOCK_C 16, BLOCK_D 64, 8 warps, 1 stage) 1.75 ms, (64, 64, 8, 1) 0.82, (128, 64, 8, 1) 0.72,
-    (64, 32, 4, 2) 0.58: wider channel tiles (fewer CTAs re-streaming both weights) and a second stage
-    (the next BLOCK_D step's weight slices load by 16-byte cp.async, given token_weights' aligned rows,
-    while this one multiplies) are what pay. But (64, 32, 4, 2) spills under both toolchains (32 B / 744 B
-    specialised, over 2 KB in the report), as do BLOCK_C 128 and BLOCK_D 64 at BLOCK_C ≥ 32 in the
-    forward; at 2 stages only (32, 16, 8, 2) is spill-free in every compile, the fp32-activation
-    (autocast) forward included ((64, 16, 8, 2) spills 128 B there under triton 3.6; (64, 32, 8, 2)
-    160-208 B in the report): not yet timed on a GPU. dx: the same (32, 16, 8, 2); (64, 16, 8, 2) spills
-    160 B with CUDA 13.5's ptxas (the gpu extra's). dW: every dot has M = BLOCK_D, so wgmma needs
-    BLOCK_D 64, and no such config is spill-free for part 1 (dW1, db1) in all compiles: (16, 64, 8, 2) is
-    the least-spilling (312 B in triton 3.6's report with ptxas 13.0, 844 B with 13.5; none specialised),
-    and part 2, which shares its config, image split and buffers, is spill-free at it.
-    S_PAD 64 (S = 49): BLOCK_C 128 for the forward and dx (a quarter of the CTAs of BLOCK_C 32), 64 for
-    dW (its programs loop over channel tiles; 128 spills), 2 stages throughout.
-
-    fp32 (``"ieee"`` dots run on the FMA units: never wgmma) spills at all of these, as it did before;
-    it fits only 16 × 16 tiles (bench/NOTES.md) and there is no dtype argument to choose them by."""
-    if S_PAD <= 64:
-        if kernel == "token_mlp_dw":
-            return 64, min(64, _launch.pow2(D)), 8, 2
-        return 128, min(32, _launch.pow2(D)), 8, 2
-    if kernel == "token_mlp_dw":
-        return 16, min(64, _launch.pow2(D)), 8, 2
-    return 32, 16, 8, 2
+NORMS = {"layernorm": 1, "affine": 2}  # the kernels' NORM (1 is _LAYERNORM)
+DW_BOTH, DW1, DW2 = 0, 1, 2  # token_mlp_dw_kernel's PART: all gradients, dW1 and db1 (_W1_GRADS), dW2 (_W2_GRAD)
+KERNELS = ("token_mlp_fwd", "token_mlp_dx", "token_mlp_dw")
 
 
 def aligned(n: int) -> int:
@@ -297,10 +431,122 @@ def aligned(n: int) -> int:
     return -(-int(n) // GRANULE) * GRANULE
 
 
+def s_pieces(S: int) -> Tuple[int, int, int]:
+    """The token pieces (S_PIECE0, S_PIECE1, S_PIECE2): powers of two, largest first, 0 for an absent
+    one, covering aligned(S): the two largest powers of two that fit, then the smallest that covers the
+    rest (196 → (128, 64, 16); 49 → (64, 0, 0); 240 → (128, 64, 64); 256 → (256, 0, 0))."""
+    rest, pieces = aligned(max(int(S), 1)), []
+    while rest and len(pieces) < 2:
+        pieces.append(1 << (rest.bit_length() - 1))
+        rest -= pieces[-1]
+    if rest:
+        pieces.append(_launch.pow2(rest))
+    return tuple(pieces + [0] * (3 - len(pieces)))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The tiles of one token kernel launch, shared by the torch and the JAX launchers and by the static
+    report: token pieces, BLOCK_C channels a program (a dW work item), BLOCK_D hidden units a step (a dW
+    program's slice), warps, pipeline stages, and for token_mlp_dw the PARTs launched."""
+
+    pieces: Tuple[int, int, int]
+    block_c: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    parts: Tuple[int, ...] = (DW_BOTH,)
+
+    def constexprs(self) -> Dict[str, int]:
+        p0, p1, p2 = self.pieces
+        return dict(S_PIECE0=p0, S_PIECE1=p1, S_PIECE2=p2, BLOCK_C=self.block_c, BLOCK_D=self.block_d)
+
+    def label(self) -> str:
+        return (f"S {'+'.join(str(p) for p in self.pieces if p)} C{self.block_c} D{self.block_d} "
+                f"w{self.num_warps} s{self.num_stages}")
+
+
+def gpu_config(kernel: str, S: int, D: int, mma_bytes: int = 2) -> Launch:
+    """The launch of ``kernel`` (one of KERNELS) on a GPU for S tokens and D hidden units, with weights
+    (the MMA operands) of ``mma_bytes`` bytes an element (2: bf16 / fp16, with activations of that
+    dtype or fp32 under torch.autocast; 4: fp32).
+
+    Chosen with the static report (``mixer-fast report``, compiled as a launch specialises: pointers and
+    16-divisible strides marked, so that the loads pipeline), triton 3.6 with CUDA 13's ptxas and triton
+    3.8 with its own, sm_90a, bf16; sweeps in bench/NOTES.md. None is timed on a GPU yet.
+    - Forward and dx at S = 196: BLOCK_C 64 (the MMA's M is 64 a warpgroup), BLOCK_D 32, 2 stages. The
+      208-wide accumulator is 104 registers a thread on one warpgroup, and dx fits there (245-254
+      registers, no spills, 104 KB of shared memory: two programs an SM, one's GELU overlapping the
+      other's MMAs). The forward on one warpgroup is spill-free under triton 3.6 (254 registers) but
+      spills 120 B under 3.8, so it runs on two (193-208 registers, 80 KB), which split the MMA's N and
+      exchange Hᵀ through shared memory; (64, 16, 4 warps) is the one-warpgroup form clean under both.
+      One 256-wide piece spills 384 B at these tiles, and BLOCK_D 64 spills 304 B.
+    - dW at S = 196: two launches (dW1 with db1, then dW2), each recomputing Z: both accumulator sets
+      together spill at every tile tried. dW1 is spill-free only on one 256-wide piece, BLOCK_C 16, 8
+      warps, 3 stages (its three-piece forms spill 150-600 B: each piece's pipelined loads of x, dO and
+      the statistics hold registers); dW2 runs at the same plan, so both share the image split.
+    - torch.autocast (fp32 x, 16-bit weights): the same plans, spill-free with fp32 loads too.
+    - S ≤ 64 (the /32 models, S = 49): a 64-wide piece; BLOCK_C 128 on two warpgroups for the forward
+      and dx, and one dW launch at BLOCK_C 32 (98-174 registers).
+    - S > 256 (no named model): the accumulator row no longer fits at BLOCK_C 64: 16-channel programs on
+      mma.sync (correct, not tuned: the dispatch table picks the reference unless a win is measured).
+    - fp32 runs its "ieee" dots on the FMA units (never wgmma) and fits only 16 × 16 tiles."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    pieces, width = s_pieces(S), aligned(S)
+    if mma_bytes > 2 or width > 256:
+        if kernel == "token_mlp_dw":
+            return Launch((_launch.pow2(S), 0, 0), 16, 16, 4, 2, (DW1, DW2))
+        return Launch(pieces, 16, 16, 4, 2)
+    if width <= 64:
+        if kernel == "token_mlp_dw":
+            return Launch(pieces, 32, 64, 8, 2)
+        return Launch(pieces, 128, 64 if kernel == "token_mlp_fwd" else 32, 8, 2)
+    if kernel == "token_mlp_dw":
+        return Launch((_launch.pow2(S), 0, 0), 16, 64, 8, 3, (DW1, DW2))
+    return Launch(pieces, 64, 32, 8 if kernel == "token_mlp_fwd" else 4, 2)
+
+
+_OVERRIDES: Dict[str, Launch] = {}
+
+
+@contextlib.contextmanager
+def override_plan(kernel: str, launch: Launch) -> Iterator[None]:
+    """Launch ``kernel`` (one of KERNELS) with ``launch`` instead of the planned one inside the block: for
+    timing candidate tiles on a GPU (bench/gpu_check.py, ``--parts tiles``) and for testing other piece
+    plans. Process-wide, not thread-safe; ``launch.pieces`` must cover S."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    previous = _OVERRIDES.get(kernel)
+    _OVERRIDES[kernel] = launch
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _OVERRIDES[kernel]
+        else:
+            _OVERRIDES[kernel] = previous
+
+
+def launch_plan(kernel: str, S: int, D: int, mma_bytes: int) -> Launch:
+    """The launch of ``kernel``: an :func:`override_plan`'s, gpu_config's, or in Triton's interpreter the
+    same token pieces (so that CI runs the GPU's piece plan) with small tiles and the dW gradients in one
+    launch."""
+    if kernel in _OVERRIDES:
+        launch = _OVERRIDES[kernel]
+        if sum(launch.pieces) < S:
+            raise ValueError(f"launch: token pieces {launch.pieces} do not cover S = {S}")
+        return launch
+    if _launch.INTERPRET:
+        pieces = gpu_config(kernel, S, D, mma_bytes).pieces
+        return Launch(pieces, 16 if kernel == "token_mlp_dw" else 32, 16, 4, 1)
+    return gpu_config(kernel, S, D, mma_bytes)
+
+
 def token_weights(w1, w2, pad_columns):
     """(W1 (D, S), W2 (S, D)) as the token kernels read them, for the torch and the JAX launchers alike:
     unit column stride, a row stride that is a multiple of GRANULE elements, and zero columns from the
-    width (S for W1, D for W2) up to ``aligned`` of it (_w1_slice, _w2t_slice rely on all three).
+    width (S for W1, D for W2) up to ``aligned`` of it (_w1_piece, _w2t_piece rely on all three).
     ``pad_columns(w, width)`` returns ``w`` itself when it is laid out so already, else a zero-padded
     copy of that width: once per launch, D·aligned(S) + S·aligned(D) elements (W2 at D = 384 passes as
     it is; W1 at S = 196 is copied to row stride 208)."""
@@ -318,21 +564,9 @@ def _pad_columns(w: Tensor, width: int) -> Tensor:
     return out
 
 
-def dw_parts(S_PAD: int) -> Tuple[int, ...]:
-    """token_mlp_dw_kernel launches: both gradients at once, or dW1 and dW2 apart when they don't fit."""
-    return (0,) if (_launch.INTERPRET or S_PAD <= 64) else (1, 2)
-
-
-def launch_blocks(kernel: str, S_PAD: int, D: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_D, num_warps, num_stages) of a token kernel launch: gpu_config's (the configs the
-    static report compiles), or small blocks in the interpreter."""
-    if _launch.INTERPRET:
-        return max(16, min(64, 16384 // S_PAD)), 16, 4, 1
-    return gpu_config(kernel, S_PAD, D)
-
-
 def dw_splits(n_d_tiles: int, work: int) -> int:
-    """Image shares for the dW kernel: enough programs to fill a GPU, each a deterministic partial."""
+    """Shares of the (image, channel tile) work items for the dW kernel: enough programs to fill a GPU
+    (two waves of 132 SMs), each writing a deterministic partial."""
     if _launch.INTERPRET:
         return min(2, work)
     return max(1, min(work, 264 // max(n_d_tiles, 1)))
@@ -375,12 +609,11 @@ def token_mixing_forward(
             approximate=approximate, allow_tf32=allow_tf32)
         return out, mean, rstd, branch
     D = fc1_weight.shape[0]
-    S_PAD = _launch.pow2(S)
-    block_c, block_d, warps, stages = launch_blocks("token_mlp_fwd", S_PAD, D)
+    plan = launch_plan("token_mlp_fwd", S, D, fc1_weight.element_size())
     w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
     dummy = nw
     with _launch.serialized():
-        token_mlp_fwd_kernel[(triton.cdiv(C, block_c), B)](
+        token_mlp_fwd_kernel[(triton.cdiv(C, plan.block_c), B)](
             x, out, branch if branch is not None else out, mean if mean is not None else nw,
             rstd if rstd is not None else nw, nw, nb,
             w1, fc1_bias if fc1_bias is not None else dummy, w2,
@@ -390,8 +623,8 @@ def token_mixing_forward(
             NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
             HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
             APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
-            INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), S_PAD=S_PAD, BLOCK_C=block_c,
-            BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+            INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), **plan.constexprs(),
+            num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out, mean, rstd, branch
 
 
@@ -422,7 +655,8 @@ def scale_grad(dout: Tensor, branch: Tensor, sample_scale: Optional[Tensor]) -> 
 
 def norm_backward(g: Tensor, x: Tensor, dout: Tensor, norm_weight: Optional[Tensor], mean: Optional[Tensor],
                   rstd: Optional[Tensor], norm: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dnorm_weight, dnorm_bias) from g = dL/dN(x) (B·S, C) fp32 and the residual's dout."""
+    """(dx, dnorm_weight, dnorm_bias) from g = dL/dN(x) (B·S, C; fp32 or the weights' dtype) and the
+    residual's dout; the parameter gradients in fp32."""
     import torch
 
     if norm == "layernorm":
@@ -434,7 +668,7 @@ def norm_backward(g: Tensor, x: Tensor, dout: Tensor, norm_weight: Optional[Tens
         torch.addcmul(dout, g3, norm_weight.float(), out=dx)
     else:
         torch.add(dout, g3, out=dx)
-    return dx, (g3 * x).sum((0, 1)), g3.sum((0, 1))
+    return dx, torch.mul(g3, x).sum((0, 1), dtype=torch.float32), g3.sum((0, 1), dtype=torch.float32)
 
 
 def token_mixing_backward(
@@ -452,11 +686,11 @@ def token_mixing_backward(
     do = branch_grad(dout, scale, sample_scale).to(fc1_weight.dtype)  # the autocast dtype, if any
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
-    g = _launch.new_output((B * S, C), x, torch.float32)
     prec = _launch.precision(fc1_weight.dtype, allow_tf32)
     if scale is not None:
         grads["scale"] = scale_grad(dout, branch, sample_scale)
     if fc2_weight is None:
+        g = _launch.new_output((B * S, C), x, torch.float32)
         ws, ds, xs = fc1_weight.stride(), do.stride(), x.stride()
         fused_matmul(fc1_weight, (flat(S, ws[1]), flat(S, ws[0])), do, (flat(S, ds[1]), split(C, ds[0], ds[2])),
                      g, (flat(S, C), split(C, S * C, 1)), S, B * C, S, variant="plain", allow_tf32=allow_tf32)
@@ -473,31 +707,33 @@ def token_mixing_backward(
         grads["fc1_bias"] = do.sum((0, 2), dtype=torch.float32) if fc1_bias is not None else None
     else:
         D = fc1_weight.shape[0]
-        S_PAD = _launch.pow2(S)
+        # dL/dN(x) rounded to the weights' dtype, as eager's autograd hands it to the norm's backward (a
+        # 16-bit tensor there too): half the bytes of fp32 to write and read back, and to hold.
+        g = _launch.new_output((B * S, C), x, fc1_weight.dtype)
         stats = (mean, rstd) if mean is not None else (nw, nw)
         common = dict(NORM=NORMS[norm], HAS_B1=fc1_bias is not None, APPROX_TANH=approximate == "tanh",
-                      PRECISION=prec, INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, do, g), S_PAD=S_PAD)
+                      PRECISION=prec, INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, do, g))
         b1 = fc1_bias if fc1_bias is not None else nw
         w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
-        block_c, block_d, warps, stages = launch_blocks("token_mlp_dx", S_PAD, D)
+        plan = launch_plan("token_mlp_dx", S, D, fc1_weight.element_size())
         if B:
             with _launch.serialized():
-                token_mlp_dx_kernel[(triton.cdiv(C, block_c), B)](
+                token_mlp_dx_kernel[(triton.cdiv(C, plan.block_c), B)](
                     x, do, g, *stats, nw, nb, w1, b1, w2, S, C, D, *x.stride(), *do.stride(),
-                    *w1.stride(), *w2.stride(), **common, BLOCK_C=block_c, BLOCK_D=block_d,
-                    num_warps=warps, num_stages=stages)
-        block_c, block_d, warps, stages = launch_blocks("token_mlp_dw", S_PAD, D)
-        n_d = triton.cdiv(D, block_d)
-        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, block_c)))
+                    *w1.stride(), *w2.stride(), **common, **plan.constexprs(),
+                    num_warps=plan.num_warps, num_stages=plan.num_stages)
+        plan = launch_plan("token_mlp_dw", S, D, fc1_weight.element_size())
+        n_d = triton.cdiv(D, plan.block_d)
+        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c)))
         dw1 = _launch.new_output((splits, D, S), x, torch.float32)
         dw2 = _launch.new_output((splits, S, D), x, torch.float32)
         db1 = _launch.new_output((splits, D), x, torch.float32)
-        for part in dw_parts(S_PAD):  # runs with B = 0 too: it writes the zero gradients
+        for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
             with _launch.serialized():
                 token_mlp_dw_kernel[(n_d, splits)](
                     x, do, *stats, nw, nb, w1, b1, w2, dw1, dw2, db1, B, S, C, D, splits,
                     *x.stride(), *do.stride(), *w1.stride(), *w2.stride(), **common, PART=part,
-                    BLOCK_C=block_c, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+                    **plan.constexprs(), num_warps=plan.num_warps, num_stages=plan.num_stages)
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
         grads["fc2_bias"] = do.sum((0, 2), dtype=torch.float32) if fc2_bias is not None else None
