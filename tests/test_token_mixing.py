@@ -103,3 +103,26 @@ def test_other_piece_plans_give_the_same_answer(triton_backend):
     with pytest.raises(ValueError, match="kernel: expected one of"):
         with override_plan("token_mlp", Launch((256, 0, 0), 32, 16, 4, 1)):
             pass
+
+
+def test_forward_saves_only_x_and_the_statistics(triton_backend):
+    # Issue 16: the hidden is recomputed in the backward, so the activations autograd keeps for it are x and
+    # the LayerNorm statistics (fp32 mean and 1/std per token); the rest is the parameters themselves.
+    import torch
+
+    from mixer_fast import ops
+    from op_cases import NAMES, make_args
+
+    B, S, C, D = 3, 49, 40, 24
+    args = make_args("token", B, S, C, D, variant="mixer")
+    leaves = {n: args[n].to(torch.bfloat16).requires_grad_() for n in NAMES[:7]}
+    params = {id(t) for n, t in leaves.items() if n != "x"} | {t.untyped_storage().data_ptr() for t in leaves.values()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ops.token_mixing(*(leaves[n] for n in NAMES[:7]), backend="triton")
+    activations = [t for t in saved if t.numel() and id(t) not in params
+                   and t.untyped_storage().data_ptr() not in params]
+    assert sorted((tuple(t.shape), t.dtype) for t in activations) == [
+        ((B * S,), torch.float32), ((B * S,), torch.float32)], [(t.shape, t.dtype) for t in activations]
+    assert any(t.untyped_storage().data_ptr() == leaves["x"].untyped_storage().data_ptr() for t in saved)
+    out.sum().backward()
