@@ -124,6 +124,9 @@ def token_ints(S: int, C: int, D: int, B: int = 256) -> Dict[str, int]:
                 sds=C, sdc=1, sw1d=aligned(S), sw1s=1, sw2s=aligned(D), sw2d=1)
 
 
+_FP32_OUT = {"out_ptr": "fp32"}  # split-K launches write fp32 partial products
+
+
 def _token_ptrs(kernel: str, dtype: str) -> Optional[Dict[str, str]]:
     # token_mlp_dx writes dL/dN(x) in the weights' dtype (token_mixing.token_mixing_backward).
     return {"g_ptr": dtype} if kernel == "token_mlp_dx" else None
@@ -141,12 +144,17 @@ def variants(dtype: str) -> Iterator[Tuple]:
                 APPROX_TANH=False,
                 PRECISION=prec, INTERPRETER=False, A_M_SPLIT=False, A_K_SPLIT=False, B_K_SPLIT=False,
                 B_N_SPLIT=False, O_M_SPLIT=False, O_N_SPLIT=False, X_M_SPLIT=False, X_N_SPLIT=False, R_M_SPLIT=False,
-                R_N_SPLIT=False, IDX64=False)
+                R_N_SPLIT=False, IDX64=False, K_SPLIT=False)
     for label, (flags, configs) in matmul.VARIANTS.items():
         for bm, bn, bk, warps, stages in configs:
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, None, None)
+        # the weight gradients, split over K where their tiles are few (matmul.split_k)
+        for bm, bn, bk, warps, stages in matmul.SPLIT_CONFIGS.get(label, ()):
+            cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, K_SPLIT=True)
+            yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},split]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
+                   cfg, warps, stages, _FP32_OUT, None)
     # torch.autocast: fp32 activations meet bf16 weights in the same kernels.
     if dtype != "fp32":
         mixed = {"x_ptr": "fp32", "out_ptr": "fp32", "res_ptr": "fp32", "branch_ptr": "fp32"}

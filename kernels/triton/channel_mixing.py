@@ -94,7 +94,9 @@ def channel_mixing_backward(
     dz = _launch.new_output((M, D), x, fc1_weight.dtype)
     fused_matmul(do, (do_tok, do_ch), fc2_weight, (flat(C, fc2_weight.stride(0)), flat(D, fc2_weight.stride(1))),
                  dz, h_axes, M, D, C, variant="gelu_grad", aux=z, epi_gelu_grad=True, approximate=approximate, allow_tf32=allow_tf32)
-    g = _launch.new_output((M, C), x, torch.float32)
+    # dL/dN(x) in the weights' dtype, as eager's autograd hands it to the norm's backward: half the bytes
+    # of fp32 (77 MB less at Mixer-B/16, batch 256, bf16).
+    g = _launch.new_output((M, C), x, fc1_weight.dtype)
     fused_matmul(dz, h_axes, fc1_weight, (flat(D, fc1_weight.stride(0)), flat(C, fc1_weight.stride(1))),
                  g, (flat(M, C), flat(C, 1)), M, C, D, variant="plain", allow_tf32=allow_tf32)
     dw1 = _launch.new_output((D, C), x, torch.float32)

@@ -86,7 +86,7 @@ def fused_matmul(a_ptr, b_ptr, aux_in_ptr, res_ptr, a_mean_ptr, a_rstd_ptr, a_w_
                  b_ki, b_sko, b_ski, b_ni, b_sno, b_sni,
                  o_mi, o_smo, o_smi, o_ni, o_sno, o_sni,
                  x_smo, x_smi, x_sno, x_sni,
-                 r_smo, r_smi, r_sno, r_sni,
+                 r_smo, r_smi, r_sno, r_sni, k_len, o_split,
                  out_ptr, aux_out_ptr,
                  A_PRO: tl.constexpr, B_PRO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BIAS_ON_M: tl.constexpr,
@@ -96,7 +96,7 @@ def fused_matmul(a_ptr, b_ptr, aux_in_ptr, res_ptr, a_mean_ptr, a_rstd_ptr, a_w_
                  A_M_SPLIT: tl.constexpr, A_K_SPLIT: tl.constexpr, B_K_SPLIT: tl.constexpr,
                  B_N_SPLIT: tl.constexpr, O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr,
                  X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr, R_M_SPLIT: tl.constexpr,
-                 R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr,
+                 R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr, K_SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # The kernel's one aux pointer is an output when it stores the pre-activation / branch
     # (STORE_BRANCH) and an input when its epilogue reads GELU'(aux) (EPI_GELU_GRAD); jax-triton needs
@@ -109,8 +109,8 @@ def fused_matmul(a_ptr, b_ptr, aux_in_ptr, res_ptr, a_mean_ptr, a_rstd_ptr, a_w_
                         b_mean_ptr, b_rstd_ptr, b_w_ptr, b_b_ptr, bias_ptr, scale_ptr, ss_ptr,
                         M, N, K, a_mi, a_smo, a_smi, a_ki, a_sko, a_ski, b_ki, b_sko, b_ski, b_ni, b_sno, b_sni,
                         o_mi, o_smo, o_smi, o_ni, o_sno, o_sni, x_smo, x_smi, x_sno, x_sni,
-                        r_smo, r_smi, r_sno, r_sni, A_PRO, B_PRO, HAS_BIAS, BIAS_ON_M,
+                        r_smo, r_smi, r_sno, r_sni, k_len, o_split, A_PRO, B_PRO, HAS_BIAS, BIAS_ON_M,
                         EPI_GELU, EPI_GELU_GRAD, STORE_BRANCH, HAS_SCALE, HAS_SS, SS_ON_N, HAS_RES, RES_MUL,
                         APPROX_TANH, PRECISION, INTERPRETER, A_M_SPLIT, A_K_SPLIT, B_K_SPLIT, B_N_SPLIT,
-                        O_M_SPLIT, O_N_SPLIT, X_M_SPLIT, X_N_SPLIT, R_M_SPLIT, R_N_SPLIT, IDX64,
+                        O_M_SPLIT, O_N_SPLIT, X_M_SPLIT, X_N_SPLIT, R_M_SPLIT, R_N_SPLIT, IDX64, K_SPLIT,
                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)

@@ -24,7 +24,7 @@ import triton
 
 from . import _launch, jax_kernels
 from .layer_norm import ROWS, block_c
-from .matmul import Axis, autotuned, flat, plan, split
+from .matmul import Axis, autotuned, flat, plan, split, split_k
 from .token_mixing import DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, token_weights
 
 Array = jax.Array
@@ -180,7 +180,16 @@ def fused_matmul(
              has_bias=bias is not None, bias_on_m=bias_on_m, epi_gelu=epi_gelu, epi_gelu_grad=epi_gelu_grad,
              store_branch=store_branch, has_scale=scale is not None, has_ss=ss is not None, ss_on_n=ss_on_n,
              has_res=res is not None, approximate=approximate, precision=precision,
-             idx64=_idx64(a, b, aux, res) or int(np.prod(out_shape)) >= 2**31)
+             idx64=_idx64(a, b, aux, res) or int(np.prod(out_shape)) * split_k(M, N, K) >= 2**31 - 1,
+             allow_split=np.dtype(out_dtype) == np.float32, out_numel=int(np.prod(out_shape)))
+    if p.split_k > 1:  # fp32 partial products over K ranges, summed in a fixed order (matmul.split_k)
+        (parts, _) = call(
+            autotuned(jax_kernels.fused_matmul, variant, _tuned, split=True), p.grid,
+            [a, b, dummy, dummy, a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b, dummy, dummy, dummy,
+             *p.scalars],
+            [_shape((p.split_k, *out_shape), out_dtype), _shape((1,), out_dtype)],
+            num_warps=p.num_warps, num_stages=p.num_stages, **p.meta)
+        return parts.sum(0), None
     out, aux_out = call(
         autotuned(jax_kernels.fused_matmul, variant, _tuned), p.grid,
         [a, b, aux if aux is not None else dummy, res if res is not None else dummy,
@@ -392,7 +401,8 @@ def channel_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Ar
     dz, _ = fused_matmul(do, (tok, ch), k2, (flat(C, 1), flat(D, C)), (M, D), x.dtype, h_axes, M, D, C,
                          variant="gelu_grad", precision=precision, aux=z, epi_gelu_grad=True, approximate=approximate)
     # g = dZ · K1ᵀ: K1[c, d] read as B[k = d, n = c].
-    g, _ = fused_matmul(dz, h_axes, k1, (flat(D, 1), flat(C, D)), (M, C), F32, (flat(M, C), flat(C, 1)), M, C, D,
+    # g in the weights' dtype, as the torch launcher (and eager) rounds it.
+    g, _ = fused_matmul(dz, h_axes, k1, (flat(D, 1), flat(C, D)), (M, C), k1.dtype, (flat(M, C), flat(C, 1)), M, C, D,
                         variant="plain", precision=precision)
     # dK1[c, d] = Σ_tok N(x)[tok, c] · dZ[tok, d]: computed as (dZᵀ · N(x))[d, c], stored transposed.
     dk1, _ = fused_matmul(dz, (flat(D, 1), flat(M, D)), x, (tok, ch), (C, D), F32, (flat(D, 1), flat(C, D)),

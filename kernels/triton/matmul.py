@@ -61,6 +61,7 @@ def fused_matmul_kernel(
     o_mi, o_smo, o_smi, o_ni, o_sno, o_sni,
     x_smo, x_smi, x_sno, x_sni,
     r_smo, r_smi, r_sno, r_sni,
+    k_len, o_split,
     A_PRO: tl.constexpr, B_PRO: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_ON_M: tl.constexpr,
     EPI_GELU: tl.constexpr, EPI_GELU_GRAD: tl.constexpr, STORE_BRANCH: tl.constexpr,
@@ -68,11 +69,22 @@ def fused_matmul_kernel(
     RES_MUL: tl.constexpr, APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
     A_M_SPLIT: tl.constexpr, A_K_SPLIT: tl.constexpr, B_K_SPLIT: tl.constexpr, B_N_SPLIT: tl.constexpr,
     O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr, X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr,
-    R_M_SPLIT: tl.constexpr, R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr,
+    R_M_SPLIT: tl.constexpr, R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr, K_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row-tiles share each column of B while it is in L2.
+    # Grouped tile order: GROUP_M row-tiles share each column of B while it is in L2. With K_SPLIT the
+    # second grid axis splits K (plan: split_k): program (tile, s) sums K range [s·k_len, (s + 1)·k_len)
+    # into slice s of the output, o_split elements on; the launcher adds the slices in a fixed order (no
+    # atomics). A constexpr, so that launches without it compile as before (the range bounds cost the
+    # epilogue-heavy configs up to 120 B of spills under triton 3.8).
     pid = tl.program_id(0)
+    if K_SPLIT:
+        k_part = tl.program_id(1)
+        k_start = k_part * k_len
+        k_end = tl.minimum(K, k_start + k_len)
+    else:
+        k_start = 0
+        k_end = K
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * num_n)
@@ -95,9 +107,9 @@ def fused_matmul_kernel(
         b_bn = tl.load(b_b_ptr + rn % b_ni, mask=mask_n, other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        mask_k = rk < K
+        mask_k = rk < k_end
         a_mask = mask_m[:, None] & mask_k[None, :]
         b_mask = mask_k[:, None] & mask_n[None, :]
         a = tl.load(a_ptr + a_row[:, None] + _offsets(rk, a_ki, a_sko, a_ski, A_K_SPLIT, IDX64)[None, :], mask=a_mask, other=0.0)
@@ -185,6 +197,11 @@ def fused_matmul_kernel(
             acc *= r
         else:
             acc += r
+    if K_SPLIT:
+        if IDX64:
+            out_ptr += k_part.to(tl.int64) * o_split
+        else:
+            out_ptr += k_part * o_split
     tl.store(out_ptr + o_row[:, None] + o_col[None, :], round_to(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
@@ -258,43 +275,91 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
     # g = dZ · W1 and ResMLP's dx GEMM
     "plain": (dict(), ((128, 128, 64, 8, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3))),
 }
+# Split-K launches of the weight-gradient sites (plan: split_k) compile with K_SPLIT and their own configs:
+# the subset of the site's that stays spill-free with the K-range bounds (gelu_b 128×128×64 and 64×128×32
+# w4 spill 180 / 84 B, gate_b 128×128×32 12 B under triton 3.8; none under 3.6).
+SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
+    "ln_b": VARIANTS["ln_b"][1],
+    "gelu_b": ((128, 128, 32, 8, 3),),
+    "gate_b": ((64, 128, 32, 8, 3),),
+    "plain": VARIANTS["plain"][1],
+}
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 AUTOTUNE_KEY = ["M", "N", "K", "A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "RES_MUL", "PRECISION",
-                "IDX64"]
+                "IDX64", "K_SPLIT"]
 _tuned: Dict[str, object] = {}
 
 
-def autotuned(kernel, variant: str, cache: Dict[str, object]):
+def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = False):
     """``kernel`` (the fused GEMM or its JAX entry point) autotuned over the configs of launch site
-    ``variant``, cached in ``cache``; the kernel itself in the interpreter (INTERPRET_CONFIG)."""
+    ``variant`` (SPLIT_CONFIGS' for a split-K launch), cached in ``cache``; the kernel itself in the
+    interpreter (INTERPRET_CONFIG)."""
     if _launch.INTERPRET:
         return kernel
-    if variant not in cache:
+    if split and variant not in SPLIT_CONFIGS:
+        raise ValueError(f"variant: split-K launches are planned for {sorted(SPLIT_CONFIGS)}, got {variant!r}")
+    key = variant + (",split" if split else "")
+    if key not in cache:
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
-                                 num_stages=s) for m, n, k, w, s in VARIANTS[variant][1]]
-        cache[variant] = triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
-    return cache[variant]
+                                 num_stages=s)
+                   for m, n, k, w, s in (SPLIT_CONFIGS[variant] if split else VARIANTS[variant][1])]
+        cache[key] = triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
+    return cache[key]
 
 
 @dataclass
 class Plan:
     """What one fused GEMM launch passes besides pointers, for either framework: the scalar arguments
-    (M, N, K and the axes) in kernel order, the constexprs, the grid, and num_warps / num_stages (the
-    autotuner's configs carry their own on a GPU)."""
+    (M, N, K, the axes, the K split) in kernel order, the constexprs, the grid, num_warps / num_stages
+    (the autotuner's configs carry their own on a GPU), and ``split_k``: how many K ranges write their own
+    slice of an fp32 output (the launcher allocates (split_k, *out) and sums it over the first dim; 1:
+    the output itself)."""
 
     scalars: list
     meta: Dict[str, object]
     grid: object
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1
+
+
+# Split K when the output has fewer tiles than a GPU has SMs to spare: the weight gradients of the S × S
+# token linears (ResMLP, gMLP's gate) are 4 tiles of 128 × 128 over K = B·C, which one CTA each ran on
+# 4 of 132 SMs (the H200 run: gMLP-S training at 0.044× eager). Programs aimed at: two waves of 132 SMs.
+SPLIT_K_PROGRAMS = 264
+SPLIT_K_MIN_TILES = 66  # at or above, the tiles already fill half the SMs: no split, no extra pass
+SPLIT_K_GRANULE = 64  # K elements per range: a multiple of every config's BLOCK_K
+SPLIT_K_MIN_LEN = 512  # K elements per range at least (below, the extra pass costs more than it wins)
+
+
+def split_k(M: int, N: int, K: int) -> int:
+    """How many K ranges a GEMM without epilogue is split into (1: none): enough programs to fill a GPU
+    when its 128 × 128 tiles do not, each range at least SPLIT_K_MIN_LEN long. In Triton's interpreter,
+    2 whenever K spans two ranges of SPLIT_K_GRANULE, so that CI runs the split path."""
+    if _launch.INTERPRET:
+        return 2 if K > SPLIT_K_GRANULE else 1
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+    if tiles >= SPLIT_K_MIN_TILES:
+        return 1
+    return max(1, min(triton.cdiv(SPLIT_K_PROGRAMS, tiles), K // SPLIT_K_MIN_LEN))
 
 
 def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, Axis],
          out_axes: Tuple[Axis, Axis], aux_axes: Optional[Tuple[Axis, Axis]],
          res_axes: Optional[Tuple[Axis, Axis]], *, a_pro: int, b_pro: int, has_bias: bool, bias_on_m: bool,
          epi_gelu: bool, epi_gelu_grad: bool, store_branch: bool, has_scale: bool, has_ss: bool, ss_on_n: bool,
-         has_res: bool, approximate: str, precision: str, idx64: bool, res_mul: bool = False) -> Plan:
-    """The launch of fused_matmul_kernel (see fused_matmul) shared by the torch and JAX launchers."""
+         has_res: bool, approximate: str, precision: str, idx64: bool, res_mul: bool = False,
+         allow_split: bool = False, out_numel: int = 0) -> Plan:
+    """The launch of fused_matmul_kernel (see fused_matmul) shared by the torch and JAX launchers.
+    ``allow_split``: the caller can take a split-K launch (its output fp32, contiguous, of ``out_numel``
+    elements); it gets one when there is no epilogue (partial products are summed afterwards) and
+    :func:`split_k` says so."""
+    epilogue = (has_bias, epi_gelu, epi_gelu_grad, store_branch, has_scale, has_ss, has_res)
+    parts = split_k(M, N, K) if allow_split and not any(epilogue) else 1
+    k_len = K
+    if parts > 1:
+        k_len = triton.cdiv(triton.cdiv(K, parts), SPLIT_K_GRANULE) * SPLIT_K_GRANULE
+        parts = triton.cdiv(K, k_len)
     am, ak = a_axes
     bk, bn = b_axes
     om, on = out_axes
@@ -308,20 +373,21 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
         APPROX_TANH=approximate == "tanh", PRECISION=precision, INTERPRETER=_launch.INTERPRET,
         A_M_SPLIT=am.split, A_K_SPLIT=ak.split, B_K_SPLIT=bk.split, B_N_SPLIT=bn.split, O_M_SPLIT=om.split,
         O_N_SPLIT=on.split, X_M_SPLIT=xm.split, X_N_SPLIT=xn.split, R_M_SPLIT=rm.split, R_N_SPLIT=rn.split,
-        IDX64=idx64,
+        IDX64=idx64, K_SPLIT=parts > 1,
     )
     scalars = [M, N, K, am.inner, am.outer, am.stride, ak.inner, ak.outer, ak.stride,
                bk.inner, bk.outer, bk.stride, bn.inner, bn.outer, bn.stride,
                om.inner, om.outer, om.stride, on.inner, on.outer, on.stride,
-               xm.outer, xm.stride, xn.outer, xn.stride, rm.outer, rm.stride, rn.outer, rn.stride]
+               xm.outer, xm.stride, xn.outer, xn.stride, rm.outer, rm.stride, rn.outer, rn.stride,
+               max(k_len, 1), out_numel if parts > 1 else 0]
     if _launch.INTERPRET:
         bm, bn_, bk_, warps, stages = INTERPRET_CONFIG
         meta.update(BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=8)
-        return Plan(scalars, meta, (triton.cdiv(M, bm) * triton.cdiv(N, bn_),), warps, stages)
+        return Plan(scalars, meta, (triton.cdiv(M, bm) * triton.cdiv(N, bn_), parts), warps, stages, parts)
 
     def grid(META):
-        return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-    return Plan(scalars, meta, grid)
+        return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), parts)
+    return Plan(scalars, meta, grid, split_k=parts)
 
 
 def fused_matmul(
@@ -340,10 +406,13 @@ def fused_matmul(
 ) -> torch.Tensor:
     """out[m, n] = epilogue(Σ_k pro_A(a)[m, k] · pro_B(b)[k, n]) (see the module docstring). ``aux`` and
     ``res`` share ``out``'s axis decomposition (same ``inner``), with their own strides; ``res_mul``
-    multiplies by ``res`` instead of adding it. ``variant`` names
-    the launch site in VARIANTS, whose configs the autotuner tries."""
+    multiplies by ``res`` instead of adding it. ``variant`` names the launch site in VARIANTS, whose
+    configs the autotuner tries. A contiguous fp32 ``out`` with no epilogue (the weight gradients) may
+    be computed split over K (:func:`split_k`): fp32 partial products, summed in a fixed order."""
     if M == 0 or N == 0:
         return out
+    import torch
+
     dummy = _dummy(out.device)
     a_mean, a_rstd = a_stats or (dummy, dummy)
     a_w, a_b = a_vec or (dummy, dummy)
@@ -353,14 +422,18 @@ def fused_matmul(
              has_bias=bias is not None, bias_on_m=bias_on_m, epi_gelu=epi_gelu, epi_gelu_grad=epi_gelu_grad,
              store_branch=store_branch, has_scale=scale is not None, has_ss=ss is not None, ss_on_n=ss_on_n,
              has_res=res is not None, approximate=approximate, precision=_launch.precision(a.dtype, allow_tf32),
-             idx64=_launch.needs_int64(a, b, out, aux, res), res_mul=res_mul)
+             idx64=_launch.needs_int64(a, b, out, aux, res) or out.numel() * split_k(M, N, K) >= 2**31 - 1,
+             res_mul=res_mul, allow_split=out.dtype == torch.float32 and out.is_contiguous(), out_numel=out.numel())
+    target = out if p.split_k == 1 else _launch.new_output((p.split_k, *out.shape), out)
     # On a GPU the autotuner's configs set num_warps / num_stages.
     launch = {} if callable(p.grid) else dict(num_warps=p.num_warps, num_stages=p.num_stages)
     with _launch.serialized(autotuned=True):
-        autotuned(fused_matmul_kernel, variant, _tuned)[p.grid](
-            a, b, out, aux if aux is not None else dummy, res if res is not None else dummy,
+        autotuned(fused_matmul_kernel, variant, _tuned, p.split_k > 1)[p.grid](
+            a, b, target, aux if aux is not None else dummy, res if res is not None else dummy,
             a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
             bias if bias is not None else dummy, scale if scale is not None else dummy,
             ss if ss is not None else dummy,
             *p.scalars, **p.meta, **launch)
+    if p.split_k > 1:
+        torch.sum(target, 0, out=out)
     return out

@@ -176,7 +176,7 @@ def spatial_gating_backward(
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
     h_axes = (flat(M, H), flat(H, 1))
-    g = _launch.new_output((M, C), x, torch.float32)
+    g = _launch.new_output((M, C), x, fc1_weight.dtype)  # as channel mixing's: eager rounds it so too
     fused_matmul(dz, h_axes, fc1_weight, (flat(H, fc1_weight.stride(0)), flat(C, fc1_weight.stride(1))),
                  g, (flat(M, C), flat(C, 1)), M, C, H, variant="plain", allow_tf32=allow_tf32)
     dw1 = _launch.new_output((H, C), x, torch.float32)
