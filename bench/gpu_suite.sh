@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One script for a lent GPU: install mixer_fast there without a registry, then run a stage:
 #
-#     bash bench/gpu_suite.sh [STAGE] [OUT_DIR]     STAGE: check | gputests | tests | bench | all (default check)
+#     bash bench/gpu_suite.sh [STAGE] [OUT_DIR]     STAGE: check | gputests | tune | tests | bench | all (default check)
 #                                                   OUT_DIR: default $OUT if set, else bench/results/<date>-<gpu>
 #
 # Start with `check` (bench/gpu_check.py check, about 4 minutes): the triton backend's correctness per op, dtype
 # and shape, each case in its own process, compute-sanitizer on whatever faults, a CUDA-graph replay, and timings
 # against eager / torch.compile / cuBLAS, as JSON lines (check.jsonl, check.log, sanitizer.txt); CHECK_ARGS
 # passes options, e.g. CHECK_ARGS="--parts timings --budget 540" for a second call that only times.
+# `tune` (bench/tune_table.py run, TUNE_BATCHES default 256,128,64) times every fused-GEMM config at the named
+# models' shapes and writes tuned.json: merge it into the shipped table with `python bench/tune_table.py write DIR`.
 # `gputests` (bench/gpu_check.py tests, about 5 minutes: GPUTESTS_BUDGET seconds, default 260) runs the triton
 # test files and the gpu-marked tests (tests.log). `tests` is the whole suite, `bench` the pytest-benchmark
 # suites, `all` both: a device call lasts at most 10 minutes, and the whole suite takes longer, so run them in
@@ -17,15 +19,15 @@
 # still names every test that failed so far. BENCH_K selects benchmarks (pytest -k), e.g.
 #     BENCH_K="mixer_b16 and 256" bash bench/gpu_suite.sh bench
 # Files (at most 8, so that all come back from a lent machine; one stage per OUT_DIR keeps under that): env.txt,
-# install.log, and check.jsonl, check.log, sanitizer.txt (check); tests.log (gputests, tests); report.json,
+# install.log, and check.jsonl, check.log, sanitizer.txt (check); tuned.json, tune.log (tune); tests.log (gputests, tests); report.json,
 # bench.json, bench.log, roofline.png, roofline.json (bench). Commit the folder under bench/results/; the README's
 # performance table is generated from those files (python bench/results_table.py --write-readme).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 stage=${1:-check}
-case "$stage" in check|gputests|tests|bench|all) ;;
-  *) echo "STAGE: expected check, gputests, tests, bench or all, got '$stage'" >&2; exit 2 ;;
+case "$stage" in check|gputests|tune|tests|bench|all) ;;
+  *) echo "STAGE: expected check, gputests, tune, tests, bench or all, got '$stage'" >&2; exit 2 ;;
 esac
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr ' ' '_' || echo unknown)
 out=${2:-${OUT:-bench/results/$(date -u +%Y-%m-%d)-${gpu}}}
@@ -55,6 +57,11 @@ status=0
 if [ "$stage" = check ]; then
   # shellcheck disable=SC2086  # CHECK_ARGS is a list of options
   python3 bench/gpu_check.py check --out "$out" ${CHECK_ARGS:-} || status=1
+fi
+if [ "$stage" = tune ]; then
+  timeout -s INT "${TUNE_BUDGET:-480}" python3 bench/tune_table.py run --out "$out" --batches "${TUNE_BATCHES:-256,128,64}" \
+    >"$out/tune.log" 2>&1 || status=1
+  tail -n 5 "$out/tune.log"
 fi
 if [ "$stage" = gputests ]; then
   python3 bench/gpu_check.py tests --out "$out" --budget "${GPUTESTS_BUDGET:-260}" --jobs "${JOBS:-12}" || status=1

@@ -168,7 +168,8 @@ def gpu_path(monkeypatch):
 @pytest.mark.parametrize("variant", ["mixer", "resmlp"])
 @pytest.mark.parametrize("op", ["token", "channel"])
 def test_gpu_launch_path(gpu_path, op, variant):
-    # S = 70 pads to 128 tokens: the dW kernel runs as two launches (dW1/db1, then dW2) on a GPU.
+    # S = 70: the forward and dx on token pieces 64 + 16, the dW kernel on one 128-wide piece in two
+    # launches (dW1/db1, then dW2), as on a GPU.
     args, kw = args_for(op, 2, 70, 24, 36 if op == "token" else 48, jnp.float32, variant, seed=11)
     check_against_xla("triton", op, args, kw, jnp.float32, "tanh" if variant == "mixer" else "none")
     names = {name for name, _ in gpu_path}

@@ -64,3 +64,93 @@ def test_split_k_matches_float64_and_is_deterministic(triton_backend, K):
     ref = a.double() @ b.double()
     assert (out.double() - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
     assert torch.equal(out, run())
+
+
+def _key(matmul, variant="ln_b", M=50176, N=768, K=3072, **flags):
+    meta = dict(A_PRO=0, B_PRO=1, EPI_GELU=False, EPI_GELU_GRAD=False, HAS_RES=False, RES_MUL=False,
+                PRECISION="ieee", IDX64=False, K_SPLIT=False)
+    return matmul.tune_key(variant, M, N, K, dict(meta, **flags))
+
+
+def test_tune_keys_bucket_the_batch():
+    from mixer_fast.kernels.triton import matmul
+
+    # batch 256 and 200 of Mixer-B/16 (M = B·196) share a bucket; 64 does not; flags always count
+    assert _key(matmul, M=256 * 196) == _key(matmul, M=200 * 196) != _key(matmul, M=64 * 196)
+    assert _key(matmul) != _key(matmul, K_SPLIT=True) and _key(matmul) != _key(matmul, variant="gelu_b")
+
+
+def test_tuner_takes_the_table_its_neighbour_or_nothing(monkeypatch):
+    from mixer_fast.kernels.triton import matmul
+
+    tuner = matmul.Tuner()
+    cfg = list(matmul.VARIANTS["ln_b"][1][1])
+    tuner._table = {"sm_90": {_key(matmul): cfg, _key(matmul, variant="plain"): [16, 16, 16, 4, 1]}}
+    candidates = matmul.site_configs("ln_b", False)
+    assert tuner.shipped("sm_90", _key(matmul), candidates) == tuple(cfg)
+    # another batch: the nearest bucket of the same site and flags
+    assert tuner.shipped("sm_90", _key(matmul, M=64 * 196), candidates) == tuple(cfg)
+    # not for other flags, another GPU, or a config no longer among the site's
+    assert tuner.shipped("sm_90", _key(matmul, K_SPLIT=True), candidates) is None
+    assert tuner.shipped("sm_80", _key(matmul), candidates) is None
+    assert tuner.shipped("sm_90", _key(matmul, variant="plain"), matmul.site_configs("plain", False)) is None
+    ran = []
+    assert tuner.config("sm_90", _key(matmul), candidates, ran.append) == tuple(cfg) and not ran
+    monkeypatch.setenv(matmul.AUTOTUNE_ENV, "1")  # re-tune: the table is ignored
+    assert tuner.shipped("sm_90", _key(matmul), candidates) is None
+
+
+def test_shipped_table_is_valid():
+    import importlib.resources
+    import json
+
+    from mixer_fast.kernels.triton import matmul
+
+    table = json.loads(importlib.resources.files("mixer_fast").joinpath(matmul.TUNED_FILE).read_text())
+    for device_class, entries in table.items():
+        if device_class.startswith("_"):
+            continue
+        assert device_class.startswith("sm_"), device_class
+        for key, cfg in entries.items():
+            site, dims, flags = key.split("|")
+            assert all(int(v) & (int(v) - 1) == 0 for v in dims.split("x")), key
+            split = "K_SPLIT=True" in flags
+            assert tuple(cfg) in matmul.site_configs(site, split), (key, cfg)
+
+
+def test_tune_table_merge():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("tune_table", Path(__file__).parent.parent / "bench" / "tune_table.py")
+    tune_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_table)
+    table = {"_about": "text", "sm_90": {"a": [1, 2, 3, 4, 5]}}
+    merged = tune_table.merge(table, [{"sm_90": {"a": [6, 7, 8, 9, 10], "b": [1, 1, 1, 1, 1]}},
+                                      {"sm_100": {"c": [2, 2, 2, 2, 2]}}])
+    assert merged == {"_about": "text", "sm_90": {"a": [6, 7, 8, 9, 10], "b": [1, 1, 1, 1, 1]},
+                      "sm_100": {"c": [2, 2, 2, 2, 2]}}
+    assert table["sm_90"] == {"a": [1, 2, 3, 4, 5]}  # not modified in place
+
+
+def test_tuner_times_each_config_once_per_key(monkeypatch):
+    import triton.testing
+
+    from mixer_fast.kernels.triton import matmul
+
+    tuner = matmul.Tuner()
+    tuner._table = {}
+    candidates = matmul.site_configs("plain", False)
+    fastest = candidates[1]
+    ran = []
+
+    def fake_bench(fn, **kw):
+        fn()
+        return 1.0 if ran[-1] == fastest else 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    key = _key(matmul, variant="plain", B_PRO=0)
+    assert tuner.config("sm_90", key, candidates, ran.append) == fastest
+    assert ran == list(candidates)
+    assert tuner.config("sm_90", key, candidates, ran.append) == fastest and len(ran) == len(candidates)
+    assert tuner.timed == {"sm_90": {key: fastest}} == tuner.chosen

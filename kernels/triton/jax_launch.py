@@ -24,7 +24,7 @@ import triton
 
 from . import _launch, jax_kernels
 from .layer_norm import ROWS, block_c
-from .matmul import Axis, autotuned, flat, plan, split, split_k
+from .matmul import TUNER, Axis, autotuned, flat, plan, site_configs, split, split_k, tune_key
 from .token_mixing import DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, token_weights
 
 Array = jax.Array
@@ -153,6 +153,25 @@ def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
 _tuned: Dict[str, object] = {}
 
 
+def _tuned_launch(variant: str, M: int, N: int, K: int, p):
+    """(kernel, grid, num_warps / num_stages) for a fused GEMM launch: the shipped table's config for this
+    GPU where it has one (matmul.TUNER, as the torch launcher), else triton.autotune over the site's configs
+    (jax-triton runs Triton's autotuner itself), or the plan's in the interpreter."""
+    split = p.split_k > 1
+    if _launch.INTERPRET:
+        return jax_kernels.fused_matmul, p.grid, dict(num_warps=p.num_warps, num_stages=p.num_stages)
+    capability = getattr(jax.devices()[0], "compute_capability", None)  # None: no GPU (a test's stand-in)
+    cfg = None
+    if capability is not None:
+        major, minor = str(capability).split(".")[:2]
+        cfg = TUNER.shipped(f"sm_{major}{minor}", tune_key(variant, M, N, K, p.meta), site_configs(variant, split))
+    if cfg is None:
+        return autotuned(jax_kernels.fused_matmul, variant, _tuned, split), p.grid, {}
+    bm, bn, bk, warps, stages = cfg
+    return (jax_kernels.fused_matmul, (triton.cdiv(M, bm) * triton.cdiv(N, bn), p.split_k),
+            dict(num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8))
+
+
 def fused_matmul(
     a: Array, a_axes: Tuple[Axis, Axis], b: Array, b_axes: Tuple[Axis, Axis],
     out_shape: Tuple[int, ...], out_dtype, out_axes: Tuple[Axis, Axis], M: int, N: int, K: int, *, variant: str,
@@ -182,22 +201,18 @@ def fused_matmul(
              has_res=res is not None, approximate=approximate, precision=precision,
              idx64=_idx64(a, b, aux, res) or int(np.prod(out_shape)) * split_k(M, N, K) >= 2**31 - 1,
              allow_split=np.dtype(out_dtype) == np.float32, out_numel=int(np.prod(out_shape)))
-    if p.split_k > 1:  # fp32 partial products over K ranges, summed in a fixed order (matmul.split_k)
-        (parts, _) = call(
-            autotuned(jax_kernels.fused_matmul, variant, _tuned, split=True), p.grid,
-            [a, b, dummy, dummy, a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b, dummy, dummy, dummy,
-             *p.scalars],
-            [_shape((p.split_k, *out_shape), out_dtype), _shape((1,), out_dtype)],
-            num_warps=p.num_warps, num_stages=p.num_stages, **p.meta)
-        return parts.sum(0), None
-    out, aux_out = call(
-        autotuned(jax_kernels.fused_matmul, variant, _tuned), p.grid,
-        [a, b, aux if aux is not None else dummy, res if res is not None else dummy,
-         a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
-         bias if bias is not None else dummy, scale if scale is not None else dummy, ss if ss is not None else dummy,
-         *p.scalars],
-        [_shape(out_shape, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype)],
-        num_warps=p.num_warps, num_stages=p.num_stages, **p.meta)
+    split = p.split_k > 1  # fp32 partial products over K ranges, summed in a fixed order (matmul.split_k)
+    kernel, grid, launch = _tuned_launch(variant, M, N, K, p)
+    inputs = [a, b, aux if aux is not None else dummy, res if res is not None else dummy,
+              a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
+              bias if bias is not None else dummy, scale if scale is not None else dummy,
+              ss if ss is not None else dummy, *p.scalars]
+    main = (p.split_k, *out_shape) if split else out_shape
+    out, aux_out = call(kernel, grid, inputs,
+                        [_shape(main, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype)],
+                        **launch, **p.meta)
+    if split:
+        return out.sum(0), None
     return out, (aux_out if store_branch else None)
 
 

@@ -285,26 +285,128 @@ SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
     "plain": VARIANTS["plain"][1],
 }
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
-AUTOTUNE_KEY = ["M", "N", "K", "A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "RES_MUL", "PRECISION",
-                "IDX64", "K_SPLIT"]
+# The constexprs besides the blocks that change what a launch computes, and so its best tiles.
+TUNE_FLAGS = ("A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "RES_MUL", "PRECISION", "IDX64", "K_SPLIT")
+AUTOTUNE_KEY = ["M", "N", "K", *TUNE_FLAGS]  # the JAX path's triton.autotune, where the table has no entry
+# Tuned configs ship per architecture in the package (TUNED_FILE: {"sm_90": {tune_key: [BLOCK_M, BLOCK_N,
+# BLOCK_K, num_warps, num_stages]}}), written from tuning runs on that GPU (bench/tune_table.py), so that a
+# first call there does not autotune. Keys bucket M, N, K to powers of two: a new batch size reuses its
+# bucket's choice instead of tuning again. MIXER_FAST_AUTOTUNE=1 ignores the table and times every config
+# of the launch site once per key and process.
+TUNED_FILE = "tuned_gemm.json"
+AUTOTUNE_ENV = "MIXER_FAST_AUTOTUNE"
 _tuned: Dict[str, object] = {}
 
 
+def tune_key(variant: str, M: int, N: int, K: int, meta: Dict[str, object]) -> str:
+    """The table key of a launch: site, power-of-two buckets of M, N, K, and the TUNE_FLAGS."""
+    flags = ",".join(f"{name}={meta[name]}" for name in TUNE_FLAGS)
+    return f"{variant}|{_launch.pow2(M)}x{_launch.pow2(N)}x{_launch.pow2(K)}|{flags}"
+
+
+def _nearest(table: Dict[str, list], key: str) -> Optional[list]:
+    """The entry of ``table`` for the same site and flags whose M, N, K buckets are nearest ``key``'s (in
+    powers of two, summed), or None: a batch size nobody tuned for takes its neighbour's tiles rather
+    than a tuning run."""
+    import math
+
+    site, dims, flags = key.split("|")
+    want = [math.log2(int(v)) for v in dims.split("x")]
+    best, best_d, best_key = None, math.inf, ""
+    for other, entry in table.items():
+        parts = other.split("|")
+        if len(parts) != 3 or parts[0] != site or parts[2] != flags:
+            continue
+        d = sum(abs(math.log2(int(v)) - w) for v, w in zip(parts[1].split("x"), want))
+        if d < best_d or (d == best_d and other < best_key):
+            best, best_d, best_key = entry, d, other
+    return best
+
+
+class Tuner:
+    """Chooses a launch's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: the shipped table's
+    entry for the device class, else (or with MIXER_FAST_AUTOTUNE=1) the fastest of the site's configs,
+    timed once per key; ``chosen`` holds this process's choices (what bench/tune_table.py writes)."""
+
+    def __init__(self) -> None:
+        self.chosen: Dict[str, Dict[str, Tuple[int, int, int, int, int]]] = {}
+        self.timed: Dict[str, Dict[str, Tuple[int, int, int, int, int]]] = {}
+        self._table: Optional[Dict[str, Dict[str, list]]] = None
+
+    def table(self) -> Dict[str, Dict[str, list]]:
+        if self._table is None:
+            import importlib.resources
+            import json
+
+            try:
+                text = importlib.resources.files("mixer_fast").joinpath(TUNED_FILE).read_text()
+            except FileNotFoundError:
+                text = "{}"
+            self._table = json.loads(text)
+        return self._table
+
+    def shipped(self, device_class: str, key: str, candidates) -> Optional[Tuple[int, int, int, int, int]]:
+        """The table's config for ``key`` on ``device_class`` if it is one of ``candidates`` (a config
+        pruned since the table was written is not used) and MIXER_FAST_AUTOTUNE is not 1; else None."""
+        import os
+
+        if os.environ.get(AUTOTUNE_ENV, "0") == "1":
+            return None
+        table = self.table().get(device_class, {})
+        entry = table.get(key)
+        if entry is None:
+            entry = _nearest(table, key)
+        return tuple(entry) if entry is not None and tuple(entry) in candidates else None
+
+    def config(self, device_class: str, key: str, candidates, run) -> Tuple[int, int, int, int, int]:
+        """The config for ``key``; ``run(config)`` launches with one (timed when tuning)."""
+        known = self.chosen.setdefault(device_class, {})
+        if key in known:
+            return known[key]
+        shipped = self.shipped(device_class, key, candidates)
+        if shipped is not None:
+            known[key] = shipped
+            return shipped
+        from triton.testing import do_bench
+
+        times = {}
+        for cfg in candidates:
+            try:
+                times[cfg] = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU
+                if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e):
+                    raise
+        if not times:
+            raise RuntimeError(f"no config of {key} can run on this GPU ({device_class})")
+        known[key] = min(times, key=times.get)
+        self.timed.setdefault(device_class, {})[key] = known[key]
+        return known[key]
+
+
+TUNER = Tuner()
+
+
 def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = False):
-    """``kernel`` (the fused GEMM or its JAX entry point) autotuned over the configs of launch site
-    ``variant`` (SPLIT_CONFIGS' for a split-K launch), cached in ``cache``; the kernel itself in the
+    """``kernel`` (the JAX entry point of the fused GEMM) under triton.autotune over the configs of launch
+    site ``variant`` (SPLIT_CONFIGS' for a split-K launch), cached in ``cache``; the kernel itself in the
     interpreter (INTERPRET_CONFIG)."""
     if _launch.INTERPRET:
         return kernel
-    if split and variant not in SPLIT_CONFIGS:
-        raise ValueError(f"variant: split-K launches are planned for {sorted(SPLIT_CONFIGS)}, got {variant!r}")
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+               for m, n, k, w, s in site_configs(variant, split)]
     key = variant + (",split" if split else "")
     if key not in cache:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
-                                 num_stages=s)
-                   for m, n, k, w, s in (SPLIT_CONFIGS[variant] if split else VARIANTS[variant][1])]
         cache[key] = triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
     return cache[key]
+
+
+def site_configs(variant: str, split: bool) -> Tuple[Tuple[int, int, int, int, int], ...]:
+    """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a launch site may run with."""
+    if split and variant not in SPLIT_CONFIGS:
+        raise ValueError(f"variant: split-K launches are planned for {sorted(SPLIT_CONFIGS)}, got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
+    return SPLIT_CONFIGS[variant] if split else VARIANTS[variant][1]
 
 
 @dataclass
@@ -406,8 +508,8 @@ def fused_matmul(
 ) -> torch.Tensor:
     """out[m, n] = epilogue(Σ_k pro_A(a)[m, k] · pro_B(b)[k, n]) (see the module docstring). ``aux`` and
     ``res`` share ``out``'s axis decomposition (same ``inner``), with their own strides; ``res_mul``
-    multiplies by ``res`` instead of adding it. ``variant`` names the launch site in VARIANTS, whose
-    configs the autotuner tries. A contiguous fp32 ``out`` with no epilogue (the weight gradients) may
+    multiplies by ``res`` instead of adding it. ``variant`` names the launch site in VARIANTS, among
+    whose configs TUNER chooses (the shipped table's, or timed once). A contiguous fp32 ``out`` with no epilogue (the weight gradients) may
     be computed split over K (:func:`split_k`): fp32 partial products, summed in a fixed order."""
     if M == 0 or N == 0:
         return out
@@ -425,15 +527,23 @@ def fused_matmul(
              idx64=_launch.needs_int64(a, b, out, aux, res) or out.numel() * split_k(M, N, K) >= 2**31 - 1,
              res_mul=res_mul, allow_split=out.dtype == torch.float32 and out.is_contiguous(), out_numel=out.numel())
     target = out if p.split_k == 1 else _launch.new_output((p.split_k, *out.shape), out)
-    # On a GPU the autotuner's configs set num_warps / num_stages.
-    launch = {} if callable(p.grid) else dict(num_warps=p.num_warps, num_stages=p.num_stages)
-    with _launch.serialized(autotuned=True):
-        autotuned(fused_matmul_kernel, variant, _tuned, p.split_k > 1)[p.grid](
-            a, b, target, aux if aux is not None else dummy, res if res is not None else dummy,
-            a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
-            bias if bias is not None else dummy, scale if scale is not None else dummy,
-            ss if ss is not None else dummy,
-            *p.scalars, **p.meta, **launch)
+    args = (a, b, target, aux if aux is not None else dummy, res if res is not None else dummy,
+            a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b, bias if bias is not None else dummy,
+            scale if scale is not None else dummy, ss if ss is not None else dummy, *p.scalars)
+
+    def run(cfg: Tuple[int, int, int, int, int]) -> None:
+        bm, bn, bk, warps, stages = cfg
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), p.split_k)
+        fused_matmul_kernel[grid](*args, **p.meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                                  num_warps=warps, num_stages=stages)
+
+    with _launch.serialized():
+        if _launch.INTERPRET:
+            fused_matmul_kernel[p.grid](*args, **p.meta, num_warps=p.num_warps, num_stages=p.num_stages)
+        else:
+            major, minor = torch.cuda.get_device_capability(out.device)
+            run(TUNER.config(f"sm_{major}{minor}", tune_key(variant, M, N, K, p.meta),
+                             site_configs(variant, p.split_k > 1), run))
     if p.split_k > 1:
         torch.sum(target, 0, out=out)
     return out

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""The fused GEMM's per-GPU table of tuned configs (mixer_fast/tuned_gemm.json; kernels/triton/matmul.py: Tuner).
+
+    python bench/tune_table.py run --out DIR [--batches 256,128,64] [--dtypes bf16,fp16]   (on a GPU)
+    python bench/tune_table.py write DIR [DIR ...]                                      (anywhere)
+
+``run`` times every config of every fused-GEMM launch the ops make at the named models' shapes (forward and
+backward, MIXER_FAST_AUTOTUNE=1 so that nothing comes from the table) and writes DIR/tuned.json:
+{"sm_90": {tune_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]}}. ``write`` merges such files into
+the shipped table (later files win on a key), so that a first call on that GPU does not tune; commit it with
+the run's folder under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE = ROOT / "mixer_fast" / "tuned_gemm.json"
+# (op, shape in gpu_check.SHAPES): every fused-GEMM launch site at the named models' sizes.
+CASES = (("channel_mixing", "mixer_b16"), ("channel_mixing", "mixer_l16"), ("channel_mixing", "resmlp_24"),
+         ("token_mixing", "resmlp_24"), ("spatial_gating", "gmlp_s16"))
+
+
+def run(out: Path, batches: List[int], dtypes: List[str]) -> int:
+    os.environ["MIXER_FAST_AUTOTUNE"] = "1"
+    sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
+    import torch
+
+    import gpu_check
+    from mixer_fast.kernels.triton import matmul
+
+    if not torch.cuda.is_available():
+        print("run: needs a CUDA device", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for op, shape in CASES:
+            for dtype in dtypes:
+                for batch in batches:
+                    args, call = gpu_check._op_inputs(op, gpu_check.SHAPES[shape], batch, drop_path=False)
+                    leaves = gpu_check._leaves(args, gpu_check._torch_dtype(dtype), "cuda")
+                    y = call(leaves, "triton")
+                    y.backward(torch.randn_like(y))
+                    torch.cuda.synchronize()
+                    # written after every case: a run cut short by its time budget keeps what it tuned
+                    (out / "tuned.json").write_text(json.dumps(matmul.TUNER.timed, indent=1, sort_keys=True) + "\n")
+                    print(f"tuned {op} {shape} {dtype} batch {batch}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted (time budget): tuned.json has the cases finished so far", flush=True)
+        return 1
+    print(f"{sum(map(len, matmul.TUNER.timed.values()))} keys -> {out / 'tuned.json'}")
+    return 0
+
+
+def merge(table: Dict, runs: List[Dict]) -> Dict:
+    """``table`` with every run's entries added (later runs win on a key)."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table.items()}
+    for r in runs:
+        for device_class, entries in r.items():
+            merged.setdefault(device_class, {}).update({k: list(v) for k, v in entries.items()})
+    return merged
+
+
+def write(dirs: List[Path]) -> int:
+    runs = [json.loads((d / "tuned.json").read_text()) for d in dirs]
+    table = merge(json.loads(TABLE.read_text()), runs)
+    TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"{TABLE}: " + ", ".join(f"{k} {len(v)} keys" for k, v in table.items() if isinstance(v, dict)))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="tune on this GPU, write DIR/tuned.json")
+    r.add_argument("--out", required=True, type=Path)
+    r.add_argument("--batches", default="256,128,64")
+    r.add_argument("--dtypes", default="bf16,fp16")
+    w = sub.add_parser("write", help="merge DIR/tuned.json files into mixer_fast/tuned_gemm.json")
+    w.add_argument("dirs", nargs="+", type=Path)
+    opts = parser.parse_args(argv)
+    if opts.command == "run":
+        return run(opts.out, [int(b) for b in opts.batches.split(",")], opts.dtypes.split(","))
+    return write(opts.dirs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
