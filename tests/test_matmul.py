@@ -114,8 +114,8 @@ def test_shipped_table_is_valid():
         for key, cfg in entries.items():
             site, dims, flags = key.split("|")
             assert all(int(v) & (int(v) - 1) == 0 for v in dims.split("x")), key
-            split = "K_SPLIT=True" in flags
-            assert tuple(cfg) in matmul.site_configs(site, split), (key, cfg)
+            split, jax = "K_SPLIT=True" in flags, site.startswith("jax:")
+            assert tuple(cfg) in matmul.site_configs(site.removeprefix("jax:"), split, jax=jax), (key, cfg)
 
 
 def test_tune_table_merge():
@@ -154,3 +154,14 @@ def test_tuner_times_each_config_once_per_key(monkeypatch):
     assert ran == list(candidates)
     assert tuner.config("sm_90", key, candidates, ran.append) == fastest and len(ran) == len(candidates)
     assert tuner.timed == {"sm_90": {key: fastest}} == tuner.chosen
+
+
+def test_jax_configs_cover_every_site():
+    from mixer_fast.kernels.triton import matmul
+
+    assert set(matmul.JAX_CONFIGS) == set(matmul.VARIANTS)
+    assert set(matmul.JAX_SPLIT_CONFIGS) == set(matmul.SPLIT_CONFIGS)
+    with pytest.raises(ValueError, match="variant: expected one of"):
+        matmul.site_configs("nope", False)
+    with pytest.raises(ValueError, match="split-K launches are planned for"):
+        matmul.site_configs("ln_gelu", True, jax=True)

@@ -67,7 +67,8 @@ def specialised(fn, sig: Dict[str, str], constexprs: Dict[str, object],
                 ints: Dict[str, int]) -> Tuple[Dict[str, str], Dict[str, object], Dict[tuple, list]]:
     """(signature, constexprs, attrs) of ``fn`` as Triton's launcher specialises a launch whose integer
     arguments have the example values ``ints``: pointers 16-byte aligned (as torch and XLA allocate),
-    integers equal to 1 made constants and multiples of 16 marked so. Unspecialised, Triton cannot
+    integers equal to 1 made constants and multiples of 16 marked so (``ints`` empty: pointers only, as
+    jax-triton launches, which gives scalars no hints). Unspecialised, Triton cannot
     prove a 16-byte cp.async legal and does not pipeline the loads, which leaves a different register
     picture from the one that runs."""
     sig, constexprs, attrs = dict(sig), dict(constexprs), {}
@@ -132,6 +133,43 @@ def _token_ptrs(kernel: str, dtype: str) -> Optional[Dict[str, str]]:
     return {"g_ptr": dtype} if kernel == "token_mlp_dx" else None
 
 
+def gemm_ints(site: str, split: bool = False) -> Optional[Dict[str, int]]:
+    """The fused GEMM's integer arguments as launch site ``site`` passes them for contiguous tensors at batch
+    256 (channel sites at Mixer-B/16, the token linear at ResMLP-24; split-K at ResMLP-24's token-linear
+    weight gradient), for :func:`specialised`; None for the gMLP gate sites (not restated here)."""
+    from . import matmul
+    from .matmul import flat, split as two
+
+    B, S, C, D = 256, 196, 768, 3072
+    M = B * S
+    tok, ch, h = two(S, S * C, C), flat(C, 1), (flat(M, D), flat(D, 1))
+    sites = {  # (M, N, K, a_axes, b_axes, out_axes, aux_axes, res_axes)
+        "ln_gelu": (M, D, C, (tok, ch), (flat(C, 1), flat(D, C)), h, h, None),
+        "residual": (M, C, D, h, (flat(D, 1), flat(C, D)), (tok, ch), (tok, ch), (tok, ch)),
+        "gelu_grad": (M, D, C, (tok, ch), (flat(C, D), flat(D, 1)), h, h, None),
+        "plain": (M, C, D, h, (flat(D, C), flat(C, 1)), (flat(M, C), flat(C, 1)), None, None),
+        "ln_b": (D, C, M, (flat(D, 1), flat(M, D)), (tok, ch), (flat(D, C), flat(C, 1)), None, None),
+        "gelu_b": (C, D, M, (ch, tok), h, (flat(C, D), flat(D, 1)), None, None),
+    }
+    Cr = 384  # ResMLP-24
+    tok_r = (flat(S, Cr), two(Cr, S * Cr, 1))
+    sites["token_linear"] = (S, B * Cr, S, (flat(S, S), flat(S, 1)), tok_r, tok_r, tok_r, tok_r)
+    if split:  # ResMLP-24's token-linear weight gradient dW = dO · N(x)ᵀ: 4 tiles over K = B·C
+        sites = {name: (S, S, B * Cr, (flat(S, Cr), two(Cr, S * Cr, 1)), (two(Cr, S * Cr, 1), flat(S, Cr)),
+                        (flat(S, S), flat(S, 1)), None, None) for name in ("ln_b", "gelu_b", "plain")}
+    if site not in sites:
+        return None
+    Mx, Nx, Kx, a, b, o, x, r = sites[site]
+    flags = dict(a_pro=0, b_pro=0, has_bias=False, bias_on_m=False, epi_gelu=False, epi_gelu_grad=False,
+                 store_branch=False, has_scale=False, has_ss=False, ss_on_n=False, has_res=False,
+                 approximate="none", precision="ieee", idx64=False)
+    p = matmul.plan(Mx, Nx, Kx, a, b, o, x, r, allow_split=split, out_numel=o[0].inner * o[1].inner, **flags)
+    if split != (p.split_k > 1):
+        raise AssertionError(f"{site}: the example's split ({p.split_k}) is not the one asked for")
+    names = [q.name for q in matmul.fused_matmul_kernel.params if not q.is_constexpr and not q.name.endswith("_ptr")]
+    return dict(zip(names, p.scalars))
+
+
 def variants(dtype: str) -> Iterator[Tuple]:
     """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes, ints) for every
     kernel variant and GPU config the launchers use on a GPU, at the named models' shapes; ``ints``: the
@@ -149,12 +187,12 @@ def variants(dtype: str) -> Iterator[Tuple]:
         for bm, bn, bk, warps, stages in configs:
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-                   cfg, warps, stages, None, None)
+                   cfg, warps, stages, None, gemm_ints(label))
         # the weight gradients, split over K where their tiles are few (matmul.split_k)
         for bm, bn, bk, warps, stages in matmul.SPLIT_CONFIGS.get(label, ()):
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, K_SPLIT=True)
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},split]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-                   cfg, warps, stages, _FP32_OUT, None)
+                   cfg, warps, stages, _FP32_OUT, gemm_ints(label, split=True))
     # torch.autocast: fp32 activations meet bf16 weights in the same kernels.
     if dtype != "fp32":
         mixed = {"x_ptr": "fp32", "out_ptr": "fp32", "res_ptr": "fp32", "branch_ptr": "fp32"}
@@ -164,7 +202,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
             side = "a_ptr" if label == "ln_gelu" else "b_ptr"
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},autocast]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages,
-                   dict(mixed, **{side: "fp32"}), None)
+                   dict(mixed, **{side: "fp32"}), gemm_ints(label))
         plan = token_mixing.gpu_config("token_mlp_fwd", 196, 512)
         yield (token_mixing.token_mlp_fwd_kernel, "token_mlp_fwd[S=196,autocast]", plan.label(),
                dict(_TOKEN_FWD, **plan.constexprs()), plan.num_warps, plan.num_stages, mixed,
@@ -187,17 +225,22 @@ def variants(dtype: str) -> Iterator[Tuple]:
     # costs nothing (same registers, no spills).
     from . import jax_kernels
 
-    flags, configs = matmul.VARIANTS["ln_gelu"]
-    bm, bn, bk, warps, stages = configs[0]
-    yield (jax_kernels.fused_matmul, "fused_matmul[ln_gelu,jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-           dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages, None, None)
+    # jax-triton 0.3.1 marks pointers aligned and nothing else (ints={}); matmul.JAX_CONFIGS.
+    flags = matmul.VARIANTS["ln_gelu"][0]
+    for bm, bn, bk, warps, stages in matmul.JAX_CONFIGS["ln_gelu"][:1]:
+        yield (jax_kernels.fused_matmul, "fused_matmul[ln_gelu,jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
+               dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages, None, {})
     for kname in ("token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"):
         plan = token_mixing.gpu_config(kname, 196, 384)
         cfg = dict(_TOKEN_FWD if kname == "token_mlp_fwd" else _TOKEN_BWD, APPROX_TANH=True, **plan.constexprs())
         if kname == "token_mlp_dw":
             cfg["PART"] = plan.parts[0]
-        yield (getattr(jax_kernels, kname), f"{kname}[S=196,jax]", plan.label(), cfg, plan.num_warps,
-               plan.num_stages, _token_ptrs(kname, dtype), token_ints(196, 768, 384))
+        # the JAX wrappers take shapes and strides as constexprs; jax-triton 0.3.1 marks only the pointers
+        fn = getattr(jax_kernels, kname)
+        shapes = {q.name: token_ints(196, 768, 384)[q.name] for q in fn.params
+                  if q.is_constexpr and q.name in token_ints(196, 768, 384)}
+        yield (fn, f"{kname}[S=196,jax]", plan.label(), dict(cfg, **shapes),
+               plan.num_warps, plan.num_stages, _token_ptrs(kname, dtype), {})
     for C in (384, 768, 1024):
         block_c = layer_norm.gpu_block_c(C)
         # Launched with Triton's defaults (4 warps, 3 stages).

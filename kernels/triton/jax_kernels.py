@@ -5,10 +5,12 @@ Python scalars), appends one pointer per output, and gives the constexprs by key
 here takes its parameters in that order and calls the kernel the torch launchers use, so JAX and
 PyTorch run the very same kernel code.
 
-Shapes and strides stay runtime scalars, as in the torch launch: made constexpr (tempting, since shapes
-are static under ``jax.jit``) they push the fused GEMM over the register file — 76-84 bytes of spills
-per thread on sm_90a where the runtime-scalar form has none (``mixer-fast report``; bench/NOTES.md).
-Like torch's launcher, jax-triton turns a scalar equal to 1 into a constant.
+The token kernels' shapes and strides are constexprs here (static under ``jax.jit``): jax-triton 0.3.1
+(the newest that accepts triton 3.6) marks array pointers 16-byte aligned but gives integer arguments no
+hints (torch's launcher marks multiples of 16 and makes 1 a constant), and without them the token kernels
+load element by element, never pipeline and spill 268-1 208 B (``mixer-fast report``, bench/NOTES.md).
+The fused GEMM's stay runtime scalars: it runs with the configs pruned for
+that (matmul.JAX_CONFIGS).
 """
 import triton
 import triton.language as tl
@@ -36,8 +38,10 @@ def ln_backward(g_ptr, x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr,
 
 @triton.jit
 def token_mlp_fwd(x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale_ptr, ss_ptr,
-                  S, C, D, sxb, sxs, sxc, sob, sos, soc, sw1d, sw1s, sw2s, sw2d,
                   out_ptr, branch_ptr,
+                  S: tl.constexpr, C: tl.constexpr, D: tl.constexpr, sxb: tl.constexpr, sxs: tl.constexpr,
+                  sxc: tl.constexpr, sob: tl.constexpr, sos: tl.constexpr, soc: tl.constexpr,
+                  sw1d: tl.constexpr, sw1s: tl.constexpr, sw2s: tl.constexpr, sw2d: tl.constexpr,
                   NORM: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
                   HAS_SS: tl.constexpr, STORE_BRANCH: tl.constexpr, APPROX_TANH: tl.constexpr,
                   PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
@@ -52,8 +56,10 @@ def token_mlp_fwd(x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_
 
 @triton.jit
 def token_mlp_dx(x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr,
-                 S, C, D, sxb, sxs, sxc, sdb, sds, sdc, sw1d, sw1s, sw2s, sw2d,
                  g_ptr,
+                 S: tl.constexpr, C: tl.constexpr, D: tl.constexpr, sxb: tl.constexpr, sxs: tl.constexpr,
+                 sxc: tl.constexpr, sdb: tl.constexpr, sds: tl.constexpr, sdc: tl.constexpr,
+                 sw1d: tl.constexpr, sw1s: tl.constexpr, sw2s: tl.constexpr, sw2d: tl.constexpr,
                  NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
                  PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
                  S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr,
@@ -66,8 +72,11 @@ def token_mlp_dx(x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_p
 
 @triton.jit
 def token_mlp_dw(x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr,
-                 B, S, C, D, SPLITS, sxb, sxs, sxc, sdb, sds, sdc, sw1d, sw1s, sw2s, sw2d,
                  dw1_ptr, dw2_ptr, db1_ptr,
+                 B: tl.constexpr, S: tl.constexpr, C: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                 sxb: tl.constexpr, sxs: tl.constexpr, sxc: tl.constexpr, sdb: tl.constexpr, sds: tl.constexpr,
+                 sdc: tl.constexpr, sw1d: tl.constexpr, sw1s: tl.constexpr, sw2s: tl.constexpr,
+                 sw2d: tl.constexpr,
                  NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
                  PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr, PART: tl.constexpr,
                  S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr,

@@ -164,7 +164,8 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p):
     cfg = None
     if capability is not None:
         major, minor = str(capability).split(".")[:2]
-        cfg = TUNER.shipped(f"sm_{major}{minor}", tune_key(variant, M, N, K, p.meta), site_configs(variant, split))
+        cfg = TUNER.shipped(f"sm_{major}{minor}", "jax:" + tune_key(variant, M, N, K, p.meta),
+                            site_configs(variant, split, jax=True))
     if cfg is None:
         return autotuned(jax_kernels.fused_matmul, variant, _tuned, split), p.grid, {}
     bm, bn, bk, warps, stages = cfg
@@ -293,10 +294,10 @@ def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1:
         jax_kernels.token_mlp_fwd, (triton.cdiv(C, plan.block_c), B),
         [x, mean if mean is not None else nwv, rstd if rstd is not None else nwv, nwv, nbv,
          w1, b1 if b1 is not None else dummy, w2, b2 if b2 is not None else dummy,
-         scale if scale is not None else dummy, ss if ss is not None else dummy,
-         S, C, D, S * C, C, 1, S * C, C, 1, w1.shape[1], 1, w2.shape[1], 1],
+         scale if scale is not None else dummy, ss if ss is not None else dummy],
         [_shape(x.shape, x.dtype), _shape(x.shape if store_branch else (1,), x.dtype)],
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, S=S, C=C, D=D, sxb=S * C, sxs=C, sxc=1,
+        sob=S * C, sos=C, soc=1, sw1d=w1.shape[1], sw1s=1, sw2s=w2.shape[1], sw2d=1,
         NORM=NORMS[norm], HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_SCALE=scale is not None,
         HAS_SS=ss is not None, STORE_BRANCH=store_branch, APPROX_TANH=approximate == "tanh", PRECISION=precision,
         INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x), **plan.constexprs())
@@ -338,13 +339,16 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
         b1v = b1 if b1 is not None else nwv
         common = dict(NORM=NORMS[norm], HAS_B1=b1 is not None, APPROX_TANH=approximate == "tanh",
                       PRECISION=precision, INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x))
-        strides = [S * C, C, 1, S * C, C, 1, w1.shape[1], 1, w2.shape[1], 1]
+        # shapes and strides as constexprs (jax_kernels.py: jax-triton gives integer arguments no hints)
+        shapes = dict(S=S, C=C, D=D, sxb=S * C, sxs=C, sxc=1, sdb=S * C, sds=C, sdc=1, sw1d=w1.shape[1], sw1s=1,
+                      sw2s=w2.shape[1], sw2d=1)
         plan = launch_plan("token_mlp_dx", S, D, w1.dtype.itemsize)
         # g in the weights' dtype, as the torch launcher (and eager) rounds it.
         if B:
             (g,) = call(jax_kernels.token_mlp_dx, (triton.cdiv(C, plan.block_c), B),
-                        [x, do, *stats, nwv, nbv, w1, b1v, w2, S, C, D, *strides], [_shape((B * S, C), w1.dtype)],
-                        num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **plan.constexprs())
+                        [x, do, *stats, nwv, nbv, w1, b1v, w2], [_shape((B * S, C), w1.dtype)],
+                        num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **shapes,
+                        **plan.constexprs())
         else:
             g = jnp.zeros((0, C), w1.dtype)
         plan = launch_plan("token_mlp_dw", S, D, w1.dtype.itemsize)
@@ -356,9 +360,10 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
         for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
             p1, p2, pb = call(
                 jax_kernels.token_mlp_dw, (n_d, splits),
-                [x, do, *stats, nwv, nbv, w1, b1v, w2, B, S, C, D, splits, *strides],
+                [x, do, *stats, nwv, nbv, w1, b1v, w2],
                 [_shape(dw1.shape, F32), _shape(dw2.shape, F32), _shape(db1.shape, F32)],
-                num_warps=plan.num_warps, num_stages=plan.num_stages, **common, PART=part, **plan.constexprs())
+                num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **shapes, B=B, SPLITS=splits,
+                PART=part, **plan.constexprs())
             # DW1 writes dW1 and db1, DW2 dW2; DW_BOTH all three.
             dw1, db1 = (p1, pb) if part in (DW_BOTH, DW1) else (dw1, db1)
             dw2 = p2 if part in (DW_BOTH, DW2) else dw2

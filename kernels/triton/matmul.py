@@ -245,24 +245,28 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 
 # Per launch site: the flags the static report compiles (the heaviest combination the site uses) and the
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) configs the autotuner tries on a GPU. Only configs
-# that compile for sm_90a with wgmma and without register spills under both triton 3.8 (dev machines) and
-# triton 3.6 (the lent GPU machines) are listed (``mixer-fast report``; bench/NOTES.md has the pruning
-# table): the epilogue-heavy sites spill at 128 × 128 tiles.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) configs the tuner may choose on a GPU. Listed: configs
+# that compile for sm_90a with wgmma and without register spills under triton 3.8 (dev machines) and 3.6
+# with CUDA 13's ptxas (the lent GPU machines), specialised as a launch at the named models' shapes
+# (``mixer-fast report``: aot.gemm_ints; bench/NOTES.md has the sweeps). Specialised, 128 × 128 fits every
+# site (the unspecialised compile, which Triton never runs, spilled there); 128 × 256 fits the
+# epilogue-free sites; the epilogue-heavy ones spill there (16-2 500 B) until the epilogue is subtiled.
+# The gMLP gate sites are not specialised in the report: their lists are the unspecialised pruning's.
 VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int], ...]]] = {
     # channel fc1: LayerNorm prologue, bias + GELU epilogue keeping Z
     "ln_gelu": (dict(A_PRO=1, HAS_BIAS=True, EPI_GELU=True, STORE_BRANCH=True),
-                ((64, 128, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3))),
+                ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 3), (64, 64, 32, 4, 3))),
     # channel fc2: bias, layer scale, drop path, residual
     "residual": (dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SS=True, HAS_RES=True, STORE_BRANCH=True),
-                 ((64, 64, 64, 4, 3), (64, 64, 32, 4, 3))),
+                 ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3))),
     # dZ = (dO · W2) ⊙ GELU'(Z)
-    "gelu_grad": (dict(EPI_GELU_GRAD=True), ((64, 128, 32, 4, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3))),
+    "gelu_grad": (dict(EPI_GELU_GRAD=True), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 4),
+                                             (64, 64, 64, 4, 3))),
     # weight gradients with the norm recomputed on the B tile (dW1 = dZᵀ · LN(x); ResMLP's dW)
-    # (64, 128, 32, 4, 3) left out: 68 B of spills with CUDA 13.5's ptxas (triton 3.6 + the gpu extra)
-    "ln_b": (dict(B_PRO=1), ((128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 8, 3))),
+    "ln_b": (dict(B_PRO=1), ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 8, 3))),
     # dW2 = dOᵀ · GELU(Z), GELU recomputed on the B tile
-    "gelu_b": (dict(B_PRO=4), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3))),
+    "gelu_b": (dict(B_PRO=4), ((256, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 8, 3),
+                               (128, 128, 32, 8, 4))),
     # gMLP's gate: per-image S×S token linear of LN(v), + bias, kept (backward), × u
     "gate_proj": (dict(B_PRO=5, HAS_BIAS=True, BIAS_ON_M=True, STORE_BRANCH=True, HAS_RES=True, RES_MUL=True),
                   ((64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3))),  # 4 warps at 64x128 spill
@@ -271,18 +275,37 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
     # ResMLP's per-image S×S token linear with its whole epilogue
     "token_linear": (dict(B_PRO=2, HAS_BIAS=True, BIAS_ON_M=True, HAS_SCALE=True, HAS_SS=True, SS_ON_N=True,
                           HAS_RES=True, STORE_BRANCH=True),
-                     ((64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3))),
+                     ((128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3))),
     # g = dZ · W1 and ResMLP's dx GEMM
-    "plain": (dict(), ((128, 128, 64, 8, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3))),
+    "plain": (dict(), ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 4))),
 }
 # Split-K launches of the weight-gradient sites (plan: split_k) compile with K_SPLIT and their own configs:
-# the subset of the site's that stays spill-free with the K-range bounds (gelu_b 128×128×64 and 64×128×32
-# w4 spill 180 / 84 B, gate_b 128×128×32 12 B under triton 3.8; none under 3.6).
+# their outputs are small (S × S), so 128 × 128 and 64-wide tiles, spill-free specialised at ResMLP-24's
+# token-linear weight gradient (gate_b unspecialised: 128×128×32 spilled 12 B under triton 3.8).
 SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
-    "ln_b": VARIANTS["ln_b"][1],
-    "gelu_b": ((128, 128, 32, 8, 3),),
+    "ln_b": ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 8, 3)),
+    "gelu_b": ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3)),
     "gate_b": ((64, 128, 32, 8, 3),),
-    "plain": VARIANTS["plain"][1],
+    "plain": ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3)),
+}
+# The JAX path's configs: jax-triton (0.3.1, the newest that accepts triton 3.6) marks array pointers 16-byte
+# aligned but gives integer arguments no hints, so its launches compile like the unspecialised report (no
+# vectorised loads, no cp.async pipelining; the 128 × 128 configs above spill 252 B there). They keep the
+# configs pruned that way, until the JAX launch passes what it knows (issue 18).
+JAX_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
+    "ln_gelu": ((64, 128, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3)),
+    "residual": ((64, 64, 64, 4, 3), (64, 64, 32, 4, 3)),
+    "gelu_grad": ((64, 128, 32, 4, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3)),
+    "ln_b": ((128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 8, 3)),
+    "gelu_b": ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3)),
+    "gate_proj": VARIANTS["gate_proj"][1],
+    "gate_b": VARIANTS["gate_b"][1],
+    "token_linear": ((64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3)),
+    "plain": ((128, 128, 64, 8, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3)),
+}
+JAX_SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
+    "ln_b": JAX_CONFIGS["ln_b"], "gelu_b": ((128, 128, 32, 8, 3),), "gate_b": ((64, 128, 32, 8, 3),),
+    "plain": JAX_CONFIGS["plain"],
 }
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 # The constexprs besides the blocks that change what a launch computes, and so its best tiles.
@@ -387,26 +410,28 @@ TUNER = Tuner()
 
 
 def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = False):
-    """``kernel`` (the JAX entry point of the fused GEMM) under triton.autotune over the configs of launch
-    site ``variant`` (SPLIT_CONFIGS' for a split-K launch), cached in ``cache``; the kernel itself in the
-    interpreter (INTERPRET_CONFIG)."""
+    """``kernel`` (the JAX entry point of the fused GEMM) under triton.autotune over the JAX configs of
+    launch site ``variant`` (JAX_CONFIGS, JAX_SPLIT_CONFIGS), cached in ``cache``; the kernel itself in
+    the interpreter (INTERPRET_CONFIG)."""
     if _launch.INTERPRET:
         return kernel
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-               for m, n, k, w, s in site_configs(variant, split)]
+               for m, n, k, w, s in site_configs(variant, split, jax=True)]
     key = variant + (",split" if split else "")
     if key not in cache:
         cache[key] = triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
     return cache[key]
 
 
-def site_configs(variant: str, split: bool) -> Tuple[Tuple[int, int, int, int, int], ...]:
-    """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a launch site may run with."""
-    if split and variant not in SPLIT_CONFIGS:
-        raise ValueError(f"variant: split-K launches are planned for {sorted(SPLIT_CONFIGS)}, got {variant!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
-    return SPLIT_CONFIGS[variant] if split else VARIANTS[variant][1]
+def site_configs(variant: str, split: bool, jax: bool = False) -> Tuple[Tuple[int, int, int, int, int], ...]:
+    """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a launch site may run with (``jax``: through
+    jax-triton)."""
+    splits, plain = (JAX_SPLIT_CONFIGS, JAX_CONFIGS) if jax else (SPLIT_CONFIGS, {k: v[1] for k, v in VARIANTS.items()})
+    if split and variant not in splits:
+        raise ValueError(f"variant: split-K launches are planned for {sorted(splits)}, got {variant!r}")
+    if variant not in plain:
+        raise ValueError(f"variant: expected one of {sorted(plain)}, got {variant!r}")
+    return splits[variant] if split else plain[variant]
 
 
 @dataclass

@@ -103,12 +103,14 @@ def _xn_t(x_ptr, b, s0, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb,
 def _w1_piece(w1_ptr, d0, s0, D, S, sw1d, BLOCK_D: tl.constexpr, P: tl.constexpr, INTERPRETER: tl.constexpr):
     """W1[d0 : d0 + BLOCK_D, s0 : s0 + P], zero outside W1, as a dot operand. W1 is the launchers' copy
     (:func:`token_weights`): unit column stride, row stride a multiple of GRANULE and zero columns from S
-    up to the next multiple; so the piece is bounded at that width, not at S: both the row stride and the
-    bound are known multiples of 16 and rows load in 16-byte vectors (at S = 196 an unpadded 392-byte row
-    stride compiled to 2-byte scalar loads). A block pointer, not a tensor of per-element pointers: those
+    up to the next multiple; so the piece is bounded at that width, not at S: both the row stride (which
+    Triton's launcher marks a multiple of 16; the JAX wrappers pass it as a constexpr) and the bound are
+    known multiples of 16 and rows load in 16-byte vectors (at S = 196 an unpadded 392-byte row stride
+    compiled to 2-byte scalar loads). tl.multiple_of inside the kernel was not enough: with the hint
+    there but not on the argument, the JAX forward lost its cp.async pipelining (report, bench/NOTES.md). A block pointer, not a tensor of per-element pointers: those
     hold a register per element (measured: spills)."""
     s_al = tl.cdiv(S, _GRANULE) * _GRANULE
-    bp = tl.make_block_ptr(w1_ptr, shape=(D, s_al), strides=(tl.multiple_of(sw1d, _GRANULE), 1), offsets=(d0, s0),
+    bp = tl.make_block_ptr(w1_ptr, shape=(D, s_al), strides=(sw1d, 1), offsets=(d0, s0),
                            block_shape=(BLOCK_D, P), order=(1, 0))
     return _operand(tl.load(bp, boundary_check=(0, 1), padding_option="zero"), INTERPRETER)
 
@@ -118,7 +120,7 @@ def _w2t_piece(w2_ptr, d0, s0, D, S, sw2s, BLOCK_D: tl.constexpr, P: tl.constexp
     """W2ᵀ[d0 : d0 + BLOCK_D, s0 : s0 + P] (W2 is (S, D)), zero outside W2, as a dot operand; W2 is the
     launchers' copy as W1 is (row stride a multiple of GRANULE, zero columns from D to the next one)."""
     d_al = tl.cdiv(D, _GRANULE) * _GRANULE
-    bp = tl.make_block_ptr(w2_ptr, shape=(d_al, S), strides=(1, tl.multiple_of(sw2s, _GRANULE)), offsets=(d0, s0),
+    bp = tl.make_block_ptr(w2_ptr, shape=(d_al, S), strides=(1, sw2s), offsets=(d0, s0),
                            block_shape=(BLOCK_D, P), order=(0, 1))
     return _operand(tl.load(bp, boundary_check=(0, 1), padding_option="zero"), INTERPRETER)
 
