@@ -182,10 +182,10 @@ def variants(dtype: str) -> Iterator[Tuple]:
                 APPROX_TANH=False,
                 PRECISION=prec, INTERPRETER=False, A_M_SPLIT=False, A_K_SPLIT=False, B_K_SPLIT=False,
                 B_N_SPLIT=False, O_M_SPLIT=False, O_N_SPLIT=False, X_M_SPLIT=False, X_N_SPLIT=False, R_M_SPLIT=False,
-                R_N_SPLIT=False, IDX64=False, K_SPLIT=False)
+                R_N_SPLIT=False, IDX64=False, K_SPLIT=False, EPI_SUBTILE=False)
     for label, (flags, configs) in matmul.VARIANTS.items():
         for bm, bn, bk, warps, stages in configs:
-            cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+            cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SUBTILE=matmul.epi_subtile(bn))
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, None, gemm_ints(label))
         # the weight gradients, split over K where their tiles are few (matmul.split_k)
@@ -201,8 +201,9 @@ def variants(dtype: str) -> Iterator[Tuple]:
             bm, bn, bk, warps, stages = configs[0]
             side = "a_ptr" if label == "ln_gelu" else "b_ptr"
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},autocast]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-                   dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages,
-                   dict(mixed, **{side: "fp32"}), gemm_ints(label))
+                   dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                        EPI_SUBTILE=matmul.epi_subtile(bn)), warps, stages, dict(mixed, **{side: "fp32"}),
+                   gemm_ints(label))
         plan = token_mixing.gpu_config("token_mlp_fwd", 196, 512)
         yield (token_mixing.token_mlp_fwd_kernel, "token_mlp_fwd[S=196,autocast]", plan.label(),
                dict(_TOKEN_FWD, **plan.constexprs()), plan.num_warps, plan.num_stages, mixed,

@@ -105,7 +105,7 @@ def fused_matmul(a_ptr, b_ptr, aux_in_ptr, res_ptr, a_mean_ptr, a_rstd_ptr, a_w_
                  A_M_SPLIT: tl.constexpr, A_K_SPLIT: tl.constexpr, B_K_SPLIT: tl.constexpr,
                  B_N_SPLIT: tl.constexpr, O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr,
                  X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr, R_M_SPLIT: tl.constexpr,
-                 R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr, K_SPLIT: tl.constexpr,
+                 R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr, K_SPLIT: tl.constexpr, EPI_SUBTILE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # The kernel's one aux pointer is an output when it stores the pre-activation / branch
     # (STORE_BRANCH) and an input when its epilogue reads GELU'(aux) (EPI_GELU_GRAD); jax-triton needs
@@ -122,4 +122,4 @@ def fused_matmul(a_ptr, b_ptr, aux_in_ptr, res_ptr, a_mean_ptr, a_rstd_ptr, a_w_
                         EPI_GELU, EPI_GELU_GRAD, STORE_BRANCH, HAS_SCALE, HAS_SS, SS_ON_N, HAS_RES, RES_MUL,
                         APPROX_TANH, PRECISION, INTERPRETER, A_M_SPLIT, A_K_SPLIT, B_K_SPLIT, B_N_SPLIT,
                         O_M_SPLIT, O_N_SPLIT, X_M_SPLIT, X_N_SPLIT, R_M_SPLIT, R_N_SPLIT, IDX64, K_SPLIT,
-                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                        EPI_SUBTILE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)

@@ -24,7 +24,7 @@ import triton
 
 from . import _launch, jax_kernels
 from .layer_norm import ROWS, block_c
-from .matmul import TUNER, Axis, autotuned, flat, plan, site_configs, split, split_k, tune_key
+from .matmul import TUNER, Axis, autotuned, epi_subtile, flat, plan, site_configs, split, split_k, tune_key
 from .token_mixing import DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, token_weights
 
 Array = jax.Array
@@ -170,7 +170,8 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p):
         return autotuned(jax_kernels.fused_matmul, variant, _tuned, split), p.grid, {}
     bm, bn, bk, warps, stages = cfg
     return (jax_kernels.fused_matmul, (triton.cdiv(M, bm) * triton.cdiv(N, bn), p.split_k),
-            dict(num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8))
+            dict(num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                 EPI_SUBTILE=epi_subtile(bn)))
 
 
 def fused_matmul(
@@ -211,7 +212,7 @@ def fused_matmul(
     main = (p.split_k, *out_shape) if split else out_shape
     out, aux_out = call(kernel, grid, inputs,
                         [_shape(main, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype)],
-                        **launch, **p.meta)
+                        **{**p.meta, **launch})
     if split:
         return out.sum(0), None
     return out, (aux_out if store_branch else None)
