@@ -46,9 +46,9 @@ def test_flax_block_on_pallas_jit_grad_vmap():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["mixer_s16", "mixer_b16", "mixer_l16", "resmlp_12"])
-def test_tpu_lowering_of_whole_block(monkeypatch, name, dtype):
-    # jax.export lowers for TPU on this CPU-only machine and fails on what Mosaic TPU rejects.
-    monkeypatch.setattr(pallas_backend, "INTERPRET", False)
+def test_tpu_lowering_of_whole_block(name, dtype):
+    # jax.export lowers for TPU on this CPU-only machine (no setting: the lowering platform picks Mosaic) and
+    # fails on what Mosaic TPU rejects.
     c = get_config(name)
     block = (mff.MixerBlock(c.tokens_dim, c.channels_dim, backend="pallas") if c.kind == "mixer"
              else mff.ResMLPBlock(c.channels_dim, backend="pallas"))
@@ -65,6 +65,29 @@ def test_tpu_lowering_of_whole_block(monkeypatch, name, dtype):
     for fn, kernels in ((fwd, 2), (vjp, 1)):
         module = jax.export.export(jax.jit(fn), platforms=["tpu"])(params, x).mlir_module()
         assert module.count("tpu_custom_call") >= kernels, fn.__name__
+
+
+def test_one_function_runs_here_and_exports_mosaic_for_tpu():
+    # The same jitted function: run on this CPU it interprets the kernels (and matches XLA); exported for TPU
+    # from here, with nothing switched, its module holds Mosaic kernels (tpu_custom_call), forward and backward.
+    assert pallas_backend.INTERPRET is True  # the default, untouched
+    block, ref = mff.MixerBlock(24, 256, backend="pallas"), mff.MixerBlock(24, 256, backend="xla")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 128))
+    params = block.init(jax.random.PRNGKey(1), x)
+
+    def loss(p, x):
+        return jnp.sum(block.apply(p, x) ** 2)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    value, grads = fn(params, x)
+    want_value, want_grads = jax.value_and_grad(lambda p, x: jnp.sum(ref.apply(p, x) ** 2), argnums=(0, 1))(params, x)
+    assert abs(float(value) - float(want_value)) <= 1e-4 * abs(float(want_value))
+    for g, w in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
+        assert float(jnp.max(jnp.abs(g - w))) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(w))))
+    tpu = jax.export.export(fn, platforms=["tpu"])(params, x).mlir_module()
+    assert tpu.count("tpu_custom_call") >= 3  # two forward kernels and the backward's
+    cpu = jax.export.export(fn, platforms=["cpu"])(params, x).mlir_module()
+    assert "tpu_custom_call" not in cpu
 
 
 def test_tiles_are_checked_on_construction():

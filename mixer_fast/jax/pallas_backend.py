@@ -1,9 +1,12 @@
 """The ``pallas`` JAX backend: the Pallas kernels (kernels/pallas/) for TPU, in interpret mode on CPU.
 
 Forward and backward: the fused Pallas kernels; the backward recomputes the hidden tiles rather than
-storing them, and leaves the norm backward (reductions over all of C) and the bias/scale sums to XLA. On a CPU the kernels run in Pallas'
-interpret mode; tests switch that to TPU interpret mode (race detection, NaN-filled uninitialised
-memory) through ``INTERPRET``. GPU is not served: these kernels are written for Mosaic TPU.
+storing them, and leaves the norm backward (reductions over all of C) and the bias/scale sums to XLA.
+Interpret or Mosaic is chosen per lowering platform (``jax.lax.platform_dependent``): on a CPU the
+kernels run in Pallas' interpret mode, and the same function exported for TPU from that CPU
+(``jax.export(..., platforms=["tpu"])``) holds the Mosaic kernels. Tests switch the interpreter to TPU
+interpret mode (race detection, NaN-filled uninitialised memory) through ``INTERPRET``. GPU is not
+served: these kernels are written for Mosaic TPU.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Any
 
 from ..dispatch import BackendUnavailable
 
-# What to pass as pallas_call(interpret=...) off TPU; tests may set a pltpu.InterpretParams here.
+# What to pass as pallas_call(interpret=...) when lowering for a platform other than TPU; tests may set a
+# pltpu.InterpretParams here. Lowering for TPU always takes Mosaic.
 INTERPRET: Any = True
 
 
@@ -42,8 +46,6 @@ def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, 
           norm, scale, sample_scale):
     import jax
 
-    interpret = False if jax.default_backend() == "tpu" else INTERPRET
-    fn = _op(op, float(eps), approximate, norm, interpret)
     args = (x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, scale, sample_scale)
     if any(a is not None and jax.typeof(a).mat.varying for a in args):
         # Inside jax.shard_map with check_vma (its default) every value in a Pallas kernel body would have to
@@ -52,7 +54,14 @@ def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, 
         raise NotImplementedError("jax.shard_map: the pallas backend runs inside shard_map with "
                                   "check_vma=False only (Pallas calls cannot track varying mesh axes in this "
                                   "JAX); pass check_vma=False to jax.shard_map, or use backend='xla'")
-    return fn(*args)
+    mosaic = _op(op, float(eps), approximate, norm, False)
+    if jax.default_backend() == "tpu":
+        return mosaic(*args)
+    # Off TPU the choice is made per lowering platform, not per process: run here, the kernels are
+    # interpreted; exported for TPU from this host (jax.export(..., platforms=["tpu"])), the same function
+    # lowers to Mosaic kernels (a module-wide switch would have exported the interpreter's emulation).
+    interpreted = _op(op, float(eps), approximate, norm, INTERPRET)
+    return jax.lax.platform_dependent(*args, tpu=mosaic, default=interpreted)
 
 
 @functools.lru_cache(maxsize=None)
