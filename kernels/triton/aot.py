@@ -22,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import sass, toolchain
+from .token_mixing import LAYERNORM
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 _FP32_PTRS = {"mean_ptr", "rstd_ptr", "a_mean_ptr", "a_rstd_ptr", "b_mean_ptr", "b_rstd_ptr", "g_ptr", "dw1_ptr",
@@ -112,7 +113,7 @@ def compile_row(fn, name: str, config: str, constexprs: Dict[str, object], *, ar
                "mma" in ptx, ptxas.version_text, len(sass.hazards_in_cubin(compiled.asm["cubin"])))
 
 
-_TOKEN_BWD = dict(NORM=1, HAS_B1=True, APPROX_TANH=False, PRECISION="ieee", INTERPRETER=False, IDX64=False)
+_TOKEN_BWD = dict(NORM=LAYERNORM, HAS_B1=True, APPROX_TANH=False, PRECISION="ieee", INTERPRETER=False, IDX64=False)
 _TOKEN_FWD = dict(_TOKEN_BWD, HAS_B2=True, HAS_SCALE=False, HAS_SS=True, STORE_BRANCH=False)
 
 
@@ -160,9 +161,9 @@ def gemm_ints(site: str, split: bool = False) -> Optional[Dict[str, int]]:
     if site not in sites:
         return None
     Mx, Nx, Kx, a, b, o, x, r = sites[site]
-    flags = dict(a_pro=0, b_pro=0, has_bias=False, bias_on_m=False, epi_gelu=False, epi_gelu_grad=False,
-                 store_branch=False, has_scale=False, has_ss=False, ss_on_n=False, has_res=False,
-                 approximate="none", precision="ieee", idx64=False)
+    flags = dict(a_pro=matmul.A_NONE, b_pro=matmul.B_NONE, has_bias=False, bias_on_m=False, epi_gelu=False,
+                 epi_gelu_grad=False, store_branch=False, has_scale=False, has_ss=False, ss_on_n=False,
+                 has_res=False, approximate="none", precision="ieee", idx64=False)
     p = matmul.plan(Mx, Nx, Kx, a, b, o, x, r, allow_split=split, out_numel=o[0].inner * o[1].inner, **flags)
     if split != (p.split_k > 1):
         raise AssertionError(f"{site}: the example's split ({p.split_k}) is not the one asked for")
@@ -177,7 +178,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
     from . import layer_norm, matmul, spatial_gating, token_mixing
 
     prec = "ieee"
-    base = dict(A_PRO=0, B_PRO=0, HAS_BIAS=False, BIAS_ON_M=False, EPI_GELU=False, EPI_GELU_GRAD=False,
+    base = dict(A_PRO=matmul.A_NONE, B_PRO=matmul.B_NONE, HAS_BIAS=False, BIAS_ON_M=False, EPI_GELU=False, EPI_GELU_GRAD=False,
                 STORE_BRANCH=False, HAS_SCALE=False, HAS_SS=False, SS_ON_N=False, HAS_RES=False, RES_MUL=False,
                 APPROX_TANH=False,
                 PRECISION=prec, INTERPRETER=False, A_M_SPLIT=False, A_K_SPLIT=False, B_K_SPLIT=False,

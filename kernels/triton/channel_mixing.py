@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from . import _launch
-from .matmul import flat, fused_matmul, split
+from .matmul import A_AFFINE, A_LAYERNORM, B_AFFINE_N, B_GELU, B_LAYERNORM, flat, fused_matmul, split
 from .token_mixing import branch_grad, norm_backward, scale_grad
 from .layer_norm import layer_norm_stats
 
@@ -57,7 +57,7 @@ def channel_mixing_forward(
         x, (_token_axis(x, S), flat(C, x.stride(2))),
         fc1_weight, (flat(C, fc1_weight.stride(1)), flat(D, fc1_weight.stride(0))),
         hidden, h_axes, M, D, C,
-        variant="ln_gelu", a_pro=1 if norm == "layernorm" else 2, a_stats=(mean, rstd) if mean is not None else None, a_vec=(nw, nb),
+        variant="ln_gelu", a_pro=A_LAYERNORM if norm == "layernorm" else A_AFFINE, a_stats=(mean, rstd) if mean is not None else None, a_vec=(nw, nb),
         bias=fc1_bias, aux=z, aux_axes=h_axes if z is not None else None, store_branch=z is not None,
         epi_gelu=True, approximate=approximate, allow_tf32=allow_tf32)
     o_axes = (split(S, S * C, C), flat(C, 1))
@@ -101,11 +101,11 @@ def channel_mixing_backward(
                  g, (flat(M, C), flat(C, 1)), M, C, D, variant="plain", allow_tf32=allow_tf32)
     dw1 = _launch.new_output((D, C), x, torch.float32)
     fused_matmul(dz, (flat(D, 1), flat(M, D)), x, (x_tok, x_ch), dw1, (flat(D, C), flat(C, 1)), D, C, M,
-                 variant="ln_b", b_pro=1 if norm == "layernorm" else 2, b_stats=(mean, rstd) if mean is not None else None,
+                 variant="ln_b", b_pro=B_LAYERNORM if norm == "layernorm" else B_AFFINE_N, b_stats=(mean, rstd) if mean is not None else None,
                  b_vec=(nw, nb), allow_tf32=allow_tf32)
     dw2 = _launch.new_output((C, D), x, torch.float32)
     fused_matmul(do, (do_ch, do_tok), z, h_axes, dw2, (flat(C, D), flat(D, 1)), C, D, M,
-                 variant="gelu_b", b_pro=4, approximate=approximate, allow_tf32=allow_tf32)
+                 variant="gelu_b", b_pro=B_GELU, approximate=approximate, allow_tf32=allow_tf32)
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
     grads["fc1_bias"] = dz.sum(0, dtype=torch.float32) if fc1_bias is not None else None
     grads["fc2_bias"] = do.sum((0, 1), dtype=torch.float32) if fc2_bias is not None else None

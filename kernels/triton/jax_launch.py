@@ -24,7 +24,9 @@ import triton
 
 from . import _launch, jax_kernels
 from .layer_norm import ROWS, block_c
-from .matmul import TUNER, Axis, autotuned, epi_subtile, flat, plan, site_configs, split, split_k, tune_key
+from .matmul import (A_AFFINE, A_LAYERNORM, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM, B_NONE,
+                     B_TOKEN_LAYERNORM, TUNER, Axis, autotuned, epi_subtile, flat, plan, site_configs, split, split_k,
+                     tune_key)
 from .token_mixing import DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, token_weights
 
 Array = jax.Array
@@ -177,8 +179,8 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p):
 def fused_matmul(
     a: Array, a_axes: Tuple[Axis, Axis], b: Array, b_axes: Tuple[Axis, Axis],
     out_shape: Tuple[int, ...], out_dtype, out_axes: Tuple[Axis, Axis], M: int, N: int, K: int, *, variant: str,
-    precision: str, a_pro: int = 0, a_stats: Optional[Tuple[Array, Array]] = None,
-    a_vec: Optional[Tuple[Array, Array]] = None, b_pro: int = 0, b_stats: Optional[Tuple[Array, Array]] = None,
+    precision: str, a_pro: int = A_NONE, a_stats: Optional[Tuple[Array, Array]] = None,
+    a_vec: Optional[Tuple[Array, Array]] = None, b_pro: int = B_NONE, b_stats: Optional[Tuple[Array, Array]] = None,
     b_vec: Optional[Tuple[Array, Array]] = None, bias: Optional[Array] = None, bias_on_m: bool = False,
     aux: Optional[Array] = None, aux_axes: Optional[Tuple[Axis, Axis]] = None, epi_gelu: bool = False,
     epi_gelu_grad: bool = False, store_branch: bool = False, scale: Optional[Array] = None,
@@ -282,7 +284,7 @@ def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1:
         tok = (flat(S, C), split(C, S * C, 1))
         out, branch = fused_matmul(
             k1, (flat(S, 1), flat(S, S)), x, tok, x.shape, x.dtype, tok, S, B * C, S, variant="token_linear",
-            precision=precision, b_pro=5 if norm == "layernorm" else 2, b_vec=(nwv, nbv),
+            precision=precision, b_pro=B_TOKEN_LAYERNORM if norm == "layernorm" else B_AFFINE_N, b_vec=(nwv, nbv),
             b_stats=(mean, rstd) if mean is not None else None, bias=b1, bias_on_m=True,
             store_branch=store_branch, scale=scale, ss=ss, ss_on_n=True, res=x, res_axes=tok,
             approximate=approximate)
@@ -321,12 +323,12 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
         # g = Wᵀ · do, the Flax kernel k1[m_in, k_out] read as A[m, k].
         g, _ = fused_matmul(k1, (flat(S, S), flat(S, 1)), do, tok, (B * S, C), F32, tok, S, B * C, S,
                             variant="plain", precision=precision)
-        xn_src, b_pro, b_vec = x, 3, (nwv, nbv)
+        xn_src, b_pro, b_vec = x, B_AFFINE_K, (nwv, nbv)
         if norm == "layernorm":
             # As the torch launcher: normalise once here rather than add a kernel mode (no named model).
             xn_src = (((x.astype(F32) - mean.reshape(B, S, 1)) * rstd.reshape(B, S, 1)) * nwv.astype(F32)
                       + nbv.astype(F32)).astype(x.dtype)
-            b_pro, b_vec = 0, None
+            b_pro, b_vec = B_NONE, None
         # dK[in, out] = Σ_(b,c) N(x)[b, in, c] · do[b, out, c], written straight into Flax layout.
         dk, _ = fused_matmul(do, (flat(S, C), split(C, S * C, 1)), xn_src, (split(C, S * C, 1), flat(S, C)),
                              (S, S), F32, (flat(S, 1), flat(S, S)), S, S, B * C, variant="ln_b",
@@ -396,7 +398,7 @@ def channel_mixing_forward(x: Array, nw, nb, k1: Array, b1, k2: Array, b2, *, ep
     h_axes = (flat(M, D), flat(D, 1))
     hidden, z = fused_matmul(
         x, (tok, ch), k1, (flat(C, D), flat(D, 1)), (M, D), x.dtype, h_axes, M, D, C, variant="ln_gelu",
-        precision=precision, a_pro=1 if norm == "layernorm" else 2,
+        precision=precision, a_pro=A_LAYERNORM if norm == "layernorm" else A_AFFINE,
         a_stats=(mean, rstd) if mean is not None else None, a_vec=(nwv, nbv), bias=b1, store_branch=True,
         epi_gelu=True, approximate=approximate)
     out, branch = fused_matmul(
@@ -427,11 +429,12 @@ def channel_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Ar
                         variant="plain", precision=precision)
     # dK1[c, d] = Σ_tok N(x)[tok, c] · dZ[tok, d]: computed as (dZᵀ · N(x))[d, c], stored transposed.
     dk1, _ = fused_matmul(dz, (flat(D, 1), flat(M, D)), x, (tok, ch), (C, D), F32, (flat(D, 1), flat(C, D)),
-                          D, C, M, variant="ln_b", precision=precision, b_pro=1 if norm == "layernorm" else 2,
+                          D, C, M, variant="ln_b", precision=precision,
+                          b_pro=B_LAYERNORM if norm == "layernorm" else B_AFFINE_N,
                           b_stats=(mean, rstd) if mean is not None else None, b_vec=(nwv, nbv))
     # dK2[d, c] = Σ_tok GELU(Z)[tok, d] · dO[tok, c]: (dOᵀ · GELU(Z))[c, d], stored transposed.
     dk2, _ = fused_matmul(do, (ch, tok), z, h_axes, (D, C), F32, (flat(C, 1), flat(D, C)), C, D, M,
-                          variant="gelu_b", precision=precision, b_pro=4, approximate=approximate)
+                          variant="gelu_b", precision=precision, b_pro=B_GELU, approximate=approximate)
     grads["fc1_kernel"], grads["fc2_kernel"] = dk1, dk2
     grads["fc1_bias"] = dz.astype(F32).sum(0) if b1 is not None else None
     grads["fc2_bias"] = do.astype(F32).sum((0, 1)) if b2 is not None else None

@@ -9,12 +9,13 @@ contiguous and no transpose is materialised. Offsets are computed in int64.
 
 Prologues (applied to each loaded tile in fp32, then rounded to the *other* operand's dtype, as eager does:
 under torch.autocast an fp32 activation meets a 16-bit weight, and the normalised tile is what autocast
-would have cast):
-    A: 0 none | 1 LayerNorm (row stats per m, weight/bias per k) | 2 affine (per k)
-    B: 0 none | 1 LayerNorm (stats per k, weight/bias per n) | 2 affine (per n) | 3 affine (per k) | 4 GELU
-       | 5 LayerNorm for the per-image token linear (stats of token (n // inner, k), weight/bias per n)
-       | 6 GELU then LayerNorm for gMLP's gate, B[k = (image, channel), n = token] (stats of token
-         (k // inner, n), weight/bias per k % inner): the gate's weight gradient from the saved pre-activation
+would have cast), named by the constants below (the kernel's A_PRO / B_PRO):
+    A: A_NONE | A_LAYERNORM (row stats per m, weight/bias per k) | A_AFFINE (per k)
+    B: B_NONE | B_LAYERNORM (stats per k, weight/bias per n) | B_AFFINE_N (affine per n) | B_AFFINE_K (per k)
+       | B_GELU | B_TOKEN_LAYERNORM (the per-image token linear: stats of token (n // inner, k), weight/bias
+       per n) | B_GATE_LAYERNORM (GELU then LayerNorm for gMLP's gate, B[k = (image, channel), n = token]:
+       stats of token (k // inner, n), weight/bias per k % inner; the gate's weight gradient from the saved
+       pre-activation)
 Epilogue, in order: + bias (per n, or per m), store to ``aux`` (the pre-activation, or the branch before
 scale), GELU or × GELU'(aux), × scale[n % inner], × sample_scale[sample], + residual (or × ``res``:
 gMLP's u ⊙ gate, RES_MUL).
@@ -34,6 +35,16 @@ if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.
     import torch
 
     Tensor = torch.Tensor
+
+
+# Prologue codes (the kernel's A_PRO / B_PRO; module docstring). Python ints for the launchers, tl.constexpr
+# twins (leading underscore) for the kernel, which may read only constexpr globals.
+A_NONE, A_LAYERNORM, A_AFFINE = 0, 1, 2
+B_NONE, B_LAYERNORM, B_AFFINE_N, B_AFFINE_K, B_GELU, B_TOKEN_LAYERNORM, B_GATE_LAYERNORM = 0, 1, 2, 3, 4, 5, 6
+_A_NONE, _A_LAYERNORM = tl.constexpr(A_NONE), tl.constexpr(A_LAYERNORM)
+_B_NONE, _B_LAYERNORM, _B_AFFINE_N = tl.constexpr(B_NONE), tl.constexpr(B_LAYERNORM), tl.constexpr(B_AFFINE_N)
+_B_AFFINE_K, _B_TOKEN_LAYERNORM = tl.constexpr(B_AFFINE_K), tl.constexpr(B_TOKEN_LAYERNORM)
+_B_GATE_LAYERNORM = tl.constexpr(B_GATE_LAYERNORM)
 
 
 @triton.jit
@@ -100,10 +111,10 @@ def fused_matmul_kernel(
     mask_n = rn < N
     a_row = _offsets(rm, a_mi, a_smo, a_smi, A_M_SPLIT, IDX64)
     b_col = _offsets(rn, b_ni, b_sno, b_sni, B_N_SPLIT, IDX64)
-    if A_PRO == 1:
+    if A_PRO == _A_LAYERNORM:
         a_mean = tl.load(a_mean_ptr + rm, mask=mask_m, other=0.0)
         a_rstd = tl.load(a_rstd_ptr + rm, mask=mask_m, other=0.0)
-    if B_PRO == 1 or B_PRO == 2 or B_PRO == 5:
+    if B_PRO == _B_LAYERNORM or B_PRO == _B_AFFINE_N or B_PRO == _B_TOKEN_LAYERNORM:
         b_wn = tl.load(b_w_ptr + rn % b_ni, mask=mask_n, other=0.0).to(tl.float32)
         b_bn = tl.load(b_b_ptr + rn % b_ni, mask=mask_n, other=0.0).to(tl.float32)
 
@@ -115,23 +126,23 @@ def fused_matmul_kernel(
         b_mask = mask_k[:, None] & mask_n[None, :]
         a = tl.load(a_ptr + a_row[:, None] + _offsets(rk, a_ki, a_sko, a_ski, A_K_SPLIT, IDX64)[None, :], mask=a_mask, other=0.0)
         b = tl.load(b_ptr + _offsets(rk, b_ki, b_sko, b_ski, B_K_SPLIT, IDX64)[:, None] + b_col[None, :], mask=b_mask, other=0.0)
-        if A_PRO != 0:
+        if A_PRO != _A_NONE:
             af = a.to(tl.float32)
             wk = tl.load(a_w_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
             bk = tl.load(a_b_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
-            if A_PRO == 1:
+            if A_PRO == _A_LAYERNORM:
                 af = (af - a_mean[:, None]) * a_rstd[:, None]
             af = af * wk[None, :] + bk[None, :]
             a = round_to(tl.where(a_mask, af, 0.0), b_ptr.dtype.element_ty, INTERPRETER)
-        if B_PRO != 0:
+        if B_PRO != _B_NONE:
             bf = b.to(tl.float32)
-            if B_PRO == 1:
+            if B_PRO == _B_LAYERNORM:
                 mk = tl.load(b_mean_ptr + rk, mask=mask_k, other=0.0)
                 sk = tl.load(b_rstd_ptr + rk, mask=mask_k, other=0.0)
                 bf = (bf - mk[:, None]) * sk[:, None] * b_wn[None, :] + b_bn[None, :]
-            elif B_PRO == 2:
+            elif B_PRO == _B_AFFINE_N:
                 bf = bf * b_wn[None, :] + b_bn[None, :]
-            elif B_PRO == 5:
+            elif B_PRO == _B_TOKEN_LAYERNORM:
                 # Per-image token linear (ResMLP layout) with LayerNorm: B[k = token, n = (image, channel)]
                 # needs the stats of token (n // b_ni, k).
                 st = (rn // b_ni)[None, :] * K + rk[:, None]
@@ -140,11 +151,11 @@ def fused_matmul_kernel(
                 mk = tl.load(b_mean_ptr + st, mask=b_mask, other=0.0)
                 sk = tl.load(b_rstd_ptr + st, mask=b_mask, other=0.0)
                 bf = (bf - mk) * sk * b_wn[None, :] + b_bn[None, :]
-            elif B_PRO == 3:
+            elif B_PRO == _B_AFFINE_K:
                 wk = tl.load(b_w_ptr + rk % b_ki, mask=mask_k, other=0.0).to(tl.float32)
                 bk = tl.load(b_b_ptr + rk % b_ki, mask=mask_k, other=0.0).to(tl.float32)
                 bf = bf * wk[:, None] + bk[:, None]
-            elif B_PRO == 6:
+            elif B_PRO == _B_GATE_LAYERNORM:
                 # gMLP's gate input v = GELU(z_v), rounded to z's dtype as the forward stored it (its
                 # statistics were taken of the rounded values), then normalised per (image, token).
                 bf = round_to(gelu(bf, APPROX_TANH), b_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
@@ -156,7 +167,7 @@ def fused_matmul_kernel(
                 wk = tl.load(b_w_ptr + rk % b_ki, mask=mask_k, other=0.0).to(tl.float32)
                 bk = tl.load(b_b_ptr + rk % b_ki, mask=mask_k, other=0.0).to(tl.float32)
                 bf = (bf - mk) * sk * wk[:, None] + bk[:, None]
-            else:
+            else:  # B_GELU
                 bf = gelu(bf, APPROX_TANH)
             b = round_to(tl.where(b_mask, bf, 0.0), a_ptr.dtype.element_ty, INTERPRETER)
         if INTERPRETER:  # Triton's interpreter mis-multiplies bf16 dots; products of bf16/fp16 are exact in fp32
@@ -291,7 +302,7 @@ def _dummy(device: torch.device) -> torch.Tensor:
 # The gMLP gate sites are not specialised in the report: their lists are the unspecialised pruning's.
 VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int], ...]]] = {
     # channel fc1: LayerNorm prologue, bias + GELU epilogue keeping Z
-    "ln_gelu": (dict(A_PRO=1, HAS_BIAS=True, EPI_GELU=True, STORE_BRANCH=True),
+    "ln_gelu": (dict(A_PRO=A_LAYERNORM, HAS_BIAS=True, EPI_GELU=True, STORE_BRANCH=True),
                 ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 3),
                  (64, 64, 32, 4, 3))),
     # channel fc2: bias, layer scale, drop path, residual
@@ -301,17 +312,17 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
     "gelu_grad": (dict(EPI_GELU_GRAD=True), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 4),
                                              (64, 64, 64, 4, 3))),
     # weight gradients with the norm recomputed on the B tile (dW1 = dZᵀ · LN(x); ResMLP's dW)
-    "ln_b": (dict(B_PRO=1), ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 8, 3))),
+    "ln_b": (dict(B_PRO=B_LAYERNORM), ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 8, 3))),
     # dW2 = dOᵀ · GELU(Z), GELU recomputed on the B tile
-    "gelu_b": (dict(B_PRO=4), ((256, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 8, 3),
+    "gelu_b": (dict(B_PRO=B_GELU), ((256, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 8, 3),
                                (128, 128, 32, 8, 4))),
     # gMLP's gate: per-image S×S token linear of LN(v), + bias, kept (backward), × u
-    "gate_proj": (dict(B_PRO=5, HAS_BIAS=True, BIAS_ON_M=True, STORE_BRANCH=True, HAS_RES=True, RES_MUL=True),
+    "gate_proj": (dict(B_PRO=B_TOKEN_LAYERNORM, HAS_BIAS=True, BIAS_ON_M=True, STORE_BRANCH=True, HAS_RES=True, RES_MUL=True),
                   ((64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3))),  # 4 warps at 64x128 spill
     # gMLP's gate weight gradient dW_p = dP · LN(GELU(z_v))ᵀ, the B tile recomputed from z (BLOCK_K 64 spills)
-    "gate_b": (dict(B_PRO=6), ((128, 128, 32, 8, 3), (64, 128, 32, 8, 3))),
+    "gate_b": (dict(B_PRO=B_GATE_LAYERNORM), ((128, 128, 32, 8, 3), (64, 128, 32, 8, 3))),
     # ResMLP's per-image S×S token linear with its whole epilogue
-    "token_linear": (dict(B_PRO=2, HAS_BIAS=True, BIAS_ON_M=True, HAS_SCALE=True, HAS_SS=True, SS_ON_N=True,
+    "token_linear": (dict(B_PRO=B_AFFINE_N, HAS_BIAS=True, BIAS_ON_M=True, HAS_SCALE=True, HAS_SS=True, SS_ON_N=True,
                           HAS_RES=True, STORE_BRANCH=True),
                      ((128, 256, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (64, 128, 32, 8, 3),
                       (64, 64, 64, 8, 3))),
@@ -567,9 +578,9 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
 def fused_matmul(
     a: torch.Tensor, a_axes: Tuple[Axis, Axis], b: torch.Tensor, b_axes: Tuple[Axis, Axis],
     out: torch.Tensor, out_axes: Tuple[Axis, Axis], M: int, N: int, K: int, *, variant: str,
-    a_pro: int = 0, a_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    a_pro: int = A_NONE, a_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     a_vec: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    b_pro: int = 0, b_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    b_pro: int = B_NONE, b_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     b_vec: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     bias: Optional[torch.Tensor] = None, bias_on_m: bool = False,
     aux: Optional[torch.Tensor] = None, aux_axes: Optional[Tuple[Axis, Axis]] = None,

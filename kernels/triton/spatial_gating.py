@@ -29,7 +29,7 @@ import triton.language as tl
 from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
 from .layer_norm import layer_norm_backward, layer_norm_stats
-from .matmul import flat, fused_matmul, split
+from .matmul import A_LAYERNORM, B_GATE_LAYERNORM, B_LAYERNORM, B_TOKEN_LAYERNORM, flat, fused_matmul, split
 from .token_mixing import branch_grad, norm_backward
 
 if TYPE_CHECKING:  # torch loads when a launcher runs
@@ -95,7 +95,7 @@ def spatial_gating_forward(
         x, (split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))),
         fc1_weight, (flat(C, fc1_weight.stride(1)), flat(H, fc1_weight.stride(0))),
         h, h_axes, M, H, C,
-        variant="ln_gelu", a_pro=1, a_stats=(mean, rstd), a_vec=(nw, nb), bias=fc1_bias,
+        variant="ln_gelu", a_pro=A_LAYERNORM, a_stats=(mean, rstd), a_vec=(nw, nb), bias=fc1_bias,
         aux=z, aux_axes=h_axes if save else None, store_branch=save, epi_gelu=True, approximate=approximate,
         allow_tf32=allow_tf32)
     u, v = h[..., :Hh], h[..., Hh:]
@@ -110,7 +110,7 @@ def spatial_gating_forward(
     fused_matmul(
         proj_weight, (flat(S, proj_weight.stride(0)), flat(S, proj_weight.stride(1))),
         v, (flat(S, v.stride(1)), _tokens(v)), q, q_axes, S, B * Hh, S,
-        variant="gate_proj", b_pro=5, b_stats=(gate_mean, gate_rstd), b_vec=(gw, gb), bias=proj_bias,
+        variant="gate_proj", b_pro=B_TOKEN_LAYERNORM, b_stats=(gate_mean, gate_rstd), b_vec=(gw, gb), bias=proj_bias,
         bias_on_m=True, aux=p, aux_axes=q_axes if save else None, store_branch=save,
         res=u, res_axes=(flat(S, u.stride(1)), _tokens(u)), res_mul=True, allow_tf32=allow_tf32)
     out = _launch.new_output((B, S, C), x, x.dtype)
@@ -159,7 +159,7 @@ def spatial_gating_backward(
     gb = _launch.vec_or(gate_norm_bias, Hh, 0.0, zv)
     dwp = _launch.new_output((S, S), x, torch.float32)
     fused_matmul(dp, (flat(S, dp.stride(1)), _tokens(dp)), zv, (_tokens(zv), flat(S, zv.stride(1))),
-                 dwp, (flat(S, S), flat(S, 1)), S, S, B * Hh, variant="gate_b", b_pro=6,
+                 dwp, (flat(S, S), flat(S, 1)), S, S, B * Hh, variant="gate_b", b_pro=B_GATE_LAYERNORM,
                  b_stats=(gate_mean, gate_rstd), b_vec=(gw, gb), approximate=approximate, allow_tf32=allow_tf32)
     grads["proj_weight"] = dwp
     grads["proj_bias"] = dp.sum((0, 2), dtype=torch.float32) if proj_bias is not None else None
@@ -181,7 +181,7 @@ def spatial_gating_backward(
                  g, (flat(M, C), flat(C, 1)), M, C, H, variant="plain", allow_tf32=allow_tf32)
     dw1 = _launch.new_output((H, C), x, torch.float32)
     fused_matmul(dz, (flat(H, 1), flat(M, H)), x, (split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))),
-                 dw1, (flat(H, C), flat(C, 1)), H, C, M, variant="ln_b", b_pro=1, b_stats=(mean, rstd),
+                 dw1, (flat(H, C), flat(C, 1)), H, C, M, variant="ln_b", b_pro=B_LAYERNORM, b_stats=(mean, rstd),
                  b_vec=(nw, nb), allow_tf32=allow_tf32)
     dw2 = _launch.new_output((C, Hh), x, torch.float32)
     fused_matmul(do, (do_ch, do_tok), q, (flat(M, Hh), flat(Hh, 1)), dw2, (flat(C, Hh), flat(Hh, 1)), C, Hh, M,

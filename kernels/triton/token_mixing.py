@@ -29,7 +29,7 @@ import triton.language as tl
 from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
 from .layer_norm import layer_norm_backward, layer_norm_stats
-from .matmul import flat, fused_matmul, split
+from .matmul import B_AFFINE_K, B_AFFINE_N, B_NONE, B_TOKEN_LAYERNORM, flat, fused_matmul, split
 
 if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
     import torch
@@ -45,7 +45,7 @@ _GRANULE = tl.constexpr(GRANULE)  # the same, as kernels see it
 
 
 # Kernel modes as the kernels see them (the launchers use NORMS and the DW_* names below).
-_LAYERNORM = tl.constexpr(1)
+_LAYERNORM = tl.constexpr(1)  # LAYERNORM below
 _W1_GRADS = tl.constexpr(1)  # token_mlp_dw_kernel's PART: dW1 and db1 only
 _W2_GRAD = tl.constexpr(2)  # PART: dW2 only
 
@@ -423,7 +423,8 @@ def _store_dw(dw1, dw2t, dw1_ptr, dw2_ptr, split, offs_d, s0, S, D, PART: tl.con
 # Launchers
 
 
-NORMS = {"layernorm": 1, "affine": 2}  # the kernels' NORM (1 is _LAYERNORM)
+LAYERNORM, AFFINE = 1, 2  # the kernels' NORM (_LAYERNORM is the first's constexpr twin)
+NORMS = {"layernorm": LAYERNORM, "affine": AFFINE}
 DW_BOTH, DW1, DW2 = 0, 1, 2  # token_mlp_dw_kernel's PART: all gradients, dW1 and db1 (_W1_GRADS), dW2 (_W2_GRAD)
 KERNELS = ("token_mlp_fwd", "token_mlp_dx", "token_mlp_dw")
 
@@ -604,7 +605,7 @@ def token_mixing_forward(
         fused_matmul(
             fc1_weight, (flat(S, fc1_weight.stride(0)), flat(S, fc1_weight.stride(1))),
             x, (flat(S, xs[1]), n_axis), out, o_axes, S, B * C, S, variant="token_linear",
-            b_pro=5 if norm == "layernorm" else 2, b_vec=(nw, nb),
+            b_pro=B_TOKEN_LAYERNORM if norm == "layernorm" else B_AFFINE_N, b_vec=(nw, nb),
             b_stats=(mean, rstd) if mean is not None else None, bias=fc1_bias, bias_on_m=True,
             aux=branch, aux_axes=o_axes if branch is not None else None, store_branch=store_branch,
             scale=scale, ss=sample_scale, ss_on_n=True, res=x, res_axes=(flat(S, xs[1]), n_axis),
@@ -696,11 +697,11 @@ def token_mixing_backward(
         ws, ds, xs = fc1_weight.stride(), do.stride(), x.stride()
         fused_matmul(fc1_weight, (flat(S, ws[1]), flat(S, ws[0])), do, (flat(S, ds[1]), split(C, ds[0], ds[2])),
                      g, (flat(S, C), split(C, S * C, 1)), S, B * C, S, variant="plain", allow_tf32=allow_tf32)
-        xn_src, b_pro, b_vec = x, 3, (nw, nb)
+        xn_src, b_pro, b_vec = x, B_AFFINE_K, (nw, nb)
         if norm == "layernorm":
             # Rare combination (no named model uses it): normalise once here rather than add a kernel mode.
             xn_src = torch.nn.functional.layer_norm(x, (C,), norm_weight, norm_bias, eps).to(fc1_weight.dtype)
-            b_pro, b_vec = 0, None
+            b_pro, b_vec = B_NONE, None
         xs = xn_src.stride()
         dw = _launch.new_output((S, S), x, torch.float32)
         fused_matmul(do, (flat(S, ds[1]), split(C, ds[0], ds[2])), xn_src, (split(C, xs[0], xs[2]), flat(S, xs[1])),
