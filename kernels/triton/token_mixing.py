@@ -312,6 +312,21 @@ def _store_g(g, g_ptr, b, s0, offs_c, S, C, INTERPRETER: tl.constexpr, IDX64: tl
 
 
 @triton.jit
+def _dw_piece_inputs(z, da, w1_p, w2_p, x_ptr, do_ptr, b, s0, offs_c, S, C, sxb, sxs, sxc, sdb, sds, sdc, mean_ptr,
+                     rstd_ptr, nw, nb, dtype: tl.constexpr, NORM: tl.constexpr, PART: tl.constexpr,
+                     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr, P: tl.constexpr):
+    """One token piece of a dW work item: its N(x)ᵀ and dOᵀ tiles (BLOCK_C, P), and Z += W1_p · N(x)_p,
+    dA += W2ᵀ_p · dO_p (dA only where dW1 is computed)."""
+    xn = _xn_t(x_ptr, b, s0, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM, INTERPRETER,
+               IDX64, P)
+    do = _operand(_load_t(do_ptr, b, s0, offs_c, S, C, sdb, sds, sdc, IDX64, P)[0], INTERPRETER)
+    z = tl.dot(w1_p, tl.trans(xn), z, input_precision=PRECISION)
+    if PART != _W2_GRAD:
+        da = tl.dot(w2_p, tl.trans(do), da, input_precision=PRECISION)
+    return xn, do, z, da
+
+
+@triton.jit
 def token_mlp_dw_kernel(
     x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
     w1_ptr, b1_ptr, w2_ptr, dw1_ptr, dw2_ptr, db1_ptr,
@@ -360,26 +375,19 @@ def token_mlp_dw_kernel(
         b = item // n_c
         offs_c = (item % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
         nw, nb = _norm_vectors(nw_ptr, nb_ptr, offs_c, C)
-        xn0 = _xn_t(x_ptr, b, 0, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
-                    INTERPRETER, IDX64, S_PIECE0)
-        do0 = _operand(_load_t(do_ptr, b, 0, offs_c, S, C, sdb, sds, sdc, IDX64, S_PIECE0)[0], INTERPRETER)
-        z = tl.dot(w1_0, tl.trans(xn0), input_precision=PRECISION)  # (BLOCK_D, BLOCK_C)
-        if PART != _W2_GRAD:
-            da = tl.dot(w2_0, tl.trans(do0), input_precision=PRECISION)
+        z = tl.zeros((BLOCK_D, BLOCK_C), dtype=tl.float32)
+        da = tl.zeros((BLOCK_D, BLOCK_C), dtype=tl.float32)
+        xn0, do0, z, da = _dw_piece_inputs(z, da, w1_0, w2_0, x_ptr, do_ptr, b, 0, offs_c, S, C, sxb, sxs, sxc,
+                                           sdb, sds, sdc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM, PART, PRECISION,
+                                           INTERPRETER, IDX64, S_PIECE0)
         if S_PIECE1 > 0:
-            xn1 = _xn_t(x_ptr, b, s1, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
-                        INTERPRETER, IDX64, S_PIECE1)
-            do1 = _operand(_load_t(do_ptr, b, s1, offs_c, S, C, sdb, sds, sdc, IDX64, S_PIECE1)[0], INTERPRETER)
-            z = tl.dot(w1_1, tl.trans(xn1), z, input_precision=PRECISION)
-            if PART != _W2_GRAD:
-                da = tl.dot(w2_1, tl.trans(do1), da, input_precision=PRECISION)
+            xn1, do1, z, da = _dw_piece_inputs(z, da, w1_1, w2_1, x_ptr, do_ptr, b, s1, offs_c, S, C, sxb, sxs,
+                                               sxc, sdb, sds, sdc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM, PART,
+                                               PRECISION, INTERPRETER, IDX64, S_PIECE1)
         if S_PIECE2 > 0:
-            xn2 = _xn_t(x_ptr, b, s2, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
-                        INTERPRETER, IDX64, S_PIECE2)
-            do2 = _operand(_load_t(do_ptr, b, s2, offs_c, S, C, sdb, sds, sdc, IDX64, S_PIECE2)[0], INTERPRETER)
-            z = tl.dot(w1_2, tl.trans(xn2), z, input_precision=PRECISION)
-            if PART != _W2_GRAD:
-                da = tl.dot(w2_2, tl.trans(do2), da, input_precision=PRECISION)
+            xn2, do2, z, da = _dw_piece_inputs(z, da, w1_2, w2_2, x_ptr, do_ptr, b, s2, offs_c, S, C, sxb, sxs,
+                                               sxc, sdb, sds, sdc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM, PART,
+                                               PRECISION, INTERPRETER, IDX64, S_PIECE2)
         if HAS_B1:
             z += b1[:, None]
         if PART != _W1_GRADS:
