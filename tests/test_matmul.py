@@ -114,8 +114,9 @@ def test_shipped_table_is_valid():
         for key, cfg in entries.items():
             site, dims, flags = key.split("|")
             assert all(int(v) & (int(v) - 1) == 0 for v in dims.split("x")), key
-            split, jax = "K_SPLIT=True" in flags, site.startswith("jax:")
-            assert tuple(cfg) in matmul.site_configs(site.removeprefix("jax:"), split, jax=jax), (key, cfg)
+            split, jax, fp32 = "K_SPLIT=True" in flags, site.startswith("jax:"), site.endswith(",fp32")
+            name = site.removeprefix("jax:").removesuffix(",fp32")
+            assert tuple(cfg) in matmul.site_configs(name, split, jax=jax, fp32=fp32), (key, cfg)
 
 
 def test_tune_table_merge():
@@ -165,3 +166,12 @@ def test_jax_configs_cover_every_site():
         matmul.site_configs("nope", False)
     with pytest.raises(ValueError, match="split-K launches are planned for"):
         matmul.site_configs("ln_gelu", True, jax=True)
+
+
+def test_fp32_operands_take_the_fma_configs():
+    from mixer_fast.kernels.triton import matmul
+
+    for site in matmul.VARIANTS:
+        assert matmul.site_configs(site, False, fp32=True) == matmul.FP32_CONFIGS
+        assert matmul.site_configs(site, False, jax=True, fp32=True) == matmul.FP32_CONFIGS
+    assert all(bm * bn <= 64 * 64 for bm, bn, *_ in matmul.FP32_CONFIGS)

@@ -185,12 +185,13 @@ def variants(dtype: str) -> Iterator[Tuple]:
                 B_N_SPLIT=False, O_M_SPLIT=False, O_N_SPLIT=False, X_M_SPLIT=False, X_N_SPLIT=False, R_M_SPLIT=False,
                 R_N_SPLIT=False, IDX64=False, K_SPLIT=False, EPI_SUBTILE=False)
     for label, (flags, configs) in matmul.VARIANTS.items():
-        for bm, bn, bk, warps, stages in configs:
+        for bm, bn, bk, warps, stages in (matmul.FP32_CONFIGS if dtype == "fp32" else configs):
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SUBTILE=matmul.epi_subtile(bn))
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, None, gemm_ints(label))
         # the weight gradients, split over K where their tiles are few (matmul.split_k)
-        for bm, bn, bk, warps, stages in matmul.SPLIT_CONFIGS.get(label, ()):
+        split_configs = matmul.FP32_CONFIGS if dtype == "fp32" else matmul.SPLIT_CONFIGS.get(label, ())
+        for bm, bn, bk, warps, stages in (split_configs if label in matmul.SPLIT_CONFIGS else ()):
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, K_SPLIT=True)
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},split]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, _FP32_OUT, gemm_ints(label, split=True))

@@ -155,7 +155,7 @@ def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
 _tuned: Dict[str, object] = {}
 
 
-def _tuned_launch(variant: str, M: int, N: int, K: int, p):
+def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
     """(kernel, grid, num_warps / num_stages) for a fused GEMM launch: the shipped table's config for this
     GPU where it has one (matmul.TUNER, as the torch launcher), else triton.autotune over the site's configs
     (jax-triton runs Triton's autotuner itself), or the plan's in the interpreter."""
@@ -166,10 +166,10 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p):
     cfg = None
     if capability is not None:
         major, minor = str(capability).split(".")[:2]
-        cfg = TUNER.shipped(f"sm_{major}{minor}", "jax:" + tune_key(variant, M, N, K, p.meta),
-                            site_configs(variant, split, jax=True))
+        cfg = TUNER.shipped(f"sm_{major}{minor}", "jax:" + tune_key(variant + (",fp32" if fp32 else ""), M, N, K,
+                                                                 p.meta), site_configs(variant, split, jax=True, fp32=fp32))
     if cfg is None:
-        return autotuned(jax_kernels.fused_matmul, variant, _tuned, split), p.grid, {}
+        return autotuned(jax_kernels.fused_matmul, variant, _tuned, split, fp32), p.grid, {}
     bm, bn, bk, warps, stages = cfg
     return (jax_kernels.fused_matmul, (triton.cdiv(M, bm) * triton.cdiv(N, bn), p.split_k),
             dict(num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
@@ -206,7 +206,7 @@ def fused_matmul(
              idx64=_idx64(a, b, aux, res) or int(np.prod(out_shape)) * split_k(M, N, K) >= 2**31 - 1,
              allow_split=np.dtype(out_dtype) == np.float32, out_numel=int(np.prod(out_shape)))
     split = p.split_k > 1  # fp32 partial products over K ranges, summed in a fixed order (matmul.split_k)
-    kernel, grid, launch = _tuned_launch(variant, M, N, K, p)
+    kernel, grid, launch = _tuned_launch(variant, M, N, K, p, fp32=a.dtype == b.dtype == F32)
     inputs = [a, b, aux if aux is not None else dummy, res if res is not None else dummy,
               a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
               bias if bias is not None else dummy, scale if scale is not None else dummy,

@@ -357,6 +357,11 @@ JAX_SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
     "ln_b": JAX_CONFIGS["ln_b"], "gelu_b": ((128, 128, 32, 8, 3),), "gate_b": ((64, 128, 32, 8, 3),),
     "plain": JAX_CONFIGS["plain"],
 }
+# fp32 operands on both sides (no autocast): "ieee" dots run on the FMA units, never wgmma, and the tiles
+# above spill kilobytes there (ln_b 128×128: 38 KB). These two are spill-free at every specialised site
+# (report --dtype fp32, triton 3.8) but the split-K weight gradients at 32×64 (12-40 B); the gMLP gate
+# sites, compiled unspecialised, still spill 44-404 B. Not yet timed against cuBLAS fp32.
+FP32_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 64, 16, 4, 3), (32, 64, 32, 4, 2))
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 # The constexprs besides the blocks that change what a launch computes, and so its best tiles.
 TUNE_FLAGS = ("A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "RES_MUL", "PRECISION", "IDX64", "K_SPLIT")
@@ -459,15 +464,15 @@ class Tuner:
 TUNER = Tuner()
 
 
-def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = False):
+def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = False, fp32: bool = False):
     """``kernel`` (the JAX entry point of the fused GEMM) under triton.autotune over the JAX configs of
     launch site ``variant`` (JAX_CONFIGS, JAX_SPLIT_CONFIGS), cached in ``cache``; the kernel itself in
     the interpreter (INTERPRET_CONFIG)."""
     if _launch.INTERPRET:
         return kernel
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-               for m, n, k, w, s in site_configs(variant, split, jax=True)]
-    key = variant + (",split" if split else "")
+               for m, n, k, w, s in site_configs(variant, split, jax=True, fp32=fp32)]
+    key = variant + (",split" if split else "") + (",fp32" if fp32 else "")
     if key not in cache:
         cache[key] = triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
     return cache[key]
@@ -479,9 +484,14 @@ def epi_subtile(block_n: int) -> bool:
     return block_n >= 256
 
 
-def site_configs(variant: str, split: bool, jax: bool = False) -> Tuple[Tuple[int, int, int, int, int], ...]:
+def site_configs(variant: str, split: bool, jax: bool = False,
+                 fp32: bool = False) -> Tuple[Tuple[int, int, int, int, int], ...]:
     """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a launch site may run with (``jax``: through
-    jax-triton)."""
+    jax-triton; ``fp32``: both operands fp32, FP32_CONFIGS)."""
+    if fp32:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
+        return FP32_CONFIGS
     splits, plain = (JAX_SPLIT_CONFIGS, JAX_CONFIGS) if jax else (SPLIT_CONFIGS, {k: v[1] for k, v in VARIANTS.items()})
     if split and variant not in splits:
         raise ValueError(f"variant: split-K launches are planned for {sorted(splits)}, got {variant!r}")
@@ -626,8 +636,9 @@ def fused_matmul(
             fused_matmul_kernel[p.grid](*args, **p.meta, num_warps=p.num_warps, num_stages=p.num_stages)
         else:
             major, minor = torch.cuda.get_device_capability(out.device)
-            run(TUNER.config(f"sm_{major}{minor}", tune_key(variant, M, N, K, p.meta),
-                             site_configs(variant, p.split_k > 1), run))
+            fp32 = a.dtype == b.dtype == torch.float32
+            run(TUNER.config(f"sm_{major}{minor}", tune_key(variant + (",fp32" if fp32 else ""), M, N, K, p.meta),
+                             site_configs(variant, p.split_k > 1, fp32=fp32), run))
     if p.split_k > 1:
         torch.sum(target, 0, out=out)
     return out
