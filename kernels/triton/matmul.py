@@ -404,7 +404,8 @@ def _nearest(table: Dict[str, list], key: str) -> Optional[list]:
 class Tuner:
     """Chooses a launch's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: the shipped table's
     entry for the device class, else (or with MIXER_FAST_AUTOTUNE=1) the fastest of the site's configs,
-    timed once per key; ``chosen`` holds this process's choices (what bench/tune_table.py writes)."""
+    timed once per key; ``chosen`` holds this process's choices, ``timed`` those it timed (what
+    bench/tune_table.py writes)."""
 
     def __init__(self) -> None:
         self.chosen: Dict[str, Dict[str, Tuple[int, int, int, int, int]]] = {}
@@ -470,10 +471,10 @@ def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = Fals
     the interpreter (INTERPRET_CONFIG)."""
     if _launch.INTERPRET:
         return kernel
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-               for m, n, k, w, s in site_configs(variant, split, jax=True, fp32=fp32)]
     key = variant + (",split" if split else "") + (",fp32" if fp32 else "")
     if key not in cache:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
+                                 num_stages=s) for m, n, k, w, s in site_configs(variant, split, jax=True, fp32=fp32)]
         cache[key] = triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
     return cache[key]
 
