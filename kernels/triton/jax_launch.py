@@ -25,7 +25,7 @@ import triton
 from . import _launch, jax_kernels
 from .layer_norm import ROWS, block_c
 from .matmul import (A_AFFINE, A_LAYERNORM, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM, B_NONE,
-                     B_TOKEN_LAYERNORM, TUNER, Axis, autotuned, epi_subtile, flat, plan, site_configs, split, split_k,
+                     B_TOKEN_LAYERNORM, TUNER, Axis, autotuned, epi_subtile, flat, plan, site_configs, split,
                      tune_key)
 from .token_mixing import DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, token_weights
 
@@ -203,7 +203,7 @@ def fused_matmul(
              has_bias=bias is not None, bias_on_m=bias_on_m, epi_gelu=epi_gelu, epi_gelu_grad=epi_gelu_grad,
              store_branch=store_branch, has_scale=scale is not None, has_ss=ss is not None, ss_on_n=ss_on_n,
              has_res=res is not None, approximate=approximate, precision=precision,
-             idx64=_idx64(a, b, aux, res) or int(np.prod(out_shape)) * split_k(M, N, K) >= 2**31 - 1,
+             idx64=_idx64(a, b, aux, res),
              allow_split=np.dtype(out_dtype) == np.float32, out_numel=int(np.prod(out_shape)))
     split = p.split_k > 1  # fp32 partial products over K ranges, summed in a fixed order (matmul.split_k)
     kernel, grid, launch = _tuned_launch(variant, M, N, K, p, fp32=a.dtype == b.dtype == F32)

@@ -363,6 +363,7 @@ JAX_SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
 # sites, compiled unspecialised, still spill 44-404 B. Not yet timed against cuBLAS fp32.
 FP32_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 64, 16, 4, 3), (32, 64, 32, 4, 2))
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
+_VARIANT_CONFIGS = {site: configs for site, (_flags, configs) in VARIANTS.items()}
 # The constexprs besides the blocks that change what a launch computes, and so its best tiles.
 TUNE_FLAGS = ("A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "RES_MUL", "PRECISION", "IDX64", "K_SPLIT")
 AUTOTUNE_KEY = ["M", "N", "K", *TUNE_FLAGS]  # the JAX path's triton.autotune, where the table has no entry
@@ -493,7 +494,7 @@ def site_configs(variant: str, split: bool, jax: bool = False,
         if variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
         return FP32_CONFIGS
-    splits, plain = (JAX_SPLIT_CONFIGS, JAX_CONFIGS) if jax else (SPLIT_CONFIGS, {k: v[1] for k, v in VARIANTS.items()})
+    splits, plain = (JAX_SPLIT_CONFIGS, JAX_CONFIGS) if jax else (SPLIT_CONFIGS, _VARIANT_CONFIGS)
     if split and variant not in splits:
         raise ValueError(f"variant: split-K launches are planned for {sorted(splits)}, got {variant!r}")
     if variant not in plain:
@@ -545,15 +546,17 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
          has_res: bool, approximate: str, precision: str, idx64: bool, res_mul: bool = False,
          allow_split: bool = False, out_numel: int = 0) -> Plan:
     """The launch of fused_matmul_kernel (see fused_matmul) shared by the torch and JAX launchers.
-    ``allow_split``: the caller can take a split-K launch (its output fp32, contiguous, of ``out_numel``
-    elements); it gets one when there is no epilogue (partial products are summed afterwards) and
-    :func:`split_k` says so."""
+    ``out_numel``: the output's elements. ``allow_split``: the caller can take a split-K launch (its
+    output fp32 and contiguous); it gets one when there is no epilogue (partial products are summed
+    afterwards) and :func:`split_k` says so. ``idx64``: some operand needs 64-bit offsets; the plan adds
+    the split-K partial output's own need."""
     epilogue = (has_bias, epi_gelu, epi_gelu_grad, store_branch, has_scale, has_ss, has_res)
     parts = split_k(M, N, K) if allow_split and not any(epilogue) else 1
     k_len = K
     if parts > 1:
         k_len = triton.cdiv(triton.cdiv(K, parts), SPLIT_K_GRANULE) * SPLIT_K_GRANULE
         parts = triton.cdiv(K, k_len)
+    idx64 = idx64 or out_numel * parts >= 2**31 - 1
     am, ak = a_axes
     bk, bn = b_axes
     om, on = out_axes
@@ -618,7 +621,7 @@ def fused_matmul(
              has_bias=bias is not None, bias_on_m=bias_on_m, epi_gelu=epi_gelu, epi_gelu_grad=epi_gelu_grad,
              store_branch=store_branch, has_scale=scale is not None, has_ss=ss is not None, ss_on_n=ss_on_n,
              has_res=res is not None, approximate=approximate, precision=_launch.precision(a.dtype, allow_tf32),
-             idx64=_launch.needs_int64(a, b, out, aux, res) or out.numel() * split_k(M, N, K) >= 2**31 - 1,
+             idx64=_launch.needs_int64(a, b, out, aux, res),
              res_mul=res_mul, allow_split=out.dtype == torch.float32 and out.is_contiguous(), out_numel=out.numel())
     target = out if p.split_k == 1 else _launch.new_output((p.split_k, *out.shape), out)
     args = (a, b, target, aux if aux is not None else dummy, res if res is not None else dummy,

@@ -55,7 +55,6 @@ def load() -> SimpleNamespace:
             raise BackendUnavailable(f"on {torch.cuda.get_device_name(index)}: {e}") from None
         detail = (f"compiled Triton kernels on {torch.cuda.get_device_name()}; ptxas {ptxas.version_text} "
                   f"({ptxas.source}: {ptxas.why})")
-    _register_ops()
     return SimpleNamespace(name="triton", features=frozenset({"deterministic", "autocast", "float32", "bfloat16",
                                                               "float16", "spatial_gating"}), detail=detail,
                            device_class=device_class, token_mixing=token_mixing, channel_mixing=channel_mixing,
@@ -100,208 +99,229 @@ def _allow_tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-_registered = False
-
-
-def _register_ops() -> None:
-    """Defines the custom ops once per process (they close over the kernel modules, imported lazily)."""
-    global _registered
-    if _registered:
-        return
-    from ..kernels.triton.channel_mixing import channel_mixing_backward, channel_mixing_forward
-    from ..kernels.triton.spatial_gating import spatial_gating_backward, spatial_gating_forward
-    from ..kernels.triton.token_mixing import token_mixing_backward, token_mixing_forward
-
-    grad_names = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "scale")
-
-    def _grads_out(g, params: Tuple[Optional[Tensor], ...], x: Tensor, names=grad_names) -> List[Tensor]:
-        # Parameter gradients come back in fp32 and are cast to each parameter's dtype.
-        out = []
-        for name, p in zip(names, (x, *params)):
-            v = g.get(name)
-            out.append(_empty(x) if v is None or p is None else v.to(p.dtype))
-        return out
-
-    # ------------------------------------------------------------------ token mixing
-    @torch.library.custom_op("mixer_fast::token_mixing_fwd", mutates_args=())
-    def token_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
-                  fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor],
-                  scale: Optional[Tensor], sample_scale: Optional[Tensor], eps: float, approximate: str, norm: str,
-                  store_branch: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        out, mean, rstd, branch = token_mixing_forward(
-            x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
-            norm=norm, scale=scale, sample_scale=sample_scale, store_branch=store_branch, allow_tf32=allow_tf32)
-        return out, _or_empty(mean, x, torch.float32), _or_empty(rstd, x, torch.float32), _or_empty(branch, x)
-
-    @token_fwd.register_fake
-    def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, eps,
-          approximate, norm, store_branch, allow_tf32):
-        B, S, C = x.shape
-        stats = (B * S,) if norm == "layernorm" else (0,)
-        return (x.new_empty((B, S, C)), x.new_empty(stats, dtype=torch.float32),
-                x.new_empty(stats, dtype=torch.float32), x.new_empty((B, S, C) if store_branch else (0,)))
-
-    @torch.library.custom_op("mixer_fast::token_mixing_bwd", mutates_args=())
-    def token_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-                  fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
-                  fc2_bias: Optional[Tensor], scale: Optional[Tensor], sample_scale: Optional[Tensor], mean: Tensor,
-                  rstd: Tensor, branch: Tensor, eps: float, approximate: str, norm: str,
-                  allow_tf32: bool) -> List[Tensor]:
-        g = token_mixing_backward(
-            dout.contiguous(), x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _none(mean),
-            _none(rstd), _none(branch), eps=eps, approximate=approximate, norm=norm, scale=scale,
-            sample_scale=sample_scale, allow_tf32=allow_tf32)
-        return _grads_out(g, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale), x)
-
-    @token_bwd.register_fake
-    def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, mean,
-          rstd, branch, eps, approximate, norm, allow_tf32):
-        return _fake_grads(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
-
-    def token_setup(ctx, inputs, output):
-        (x, nw, nb, w1, b1, w2, b2, scale, ss, eps, approximate, norm, store_branch, allow_tf32) = inputs
-        _, mean, rstd, branch = output
-        ctx.save_for_backward(x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, branch)
-        ctx.args = (eps, approximate, norm, allow_tf32)
-
-    def token_backward(ctx, dout, *_unused):
-        x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, branch = ctx.saved_tensors
-        eps, approximate, norm, allow_tf32 = ctx.args
-        g = token_bwd(dout, x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, branch, eps, approximate, norm,
-                      allow_tf32)
-        return (*_grads_in(g, (x, nw, nb, w1, b1, w2, b2, scale)), None, None, None, None, None, None)
-
-    token_fwd.register_autograd(token_backward, setup_context=token_setup)
-    token_bwd.register_autograd(_no_double_backward)
-
-    # ------------------------------------------------------------------ channel mixing
-    @torch.library.custom_op("mixer_fast::channel_mixing_fwd", mutates_args=())
-    def channel_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
-                    fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
-                    scale: Optional[Tensor], sample_scale: Optional[Tensor], eps: float, approximate: str, norm: str,
-                    save_hidden: bool, store_branch: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        out, mean, rstd, z, branch = channel_mixing_forward(
-            x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
-            norm=norm, scale=scale, sample_scale=sample_scale, save_hidden=save_hidden, store_branch=store_branch,
-            allow_tf32=allow_tf32)
-        return (out, _or_empty(mean, x, torch.float32), _or_empty(rstd, x, torch.float32), _or_empty(z, x),
-                _or_empty(branch, x))
-
-    @channel_fwd.register_fake
-    def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, eps,
-          approximate, norm, save_hidden, store_branch, allow_tf32):
-        B, S, C = x.shape
-        stats = (B * S,) if norm == "layernorm" else (0,)
-        return (x.new_empty((B, S, C)), x.new_empty(stats, dtype=torch.float32),
-                x.new_empty(stats, dtype=torch.float32),
-                fc1_weight.new_empty((B * S, fc1_weight.shape[0]) if save_hidden else (0,)),
-                x.new_empty((B, S, C) if store_branch else (0,)))
-
-    @torch.library.custom_op("mixer_fast::channel_mixing_bwd", mutates_args=())
-    def channel_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-                    fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
-                    scale: Optional[Tensor], sample_scale: Optional[Tensor], mean: Tensor, rstd: Tensor, z: Tensor,
-                    branch: Tensor, approximate: str, norm: str, allow_tf32: bool) -> List[Tensor]:
-        g = channel_mixing_backward(
-            dout.contiguous(), x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _none(mean),
-            _none(rstd), z, _none(branch), approximate=approximate, norm=norm, scale=scale,
-            sample_scale=sample_scale, allow_tf32=allow_tf32)
-        return _grads_out(g, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale), x)
-
-    @channel_bwd.register_fake
-    def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, mean,
-          rstd, z, branch, approximate, norm, allow_tf32):
-        return _fake_grads(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
-
-    def channel_setup(ctx, inputs, output):
-        (x, nw, nb, w1, b1, w2, b2, scale, ss, eps, approximate, norm, save_hidden, store_branch, allow_tf32) = inputs
-        _, mean, rstd, z, branch = output
-        ctx.save_for_backward(x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, z, branch)
-        ctx.args = (approximate, norm, allow_tf32)
-
-    def channel_backward(ctx, dout, *_unused):
-        x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, z, branch = ctx.saved_tensors
-        approximate, norm, allow_tf32 = ctx.args
-        g = channel_bwd(dout, x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, z, branch, approximate, norm,
-                        allow_tf32)
-        return (*_grads_in(g, (x, nw, nb, w1, b1, w2, b2, scale)), None, None, None, None, None, None, None)
-
-    channel_fwd.register_autograd(channel_backward, setup_context=channel_setup)
-    channel_bwd.register_autograd(_no_double_backward)
-
-    # ------------------------------------------------------------------ gMLP spatial gating
-    gating_names = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "gate_norm_weight", "gate_norm_bias",
-                    "proj_weight", "proj_bias", "fc2_weight", "fc2_bias")
-
-    @torch.library.custom_op("mixer_fast::spatial_gating_fwd", mutates_args=())
-    def gating_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
-                   fc1_bias: Optional[Tensor], gate_norm_weight: Optional[Tensor], gate_norm_bias: Optional[Tensor],
-                   proj_weight: Tensor, proj_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
-                   sample_scale: Optional[Tensor], eps: float, gate_eps: float, approximate: str, save: bool,
-                   allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        out, *rest = spatial_gating_forward(
-            x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
-            fc2_weight, fc2_bias, eps=eps, gate_eps=gate_eps, approximate=approximate, sample_scale=sample_scale,
-            save=save, allow_tf32=allow_tf32)
-        stats, saved = rest[:4], rest[4:]
-        return (out, *stats, *(_or_empty(t, x, fc1_weight.dtype) for t in saved))
-
-    @gating_fwd.register_fake
-    def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
-          fc2_weight, fc2_bias, sample_scale, eps, gate_eps, approximate, save, allow_tf32):
-        B, S, C = x.shape
-        H = fc1_weight.shape[0]
-        stat = lambda: x.new_empty((B * S,), dtype=torch.float32)  # noqa: E731
-        hidden = lambda *shape: fc1_weight.new_empty(shape if save else (0,))  # noqa: E731
-        return (x.new_empty((B, S, C)), stat(), stat(), stat(), stat(), hidden(B, S, H), hidden(B, S, H // 2),
-                hidden(B, S, H // 2))
-
-    @torch.library.custom_op("mixer_fast::spatial_gating_bwd", mutates_args=())
-    def gating_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-                   fc1_weight: Tensor, fc1_bias: Optional[Tensor], gate_norm_weight: Optional[Tensor],
-                   gate_norm_bias: Optional[Tensor], proj_weight: Tensor, proj_bias: Optional[Tensor],
-                   fc2_weight: Tensor, fc2_bias: Optional[Tensor], sample_scale: Optional[Tensor], mean: Tensor,
-                   rstd: Tensor, gate_mean: Tensor, gate_rstd: Tensor, z: Tensor, p: Tensor, q: Tensor,
-                   approximate: str, allow_tf32: bool) -> List[Tensor]:
-        params = (norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
-                  proj_bias, fc2_weight, fc2_bias)
-        g = spatial_gating_backward(dout.contiguous(), x, *params, mean, rstd, gate_mean, gate_rstd, z, p, q,
-                                    approximate=approximate, sample_scale=sample_scale, allow_tf32=allow_tf32)
-        return _grads_out(g, params, x, gating_names)
-
-    @gating_bwd.register_fake
-    def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
-          proj_bias, fc2_weight, fc2_bias, sample_scale, mean, rstd, gate_mean, gate_rstd, z, p, q, approximate,
-          allow_tf32):
-        return _fake_grads(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias,
-                           proj_weight, proj_bias, fc2_weight, fc2_bias)
-
-    def gating_setup(ctx, inputs, output):
-        *tensors, ss, _eps, _gate_eps, approximate, _save, allow_tf32 = inputs
-        ctx.save_for_backward(*tensors, ss, *output[1:])
-        ctx.args = (approximate, allow_tf32)
-
-    def gating_backward(ctx, dout, *_unused):
-        saved = ctx.saved_tensors
-        g = gating_bwd(dout, *saved, *ctx.args)
-        return (*_grads_in(g, saved[:11]), None, None, None, None, None, None)
-
-    gating_fwd.register_autograd(gating_backward, setup_context=gating_setup)
-    gating_bwd.register_autograd(_no_double_backward)
-
-    global _token_fwd, _channel_fwd, _gating_fwd
-    _token_fwd, _channel_fwd, _gating_fwd = token_fwd, channel_fwd, gating_fwd
-    _registered = True
-
-
-_token_fwd = _channel_fwd = _gating_fwd = None
-
-
 def _no_double_backward(ctx, *grads):
     # Without this, autograd's own error names an internal op and says to register a formula.
     raise NotImplementedError("double backward: the triton backend's backward is not differentiable (a gradient "
                               "taken with create_graph=True cannot be differentiated again); use "
                               "backend='reference' for higher-order gradients")
+
+
+# The custom ops are defined at import (dispatch imports this module only to load the backend). Each imports
+# its kernels when first called: triton must not load before load() has chosen the interpreter or compiled
+# kernels, and a ptxas, for this process.
+_GRAD_NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "scale")
+
+
+def _grads_out(g, params: Tuple[Optional[Tensor], ...], x: Tensor, names=_GRAD_NAMES) -> List[Tensor]:
+    # Parameter gradients come back in fp32 and are cast to each parameter's dtype.
+    out = []
+    for name, p in zip(names, (x, *params)):
+        v = g.get(name)
+        out.append(_empty(x) if v is None or p is None else v.to(p.dtype))
+    return out
+
+
+# ------------------------------------------------------------------ token mixing
+@torch.library.custom_op("mixer_fast::token_mixing_fwd", mutates_args=())
+def token_mixing_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+                     fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor],
+                     scale: Optional[Tensor], sample_scale: Optional[Tensor], eps: float, approximate: str, norm: str,
+                     store_branch: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.triton.token_mixing import token_mixing_forward
+
+    out, mean, rstd, branch = token_mixing_forward(
+        x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
+        norm=norm, scale=scale, sample_scale=sample_scale, store_branch=store_branch, allow_tf32=allow_tf32)
+    return out, _or_empty(mean, x, torch.float32), _or_empty(rstd, x, torch.float32), _or_empty(branch, x)
+
+
+@token_mixing_fwd.register_fake
+def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, eps,
+      approximate, norm, store_branch, allow_tf32):
+    B, S, C = x.shape
+    stats = (B * S,) if norm == "layernorm" else (0,)
+    return (x.new_empty((B, S, C)), x.new_empty(stats, dtype=torch.float32),
+            x.new_empty(stats, dtype=torch.float32), x.new_empty((B, S, C) if store_branch else (0,)))
+
+
+@torch.library.custom_op("mixer_fast::token_mixing_bwd", mutates_args=())
+def token_mixing_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                     fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor],
+                     fc2_bias: Optional[Tensor], scale: Optional[Tensor], sample_scale: Optional[Tensor], mean: Tensor,
+                     rstd: Tensor, branch: Tensor, eps: float, approximate: str, norm: str,
+                     allow_tf32: bool) -> List[Tensor]:
+    from ..kernels.triton.token_mixing import token_mixing_backward
+
+    g = token_mixing_backward(
+        dout.contiguous(), x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _none(mean),
+        _none(rstd), _none(branch), eps=eps, approximate=approximate, norm=norm, scale=scale,
+        sample_scale=sample_scale, allow_tf32=allow_tf32)
+    return _grads_out(g, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale), x)
+
+
+@token_mixing_bwd.register_fake
+def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, mean,
+      rstd, branch, eps, approximate, norm, allow_tf32):
+    return _fake_grads(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
+
+
+def _token_setup(ctx, inputs, output):
+    (x, nw, nb, w1, b1, w2, b2, scale, ss, eps, approximate, norm, store_branch, allow_tf32) = inputs
+    _, mean, rstd, branch = output
+    ctx.save_for_backward(x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, branch)
+    ctx.args = (eps, approximate, norm, allow_tf32)
+
+
+def _token_backward(ctx, dout, *_unused):
+    x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, branch = ctx.saved_tensors
+    eps, approximate, norm, allow_tf32 = ctx.args
+    g = token_mixing_bwd(dout, x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, branch, eps, approximate, norm,
+                         allow_tf32)
+    return (*_grads_in(g, (x, nw, nb, w1, b1, w2, b2, scale)), None, None, None, None, None, None)
+
+
+token_mixing_fwd.register_autograd(_token_backward, setup_context=_token_setup)
+token_mixing_bwd.register_autograd(_no_double_backward)
+
+
+# ------------------------------------------------------------------ channel mixing
+@torch.library.custom_op("mixer_fast::channel_mixing_fwd", mutates_args=())
+def channel_mixing_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+                       fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+                       scale: Optional[Tensor], sample_scale: Optional[Tensor], eps: float, approximate: str, norm: str,
+                       save_hidden: bool, store_branch: bool,
+                       allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.triton.channel_mixing import channel_mixing_forward
+
+    out, mean, rstd, z, branch = channel_mixing_forward(
+        x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
+        norm=norm, scale=scale, sample_scale=sample_scale, save_hidden=save_hidden, store_branch=store_branch,
+        allow_tf32=allow_tf32)
+    return (out, _or_empty(mean, x, torch.float32), _or_empty(rstd, x, torch.float32), _or_empty(z, x),
+            _or_empty(branch, x))
+
+
+@channel_mixing_fwd.register_fake
+def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, eps,
+      approximate, norm, save_hidden, store_branch, allow_tf32):
+    B, S, C = x.shape
+    stats = (B * S,) if norm == "layernorm" else (0,)
+    return (x.new_empty((B, S, C)), x.new_empty(stats, dtype=torch.float32),
+            x.new_empty(stats, dtype=torch.float32),
+            fc1_weight.new_empty((B * S, fc1_weight.shape[0]) if save_hidden else (0,)),
+            x.new_empty((B, S, C) if store_branch else (0,)))
+
+
+@torch.library.custom_op("mixer_fast::channel_mixing_bwd", mutates_args=())
+def channel_mixing_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                       fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+                       scale: Optional[Tensor], sample_scale: Optional[Tensor], mean: Tensor, rstd: Tensor, z: Tensor,
+                       branch: Tensor, approximate: str, norm: str, allow_tf32: bool) -> List[Tensor]:
+    from ..kernels.triton.channel_mixing import channel_mixing_backward
+
+    g = channel_mixing_backward(
+        dout.contiguous(), x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _none(mean),
+        _none(rstd), z, _none(branch), approximate=approximate, norm=norm, scale=scale,
+        sample_scale=sample_scale, allow_tf32=allow_tf32)
+    return _grads_out(g, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale), x)
+
+
+@channel_mixing_bwd.register_fake
+def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale, mean,
+      rstd, z, branch, approximate, norm, allow_tf32):
+    return _fake_grads(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
+
+
+def _channel_setup(ctx, inputs, output):
+    (x, nw, nb, w1, b1, w2, b2, scale, ss, eps, approximate, norm, save_hidden, store_branch, allow_tf32) = inputs
+    _, mean, rstd, z, branch = output
+    ctx.save_for_backward(x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, z, branch)
+    ctx.args = (approximate, norm, allow_tf32)
+
+
+def _channel_backward(ctx, dout, *_unused):
+    x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, z, branch = ctx.saved_tensors
+    approximate, norm, allow_tf32 = ctx.args
+    g = channel_mixing_bwd(dout, x, nw, nb, w1, b1, w2, b2, scale, ss, mean, rstd, z, branch, approximate, norm,
+                           allow_tf32)
+    return (*_grads_in(g, (x, nw, nb, w1, b1, w2, b2, scale)), None, None, None, None, None, None, None)
+
+
+channel_mixing_fwd.register_autograd(_channel_backward, setup_context=_channel_setup)
+channel_mixing_bwd.register_autograd(_no_double_backward)
+
+
+# ------------------------------------------------------------------ gMLP spatial gating
+_GATING_NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "gate_norm_weight", "gate_norm_bias",
+                 "proj_weight", "proj_bias", "fc2_weight", "fc2_bias")
+
+
+@torch.library.custom_op("mixer_fast::spatial_gating_fwd", mutates_args=())
+def spatial_gating_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
+                       fc1_bias: Optional[Tensor], gate_norm_weight: Optional[Tensor], gate_norm_bias: Optional[Tensor],
+                       proj_weight: Tensor, proj_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+                       sample_scale: Optional[Tensor], eps: float, gate_eps: float, approximate: str, save: bool,
+                       allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.triton.spatial_gating import spatial_gating_forward
+
+    out, *rest = spatial_gating_forward(
+        x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
+        fc2_weight, fc2_bias, eps=eps, gate_eps=gate_eps, approximate=approximate, sample_scale=sample_scale,
+        save=save, allow_tf32=allow_tf32)
+    stats, saved = rest[:4], rest[4:]
+    return (out, *stats, *(_or_empty(t, x, fc1_weight.dtype) for t in saved))
+
+
+@spatial_gating_fwd.register_fake
+def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
+      fc2_weight, fc2_bias, sample_scale, eps, gate_eps, approximate, save, allow_tf32):
+    B, S, C = x.shape
+    H = fc1_weight.shape[0]
+    stat = lambda: x.new_empty((B * S,), dtype=torch.float32)  # noqa: E731
+    hidden = lambda *shape: fc1_weight.new_empty(shape if save else (0,))  # noqa: E731
+    return (x.new_empty((B, S, C)), stat(), stat(), stat(), stat(), hidden(B, S, H), hidden(B, S, H // 2),
+            hidden(B, S, H // 2))
+
+
+@torch.library.custom_op("mixer_fast::spatial_gating_bwd", mutates_args=())
+def spatial_gating_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                       fc1_weight: Tensor, fc1_bias: Optional[Tensor], gate_norm_weight: Optional[Tensor],
+                       gate_norm_bias: Optional[Tensor], proj_weight: Tensor, proj_bias: Optional[Tensor],
+                       fc2_weight: Tensor, fc2_bias: Optional[Tensor], sample_scale: Optional[Tensor], mean: Tensor,
+                       rstd: Tensor, gate_mean: Tensor, gate_rstd: Tensor, z: Tensor, p: Tensor, q: Tensor,
+                       approximate: str, allow_tf32: bool) -> List[Tensor]:
+    from ..kernels.triton.spatial_gating import spatial_gating_backward
+
+    params = (norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
+              proj_bias, fc2_weight, fc2_bias)
+    g = spatial_gating_backward(dout.contiguous(), x, *params, mean, rstd, gate_mean, gate_rstd, z, p, q,
+                                approximate=approximate, sample_scale=sample_scale, allow_tf32=allow_tf32)
+    return _grads_out(g, params, x, _GATING_NAMES)
+
+
+@spatial_gating_bwd.register_fake
+def _(dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
+      proj_bias, fc2_weight, fc2_bias, sample_scale, mean, rstd, gate_mean, gate_rstd, z, p, q, approximate,
+      allow_tf32):
+    return _fake_grads(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias,
+                       proj_weight, proj_bias, fc2_weight, fc2_bias)
+
+
+def _gating_setup(ctx, inputs, output):
+    *tensors, ss, _eps, _gate_eps, approximate, _save, allow_tf32 = inputs
+    ctx.save_for_backward(*tensors, ss, *output[1:])
+    ctx.args = (approximate, allow_tf32)
+
+
+def _gating_backward(ctx, dout, *_unused):
+    saved = ctx.saved_tensors
+    g = spatial_gating_bwd(dout, *saved, *ctx.args)
+    return (*_grads_in(g, saved[:11]), None, None, None, None, None, None)
+
+
+spatial_gating_fwd.register_autograd(_gating_backward, setup_context=_gating_setup)
+spatial_gating_bwd.register_autograd(_no_double_backward)
+
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
@@ -330,8 +350,8 @@ def token_mixing(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc
     _check_sample_scale(sample_scale)
     store_branch = scale is not None and _needs_grad(scale)
     fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    return _token_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale,
-                      eps, approximate, norm, store_branch, _allow_tf32())[0]
+    return token_mixing_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale,
+                            sample_scale, eps, approximate, norm, store_branch, _allow_tf32())[0]
 
 
 def channel_mixing(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, eps, approximate, norm,
@@ -341,8 +361,9 @@ def channel_mixing(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, 
     params = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
     store_branch = scale is not None and _needs_grad(scale)
     fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    return _channel_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, sample_scale,
-                        eps, approximate, norm, _needs_grad(*params), store_branch, _allow_tf32())[0]
+    return channel_mixing_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale,
+                              sample_scale, eps, approximate, norm, _needs_grad(*params), store_branch,
+                              _allow_tf32())[0]
 
 
 def spatial_gating(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
@@ -353,6 +374,6 @@ def spatial_gating(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_we
               proj_bias, fc2_weight, fc2_bias)
     fc1_weight, fc1_bias, proj_weight, proj_bias, fc2_weight, fc2_bias = _autocast(
         x, fc1_weight, fc1_bias, proj_weight, proj_bias, fc2_weight, fc2_bias)
-    return _gating_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
-                       proj_bias, fc2_weight, fc2_bias, sample_scale, eps, gate_eps, approximate, _needs_grad(*params),
-                       _allow_tf32())[0]
+    return spatial_gating_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias,
+                              proj_weight, proj_bias, fc2_weight, fc2_bias, sample_scale, eps, gate_eps, approximate,
+                              _needs_grad(*params), _allow_tf32())[0]
