@@ -3,7 +3,7 @@
 Without a GPU the launches run in Triton's interpreter (through jax.pure_callback) with NaN-poisoned
 outputs, against the XLA reference, forward and gradients. The GPU launch path (autotuned GEMMs, the
 dW kernel split in two launches, jax-triton's argument order) is run here too, through a stand-in for
-``jax_triton.triton_call`` that checks each call against the entry point's signature before
+``jax_triton.triton_call`` that checks each call against the kernel's signature before
 interpreting it. On a lent GPU the same tests run the compiled kernels through jax-triton.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ def test_kernel_modules_import_without_torch():
 @pytest.fixture
 def gpu_path(monkeypatch):
     """The launchers' GPU branch (GPU block sizes, autotuned GEMMs, dW in two launches) with a stand-in for
-    jax_triton.triton_call that checks the call, then runs the entry point in the interpreter. fp32 only:
+    jax_triton.triton_call that checks the call, then runs the kernel in the interpreter. fp32 only:
     the compiled-mode kernels skip the interpreter's bf16 workarounds."""
     if ON_GPU:
         pytest.skip("a real GPU runs the real jax-triton (the other tests)")
@@ -174,7 +174,7 @@ def test_gpu_launch_path(gpu_path, op, variant):
     check_against_xla("triton", op, args, kw, jnp.float32, "tanh" if variant == "mixer" else "none")
     names = {name for name, _ in gpu_path}
     if op == "channel" or variant == "resmlp":
-        assert ("fused_matmul", True) in gpu_path
+        assert ("fused_matmul_kernel", True) in gpu_path
     else:
-        assert {"token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"} <= names
-        assert sum(name == "token_mlp_dw" for name, _ in gpu_path) == 2
+        assert {"token_mlp_fwd_kernel", "token_mlp_dx_kernel", "token_mlp_dw_kernel"} <= names
+        assert sum(name == "token_mlp_dw_kernel" for name, _ in gpu_path) == 2

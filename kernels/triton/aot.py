@@ -69,12 +69,15 @@ def specialised(fn, sig: Dict[str, str], constexprs: Dict[str, object],
     """(signature, constexprs, attrs) of ``fn`` as Triton's launcher specialises a launch whose integer
     arguments have the example values ``ints``: pointers 16-byte aligned (as torch and XLA allocate),
     integers equal to 1 made constants and multiples of 16 marked so (``ints`` empty: pointers only, as
-    jax-triton launches, which gives scalars no hints). Unspecialised, Triton cannot
+    jax-triton launches, which gives scalars no hints); a constexpr parameter named in ``ints`` takes its
+    value (the token kernels' shapes). Unspecialised, Triton cannot
     prove a 16-byte cp.async legal and does not pipeline the loads, which leaves a different register
     picture from the one that runs."""
     sig, constexprs, attrs = dict(sig), dict(constexprs), {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
+            if p.name in ints and p.name not in constexprs:
+                constexprs[p.name] = ints[p.name]
             continue
         if p.name.endswith("_ptr"):
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -118,8 +121,9 @@ _TOKEN_FWD = dict(_TOKEN_BWD, HAS_B2=True, HAS_SCALE=False, HAS_SS=True, STORE_B
 
 
 def token_ints(S: int, C: int, D: int, B: int = 256) -> Dict[str, int]:
-    """The token kernels' integer arguments at a contiguous (B, S, C) input and the launchers' aligned
-    weight copies (token_mixing.token_weights), for :func:`specialised`."""
+    """The token kernels' integers at a contiguous (B, S, C) input and the launchers' aligned weight copies
+    (token_mixing.token_weights), for :func:`specialised`: the shapes and strides are constexprs
+    (token_mixing.shape_constexprs), the dW kernel's B and SPLITS arguments."""
     from .token_mixing import aligned
 
     return dict(B=B, S=S, C=C, D=D, SPLITS=44, sxb=S * C, sxs=C, sxc=1, sob=S * C, sos=C, soc=1, sdb=S * C,
@@ -224,26 +228,19 @@ def variants(dtype: str) -> Iterator[Tuple]:
                     label += f" part{part}"
                 yield (fn, f"{kname}[S={S}]", label, cfg, plan.num_warps, plan.num_stages, _token_ptrs(kname, dtype),
                        token_ints(S, C, D))
-    # The JAX entry points (jax_kernels.py) wrap the same kernels; one variant each shows the wrapping
-    # costs nothing (same registers, no spills).
-    from . import jax_kernels
-
-    # jax-triton 0.3.1 marks pointers aligned and nothing else (ints={}); matmul.JAX_CONFIGS.
+    # JAX launches the same kernels through jax-triton 0.3.1, which marks pointers aligned and gives
+    # integer arguments no hints (ints={}): the GEMM runs matmul.JAX_CONFIGS; of the token kernels' integers
+    # (the rest are constexprs, as in a torch launch) only dW's B and SPLITS go unhinted.
     flags = matmul.VARIANTS["ln_gelu"][0]
     for bm, bn, bk, warps, stages in matmul.JAX_CONFIGS["ln_gelu"][:1]:
-        yield (jax_kernels.fused_matmul, "fused_matmul[ln_gelu,jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
+        yield (matmul.fused_matmul_kernel, "fused_matmul[ln_gelu,jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages, None, {})
-    for kname in ("token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"):
-        plan = token_mixing.gpu_config(kname, 196, 384)
-        cfg = dict(_TOKEN_FWD if kname == "token_mlp_fwd" else _TOKEN_BWD, APPROX_TANH=True, **plan.constexprs())
-        if kname == "token_mlp_dw":
-            cfg["PART"] = plan.parts[0]
-        # the JAX wrappers take shapes and strides as constexprs; jax-triton 0.3.1 marks only the pointers
-        fn = getattr(jax_kernels, kname)
-        shapes = {q.name: token_ints(196, 768, 384)[q.name] for q in fn.params
-                  if q.is_constexpr and q.name in token_ints(196, 768, 384)}
-        yield (fn, f"{kname}[S=196,jax]", plan.label(), dict(cfg, **shapes),
-               plan.num_warps, plan.num_stages, _token_ptrs(kname, dtype), {})
+    plan = token_mixing.gpu_config("token_mlp_dw", 196, 384)
+    shapes = {q.name: v for q in token_mixing.token_mlp_dw_kernel.params if q.is_constexpr
+              for k, v in token_ints(196, 768, 384).items() if k == q.name}
+    yield (token_mixing.token_mlp_dw_kernel, "token_mlp_dw[S=196,jax]", plan.label() + f" part{plan.parts[0]}",
+           dict(_TOKEN_BWD, APPROX_TANH=True, PART=plan.parts[0], **plan.constexprs(), **shapes),
+           plan.num_warps, plan.num_stages, _token_ptrs("token_mlp_dw", dtype), {})
     for C in (384, 768, 1024):
         block_c = layer_norm.gpu_block_c(C)
         # Launched with Triton's defaults (4 warps, 3 stages).

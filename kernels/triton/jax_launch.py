@@ -8,9 +8,15 @@ the small token-mixing kernels are transposed once by XLA (S × D_S elements) an
 multiple of 16 elements, zero-padded to one (token_mixing.token_weights, as the torch launchers do), so the
 token kernels read them exactly as they read torch weights.
 
+The kernels are the torch launchers' own, launched directly: their parameters run inputs (arrays, then
+scalars), outputs, constexprs, which is jax-triton's calling convention. The token kernels take shapes
+and strides as constexprs (token_mixing.shape_constexprs), since jax-triton gives integer arguments no
+divisibility hints; the fused GEMM's stay runtime scalars and it runs with configs pruned for that
+(matmul.JAX_CONFIGS).
+
 How a launch runs (``call``): on a GPU through ``jax_triton.triton_call``; with Triton's interpreter (no
 GPU: tests) through ``jax.pure_callback`` on CPU torch tensors, in jax-triton's argument order, so the
-entry points are exercised as they are on a GPU. jax-triton has no batching rule: under ``jax.vmap`` a
+kernels are called as they are on a GPU. jax-triton has no batching rule: under ``jax.vmap`` a
 launch runs once per vmapped element (``jax.custom_batching.sequential_vmap``).
 """
 from __future__ import annotations
@@ -22,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import triton
 
-from . import _launch, jax_kernels
-from .layer_norm import ROWS, block_c
+from . import _launch
+from .layer_norm import ROWS, block_c, ln_backward_kernel, ln_stats_kernel
 from .matmul import (A_AFFINE, A_LAYERNORM, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM, B_NONE,
-                     B_TOKEN_LAYERNORM, TUNER, Axis, autotuned, epi_subtile, flat, plan, site_configs, split,
-                     tune_key)
-from .token_mixing import DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, token_weights
+                     B_TOKEN_LAYERNORM, TUNER, Axis, autotuned, epi_subtile, flat, fused_matmul_kernel, plan,
+                     site_configs, split, tune_key)
+from .token_mixing import (DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, shape_constexprs, token_mlp_dw_kernel,
+                           token_mlp_dx_kernel, token_mlp_fwd_kernel, token_weights)
 
 Array = jax.Array
 F32 = jnp.float32
@@ -40,8 +47,9 @@ DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32
 
 def call(kernel, grid, args: Sequence[Any], outs: Sequence[jax.ShapeDtypeStruct], *, num_warps: int = 4,
          num_stages: int = 3, **meta) -> Tuple[Array, ...]:
-    """Run an entry point of jax_kernels: ``args`` (arrays and Python scalars, in the entry point's order)
-    then one output per ``outs``; ``meta`` the constexprs; ``grid`` a tuple or a function of the config."""
+    """Launch ``kernel``, whose parameters run inputs (arrays and scalars), outputs, constexprs: ``args``
+    the inputs in order, one output per ``outs``, ``meta`` the constexprs by name; ``grid`` a tuple or a
+    function of the config."""
     is_array = [not isinstance(a, (bool, int, float)) for a in args]
     arrays = [a for a, arr in zip(args, is_array) if arr]
 
@@ -100,6 +108,11 @@ def _to_numpy(t, dtype) -> np.ndarray:
     return t.numpy().astype(dtype, copy=False)
 
 
+def _strides(a: Array) -> Tuple[int, ...]:
+    """A row-major array's strides in elements (JAX arrays have no others)."""
+    return tuple(int(np.prod(a.shape[i + 1:], dtype=np.int64)) for i in range(a.ndim))
+
+
 def _shape(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
@@ -127,7 +140,7 @@ def layer_norm_stats(x: Array, eps: float) -> Tuple[Array, Array]:
     R = B * S
     if R == 0:
         return jnp.zeros((0,), F32), jnp.zeros((0,), F32)
-    return call(jax_kernels.ln_stats, (triton.cdiv(R, ROWS),), [x, R, S, C, float(eps), S * C, C, 1],
+    return call(ln_stats_kernel, (triton.cdiv(R, ROWS),), [x, R, S, C, float(eps), S * C, C, 1],
                 [_shape((R,), F32)] * 2, BLOCK_R=ROWS, BLOCK_C=block_c(C))
 
 
@@ -141,11 +154,12 @@ def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
         return dy.astype(x.dtype), jnp.zeros((C,), F32), jnp.zeros((C,), F32)
     programs = triton.cdiv(R, ROWS)
     dx, dw_part, db_part = call(
-        jax_kernels.ln_backward, (programs,),
+        ln_backward_kernel, (programs,),
         [g, x, dy, mean, rstd, weight if weight is not None else mean, R, S, C, C, 1,
          S * C, C, 1, S * C, C, 1, S * C, C, 1],
         [_shape(x.shape, x.dtype), _shape((programs, C), F32), _shape((programs, C), F32)],
-        HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+        HAS_W=weight is not None, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, INTERPRETER=_launch.INTERPRET,
+        BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
@@ -161,7 +175,7 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
     (jax-triton runs Triton's autotuner itself), or the plan's in the interpreter."""
     split = p.split_k > 1
     if _launch.INTERPRET:
-        return jax_kernels.fused_matmul, p.grid, dict(num_warps=p.num_warps, num_stages=p.num_stages)
+        return fused_matmul_kernel, p.grid, dict(num_warps=p.num_warps, num_stages=p.num_stages)
     capability = getattr(jax.devices()[0], "compute_capability", None)  # None: no GPU (a test's stand-in)
     cfg = None
     if capability is not None:
@@ -169,9 +183,9 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
         cfg = TUNER.shipped(f"sm_{major}{minor}", "jax:" + tune_key(variant + (",fp32" if fp32 else ""), M, N, K,
                                                                  p.meta), site_configs(variant, split, jax=True, fp32=fp32))
     if cfg is None:
-        return autotuned(jax_kernels.fused_matmul, variant, _tuned, split, fp32), p.grid, {}
+        return autotuned(fused_matmul_kernel, variant, _tuned, split, fp32), p.grid, {}
     bm, bn, bk, warps, stages = cfg
-    return (jax_kernels.fused_matmul, (triton.cdiv(M, bm) * triton.cdiv(N, bn), p.split_k),
+    return (fused_matmul_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn), p.split_k),
             dict(num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                  EPI_SUBTILE=epi_subtile(bn)))
 
@@ -294,13 +308,13 @@ def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1:
     plan = launch_plan("token_mlp_fwd", S, D, w1.dtype.itemsize)
     dummy = nwv
     out, branch = call(
-        jax_kernels.token_mlp_fwd, (triton.cdiv(C, plan.block_c), B),
+        token_mlp_fwd_kernel, (triton.cdiv(C, plan.block_c), B),
         [x, mean if mean is not None else nwv, rstd if rstd is not None else nwv, nwv, nbv,
          w1, b1 if b1 is not None else dummy, w2, b2 if b2 is not None else dummy,
          scale if scale is not None else dummy, ss if ss is not None else dummy],
         [_shape(x.shape, x.dtype), _shape(x.shape if store_branch else (1,), x.dtype)],
-        num_warps=plan.num_warps, num_stages=plan.num_stages, S=S, C=C, D=D, sxb=S * C, sxs=C, sxc=1,
-        sob=S * C, sos=C, soc=1, sw1d=w1.shape[1], sw1s=1, sw2s=w2.shape[1], sw2d=1,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        **shape_constexprs("token_mlp_fwd", S, C, D, _strides(x), _strides(x), _strides(w1), _strides(w2)),
         NORM=NORMS[norm], HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_SCALE=scale is not None,
         HAS_SS=ss is not None, STORE_BRANCH=store_branch, APPROX_TANH=approximate == "tanh", PRECISION=precision,
         INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x), **plan.constexprs())
@@ -342,13 +356,11 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
         b1v = b1 if b1 is not None else nwv
         common = dict(NORM=NORMS[norm], HAS_B1=b1 is not None, APPROX_TANH=approximate == "tanh",
                       PRECISION=precision, INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x))
-        # shapes and strides as constexprs (jax_kernels.py: jax-triton gives integer arguments no hints)
-        shapes = dict(S=S, C=C, D=D, sxb=S * C, sxs=C, sxc=1, sdb=S * C, sds=C, sdc=1, sw1d=w1.shape[1], sw1s=1,
-                      sw2s=w2.shape[1], sw2d=1)
+        shapes = shape_constexprs("token_mlp_dx", S, C, D, _strides(x), _strides(x), _strides(w1), _strides(w2))
         plan = launch_plan("token_mlp_dx", S, D, w1.dtype.itemsize)
         # g in the weights' dtype, as the torch launcher (and eager) rounds it.
         if B:
-            (g,) = call(jax_kernels.token_mlp_dx, (triton.cdiv(C, plan.block_c), B),
+            (g,) = call(token_mlp_dx_kernel, (triton.cdiv(C, plan.block_c), B),
                         [x, do, *stats, nwv, nbv, w1, b1v, w2], [_shape((B * S, C), w1.dtype)],
                         num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **shapes,
                         **plan.constexprs())
@@ -362,11 +374,11 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
         db1 = jnp.zeros((splits, D), F32)
         for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
             p1, p2, pb = call(
-                jax_kernels.token_mlp_dw, (n_d, splits),
-                [x, do, *stats, nwv, nbv, w1, b1v, w2],
+                token_mlp_dw_kernel, (n_d, splits),
+                [x, do, *stats, nwv, nbv, w1, b1v, w2, B, splits],
                 [_shape(dw1.shape, F32), _shape(dw2.shape, F32), _shape(db1.shape, F32)],
-                num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **shapes, B=B, SPLITS=splits,
-                PART=part, **plan.constexprs())
+                num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **shapes, PART=part,
+                **plan.constexprs())
             # DW1 writes dW1 and db1, DW2 dW2; DW_BOTH all three.
             dw1, db1 = (p1, pb) if part in (DW_BOTH, DW1) else (dw1, db1)
             dw2 = p2 if part in (DW_BOTH, DW2) else dw2

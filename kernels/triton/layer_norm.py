@@ -23,10 +23,13 @@ if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.
 
 @triton.jit
 def ln_stats_kernel(
-    x_ptr, mean_ptr, rstd_ptr, R, S, C, eps,
+    x_ptr, R, S, C, eps,
     sxb, sxs, sxc,
+    mean_ptr, rstd_ptr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # Parameters here and in ln_backward_kernel run inputs, scalars, outputs, constexprs: jax-triton's
+    # order, so the JAX launchers (jax_launch.py) launch these kernels themselves.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < R
     r64 = rows.to(tl.int64)
@@ -53,9 +56,10 @@ def ln_stats_kernel(
 
 @triton.jit
 def ln_backward_kernel(
-    g_ptr, x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, dw_part_ptr, db_part_ptr,
+    g_ptr, x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr,
     R, S, C,
     sgr, sgc, sxb, sxs, sxc, syb, sys, syc, sdb, sds, sdc,
+    dx_ptr, dw_part_ptr, db_part_ptr,
     HAS_W: tl.constexpr, HAS_DY: tl.constexpr, GELU_IN: tl.constexpr, APPROX_TANH: tl.constexpr,
     INTERPRETER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -144,7 +148,7 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.T
     if R:
         with _launch.serialized():
             ln_stats_kernel[(triton.cdiv(R, ROWS),)](
-                x, mean, rstd, R, S, C, eps, *x.stride(), BLOCK_R=ROWS, BLOCK_C=block_c(C))
+                x, R, S, C, eps, *x.stride(), mean, rstd, BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return mean, rstd
 
 
@@ -167,8 +171,8 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Ten
     if R:
         with _launch.serialized():
             ln_backward_kernel[(programs,)](
-                g, x, dy if dy is not None else x, dx, mean, rstd, weight if weight is not None else mean, dw_part,
-                db_part, R, S, C, *g.stride(), *x.stride(), *(dy if dy is not None else x).stride(), *dx.stride(),
+                g, x, dy if dy is not None else x, mean, rstd, weight if weight is not None else mean, R, S, C,
+                *g.stride(), *x.stride(), *(dy if dy is not None else x).stride(), *dx.stride(), dx, dw_part, db_part,
                 HAS_W=weight is not None, HAS_DY=dy is not None, GELU_IN=gelu_in is not None,
                 APPROX_TANH=gelu_in == "tanh", INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return dx, dw_part.sum(0), db_part.sum(0)

@@ -62,7 +62,7 @@ def _offsets(i, inner, stride_outer, stride_inner, SPLIT: tl.constexpr, IDX64: t
 
 @triton.jit
 def fused_matmul_kernel(
-    a_ptr, b_ptr, out_ptr, aux_ptr, res_ptr,
+    a_ptr, b_ptr, aux_in_ptr, res_ptr,
     a_mean_ptr, a_rstd_ptr, a_w_ptr, a_b_ptr,
     b_mean_ptr, b_rstd_ptr, b_w_ptr, b_b_ptr,
     bias_ptr, scale_ptr, ss_ptr,
@@ -73,6 +73,7 @@ def fused_matmul_kernel(
     x_smo, x_smi, x_sno, x_sni,
     r_smo, r_smi, r_sno, r_sni,
     k_len, o_split,
+    out_ptr, aux_out_ptr,
     A_PRO: tl.constexpr, B_PRO: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_ON_M: tl.constexpr,
     EPI_GELU: tl.constexpr, EPI_GELU_GRAD: tl.constexpr, STORE_BRANCH: tl.constexpr,
@@ -89,6 +90,14 @@ def fused_matmul_kernel(
     # into slice s of the output, o_split elements on; the launcher adds the slices in a fixed order (no
     # atomics). A constexpr, so that launches without it compile as before (the range bounds cost the
     # epilogue-heavy configs up to 120 B of spills under triton 3.8).
+    # Parameters run inputs, scalars, outputs, constexprs (jax-triton's order, so JAX launches this kernel
+    # itself). The aux tensor is an output where the epilogue stores the pre-activation or branch
+    # (STORE_BRANCH) and an input where it reads GELU'(aux) (EPI_GELU_GRAD); jax-triton needs the two
+    # apart, and a launch never sets both.
+    if STORE_BRANCH:
+        aux_ptr = aux_out_ptr
+    else:
+        aux_ptr = aux_in_ptr
     pid = tl.program_id(0)
     if K_SPLIT:
         k_part = tl.program_id(1)
@@ -467,7 +476,7 @@ TUNER = Tuner()
 
 
 def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = False, fp32: bool = False):
-    """``kernel`` (the JAX entry point of the fused GEMM) under triton.autotune over the JAX configs of
+    """``kernel`` (the fused GEMM, as the JAX launcher calls it) under triton.autotune over the JAX configs of
     launch site ``variant`` (JAX_CONFIGS, JAX_SPLIT_CONFIGS), cached in ``cache``; the kernel itself in
     the interpreter (INTERPRET_CONFIG)."""
     if _launch.INTERPRET:
@@ -624,9 +633,10 @@ def fused_matmul(
              idx64=_launch.needs_int64(a, b, out, aux, res),
              res_mul=res_mul, allow_split=out.dtype == torch.float32 and out.is_contiguous(), out_numel=out.numel())
     target = out if p.split_k == 1 else _launch.new_output((p.split_k, *out.shape), out)
-    args = (a, b, target, aux if aux is not None else dummy, res if res is not None else dummy,
-            a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b, bias if bias is not None else dummy,
-            scale if scale is not None else dummy, ss if ss is not None else dummy, *p.scalars)
+    aux = aux if aux is not None else dummy  # the kernel's aux input and aux output (one of them is read)
+    args = (a, b, aux, res if res is not None else dummy, a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
+            bias if bias is not None else dummy, scale if scale is not None else dummy,
+            ss if ss is not None else dummy, *p.scalars, target, aux)
 
     def run(cfg: Tuple[int, int, int, int, int]) -> None:
         bm, bn, bk, warps, stages = cfg

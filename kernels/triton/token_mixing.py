@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Sequence, Tuple
 
 import triton
 import triton.language as tl
@@ -57,8 +57,6 @@ def _operand(t, INTERPRETER: tl.constexpr):
     if INTERPRETER:
         t = t.to(tl.float32)
     return t
-
-
 
 
 @triton.jit
@@ -104,7 +102,7 @@ def _w1_piece(w1_ptr, d0, s0, D, S, sw1d, BLOCK_D: tl.constexpr, P: tl.constexpr
     """W1[d0 : d0 + BLOCK_D, s0 : s0 + P], zero outside W1, as a dot operand. W1 is the launchers' copy
     (:func:`token_weights`): unit column stride, row stride a multiple of GRANULE and zero columns from S
     up to the next multiple; so the piece is bounded at that width, not at S: both the row stride (which
-    Triton's launcher marks a multiple of 16; the JAX wrappers pass it as a constexpr) and the bound are
+    the kernels take as a constexpr) and the bound are
     known multiples of 16 and rows load in 16-byte vectors (at S = 196 an unpadded 392-byte row stride
     compiled to 2-byte scalar loads). tl.multiple_of inside the kernel was not enough: with the hint
     there but not on the argument, the JAX forward lost its cp.async pipelining (report, bench/NOTES.md). A block pointer, not a tensor of per-element pointers: those
@@ -123,6 +121,51 @@ def _w2t_piece(w2_ptr, d0, s0, D, S, sw2s, BLOCK_D: tl.constexpr, P: tl.constexp
     bp = tl.make_block_ptr(w2_ptr, shape=(d_al, S), strides=(1, sw2s), offsets=(d0, s0),
                            block_shape=(BLOCK_D, P), order=(0, 1))
     return _operand(tl.load(bp, boundary_check=(0, 1), padding_option="zero"), INTERPRETER)
+
+
+@triton.jit
+def _piece(w1_ptr, w2_ptr, d0, s0, D, S, sw1d, sw2s, W2T: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr,
+           INTERPRETER: tl.constexpr):
+    """W2ᵀ's piece (W2T) or W1's, (BLOCK_D, P) at hidden units d0 … and tokens s0 …."""
+    if W2T:
+        return _w2t_piece(w2_ptr, d0, s0, D, S, sw2s, BLOCK_D, P, INTERPRETER)
+    else:
+        return _w1_piece(w1_ptr, d0, s0, D, S, sw1d, BLOCK_D, P, INTERPRETER)
+
+
+@triton.jit
+def _contract_pieces(t0, t1, t2, w1_ptr, w2_ptr, d0, D, S, sw1d, sw2s, W2T: tl.constexpr, PRECISION: tl.constexpr,
+                     INTERPRETER: tl.constexpr, S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr,
+                     S_PIECE2: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Σ_i t_i · piece_iᵀ (BLOCK_C, BLOCK_D) over the token pieces: t_i (BLOCK_C, P_i) against W1's pieces
+    (Zᵀ = N(x)ᵀ · W1ᵀ) or W2ᵀ's (dAᵀ = dOᵀ · W2)."""
+    acc = tl.dot(t0, tl.trans(_piece(w1_ptr, w2_ptr, d0, 0, D, S, sw1d, sw2s, W2T, BLOCK_D, S_PIECE0, INTERPRETER)),
+                 input_precision=PRECISION)
+    if S_PIECE1 > 0:
+        acc = tl.dot(t1, tl.trans(_piece(w1_ptr, w2_ptr, d0, S_PIECE0, D, S, sw1d, sw2s, W2T, BLOCK_D, S_PIECE1,
+                                         INTERPRETER)), acc, input_precision=PRECISION)
+    if S_PIECE2 > 0:
+        acc = tl.dot(t2, tl.trans(_piece(w1_ptr, w2_ptr, d0, S_PIECE0 + S_PIECE1, D, S, sw1d, sw2s, W2T, BLOCK_D,
+                                         S_PIECE2, INTERPRETER)), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _accumulate_pieces(a, acc0, acc1, acc2, w1_ptr, w2_ptr, d0, D, S, sw1d, sw2s, W2T: tl.constexpr,
+                       PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, S_PIECE0: tl.constexpr,
+                       S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr, BLOCK_D: tl.constexpr):
+    """acc_i += a · piece_i for each token piece: ``a`` (BLOCK_C, BLOCK_D) the register A operand (Hᵀ
+    against W2ᵀ's pieces in the forward, dZᵀ against W1's in dx); an absent piece's acc is returned as
+    given."""
+    acc0 = tl.dot(a, _piece(w1_ptr, w2_ptr, d0, 0, D, S, sw1d, sw2s, W2T, BLOCK_D, S_PIECE0, INTERPRETER), acc0,
+                  input_precision=PRECISION)
+    if S_PIECE1 > 0:
+        acc1 = tl.dot(a, _piece(w1_ptr, w2_ptr, d0, S_PIECE0, D, S, sw1d, sw2s, W2T, BLOCK_D, S_PIECE1,
+                                INTERPRETER), acc1, input_precision=PRECISION)
+    if S_PIECE2 > 0:
+        acc2 = tl.dot(a, _piece(w1_ptr, w2_ptr, d0, S_PIECE0 + S_PIECE1, D, S, sw1d, sw2s, W2T, BLOCK_D, S_PIECE2,
+                                INTERPRETER), acc2, input_precision=PRECISION)
+    return acc0, acc1, acc2
 
 
 @triton.jit
@@ -155,11 +198,11 @@ def _fwd_epilogue(acc, x_ptr, out_ptr, branch_ptr, b2_ptr, scale_ptr, ss_ptr, b,
 
 @triton.jit
 def token_mlp_fwd_kernel(
-    x_ptr, out_ptr, branch_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale_ptr, ss_ptr,
-    S, C, D,
-    sxb, sxs, sxc, sob, sos, soc,
-    sw1d, sw1s, sw2s, sw2d,
+    x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale_ptr, ss_ptr,
+    out_ptr, branch_ptr,
+    S: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+    sxb: tl.constexpr, sxs: tl.constexpr, sxc: tl.constexpr, sob: tl.constexpr, sos: tl.constexpr, soc: tl.constexpr,
+    sw1d: tl.constexpr, sw1s: tl.constexpr, sw2s: tl.constexpr, sw2d: tl.constexpr,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SS: tl.constexpr, STORE_BRANCH: tl.constexpr, APPROX_TANH: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
@@ -181,6 +224,8 @@ def token_mlp_fwd_kernel(
     acc0 = tl.zeros((BLOCK_C, S_PIECE0), dtype=tl.float32)
     xn1 = xn0  # stand-ins when a piece is absent (width 0): never read then
     xn2 = xn0
+    acc1 = acc0
+    acc2 = acc0
     if S_PIECE1 > 0:
         xn1 = _xn_t(x_ptr, b, s1, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
                     INTERPRETER, IDX64, S_PIECE1)
@@ -190,21 +235,15 @@ def token_mlp_fwd_kernel(
                     INTERPRETER, IDX64, S_PIECE2)
         acc2 = tl.zeros((BLOCK_C, S_PIECE2), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        z = _z_t(xn0, xn1, xn2, w1_ptr, d0, D, S, sw1d, PRECISION, INTERPRETER, S_PIECE0, S_PIECE1, S_PIECE2,
-                 BLOCK_D)
+        z = _contract_pieces(xn0, xn1, xn2, w1_ptr, w2_ptr, d0, D, S, sw1d, sw2s, False, PRECISION, INTERPRETER,
+                             S_PIECE0, S_PIECE1, S_PIECE2, BLOCK_D)
         if HAS_B1:
             offs_d = d0 + tl.arange(0, BLOCK_D)
             z += tl.load(b1_ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)[None, :]
         h = _operand(round_to(gelu(z, APPROX_TANH), w2_ptr.dtype.element_ty, INTERPRETER), INTERPRETER)
         # Rows of W2ᵀ past D are zero (padded copy, boundary-checked), so padded hidden units add nothing.
-        acc0 = tl.dot(h, _w2t_piece(w2_ptr, d0, 0, D, S, sw2s, BLOCK_D, S_PIECE0, INTERPRETER), acc0,
-                      input_precision=PRECISION)
-        if S_PIECE1 > 0:
-            acc1 = tl.dot(h, _w2t_piece(w2_ptr, d0, s1, D, S, sw2s, BLOCK_D, S_PIECE1, INTERPRETER), acc1,
-                          input_precision=PRECISION)
-        if S_PIECE2 > 0:
-            acc2 = tl.dot(h, _w2t_piece(w2_ptr, d0, s2, D, S, sw2s, BLOCK_D, S_PIECE2, INTERPRETER), acc2,
-                          input_precision=PRECISION)
+        acc0, acc1, acc2 = _accumulate_pieces(h, acc0, acc1, acc2, w1_ptr, w2_ptr, d0, D, S, sw1d, sw2s, True,
+                                              PRECISION, INTERPRETER, S_PIECE0, S_PIECE1, S_PIECE2, BLOCK_D)
     _fwd_epilogue(acc0, x_ptr, out_ptr, branch_ptr, b2_ptr, scale_ptr, ss_ptr, b, 0, offs_c, S, C,
                   sxb, sxs, sxc, sob, sos, soc, HAS_B2, HAS_SCALE, HAS_SS, STORE_BRANCH, INTERPRETER, IDX64, S_PIECE0)
     if S_PIECE1 > 0:
@@ -218,27 +257,12 @@ def token_mlp_fwd_kernel(
 
 
 @triton.jit
-def _z_t(xn0, xn1, xn2, w1_ptr, d0, D, S, sw1d, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
-         S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Zᵀ (BLOCK_C, BLOCK_D) = N(x)ᵀ · W1[d0 : d0 + BLOCK_D]ᵀ, summed over the token pieces."""
-    z = tl.dot(xn0, tl.trans(_w1_piece(w1_ptr, d0, 0, D, S, sw1d, BLOCK_D, S_PIECE0, INTERPRETER)),
-               input_precision=PRECISION)
-    if S_PIECE1 > 0:
-        z = tl.dot(xn1, tl.trans(_w1_piece(w1_ptr, d0, S_PIECE0, D, S, sw1d, BLOCK_D, S_PIECE1, INTERPRETER)), z,
-                   input_precision=PRECISION)
-    if S_PIECE2 > 0:
-        z = tl.dot(xn2, tl.trans(_w1_piece(w1_ptr, d0, S_PIECE0 + S_PIECE1, D, S, sw1d, BLOCK_D, S_PIECE2,
-                                           INTERPRETER)), z, input_precision=PRECISION)
-    return z
-
-
-@triton.jit
 def token_mlp_dx_kernel(
-    x_ptr, do_ptr, g_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-    w1_ptr, b1_ptr, w2_ptr,
-    S, C, D,
-    sxb, sxs, sxc, sdb, sds, sdc,
-    sw1d, sw1s, sw2s, sw2d,
+    x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr,
+    g_ptr,
+    S: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+    sxb: tl.constexpr, sxs: tl.constexpr, sxc: tl.constexpr, sdb: tl.constexpr, sds: tl.constexpr, sdc: tl.constexpr,
+    sw1d: tl.constexpr, sw1s: tl.constexpr, sw2s: tl.constexpr, sw2d: tl.constexpr,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
     S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr,
@@ -260,8 +284,10 @@ def token_mlp_dx_kernel(
     s2 = S_PIECE0 + S_PIECE1
     xn1 = xn0  # stand-ins when a piece is absent (width 0): never read then
     do1 = do0
+    g1 = g0
     xn2 = xn0
     do2 = do0
+    g2 = g0
     if S_PIECE1 > 0:
         xn1 = _xn_t(x_ptr, b, s1, offs_c, S, C, sxb, sxs, sxc, mean_ptr, rstd_ptr, nw, nb, dtype, NORM,
                     INTERPRETER, IDX64, S_PIECE1)
@@ -273,29 +299,17 @@ def token_mlp_dx_kernel(
         do2 = _operand(_load_t(do_ptr, b, s2, offs_c, S, C, sdb, sds, sdc, IDX64, S_PIECE2)[0], INTERPRETER)
         g2 = tl.zeros((BLOCK_C, S_PIECE2), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        z = _z_t(xn0, xn1, xn2, w1_ptr, d0, D, S, sw1d, PRECISION, INTERPRETER, S_PIECE0, S_PIECE1, S_PIECE2,
-                 BLOCK_D)
+        z = _contract_pieces(xn0, xn1, xn2, w1_ptr, w2_ptr, d0, D, S, sw1d, sw2s, False, PRECISION, INTERPRETER,
+                             S_PIECE0, S_PIECE1, S_PIECE2, BLOCK_D)
         # dAᵀ = dOᵀ · W2[:, d0 : d0 + BLOCK_D], from the same W2ᵀ pieces the forward reads.
-        da = tl.dot(do0, tl.trans(_w2t_piece(w2_ptr, d0, 0, D, S, sw2s, BLOCK_D, S_PIECE0, INTERPRETER)),
-                    input_precision=PRECISION)
-        if S_PIECE1 > 0:
-            da = tl.dot(do1, tl.trans(_w2t_piece(w2_ptr, d0, s1, D, S, sw2s, BLOCK_D, S_PIECE1, INTERPRETER)),
-                        da, input_precision=PRECISION)
-        if S_PIECE2 > 0:
-            da = tl.dot(do2, tl.trans(_w2t_piece(w2_ptr, d0, s2, D, S, sw2s, BLOCK_D, S_PIECE2,
-                                                 INTERPRETER)), da, input_precision=PRECISION)
+        da = _contract_pieces(do0, do1, do2, w1_ptr, w2_ptr, d0, D, S, sw1d, sw2s, True, PRECISION, INTERPRETER,
+                              S_PIECE0, S_PIECE1, S_PIECE2, BLOCK_D)
         if HAS_B1:
             offs_d = d0 + tl.arange(0, BLOCK_D)
             z += tl.load(b1_ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)[None, :]
         dz = _operand(round_to(da * gelu_grad(z, APPROX_TANH), dtype, INTERPRETER), INTERPRETER)
-        g0 = tl.dot(dz, _w1_piece(w1_ptr, d0, 0, D, S, sw1d, BLOCK_D, S_PIECE0, INTERPRETER), g0,
-                    input_precision=PRECISION)
-        if S_PIECE1 > 0:
-            g1 = tl.dot(dz, _w1_piece(w1_ptr, d0, s1, D, S, sw1d, BLOCK_D, S_PIECE1, INTERPRETER), g1,
-                        input_precision=PRECISION)
-        if S_PIECE2 > 0:
-            g2 = tl.dot(dz, _w1_piece(w1_ptr, d0, s2, D, S, sw1d, BLOCK_D, S_PIECE2, INTERPRETER),
-                        g2, input_precision=PRECISION)
+        g0, g1, g2 = _accumulate_pieces(dz, g0, g1, g2, w1_ptr, w2_ptr, d0, D, S, sw1d, sw2s, False, PRECISION,
+                                        INTERPRETER, S_PIECE0, S_PIECE1, S_PIECE2, BLOCK_D)
     _store_g(g0, g_ptr, b, 0, offs_c, S, C, INTERPRETER, IDX64, S_PIECE0)
     if S_PIECE1 > 0:
         _store_g(g1, g_ptr, b, s1, offs_c, S, C, INTERPRETER, IDX64, S_PIECE1)
@@ -328,11 +342,11 @@ def _dw_piece_inputs(z, da, w1_p, w2_p, x_ptr, do_ptr, b, s0, offs_c, S, C, sxb,
 
 @triton.jit
 def token_mlp_dw_kernel(
-    x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-    w1_ptr, b1_ptr, w2_ptr, dw1_ptr, dw2_ptr, db1_ptr,
-    B, S, C, D, SPLITS,
-    sxb, sxs, sxc, sdb, sds, sdc,
-    sw1d, sw1s, sw2s, sw2d,
+    x_ptr, do_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, B, SPLITS,
+    dw1_ptr, dw2_ptr, db1_ptr,
+    S: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+    sxb: tl.constexpr, sxs: tl.constexpr, sxc: tl.constexpr, sdb: tl.constexpr, sds: tl.constexpr, sdc: tl.constexpr,
+    sw1d: tl.constexpr, sw1s: tl.constexpr, sw2s: tl.constexpr, sw2d: tl.constexpr,
     NORM: tl.constexpr, HAS_B1: tl.constexpr, APPROX_TANH: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr, PART: tl.constexpr,
     S_PIECE0: tl.constexpr, S_PIECE1: tl.constexpr, S_PIECE2: tl.constexpr,
@@ -435,6 +449,18 @@ LAYERNORM, AFFINE = 1, 2  # the kernels' NORM (_LAYERNORM is the first's constex
 NORMS = {"layernorm": LAYERNORM, "affine": AFFINE}
 DW_BOTH, DW1, DW2 = 0, 1, 2  # token_mlp_dw_kernel's PART: all gradients, dW1 and db1 (_W1_GRADS), dW2 (_W2_GRAD)
 KERNELS = ("token_mlp_fwd", "token_mlp_dx", "token_mlp_dw")
+
+
+def shape_constexprs(kernel: str, S: int, C: int, D: int, x_strides: Sequence[int], y_strides: Sequence[int],
+                     w1_strides: Sequence[int], w2_strides: Sequence[int]) -> Dict[str, int]:
+    """The token kernels' shapes and strides, which they take as constexprs (one compile per model shape;
+    the batch size is no constexpr): x (B, S, C), y the output (forward) or dO (backward) (B, S, C), the
+    aligned weight copies w1 (D, S) and w2 (S, D). As constexprs, jax-triton launches compile as torch's
+    do: it gives integer arguments no divisibility hints, and without them these kernels loaded element
+    by element, never pipelined and spilled 268-1 208 B (``mixer-fast report``, bench/NOTES.md)."""
+    y = ("sob", "sos", "soc") if kernel == "token_mlp_fwd" else ("sdb", "sds", "sdc")
+    return dict(S=S, C=C, D=D, **dict(zip(("sxb", "sxs", "sxc"), x_strides)), **dict(zip(y, y_strides)),
+                sw1d=w1_strides[0], sw1s=w1_strides[1], sw2s=w2_strides[0], sw2d=w2_strides[1])
 
 
 def aligned(n: int) -> int:
@@ -625,12 +651,11 @@ def token_mixing_forward(
     dummy = nw
     with _launch.serialized():
         token_mlp_fwd_kernel[(triton.cdiv(C, plan.block_c), B)](
-            x, out, branch if branch is not None else out, mean if mean is not None else nw,
-            rstd if rstd is not None else nw, nw, nb,
+            x, mean if mean is not None else nw, rstd if rstd is not None else nw, nw, nb,
             w1, fc1_bias if fc1_bias is not None else dummy, w2,
             fc2_bias if fc2_bias is not None else dummy, scale if scale is not None else dummy,
-            sample_scale if sample_scale is not None else dummy,
-            S, C, D, *x.stride(), *out.stride(), *w1.stride(), *w2.stride(),
+            sample_scale if sample_scale is not None else dummy, out, branch if branch is not None else out,
+            **shape_constexprs("token_mlp_fwd", S, C, D, x.stride(), out.stride(), w1.stride(), w2.stride()),
             NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
             HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
             APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
@@ -726,12 +751,12 @@ def token_mixing_backward(
                       PRECISION=prec, INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, do, g))
         b1 = fc1_bias if fc1_bias is not None else nw
         w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
+        shapes = shape_constexprs("token_mlp_dx", S, C, D, x.stride(), do.stride(), w1.stride(), w2.stride())
         plan = launch_plan("token_mlp_dx", S, D, fc1_weight.element_size())
         if B:
             with _launch.serialized():
                 token_mlp_dx_kernel[(triton.cdiv(C, plan.block_c), B)](
-                    x, do, g, *stats, nw, nb, w1, b1, w2, S, C, D, *x.stride(), *do.stride(),
-                    *w1.stride(), *w2.stride(), **common, **plan.constexprs(),
+                    x, do, *stats, nw, nb, w1, b1, w2, g, **shapes, **common, **plan.constexprs(),
                     num_warps=plan.num_warps, num_stages=plan.num_stages)
         plan = launch_plan("token_mlp_dw", S, D, fc1_weight.element_size())
         n_d = triton.cdiv(D, plan.block_d)
@@ -742,8 +767,7 @@ def token_mixing_backward(
         for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
             with _launch.serialized():
                 token_mlp_dw_kernel[(n_d, splits)](
-                    x, do, *stats, nw, nb, w1, b1, w2, dw1, dw2, db1, B, S, C, D, splits,
-                    *x.stride(), *do.stride(), *w1.stride(), *w2.stride(), **common, PART=part,
+                    x, do, *stats, nw, nb, w1, b1, w2, B, splits, dw1, dw2, db1, **shapes, **common, PART=part,
                     **plan.constexprs(), num_warps=plan.num_warps, num_stages=plan.num_stages)
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
