@@ -6,7 +6,7 @@
 
 ``run`` times every config of every fused-GEMM launch the ops make at the named models' shapes (forward and
 backward, MIXER_FAST_AUTOTUNE=1 so that nothing comes from the table) and writes DIR/tuned.json:
-{"sm_90": {tune_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]}}. ``write`` merges such files into
+{"sm_90": {tune_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages(, "tma")]}}. ``write`` merges such files into
 the shipped table (later files win on a key), so that a first call on that GPU does not tune; commit it with
 the run's folder under bench/results/.
 """

@@ -66,6 +66,77 @@ def test_split_k_matches_float64_and_is_deterministic(triton_backend, K):
     assert torch.equal(out, run())
 
 
+def test_tma_layouts_follow_the_rules_of_tma():
+    import torch
+
+    from mixer_fast.kernels.triton import matmul
+    from mixer_fast.kernels.triton.matmul import TMA_K_INNER, TMA_K_OUTER, TMA_NONE, flat, split
+
+    x = torch.zeros(2, 196, 768, dtype=torch.bfloat16)
+    tokens, channels = split(196, 196 * 768, 768), flat(768, 1)  # (b, s) collapses to one stride
+    assert not tokens.split
+    assert matmul.tma_layout(x, tokens, channels, 768) == TMA_K_INNER  # channel mixing's A = x
+    assert matmul.tma_layout(x, channels, tokens, 392) == TMA_K_OUTER  # a weight gradient's B = x
+    w = torch.zeros(3072, 768, dtype=torch.bfloat16)
+    assert matmul.tma_layout(w, flat(3072, 768), flat(768, 1), 768) == TMA_K_INNER
+    # rows of 100 bf16 (200 B) are not 16-byte multiples; a split axis is two strides; K = 0; a base off 16 B
+    assert matmul.tma_layout(torch.zeros(8, 100, dtype=torch.bfloat16), flat(8, 100), flat(100, 1), 100) == TMA_NONE
+    assert matmul.tma_layout(x, split(768, 196 * 768, 1), flat(196, 768), 196) == TMA_NONE
+    assert matmul.tma_layout(w, flat(3072, 768), flat(768, 1), 0) == TMA_NONE
+    assert matmul.tma_layout(w.view(-1)[1:].as_strided((8, 16), (16, 1)), flat(8, 16), flat(16, 1), 16) == TMA_NONE
+    configs = matmul.site_configs("ln_gelu", False)
+    offered = matmul.tma_configs(configs)
+    assert offered[:len(configs)] == configs
+    assert all(c[5] == matmul.TMA and c[0] >= matmul.TMA_MIN_BLOCK_M for c in offered[len(configs):])
+    assert len(offered) > len(configs)
+
+
+@pytest.mark.parametrize("layout", ["k_inner", "k_outer"])
+def test_tma_loads_match_pointer_loads_bitwise(triton_backend, monkeypatch, layout):
+    """The interpreter launches with descriptors wherever the operands allow; the same GEMM by pointers
+    (tma_layout patched to TMA_NONE) must give the same bits, prologue (LayerNorm of A, GELU of B) and
+    K tail (K = 72, not a multiple of the interpreter's BLOCK_K) included; A also in fp32 (autocast)."""
+    import torch
+
+    from mixer_fast.kernels.triton import matmul
+    from mixer_fast.kernels.triton.matmul import A_LAYERNORM, B_GELU, flat
+
+    g = torch.Generator().manual_seed(5)
+    descriptor = matmul._descriptor
+    M, N, K = 40, 48, 72
+    for a_dtype in (torch.bfloat16, torch.float32):
+        if layout == "k_inner":  # A (M, K) and B stored (N, K): K contiguous in both
+            a = torch.randn(M, K, generator=g).to(a_dtype)
+            b = torch.randn(N, K, generator=g).to(torch.bfloat16)
+            a_axes, b_axes = (flat(M, K), flat(K, 1)), (flat(K, 1), flat(N, K))
+        else:  # A stored (K, M) and B (K, N): the other axis contiguous
+            a = torch.randn(K, M, generator=g).to(a_dtype)
+            b = torch.randn(K, N, generator=g).to(torch.bfloat16)
+            a_axes, b_axes = (flat(M, 1), flat(K, M)), (flat(K, N), flat(N, 1))
+        mean, rstd = torch.randn(M, generator=g), torch.rand(M, generator=g) + 0.5
+        w, bias = torch.randn(K, generator=g).to(a_dtype), torch.randn(K, generator=g).to(a_dtype)
+        expected_layout = matmul.TMA_K_INNER if layout == "k_inner" else matmul.TMA_K_OUTER
+        assert matmul.tma_layout(a, *a_axes, K) == expected_layout
+        assert matmul.tma_layout(b, b_axes[1], b_axes[0], K) == expected_layout
+
+        def run():
+            out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+            return matmul.fused_matmul(a, a_axes, b, b_axes, out, (flat(M, N), flat(N, 1)), M, N, K,
+                                       variant="plain", a_pro=A_LAYERNORM, a_stats=(mean, rstd), a_vec=(w, bias),
+                                       b_pro=B_GELU)
+
+        made = []
+        with monkeypatch.context() as m:
+            m.setattr(matmul, "_descriptor", lambda *args: made.append(args[1]) or descriptor(*args))
+            with_tma = run()
+        assert made == [expected_layout] * 2  # both operands loaded by descriptors
+        with monkeypatch.context() as m:
+            m.setattr(matmul, "tma_layout", lambda *args: matmul.TMA_NONE)
+            by_pointers = run()
+        assert not with_tma.isnan().any()
+        assert torch.equal(with_tma, by_pointers), a_dtype
+
+
 def _key(matmul, variant="ln_b", M=50176, N=768, K=3072, **flags):
     meta = dict(A_PRO=0, B_PRO=1, EPI_GELU=False, EPI_GELU_GRAD=False, HAS_RES=False, RES_MUL=False,
                 PRECISION="ieee", IDX64=False, K_SPLIT=False)
@@ -116,7 +187,10 @@ def test_shipped_table_is_valid():
             assert all(int(v) & (int(v) - 1) == 0 for v in dims.split("x")), key
             split, jax, fp32 = "K_SPLIT=True" in flags, site.startswith("jax:"), site.endswith(",fp32")
             name = site.removeprefix("jax:").removesuffix(",fp32")
-            assert tuple(cfg) in matmul.site_configs(name, split, jax=jax, fp32=fp32), (key, cfg)
+            candidates = matmul.site_configs(name, split, jax=jax, fp32=fp32)
+            if not (jax or fp32):  # what the torch launcher offers where the operands allow TMA
+                candidates = matmul.tma_configs(candidates)
+            assert tuple(cfg) in candidates, (key, cfg)
 
 
 def test_tune_table_merge():

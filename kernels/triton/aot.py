@@ -56,7 +56,8 @@ def _signature(fn, dtype: str, ptr_dtypes: Dict[str, str]) -> Dict[str, str]:
         if p.is_constexpr:
             sig[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            sig[p.name] = "*" + ptr_dtypes.get(p.name, "fp32" if p.name in _FP32_PTRS else dtype)
+            ty = ptr_dtypes.get(p.name, "fp32" if p.name in _FP32_PTRS else dtype)
+            sig[p.name] = ty if ty.startswith("tensordesc") else "*" + ty
         elif p.name == "eps":
             sig[p.name] = "fp32"
         else:
@@ -79,7 +80,7 @@ def specialised(fn, sig: Dict[str, str], constexprs: Dict[str, object],
             if p.name in ints and p.name not in constexprs:
                 constexprs[p.name] = ints[p.name]
             continue
-        if p.name.endswith("_ptr"):
+        if p.name.endswith("_ptr") and not sig[p.name].startswith("tensordesc"):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif p.name in ints:
             if ints[p.name] == 1:
@@ -138,11 +139,10 @@ def _token_ptrs(kernel: str, dtype: str) -> Optional[Dict[str, str]]:
     return {"g_ptr": dtype} if kernel == "token_mlp_dx" else None
 
 
-def gemm_ints(site: str, split: bool = False) -> Optional[Dict[str, int]]:
-    """The fused GEMM's integer arguments as launch site ``site`` passes them for contiguous tensors at batch
-    256 (channel sites at Mixer-B/16, the token linear at ResMLP-24; split-K at ResMLP-24's token-linear
-    weight gradient), for :func:`specialised`; None for the gMLP gate sites (not restated here)."""
-    from . import matmul
+def gemm_site(site: str, split: bool = False) -> Optional[Tuple]:
+    """(M, N, K, a_axes, b_axes, out_axes, aux_axes, res_axes) of launch site ``site`` for contiguous tensors
+    at batch 256 (channel sites at Mixer-B/16, the token linear at ResMLP-24; split-K at ResMLP-24's
+    token-linear weight gradient); None for the gMLP gate sites (not restated here)."""
     from .matmul import flat, split as two
 
     B, S, C, D = 256, 196, 768, 3072
@@ -162,9 +162,17 @@ def gemm_ints(site: str, split: bool = False) -> Optional[Dict[str, int]]:
     if split:  # ResMLP-24's token-linear weight gradient dW = dO · N(x)ᵀ: 4 tiles over K = B·C
         sites = {name: (S, S, B * Cr, (flat(S, Cr), two(Cr, S * Cr, 1)), (two(Cr, S * Cr, 1), flat(S, Cr)),
                         (flat(S, S), flat(S, 1)), None, None) for name in ("ln_b", "gelu_b", "plain")}
-    if site not in sites:
+    return sites.get(site)
+
+
+def gemm_ints(site: str, split: bool = False) -> Optional[Dict[str, int]]:
+    """The fused GEMM's integer arguments as launch site ``site`` passes them (:func:`gemm_site`), for
+    :func:`specialised`; None for the gMLP gate sites."""
+    from . import matmul
+
+    if gemm_site(site, split) is None:
         return None
-    Mx, Nx, Kx, a, b, o, x, r = sites[site]
+    Mx, Nx, Kx, a, b, o, x, r = gemm_site(site, split)
     flags = dict(a_pro=matmul.A_NONE, b_pro=matmul.B_NONE, has_bias=False, bias_on_m=False, epi_gelu=False,
                  epi_gelu_grad=False, store_branch=False, has_scale=False, has_ss=False, ss_on_n=False,
                  has_res=False, approximate="none", precision="ieee", idx64=False)
@@ -173,6 +181,29 @@ def gemm_ints(site: str, split: bool = False) -> Optional[Dict[str, int]]:
         raise AssertionError(f"{site}: the example's split ({p.split_k}) is not the one asked for")
     names = [q.name for q in matmul.fused_matmul_kernel.params if not q.is_constexpr and not q.name.endswith("_ptr")]
     return dict(zip(names, p.scalars))
+
+
+def _tma_layouts(site: Tuple, dtype: str) -> Optional[Tuple[int, int]]:
+    """(A_TMA, B_TMA) the torch launcher would pass at ``site`` (gemm_site), or None where neither operand
+    takes a descriptor."""
+    from . import matmul
+
+    M, N, K, a, b = site[:5]
+    size = 4 if dtype == "fp32" else 2
+    layouts = (matmul.axes_tma_layout(a[0], a[1], K, size), matmul.axes_tma_layout(b[1], b[0], K, size))
+    return None if layouts == (matmul.TMA_NONE, matmul.TMA_NONE) else layouts
+
+
+def _descriptor_types(layouts: Tuple[int, int], dtype: str, bm: int, bn: int, bk: int) -> Dict[str, str]:
+    """The signature types of the operands loaded by descriptors (block in the stored layout)."""
+    from .matmul import TMA_K_INNER, TMA_NONE
+
+    types = {}
+    for name, layout, rows in (("a_ptr", layouts[0], bm), ("b_ptr", layouts[1], bn)):
+        if layout != TMA_NONE:
+            block = (rows, bk) if layout == TMA_K_INNER else (bk, rows)
+            types[name] = f"tensordesc<{dtype}[{block[0]}, {block[1]}]>"
+    return types
 
 
 def variants(dtype: str) -> Iterator[Tuple]:
@@ -187,12 +218,21 @@ def variants(dtype: str) -> Iterator[Tuple]:
                 APPROX_TANH=False,
                 PRECISION=prec, INTERPRETER=False, A_M_SPLIT=False, A_K_SPLIT=False, B_K_SPLIT=False,
                 B_N_SPLIT=False, O_M_SPLIT=False, O_N_SPLIT=False, X_M_SPLIT=False, X_N_SPLIT=False, R_M_SPLIT=False,
-                R_N_SPLIT=False, IDX64=False, K_SPLIT=False, EPI_SUBTILE=False)
+                R_N_SPLIT=False, IDX64=False, K_SPLIT=False, EPI_SUBTILE=False, A_TMA=matmul.TMA_NONE,
+                B_TMA=matmul.TMA_NONE)
     for label, (flags, configs) in matmul.VARIANTS.items():
         for bm, bn, bk, warps, stages in (matmul.FP32_CONFIGS if dtype == "fp32" else configs):
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SUBTILE=matmul.epi_subtile(bn))
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, None, gemm_ints(label))
+        # the same sites with TMA operand loads, where the torch launcher offers them (matmul.tma_configs)
+        site = gemm_site(label)
+        layouts = _tma_layouts(site, _DTYPES[dtype]) if site is not None and dtype != "fp32" else None
+        for bm, bn, bk, warps, stages, _ in (matmul.tma_configs(configs)[len(configs):] if layouts else ()):
+            cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                       EPI_SUBTILE=matmul.epi_subtile(bn), A_TMA=layouts[0], B_TMA=layouts[1])
+            yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},tma]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
+                   cfg, warps, stages, _descriptor_types(layouts, _DTYPES[dtype], bm, bn, bk), gemm_ints(label))
         # the weight gradients, split over K where their tiles are few (matmul.split_k)
         split_configs = matmul.FP32_CONFIGS if dtype == "fp32" else matmul.SPLIT_CONFIGS.get(label, ())
         for bm, bn, bk, warps, stages in (split_configs if label in matmul.SPLIT_CONFIGS else ()):

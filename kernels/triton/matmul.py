@@ -45,6 +45,11 @@ _A_NONE, _A_LAYERNORM = tl.constexpr(A_NONE), tl.constexpr(A_LAYERNORM)
 _B_NONE, _B_LAYERNORM, _B_AFFINE_N = tl.constexpr(B_NONE), tl.constexpr(B_LAYERNORM), tl.constexpr(B_AFFINE_N)
 _B_AFFINE_K, _B_TOKEN_LAYERNORM = tl.constexpr(B_AFFINE_K), tl.constexpr(B_TOKEN_LAYERNORM)
 _B_GATE_LAYERNORM = tl.constexpr(B_GATE_LAYERNORM)
+# How an operand's tiles are loaded (the kernel's A_TMA / B_TMA): by pointers (TMA_NONE), or by the Hopper
+# tensor-memory accelerator through a tensor descriptor over the operand as stored, whose contiguous inner
+# dim is K (TMA_K_INNER) or the operand's other axis (TMA_K_OUTER; the tile is transposed after the load).
+TMA_NONE, TMA_K_INNER, TMA_K_OUTER = 0, 1, 2
+_TMA_NONE, _TMA_K_INNER, _TMA_K_OUTER = tl.constexpr(TMA_NONE), tl.constexpr(TMA_K_INNER), tl.constexpr(TMA_K_OUTER)
 
 
 @triton.jit
@@ -82,7 +87,7 @@ def fused_matmul_kernel(
     A_M_SPLIT: tl.constexpr, A_K_SPLIT: tl.constexpr, B_K_SPLIT: tl.constexpr, B_N_SPLIT: tl.constexpr,
     O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr, X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr,
     R_M_SPLIT: tl.constexpr, R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr, K_SPLIT: tl.constexpr,
-    EPI_SUBTILE: tl.constexpr,
+    EPI_SUBTILE: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each column of B while it is in L2. With K_SPLIT the
@@ -98,6 +103,17 @@ def fused_matmul_kernel(
         aux_ptr = aux_out_ptr
     else:
         aux_ptr = aux_in_ptr
+    # With A_TMA / B_TMA the operand is a tensor descriptor (the launcher's, block (BLOCK_M or BLOCK_N,
+    # BLOCK_K) in its layout): loads need no addresses or masks (outside the tensor TMA reads zeros), which
+    # frees the registers and issue slots that pointer loads spend on them.
+    if A_TMA == _TMA_NONE:
+        a_ty = a_ptr.dtype.element_ty
+    else:
+        a_ty = a_ptr.dtype
+    if B_TMA == _TMA_NONE:
+        b_ty = b_ptr.dtype.element_ty
+    else:
+        b_ty = b_ptr.dtype
     pid = tl.program_id(0)
     if K_SPLIT:
         k_part = tl.program_id(1)
@@ -118,8 +134,10 @@ def fused_matmul_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
     mask_n = rn < N
-    a_row = _offsets(rm, a_mi, a_smo, a_smi, A_M_SPLIT, IDX64)
-    b_col = _offsets(rn, b_ni, b_sno, b_sni, B_N_SPLIT, IDX64)
+    if A_TMA == _TMA_NONE:
+        a_row = _offsets(rm, a_mi, a_smo, a_smi, A_M_SPLIT, IDX64)
+    if B_TMA == _TMA_NONE:
+        b_col = _offsets(rn, b_ni, b_sno, b_sni, B_N_SPLIT, IDX64)
     if A_PRO == _A_LAYERNORM:
         a_mean = tl.load(a_mean_ptr + rm, mask=mask_m, other=0.0)
         a_rstd = tl.load(a_rstd_ptr + rm, mask=mask_m, other=0.0)
@@ -133,8 +151,22 @@ def fused_matmul_kernel(
         mask_k = rk < k_end
         a_mask = mask_m[:, None] & mask_k[None, :]
         b_mask = mask_k[:, None] & mask_n[None, :]
-        a = tl.load(a_ptr + a_row[:, None] + _offsets(rk, a_ki, a_sko, a_ski, A_K_SPLIT, IDX64)[None, :], mask=a_mask, other=0.0)
-        b = tl.load(b_ptr + _offsets(rk, b_ki, b_sko, b_ski, B_K_SPLIT, IDX64)[:, None] + b_col[None, :], mask=b_mask, other=0.0)
+        # A descriptor load may run past k_end into the next K range of a split: never, since a range is a
+        # multiple of SPLIT_K_GRANULE, itself a multiple of every BLOCK_K; past K it reads zeros.
+        if A_TMA == _TMA_K_INNER:
+            a = a_ptr.load([pid_m * BLOCK_M, k0])
+        elif A_TMA == _TMA_K_OUTER:
+            a = tl.trans(a_ptr.load([k0, pid_m * BLOCK_M]))
+        else:
+            a = tl.load(a_ptr + a_row[:, None] + _offsets(rk, a_ki, a_sko, a_ski, A_K_SPLIT, IDX64)[None, :],
+                        mask=a_mask, other=0.0)
+        if B_TMA == _TMA_K_INNER:
+            b = tl.trans(b_ptr.load([pid_n * BLOCK_N, k0]))
+        elif B_TMA == _TMA_K_OUTER:
+            b = b_ptr.load([k0, pid_n * BLOCK_N])
+        else:
+            b = tl.load(b_ptr + _offsets(rk, b_ki, b_sko, b_ski, B_K_SPLIT, IDX64)[:, None] + b_col[None, :],
+                        mask=b_mask, other=0.0)
         if A_PRO != _A_NONE:
             af = a.to(tl.float32)
             wk = tl.load(a_w_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
@@ -142,7 +174,7 @@ def fused_matmul_kernel(
             if A_PRO == _A_LAYERNORM:
                 af = (af - a_mean[:, None]) * a_rstd[:, None]
             af = af * wk[None, :] + bk[None, :]
-            a = round_to(tl.where(a_mask, af, 0.0), b_ptr.dtype.element_ty, INTERPRETER)
+            a = round_to(tl.where(a_mask, af, 0.0), b_ty, INTERPRETER)
         if B_PRO != _B_NONE:
             bf = b.to(tl.float32)
             if B_PRO == _B_LAYERNORM:
@@ -167,7 +199,7 @@ def fused_matmul_kernel(
             elif B_PRO == _B_GATE_LAYERNORM:
                 # gMLP's gate input v = GELU(z_v), rounded to z's dtype as the forward stored it (its
                 # statistics were taken of the rounded values), then normalised per (image, token).
-                bf = round_to(gelu(bf, APPROX_TANH), b_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
+                bf = round_to(gelu(bf, APPROX_TANH), b_ty, INTERPRETER).to(tl.float32)
                 st = (rk // b_ki)[:, None] * N + rn[None, :]
                 if IDX64:
                     st = st.to(tl.int64)
@@ -178,7 +210,7 @@ def fused_matmul_kernel(
                 bf = (bf - mk) * sk * wk[:, None] + bk[:, None]
             else:  # B_GELU
                 bf = gelu(bf, APPROX_TANH)
-            b = round_to(tl.where(b_mask, bf, 0.0), a_ptr.dtype.element_ty, INTERPRETER)
+            b = round_to(tl.where(b_mask, bf, 0.0), a_ty, INTERPRETER)
         if INTERPRETER:  # Triton's interpreter mis-multiplies bf16 dots; products of bf16/fp16 are exact in fp32
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -377,7 +409,7 @@ _VARIANT_CONFIGS = {site: configs for site, (_flags, configs) in VARIANTS.items(
 TUNE_FLAGS = ("A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "RES_MUL", "PRECISION", "IDX64", "K_SPLIT")
 AUTOTUNE_KEY = ["M", "N", "K", *TUNE_FLAGS]  # the JAX path's triton.autotune, where the table has no entry
 # Tuned configs ship per architecture in the package (TUNED_FILE: {"sm_90": {tune_key: [BLOCK_M, BLOCK_N,
-# BLOCK_K, num_warps, num_stages]}}), written from tuning runs on that GPU (bench/tune_table.py), so that a
+# BLOCK_K, num_warps, num_stages] or [..., "tma"] (TMA)}}), written from tuning runs on that GPU (bench/tune_table.py), so that a
 # first call there does not autotune. Keys bucket M, N, K to powers of two: a new batch size reuses its
 # bucket's choice instead of tuning again. MIXER_FAST_AUTOTUNE=1 ignores the table and times every config
 # of the launch site once per key and process.
@@ -412,14 +444,14 @@ def _nearest(table: Dict[str, list], key: str) -> Optional[list]:
 
 
 class Tuner:
-    """Chooses a launch's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: the shipped table's
+    """Chooses a launch's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, TMA]) on a GPU: the shipped table's
     entry for the device class, else (or with MIXER_FAST_AUTOTUNE=1) the fastest of the site's configs,
     timed once per key; ``chosen`` holds this process's choices, ``timed`` those it timed (what
     bench/tune_table.py writes)."""
 
     def __init__(self) -> None:
-        self.chosen: Dict[str, Dict[str, Tuple[int, int, int, int, int]]] = {}
-        self.timed: Dict[str, Dict[str, Tuple[int, int, int, int, int]]] = {}
+        self.chosen: Dict[str, Dict[str, Tuple]] = {}
+        self.timed: Dict[str, Dict[str, Tuple]] = {}
         self._table: Optional[Dict[str, Dict[str, list]]] = None
 
     def table(self) -> Dict[str, Dict[str, list]]:
@@ -434,7 +466,7 @@ class Tuner:
             self._table = json.loads(text)
         return self._table
 
-    def shipped(self, device_class: str, key: str, candidates) -> Optional[Tuple[int, int, int, int, int]]:
+    def shipped(self, device_class: str, key: str, candidates) -> Optional[Tuple]:
         """The table's config for ``key`` on ``device_class`` if it is one of ``candidates`` (a config
         pruned since the table was written is not used) and MIXER_FAST_AUTOTUNE is not 1; else None."""
         import os
@@ -447,7 +479,7 @@ class Tuner:
             entry = _nearest(table, key)
         return tuple(entry) if entry is not None and tuple(entry) in candidates else None
 
-    def config(self, device_class: str, key: str, candidates, run) -> Tuple[int, int, int, int, int]:
+    def config(self, device_class: str, key: str, candidates, run) -> Tuple:
         """The config for ``key``; ``run(config)`` launches with one (timed when tuning)."""
         known = self.chosen.setdefault(device_class, {})
         if key in known:
@@ -509,6 +541,47 @@ def site_configs(variant: str, split: bool, jax: bool = False,
     if variant not in plain:
         raise ValueError(f"variant: expected one of {sorted(plain)}, got {variant!r}")
     return splits[variant] if split else plain[variant]
+
+
+# A config's optional sixth element: its operands loaded by TMA where :func:`tma_layout` allows (torch on
+# sm_90 and newer; jax-triton 0.3.1 passes no tensor descriptors). Offered for the 128-row tiles, whose
+# pointer loads spend the most registers on addresses; the tuner times them beside the pointer configs.
+TMA = "tma"
+TMA_MIN_BLOCK_M = 128
+
+
+def tma_configs(configs: Tuple[Tuple, ...]) -> Tuple[Tuple, ...]:
+    """``configs`` and, after them, their tiles of TMA_MIN_BLOCK_M rows or more again with TMA."""
+    return tuple(configs) + tuple((*c[:5], TMA) for c in configs if c[0] >= TMA_MIN_BLOCK_M)
+
+
+def tma_layout(t: torch.Tensor, other: Axis, k: Axis, K: int) -> int:
+    """How a tensor descriptor can load GEMM operand ``t`` (TMA_K_INNER, TMA_K_OUTER), or TMA_NONE: its
+    base 16-byte aligned and :func:`axes_tma_layout`."""
+    return TMA_NONE if t.data_ptr() % 16 else axes_tma_layout(other, k, K, t.element_size())
+
+
+def axes_tma_layout(other: Axis, k: Axis, K: int, element_size: int) -> int:
+    """The descriptor layout of an operand whose K axis is ``k`` and other axis ``other``, or TMA_NONE:
+    each axis one stride (not split over two dims), one of them contiguous, the other's stride a
+    multiple of 16 bytes (TMA's rules), K > 0."""
+    if other.split or k.split or K <= 0:
+        return TMA_NONE
+    if k.stride == 1 and other.stride * element_size % 16 == 0:
+        return TMA_K_INNER
+    if other.stride == 1 and k.stride * element_size % 16 == 0:
+        return TMA_K_OUTER
+    return TMA_NONE
+
+
+def _descriptor(t: torch.Tensor, layout: int, rows: int, K: int, other: Axis, k: Axis, block_rows: int,
+                block_k: int):
+    """The tensor descriptor of operand ``t`` (``rows`` × K logical) in ``layout``, block as the kernel loads."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if layout == TMA_K_INNER:
+        return TensorDescriptor(t, [rows, K], [other.stride, 1], [block_rows, block_k])
+    return TensorDescriptor(t, [K, rows], [k.stride, 1], [block_k, block_rows])
 
 
 @dataclass
@@ -582,6 +655,8 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
         IDX64=idx64, K_SPLIT=parts > 1,
         # a GPU launch sets it per config (epi_subtile); the interpreter always, so that CI runs it
         EPI_SUBTILE=_launch.INTERPRET,
+        # the torch launcher sets these per config (tma_layout); jax-triton passes no descriptors
+        A_TMA=TMA_NONE, B_TMA=TMA_NONE,
     )
     scalars = [M, N, K, am.inner, am.outer, am.stride, ak.inner, ak.outer, ak.stride,
                bk.inner, bk.outer, bk.stride, bn.inner, bn.outer, bn.stride,
@@ -634,25 +709,41 @@ def fused_matmul(
              res_mul=res_mul, allow_split=out.dtype == torch.float32 and out.is_contiguous(), out_numel=out.numel())
     target = out if p.split_k == 1 else _launch.new_output((p.split_k, *out.shape), out)
     aux = aux if aux is not None else dummy  # the kernel's aux input and aux output (one of them is read)
-    args = (a, b, aux, res if res is not None else dummy, a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
+    rest = (aux, res if res is not None else dummy, a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
             bias if bias is not None else dummy, scale if scale is not None else dummy,
             ss if ss is not None else dummy, *p.scalars, target, aux)
+    a_tma = tma_layout(a, a_axes[0], a_axes[1], K)
+    b_tma = tma_layout(b, b_axes[1], b_axes[0], K)
 
-    def run(cfg: Tuple[int, int, int, int, int]) -> None:
-        bm, bn, bk, warps, stages = cfg
+    def launch(grid, meta: Dict[str, object], tma: bool, **options) -> None:
+        a_arg, b_arg = a, b
+        if tma:  # descriptors' blocks are the config's
+            meta = dict(meta, A_TMA=a_tma, B_TMA=b_tma)
+            if a_tma != TMA_NONE:
+                a_arg = _descriptor(a, a_tma, M, K, a_axes[0], a_axes[1], meta["BLOCK_M"], meta["BLOCK_K"])
+            if b_tma != TMA_NONE:
+                b_arg = _descriptor(b, b_tma, N, K, b_axes[1], b_axes[0], meta["BLOCK_N"], meta["BLOCK_K"])
+        fused_matmul_kernel[grid](a_arg, b_arg, *rest, **meta, **options)
+
+    def run(cfg: Tuple) -> None:
+        bm, bn, bk, warps, stages = cfg[:5]
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), p.split_k)
-        meta = dict(p.meta, EPI_SUBTILE=epi_subtile(bn))
-        fused_matmul_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                                  num_warps=warps, num_stages=stages)
+        meta = dict(p.meta, EPI_SUBTILE=epi_subtile(bn), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+        launch(grid, meta, cfg[5:] == (TMA,), num_warps=warps, num_stages=stages)
 
     with _launch.serialized():
         if _launch.INTERPRET:
-            fused_matmul_kernel[p.grid](*args, **p.meta, num_warps=p.num_warps, num_stages=p.num_stages)
+            # descriptors wherever the operands allow, so that CI runs the TMA path (the pointer path runs
+            # where they do not: split axes, unaligned strides)
+            launch(p.grid, p.meta, True, num_warps=p.num_warps, num_stages=p.num_stages)
         else:
             major, minor = torch.cuda.get_device_capability(out.device)
             fp32 = a.dtype == b.dtype == torch.float32
+            candidates = site_configs(variant, p.split_k > 1, fp32=fp32)
+            if major >= 9 and not fp32 and (a_tma, b_tma) != (TMA_NONE, TMA_NONE):
+                candidates = tma_configs(candidates)
             run(TUNER.config(f"sm_{major}{minor}", tune_key(variant + (",fp32" if fp32 else ""), M, N, K, p.meta),
-                             site_configs(variant, p.split_k > 1, fp32=fp32), run))
+                             candidates, run))
     if p.split_k > 1:
         torch.sum(target, 0, out=out)
     return out
