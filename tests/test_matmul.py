@@ -66,7 +66,7 @@ def test_split_k_matches_float64_and_is_deterministic(triton_backend, K):
     assert torch.equal(out, run())
 
 
-def test_tma_layouts_follow_the_rules_of_tma():
+def test_tma_layouts_follow_the_rules_of_tma(monkeypatch):
     import torch
 
     from mixer_fast.kernels.triton import matmul
@@ -84,6 +84,8 @@ def test_tma_layouts_follow_the_rules_of_tma():
     assert matmul.tma_layout(x, split(768, 196 * 768, 1), flat(196, 768), 196) == TMA_NONE
     assert matmul.tma_layout(w, flat(3072, 768), flat(768, 1), 0) == TMA_NONE
     assert matmul.tma_layout(w.view(-1)[1:].as_strided((8, 16), (16, 1)), flat(8, 16), flat(16, 1), 16) == TMA_NONE
+    monkeypatch.setenv(matmul.TMA_ENV, "0")  # the switch that turns descriptors off
+    assert matmul.tma_layout(w, flat(3072, 768), flat(768, 1), 768) == TMA_NONE
     configs = matmul.site_configs("ln_gelu", False)
     offered = matmul.tma_configs(configs)
     assert offered[:len(configs)] == configs

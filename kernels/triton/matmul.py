@@ -548,6 +548,9 @@ def site_configs(variant: str, split: bool, jax: bool = False,
 # pointer loads spend the most registers on addresses; the tuner times them beside the pointer configs.
 TMA = "tma"
 TMA_MIN_BLOCK_M = 128
+# MIXER_FAST_TMA=0: operands load by pointers only (no descriptors offered or used), e.g. to tell a TMA
+# fault on a GPU from the rest.
+TMA_ENV = "MIXER_FAST_TMA"
 
 
 def tma_configs(configs: Tuple[Tuple, ...]) -> Tuple[Tuple, ...]:
@@ -557,8 +560,12 @@ def tma_configs(configs: Tuple[Tuple, ...]) -> Tuple[Tuple, ...]:
 
 def tma_layout(t: torch.Tensor, other: Axis, k: Axis, K: int) -> int:
     """How a tensor descriptor can load GEMM operand ``t`` (TMA_K_INNER, TMA_K_OUTER), or TMA_NONE: its
-    base 16-byte aligned and :func:`axes_tma_layout`."""
-    return TMA_NONE if t.data_ptr() % 16 else axes_tma_layout(other, k, K, t.element_size())
+    base 16-byte aligned and :func:`axes_tma_layout`; TMA_NONE always under MIXER_FAST_TMA=0."""
+    import os
+
+    if os.environ.get(TMA_ENV, "1") == "0" or t.data_ptr() % 16:
+        return TMA_NONE
+    return axes_tma_layout(other, k, K, t.element_size())
 
 
 def axes_tma_layout(other: Axis, k: Axis, K: int, element_size: int) -> int:
