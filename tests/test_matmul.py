@@ -87,10 +87,12 @@ def test_tma_layouts_follow_the_rules_of_tma(monkeypatch):
     monkeypatch.setenv(matmul.TMA_ENV, "0")  # the switch that turns descriptors off
     assert matmul.tma_layout(w, flat(3072, 768), flat(768, 1), 768) == TMA_NONE
     configs = matmul.site_configs("ln_gelu", False)
-    offered = matmul.tma_configs(configs)
+    offered = matmul.tma_configs("ln_gelu", configs)
     assert offered[:len(configs)] == configs
     assert all(c[5] == matmul.TMA and c[0] >= matmul.TMA_MIN_BLOCK_M for c in offered[len(configs):])
     assert len(offered) > len(configs)
+    assert matmul.tma_configs("gelu_grad", matmul.site_configs("gelu_grad", False)) == matmul.site_configs(
+        "gelu_grad", False)
 
 
 @pytest.mark.parametrize("layout", ["k_inner", "k_outer"])
@@ -191,7 +193,7 @@ def test_shipped_table_is_valid():
             name = site.removeprefix("jax:").removesuffix(",fp32")
             candidates = matmul.site_configs(name, split, jax=jax, fp32=fp32)
             if not (jax or fp32):  # what the torch launcher offers where the operands allow TMA
-                candidates = matmul.tma_configs(candidates)
+                candidates = matmul.tma_configs(name, candidates)
             assert tuple(cfg) in candidates, (key, cfg)
 
 

@@ -228,7 +228,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
         # the same sites with TMA operand loads, where the torch launcher offers them (matmul.tma_configs)
         site = gemm_site(label)
         layouts = _tma_layouts(site, _DTYPES[dtype]) if site is not None and dtype != "fp32" else None
-        for bm, bn, bk, warps, stages, _ in (matmul.tma_configs(configs)[len(configs):] if layouts else ()):
+        for bm, bn, bk, warps, stages, _ in (matmul.tma_configs(label, configs)[len(configs):] if layouts else ()):
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                        EPI_SUBTILE=matmul.epi_subtile(bn), A_TMA=layouts[0], B_TMA=layouts[1])
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},tma]", f"{bm}x{bn}x{bk} w{warps} s{stages}",

@@ -553,8 +553,16 @@ TMA_MIN_BLOCK_M = 128
 TMA_ENV = "MIXER_FAST_TMA"
 
 
-def tma_configs(configs: Tuple[Tuple, ...]) -> Tuple[Tuple, ...]:
-    """``configs`` and, after them, their tiles of TMA_MIN_BLOCK_M rows or more again with TMA."""
+# gelu_grad is left out: at 128 × 128 it holds 255 registers with pointer loads already, and with TMA
+# it spilled 8 B under triton 3.6 + ptxas 13.5 (the GPU machines' toolchain; none under 3.8 + 12.9).
+TMA_SITES = frozenset({"ln_gelu", "residual", "ln_b", "gelu_b", "plain"})
+
+
+def tma_configs(variant: str, configs: Tuple[Tuple, ...]) -> Tuple[Tuple, ...]:
+    """``configs`` of launch site ``variant`` and, after them, their tiles of TMA_MIN_BLOCK_M rows or more
+    again with TMA, where the site is one of TMA_SITES."""
+    if variant not in TMA_SITES:
+        return tuple(configs)
     return tuple(configs) + tuple((*c[:5], TMA) for c in configs if c[0] >= TMA_MIN_BLOCK_M)
 
 
@@ -748,7 +756,7 @@ def fused_matmul(
             fp32 = a.dtype == b.dtype == torch.float32
             candidates = site_configs(variant, p.split_k > 1, fp32=fp32)
             if major >= 9 and not fp32 and (a_tma, b_tma) != (TMA_NONE, TMA_NONE):
-                candidates = tma_configs(candidates)
+                candidates = tma_configs(variant, candidates)
             run(TUNER.config(f"sm_{major}{minor}", tune_key(variant + (",fp32" if fp32 else ""), M, N, K, p.meta),
                              candidates, run))
     if p.split_k > 1:
