@@ -191,7 +191,7 @@ def test_shipped_table_is_valid():
             assert all(int(v) & (int(v) - 1) == 0 for v in dims.split("x")), key
             split, jax, fp32 = "K_SPLIT=True" in flags, site.startswith("jax:"), site.endswith(",fp32")
             name = site.removeprefix("jax:").removesuffix(",fp32")
-            candidates = matmul.site_configs(name, split, jax=jax, fp32=fp32)
+            candidates = matmul.site_configs(name, split, fp32=fp32)
             if not (jax or fp32):  # what the torch launcher offers where the operands allow TMA
                 candidates = matmul.tma_configs(name, candidates)
             assert tuple(cfg) in candidates, (key, cfg)
@@ -235,15 +235,23 @@ def test_tuner_times_each_config_once_per_key(monkeypatch):
     assert tuner.timed == {"sm_90": {key: fastest}} == tuner.chosen
 
 
-def test_jax_configs_cover_every_site():
+def test_site_configs_name_the_site():
     from mixer_fast.kernels.triton import matmul
 
-    assert set(matmul.JAX_CONFIGS) == set(matmul.VARIANTS)
-    assert set(matmul.JAX_SPLIT_CONFIGS) == set(matmul.SPLIT_CONFIGS)
     with pytest.raises(ValueError, match="variant: expected one of"):
         matmul.site_configs("nope", False)
     with pytest.raises(ValueError, match="split-K launches are planned for"):
-        matmul.site_configs("ln_gelu", True, jax=True)
+        matmul.site_configs("ln_gelu", True)
+
+
+def test_scaled16_round_trips_and_flags_what_it_divided():
+    from mixer_fast.kernels.triton import matmul
+
+    values = [50176, 3072, 768, 196, 1, 0, 16, 2**31 + 16, 37]
+    scaled, mask = matmul.scaled16(values)
+    assert [v * 16 if mask >> i & 1 else v for i, v in enumerate(scaled)] == values
+    # multiples of 16 below 2³¹ are divided (0 too); 196, 1, 37 and the int64 value are not
+    assert [mask >> i & 1 for i in range(len(values))] == [1, 1, 1, 0, 0, 1, 1, 0, 0]
 
 
 def test_fp32_operands_take_the_fma_configs():
@@ -251,5 +259,4 @@ def test_fp32_operands_take_the_fma_configs():
 
     for site in matmul.VARIANTS:
         assert matmul.site_configs(site, False, fp32=True) == matmul.FP32_CONFIGS
-        assert matmul.site_configs(site, False, jax=True, fp32=True) == matmul.FP32_CONFIGS
     assert all(bm * bn <= 64 * 64 for bm, bn, *_ in matmul.FP32_CONFIGS)

@@ -65,13 +65,18 @@ def _signature(fn, dtype: str, ptr_dtypes: Dict[str, str]) -> Dict[str, str]:
     return sig
 
 
+class JaxTritonInts(dict):
+    """Integer arguments as jax-triton (0.3.1 and newer) specialises them: values equal to 1 made
+    constants, no divisibility hints (:func:`specialised`)."""
+
+
 def specialised(fn, sig: Dict[str, str], constexprs: Dict[str, object],
                 ints: Dict[str, int]) -> Tuple[Dict[str, str], Dict[str, object], Dict[tuple, list]]:
     """(signature, constexprs, attrs) of ``fn`` as Triton's launcher specialises a launch whose integer
     arguments have the example values ``ints``: pointers 16-byte aligned (as torch and XLA allocate),
-    integers equal to 1 made constants and multiples of 16 marked so (``ints`` empty: pointers only, as
-    jax-triton launches, which gives scalars no hints); a constexpr parameter named in ``ints`` takes its
-    value (the token kernels' shapes). Unspecialised, Triton cannot
+    integers equal to 1 made constants and multiples of 16 marked so (``ints`` a JaxTritonInts: no
+    divisibility hints, as jax-triton launches); a constexpr parameter named in ``ints`` takes its value
+    (the token kernels' shapes). Unspecialised, Triton cannot
     prove a 16-byte cp.async legal and does not pipeline the loads, which leaves a different register
     picture from the one that runs."""
     sig, constexprs, attrs = dict(sig), dict(constexprs), {}
@@ -85,7 +90,7 @@ def specialised(fn, sig: Dict[str, str], constexprs: Dict[str, object],
         elif p.name in ints:
             if ints[p.name] == 1:
                 sig[p.name], constexprs[p.name] = "constexpr", 1
-            elif ints[p.name] % 16 == 0:
+            elif ints[p.name] % 16 == 0 and not isinstance(ints, JaxTritonInts):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, constexprs, attrs
 
@@ -219,7 +224,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
                 PRECISION=prec, INTERPRETER=False, A_M_SPLIT=False, A_K_SPLIT=False, B_K_SPLIT=False,
                 B_N_SPLIT=False, O_M_SPLIT=False, O_N_SPLIT=False, X_M_SPLIT=False, X_N_SPLIT=False, R_M_SPLIT=False,
                 R_N_SPLIT=False, IDX64=False, K_SPLIT=False, EPI_SUBTILE=False, A_TMA=matmul.TMA_NONE,
-                B_TMA=matmul.TMA_NONE)
+                B_TMA=matmul.TMA_NONE, SCALED16=0)
     for label, (flags, configs) in matmul.VARIANTS.items():
         for bm, bn, bk, warps, stages in (matmul.FP32_CONFIGS if dtype == "fp32" else configs):
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SUBTILE=matmul.epi_subtile(bn))
@@ -268,19 +273,26 @@ def variants(dtype: str) -> Iterator[Tuple]:
                     label += f" part{part}"
                 yield (fn, f"{kname}[S={S}]", label, cfg, plan.num_warps, plan.num_stages, _token_ptrs(kname, dtype),
                        token_ints(S, C, D))
-    # JAX launches the same kernels through jax-triton 0.3.1, which marks pointers aligned and gives
-    # integer arguments no hints (ints={}): the GEMM runs matmul.JAX_CONFIGS; of the token kernels' integers
-    # (the rest are constexprs, as in a torch launch) only dW's B and SPLITS go unhinted.
-    flags = matmul.VARIANTS["ln_gelu"][0]
-    for bm, bn, bk, warps, stages in matmul.JAX_CONFIGS["ln_gelu"][:1]:
-        yield (matmul.fused_matmul_kernel, "fused_matmul[ln_gelu,jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-               dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages, None, {})
+    # JAX launches the same kernels through jax-triton, which marks pointers aligned, makes integers equal
+    # to 1 constants and gives the others no hints (JaxTritonInts). The GEMM gets its multiples of 16
+    # divided by 16 (matmul.scaled16); of the token kernels' integers (the rest are constexprs, as in a
+    # torch launch) only dW's B and SPLITS go unhinted.
+    for label, split in ((site, False) for site in matmul.VARIANTS if gemm_site(site) is not None):
+        flags, _ = matmul.VARIANTS[label]
+        scalars, mask = matmul.scaled16(list(gemm_ints(label, split).values()))
+        ints = JaxTritonInts(zip(gemm_ints(label, split), scalars))
+        configs = matmul.FP32_CONFIGS if dtype == "fp32" else matmul.site_configs(label, split)
+        bm, bn, bk, warps, stages = configs[0]
+        yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
+               dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALED16=mask,
+                    EPI_SUBTILE=matmul.epi_subtile(bn)), warps, stages, None, ints)
     plan = token_mixing.gpu_config("token_mlp_dw", 196, 384)
     shapes = {q.name: v for q in token_mixing.token_mlp_dw_kernel.params if q.is_constexpr
               for k, v in token_ints(196, 768, 384).items() if k == q.name}
     yield (token_mixing.token_mlp_dw_kernel, "token_mlp_dw[S=196,jax]", plan.label() + f" part{plan.parts[0]}",
            dict(_TOKEN_BWD, APPROX_TANH=True, PART=plan.parts[0], **plan.constexprs(), **shapes),
-           plan.num_warps, plan.num_stages, _token_ptrs("token_mlp_dw", dtype), {})
+           plan.num_warps, plan.num_stages, _token_ptrs("token_mlp_dw", dtype),
+           JaxTritonInts(B=256, SPLITS=44))
     for C in (384, 768, 1024):
         block_c = layer_norm.gpu_block_c(C)
         # Launched with Triton's defaults (4 warps, 3 stages).

@@ -11,8 +11,9 @@ token kernels read them exactly as they read torch weights.
 The kernels are the torch launchers' own, launched directly: their parameters run inputs (arrays, then
 scalars), outputs, constexprs, which is jax-triton's calling convention. The token kernels take shapes
 and strides as constexprs (token_mixing.shape_constexprs), since jax-triton gives integer arguments no
-divisibility hints; the fused GEMM's stay runtime scalars and it runs with configs pruned for that
-(matmul.JAX_CONFIGS).
+divisibility hints; the fused GEMM's stay runtime scalars, its multiples of 16 passed divided by 16 and
+multiplied back in the kernel (matmul.scaled16), so that it compiles as a torch launch does and runs the
+same configs.
 
 How a launch runs (``call``): on a GPU through ``jax_triton.triton_call``; with Triton's interpreter (no
 GPU: tests) through ``jax.pure_callback`` on CPU torch tensors, in jax-triton's argument order, so the
@@ -181,7 +182,7 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
     if capability is not None:
         major, minor = str(capability).split(".")[:2]
         cfg = TUNER.shipped(f"sm_{major}{minor}", "jax:" + tune_key(variant + (",fp32" if fp32 else ""), M, N, K,
-                                                                 p.meta), site_configs(variant, split, jax=True, fp32=fp32))
+                                                                 p.meta), site_configs(variant, split, fp32=fp32))
     if cfg is None:
         return autotuned(fused_matmul_kernel, variant, _tuned, split, fp32), p.grid, {}
     bm, bn, bk, warps, stages = cfg
@@ -218,7 +219,7 @@ def fused_matmul(
              store_branch=store_branch, has_scale=scale is not None, has_ss=ss is not None, ss_on_n=ss_on_n,
              has_res=res is not None, approximate=approximate, precision=precision,
              idx64=_idx64(a, b, aux, res),
-             allow_split=np.dtype(out_dtype) == np.float32, out_numel=int(np.prod(out_shape)))
+             allow_split=np.dtype(out_dtype) == np.float32, out_numel=int(np.prod(out_shape)), scale_scalars=True)
     split = p.split_k > 1  # fp32 partial products over K ranges, summed in a fixed order (matmul.split_k)
     kernel, grid, launch = _tuned_launch(variant, M, N, K, p, fp32=a.dtype == b.dtype == F32)
     inputs = [a, b, aux if aux is not None else dummy, res if res is not None else dummy,

@@ -87,7 +87,7 @@ def fused_matmul_kernel(
     A_M_SPLIT: tl.constexpr, A_K_SPLIT: tl.constexpr, B_K_SPLIT: tl.constexpr, B_N_SPLIT: tl.constexpr,
     O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr, X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr,
     R_M_SPLIT: tl.constexpr, R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr, K_SPLIT: tl.constexpr,
-    EPI_SUBTILE: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+    EPI_SUBTILE: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr, SCALED16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each column of B while it is in L2. With K_SPLIT the
@@ -103,6 +103,22 @@ def fused_matmul_kernel(
         aux_ptr = aux_out_ptr
     else:
         aux_ptr = aux_in_ptr
+    # SCALED16: a bit per integer argument, in order, that came divided by 16 (plan: scale_scalars). Known
+    # multiples of 16 again after the multiply, as Triton's own launcher marks them: jax-triton gives
+    # integer arguments no divisibility hints, and without them the loads are neither vectorised nor
+    # pipelined (the report: 252 B of spills at 128 × 128).
+    M, N, K = _x16(M, SCALED16, 0), _x16(N, SCALED16, 1), _x16(K, SCALED16, 2)
+    a_mi, a_smo, a_smi = _x16(a_mi, SCALED16, 3), _x16(a_smo, SCALED16, 4), _x16(a_smi, SCALED16, 5)
+    a_ki, a_sko, a_ski = _x16(a_ki, SCALED16, 6), _x16(a_sko, SCALED16, 7), _x16(a_ski, SCALED16, 8)
+    b_ki, b_sko, b_ski = _x16(b_ki, SCALED16, 9), _x16(b_sko, SCALED16, 10), _x16(b_ski, SCALED16, 11)
+    b_ni, b_sno, b_sni = _x16(b_ni, SCALED16, 12), _x16(b_sno, SCALED16, 13), _x16(b_sni, SCALED16, 14)
+    o_mi, o_smo, o_smi = _x16(o_mi, SCALED16, 15), _x16(o_smo, SCALED16, 16), _x16(o_smi, SCALED16, 17)
+    o_ni, o_sno, o_sni = _x16(o_ni, SCALED16, 18), _x16(o_sno, SCALED16, 19), _x16(o_sni, SCALED16, 20)
+    x_smo, x_smi = _x16(x_smo, SCALED16, 21), _x16(x_smi, SCALED16, 22)
+    x_sno, x_sni = _x16(x_sno, SCALED16, 23), _x16(x_sni, SCALED16, 24)
+    r_smo, r_smi = _x16(r_smo, SCALED16, 25), _x16(r_smi, SCALED16, 26)
+    r_sno, r_sni = _x16(r_sno, SCALED16, 27), _x16(r_sni, SCALED16, 28)
+    k_len, o_split = _x16(k_len, SCALED16, 29), _x16(o_split, SCALED16, 30)
     # With A_TMA / B_TMA the operand is a tensor descriptor (the launcher's, block (BLOCK_M or BLOCK_N,
     # BLOCK_K) in its layout): loads need no addresses or masks (outside the tensor TMA reads zeros), which
     # frees the registers and issue slots that pointer loads spend on them.
@@ -246,6 +262,15 @@ def fused_matmul_kernel(
 
 
 @triton.jit
+def _x16(v, SCALED16: tl.constexpr, I: tl.constexpr):
+    """Integer argument I of the fused GEMM as the launcher meant it: v · 16 where SCALED16's bit I is set."""
+    if (SCALED16 >> I) & 1:
+        return v * 16
+    else:
+        return v
+
+
+@triton.jit
 def _epilogue(acc, rm, rn, M, N, out_ptr, aux_ptr, res_ptr, bias_ptr, scale_ptr, ss_ptr,
               o_mi, o_smo, o_smi, o_ni, o_sno, o_sni, x_smo, x_smi, x_sno, x_sni, r_smo, r_smi, r_sno, r_sni,
               HAS_BIAS: tl.constexpr, BIAS_ON_M: tl.constexpr, EPI_GELU: tl.constexpr, EPI_GELU_GRAD: tl.constexpr,
@@ -379,25 +404,10 @@ SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
     "gate_b": ((64, 128, 32, 8, 3),),
     "plain": ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3)),
 }
-# The JAX path's configs: jax-triton (0.3.1, the newest that accepts triton 3.6) marks array pointers 16-byte
-# aligned but gives integer arguments no hints, so its launches compile like the unspecialised report (no
-# vectorised loads, no cp.async pipelining; the 128 × 128 configs above spill 252 B there). They keep the
-# configs pruned that way, until the JAX launch passes what it knows (issue 18).
-JAX_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
-    "ln_gelu": ((64, 128, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3)),
-    "residual": ((64, 64, 64, 4, 3), (64, 64, 32, 4, 3)),
-    "gelu_grad": ((64, 128, 32, 4, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3)),
-    "ln_b": ((128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 8, 3)),
-    "gelu_b": ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3)),
-    "gate_proj": VARIANTS["gate_proj"][1],
-    "gate_b": VARIANTS["gate_b"][1],
-    "token_linear": ((64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3)),
-    "plain": ((128, 128, 64, 8, 3), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3)),
-}
-JAX_SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
-    "ln_b": JAX_CONFIGS["ln_b"], "gelu_b": ((128, 128, 32, 8, 3),), "gate_b": ((64, 128, 32, 8, 3),),
-    "plain": JAX_CONFIGS["plain"],
-}
+# The JAX path runs the same configs: jax-triton gives integer arguments no divisibility hints, and the
+# launch passes its multiples of 16 divided by 16 instead (plan: scale_scalars), which the kernel multiplies
+# back; specialised that way the report compiles them as the torch launches (no spills; pruned configs for
+# the unhinted compile, JAX_CONFIGS, are gone).
 # fp32 operands on both sides (no autocast): "ieee" dots run on the FMA units, never wgmma, and the tiles
 # above spill kilobytes there (ln_b 128×128: 38 KB). These two are spill-free at every specialised site
 # (report --dtype fp32, triton 3.8) but the split-K weight gradients at 32×64 (12-40 B); the gMLP gate
@@ -508,15 +518,15 @@ TUNER = Tuner()
 
 
 def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = False, fp32: bool = False):
-    """``kernel`` (the fused GEMM, as the JAX launcher calls it) under triton.autotune over the JAX configs of
-    launch site ``variant`` (JAX_CONFIGS, JAX_SPLIT_CONFIGS), cached in ``cache``; the kernel itself in
-    the interpreter (INTERPRET_CONFIG)."""
+    """``kernel`` (the fused GEMM, as the JAX launcher calls it) under triton.autotune over the configs of
+    launch site ``variant`` (:func:`site_configs`), cached in ``cache``; the kernel itself in the
+    interpreter (INTERPRET_CONFIG)."""
     if _launch.INTERPRET:
         return kernel
     key = variant + (",split" if split else "") + (",fp32" if fp32 else "")
     if key not in cache:
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
-                                 num_stages=s) for m, n, k, w, s in site_configs(variant, split, jax=True, fp32=fp32)]
+                                 num_stages=s) for m, n, k, w, s in site_configs(variant, split, fp32=fp32)]
         cache[key] = triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
     return cache[key]
 
@@ -527,20 +537,32 @@ def epi_subtile(block_n: int) -> bool:
     return block_n >= 256
 
 
-def site_configs(variant: str, split: bool, jax: bool = False,
-                 fp32: bool = False) -> Tuple[Tuple[int, int, int, int, int], ...]:
-    """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a launch site may run with (``jax``: through
-    jax-triton; ``fp32``: both operands fp32, FP32_CONFIGS)."""
+def site_configs(variant: str, split: bool, fp32: bool = False) -> Tuple[Tuple[int, int, int, int, int], ...]:
+    """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a launch site may run with, torch and JAX
+    alike (``fp32``: both operands fp32, FP32_CONFIGS); the torch launcher adds TMA ones (tma_configs)."""
     if fp32:
         if variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
         return FP32_CONFIGS
-    splits, plain = (JAX_SPLIT_CONFIGS, JAX_CONFIGS) if jax else (SPLIT_CONFIGS, _VARIANT_CONFIGS)
+    splits, plain = SPLIT_CONFIGS, _VARIANT_CONFIGS
     if split and variant not in splits:
         raise ValueError(f"variant: split-K launches are planned for {sorted(splits)}, got {variant!r}")
     if variant not in plain:
         raise ValueError(f"variant: expected one of {sorted(plain)}, got {variant!r}")
     return splits[variant] if split else plain[variant]
+
+
+def scaled16(scalars: list) -> Tuple[list, int]:
+    """(scalars with each multiple of 16 divided by 16, the bitmask of those divided). Only values that
+    stay int32 either way are divided (the kernel's multiply must not overflow)."""
+    out, mask = [], 0
+    for i, v in enumerate(scalars):
+        if v % 16 == 0 and 0 <= v < 2**31:
+            out.append(v // 16)
+            mask |= 1 << i
+        else:
+            out.append(v)
+    return out, mask
 
 
 # A config's optional sixth element: its operands loaded by TMA where :func:`tma_layout` allows (torch on
@@ -641,12 +663,14 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
          res_axes: Optional[Tuple[Axis, Axis]], *, a_pro: int, b_pro: int, has_bias: bool, bias_on_m: bool,
          epi_gelu: bool, epi_gelu_grad: bool, store_branch: bool, has_scale: bool, has_ss: bool, ss_on_n: bool,
          has_res: bool, approximate: str, precision: str, idx64: bool, res_mul: bool = False,
-         allow_split: bool = False, out_numel: int = 0) -> Plan:
+         allow_split: bool = False, out_numel: int = 0, scale_scalars: bool = False) -> Plan:
     """The launch of fused_matmul_kernel (see fused_matmul) shared by the torch and JAX launchers.
     ``out_numel``: the output's elements. ``allow_split``: the caller can take a split-K launch (its
     output fp32 and contiguous); it gets one when there is no epilogue (partial products are summed
     afterwards) and :func:`split_k` says so. ``idx64``: some operand needs 64-bit offsets; the plan adds
-    the split-K partial output's own need."""
+    the split-K partial output's own need. ``scale_scalars`` (jax-triton, which gives integer arguments
+    no divisibility hints): the integer arguments that are multiples of 16 go divided by 16, flagged in
+    SCALED16, and the kernel multiplies them back (:func:`scaled16`)."""
     epilogue = (has_bias, epi_gelu, epi_gelu_grad, store_branch, has_scale, has_ss, has_res)
     parts = split_k(M, N, K) if allow_split and not any(epilogue) else 1
     k_len = K
@@ -678,6 +702,9 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
                om.inner, om.outer, om.stride, on.inner, on.outer, on.stride,
                xm.outer, xm.stride, xn.outer, xn.stride, rm.outer, rm.stride, rn.outer, rn.stride,
                max(k_len, 1), out_numel if parts > 1 else 0]
+    meta["SCALED16"] = 0
+    if scale_scalars:
+        scalars, meta["SCALED16"] = scaled16(scalars)
     if _launch.INTERPRET:
         bm, bn_, bk_, warps, stages = INTERPRET_CONFIG
         meta.update(BLOCK_M=bm, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=8)
