@@ -309,7 +309,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
     bm, bh = spatial_gating.GATE_BLOCK
     yield (spatial_gating.gate_grad_kernel, "gate_grad", f"{bm}x{bh} w4 s3",
            dict(APPROX_TANH=False, INTERPRETER=False, IDX64=False, BLOCK_M=bm, BLOCK_H=bh), 4, 3,
-           {"dq_ptr": "fp32"}, None)
+           None, None)
 
 
 def report(arch: str, dtype: str = "bf16") -> List[Row]:

@@ -336,7 +336,8 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
     tok = (flat(S, C), split(C, S * C, 1))
     if k2 is None:
         # g = Wᵀ · do, the Flax kernel k1[m_in, k_out] read as A[m, k].
-        g, _ = fused_matmul(k1, (flat(S, S), flat(S, 1)), do, tok, (B * S, C), F32, tok, S, B * C, S,
+        # in the weights' dtype, as the torch launcher (and eager) rounds it
+        g, _ = fused_matmul(k1, (flat(S, S), flat(S, 1)), do, tok, (B * S, C), k1.dtype, tok, S, B * C, S,
                             variant="plain", precision=precision)
         xn_src, b_pro, b_vec = x, B_AFFINE_K, (nwv, nbv)
         if norm == "layernorm":

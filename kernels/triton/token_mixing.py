@@ -726,7 +726,8 @@ def token_mixing_backward(
     if scale is not None:
         grads["scale"] = scale_grad(dout, branch, sample_scale)
     if fc2_weight is None:
-        g = _launch.new_output((B * S, C), x, torch.float32)
+        # dL/dN(x) in the weights' dtype, as eager rounds it (and as the flash-MLP path keeps it)
+        g = _launch.new_output((B * S, C), x, fc1_weight.dtype)
         ws, ds, xs = fc1_weight.stride(), do.stride(), x.stride()
         fused_matmul(fc1_weight, (flat(S, ws[1]), flat(S, ws[0])), do, (flat(S, ds[1]), split(C, ds[0], ds[2])),
                      g, (flat(S, C), split(C, S * C, 1)), S, B * C, S, variant="plain", allow_tf32=allow_tf32)
