@@ -21,7 +21,7 @@
 # still names every test that failed so far. BENCH_K selects benchmarks (pytest -k), e.g.
 #     BENCH_K="mixer_b16 and 256" bash bench/gpu_suite.sh bench
 # Files (at most 8, so that all come back from a lent machine; one stage per OUT_DIR keeps under that): env.txt,
-# install.log, and check.jsonl, check.log, sanitizer.txt (check); tuned.json, tune.log (tune); tests.log (gputests, tests); report.json,
+# install.log, and check.jsonl, check.log, sanitizer.txt (check); tuned.json, timings.json, tune.log (tune); tests.log (gputests, tests); report.json,
 # bench.json, bench.log, roofline.png, roofline.json (bench). Commit the folder under bench/results/; the README's
 # performance table is generated from those files (python bench/results_table.py --write-readme).
 set -uo pipefail

@@ -5,7 +5,8 @@
     python bench/tune_table.py write DIR [DIR ...]                                      (anywhere)
 
 ``run`` times every config of every fused-GEMM launch the ops make at the named models' shapes (forward and
-backward, MIXER_FAST_AUTOTUNE=1 so that nothing comes from the table) and writes DIR/tuned.json:
+backward, MIXER_FAST_AUTOTUNE=1 so that nothing comes from the table) and writes DIR/tuned.json (and
+DIR/timings.json: every config's median milliseconds per key, e.g. TMA against pointer loads):
 {"sm_90": {tune_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages(, "tma")]}}. ``write`` merges such files into
 the shipped table (later files win on a key), so that a first call on that GPU does not tune; commit it with
 the run's folder under bench/results/.
@@ -49,6 +50,7 @@ def run(out: Path, batches: List[int], dtypes: List[str]) -> int:
                     torch.cuda.synchronize()
                     # written after every case: a run cut short by its time budget keeps what it tuned
                     (out / "tuned.json").write_text(json.dumps(matmul.TUNER.timed, indent=1, sort_keys=True) + "\n")
+                    (out / "timings.json").write_text(json.dumps(matmul.TUNER.times, indent=1, sort_keys=True) + "\n")
                     print(f"tuned {op} {shape} {dtype} batch {batch}", flush=True)
     except KeyboardInterrupt:
         print("interrupted (time budget): tuned.json has the cases finished so far", flush=True)

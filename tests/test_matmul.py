@@ -233,6 +233,7 @@ def test_tuner_times_each_config_once_per_key(monkeypatch):
     assert ran == list(candidates)
     assert tuner.config("sm_90", key, candidates, ran.append) == fastest and len(ran) == len(candidates)
     assert tuner.timed == {"sm_90": {key: fastest}} == tuner.chosen
+    assert tuner.times == {"sm_90": {key: {"x".join(map(str, c)): 1.0 if c == fastest else 2.0 for c in candidates}}}
 
 
 def test_site_configs_name_the_site():

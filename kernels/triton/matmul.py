@@ -457,11 +457,13 @@ class Tuner:
     """Chooses a launch's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, TMA]) on a GPU: the shipped table's
     entry for the device class, else (or with MIXER_FAST_AUTOTUNE=1) the fastest of the site's configs,
     timed once per key; ``chosen`` holds this process's choices, ``timed`` those it timed (what
-    bench/tune_table.py writes)."""
+    bench/tune_table.py writes), ``times`` every timed config's median milliseconds per key (so that a
+    tuning run also says what each choice, TMA or not, was worth)."""
 
     def __init__(self) -> None:
         self.chosen: Dict[str, Dict[str, Tuple]] = {}
         self.timed: Dict[str, Dict[str, Tuple]] = {}
+        self.times: Dict[str, Dict[str, Dict[str, float]]] = {}
         self._table: Optional[Dict[str, Dict[str, list]]] = None
 
     def table(self) -> Dict[str, Dict[str, list]]:
@@ -511,6 +513,7 @@ class Tuner:
             raise RuntimeError(f"no config of {key} can run on this GPU ({device_class})")
         known[key] = min(times, key=times.get)
         self.timed.setdefault(device_class, {})[key] = known[key]
+        self.times.setdefault(device_class, {})[key] = {"x".join(map(str, c)): ms for c, ms in times.items()}
         return known[key]
 
 
