@@ -147,7 +147,7 @@ def _token_ptrs(kernel: str, dtype: str) -> Optional[Dict[str, str]]:
 def gemm_site(site: str, split: bool = False) -> Optional[Tuple]:
     """(M, N, K, a_axes, b_axes, out_axes, aux_axes, res_axes) of launch site ``site`` for contiguous tensors
     at batch 256 (channel sites at Mixer-B/16, the token linear at ResMLP-24; split-K at ResMLP-24's
-    token-linear weight gradient); None for the gMLP gate sites (not restated here)."""
+    token-linear weight gradient; the gate sites at gMLP-S/16)."""
     from .matmul import flat, split as two
 
     B, S, C, D = 256, 196, 768, 3072
@@ -164,15 +164,23 @@ def gemm_site(site: str, split: bool = False) -> Optional[Tuple]:
     Cr = 384  # ResMLP-24
     tok_r = (flat(S, Cr), two(Cr, S * Cr, 1))
     sites["token_linear"] = (S, B * Cr, S, (flat(S, S), flat(S, 1)), tok_r, tok_r, tok_r, tok_r)
-    if split:  # ResMLP-24's token-linear weight gradient dW = dO · N(x)ᵀ: 4 tiles over K = B·C
+    # gMLP-S/16's gate (H = 6 · 256, the gate on H/2): per image, Q = u ⊙ (W_p · LN_g(v) + b_p) reading v, u
+    # as strided halves of the hidden (B, S, H); its weight gradient dW_p = dP · LN_g(GELU(z_v))ᵀ over K = B·H/2.
+    G, Hg = 1536, 768
+    half = (flat(S, G), two(Hg, S * G, 1))  # v or u: tokens, (image, channel)
+    q = (flat(S, Hg), two(Hg, S * Hg, 1))
+    sites["gate_proj"] = (S, B * Hg, S, (flat(S, S), flat(S, 1)), half, q, q, half)
+    sites["gate_b"] = (S, S, B * Hg, q, (half[1], half[0]), (flat(S, S), flat(S, 1)), None, None)
+    if split:  # ResMLP-24's token-linear weight gradient dW = dO · N(x)ᵀ: 4 tiles over K = B·C; gMLP's dW_p
         sites = {name: (S, S, B * Cr, (flat(S, Cr), two(Cr, S * Cr, 1)), (two(Cr, S * Cr, 1), flat(S, Cr)),
                         (flat(S, S), flat(S, 1)), None, None) for name in ("ln_b", "gelu_b", "plain")}
+        sites["gate_b"] = (S, S, B * Hg, q, (half[1], half[0]), (flat(S, S), flat(S, 1)), None, None)
     return sites.get(site)
 
 
 def gemm_ints(site: str, split: bool = False) -> Optional[Dict[str, int]]:
     """The fused GEMM's integer arguments as launch site ``site`` passes them (:func:`gemm_site`), for
-    :func:`specialised`; None for the gMLP gate sites."""
+    :func:`specialised`; None for a site it does not describe."""
     from . import matmul
 
     if gemm_site(site, split) is None:
@@ -226,7 +234,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
                 R_N_SPLIT=False, IDX64=False, K_SPLIT=False, EPI_SUBTILE=False, A_TMA=matmul.TMA_NONE,
                 B_TMA=matmul.TMA_NONE, SCALED16=0)
     for label, (flags, configs) in matmul.VARIANTS.items():
-        for bm, bn, bk, warps, stages in (matmul.FP32_CONFIGS if dtype == "fp32" else configs):
+        for bm, bn, bk, warps, stages in matmul.site_configs(label, False, fp32=dtype == "fp32"):
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SUBTILE=matmul.epi_subtile(bn))
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, None, gemm_ints(label))
@@ -239,8 +247,8 @@ def variants(dtype: str) -> Iterator[Tuple]:
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},tma]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, _descriptor_types(layouts, _DTYPES[dtype], bm, bn, bk), gemm_ints(label))
         # the weight gradients, split over K where their tiles are few (matmul.split_k)
-        split_configs = matmul.FP32_CONFIGS if dtype == "fp32" else matmul.SPLIT_CONFIGS.get(label, ())
-        for bm, bn, bk, warps, stages in (split_configs if label in matmul.SPLIT_CONFIGS else ()):
+        split = label in matmul.SPLIT_CONFIGS
+        for bm, bn, bk, warps, stages in (matmul.site_configs(label, True, fp32=dtype == "fp32") if split else ()):
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, K_SPLIT=True)
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},split]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, _FP32_OUT, gemm_ints(label, split=True))
@@ -281,7 +289,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
         flags, _ = matmul.VARIANTS[label]
         scalars, mask = matmul.scaled16(list(gemm_ints(label, split).values()))
         ints = JaxTritonInts(zip(gemm_ints(label, split), scalars))
-        configs = matmul.FP32_CONFIGS if dtype == "fp32" else matmul.site_configs(label, split)
+        configs = matmul.site_configs(label, split, fp32=dtype == "fp32")
         bm, bn, bk, warps, stages = configs[0]
         yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALED16=mask,

@@ -365,7 +365,8 @@ def _dummy(device: torch.device) -> torch.Tensor:
 # site (the unspecialised compile, which Triton never runs, spilled there); 128 × 256 fits the
 # epilogue-free sites, and with the epilogue on two column halves (epi_subtile) ln_gelu, residual and
 # token_linear (at BLOCK_K 32) too; gelu_grad still spills 32-40 B there.
-# The gMLP gate sites are not specialised in the report: their lists are the unspecialised pruning's.
+# The gMLP gate sites at gMLP-S/16 (aot.gemm_site), since 2026-11-27's third session: before, compiled
+# unspecialised, they had kept 64-row tiles.
 VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int], ...]]] = {
     # channel fc1: LayerNorm prologue, bias + GELU epilogue keeping Z
     "ln_gelu": (dict(A_PRO=A_LAYERNORM, HAS_BIAS=True, EPI_GELU=True, STORE_BRANCH=True),
@@ -382,11 +383,14 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
     # dW2 = dOᵀ · GELU(Z), GELU recomputed on the B tile
     "gelu_b": (dict(B_PRO=B_GELU), ((256, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 8, 3),
                                (128, 128, 32, 8, 4))),
-    # gMLP's gate: per-image S×S token linear of LN(v), + bias, kept (backward), × u
+    # gMLP's gate: per-image S×S token linear of LN(v), + bias, kept (backward), × u (BLOCK_K 64 and
+    # 128 × 256 spill 212-472 B)
     "gate_proj": (dict(B_PRO=B_TOKEN_LAYERNORM, HAS_BIAS=True, BIAS_ON_M=True, STORE_BRANCH=True, HAS_RES=True, RES_MUL=True),
-                  ((64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3))),  # 4 warps at 64x128 spill
+                  ((128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
+                   (64, 64, 32, 4, 3))),
     # gMLP's gate weight gradient dW_p = dP · LN(GELU(z_v))ᵀ, the B tile recomputed from z (BLOCK_K 64 spills)
-    "gate_b": (dict(B_PRO=B_GATE_LAYERNORM), ((128, 128, 32, 8, 3), (64, 128, 32, 8, 3))),
+    "gate_b": (dict(B_PRO=B_GATE_LAYERNORM), ((128, 256, 32, 8, 3), (128, 128, 32, 8, 3), (128, 128, 32, 8, 4),
+                                            (64, 128, 32, 8, 3))),
     # ResMLP's per-image S×S token linear with its whole epilogue
     "token_linear": (dict(B_PRO=B_AFFINE_N, HAS_BIAS=True, BIAS_ON_M=True, HAS_SCALE=True, HAS_SS=True, SS_ON_N=True,
                           HAS_RES=True, STORE_BRANCH=True),
@@ -401,7 +405,7 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
 SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
     "ln_b": ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 8, 3)),
     "gelu_b": ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3)),
-    "gate_b": ((64, 128, 32, 8, 3),),
+    "gate_b": ((128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 8, 3)),  # 128 × 256 spills 40 B
     "plain": ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3)),
 }
 # The JAX path runs the same configs: jax-triton gives integer arguments no divisibility hints, and the
@@ -413,6 +417,10 @@ SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
 # (report --dtype fp32, triton 3.8) but the split-K weight gradients at 32×64 (12-40 B); the gMLP gate
 # sites, compiled unspecialised, still spill 44-404 B. Not yet timed against cuBLAS fp32.
 FP32_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 64, 16, 4, 3), (32, 64, 32, 4, 2))
+# Where those spilled, specialised (report --dtype fp32, triton 3.8): the split-K weight gradients (32 × 64:
+# 12-52 B; gate_b's 64 × 64: 12 B) and the gate sites (gate_proj 64 × 64: 92 B, gate_b 32 × 64 × 32: 44 B).
+FP32_SPLIT_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 32, 16, 4, 3), (32, 32, 32, 4, 2))
+FP32_GATE_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((32, 64, 16, 4, 3), (32, 32, 32, 4, 2))
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 _VARIANT_CONFIGS = {site: configs for site, (_flags, configs) in VARIANTS.items()}
 # The constexprs besides the blocks that change what a launch computes, and so its best tiles.
@@ -542,16 +550,15 @@ def epi_subtile(block_n: int) -> bool:
 
 def site_configs(variant: str, split: bool, fp32: bool = False) -> Tuple[Tuple[int, int, int, int, int], ...]:
     """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a launch site may run with, torch and JAX
-    alike (``fp32``: both operands fp32, FP32_CONFIGS); the torch launcher adds TMA ones (tma_configs)."""
-    if fp32:
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
-        return FP32_CONFIGS
+    alike (``fp32``: both operands fp32, the FP32_* configs); the torch launcher adds TMA ones
+    (tma_configs)."""
     splits, plain = SPLIT_CONFIGS, _VARIANT_CONFIGS
     if split and variant not in splits:
         raise ValueError(f"variant: split-K launches are planned for {sorted(splits)}, got {variant!r}")
     if variant not in plain:
         raise ValueError(f"variant: expected one of {sorted(plain)}, got {variant!r}")
+    if fp32:
+        return FP32_SPLIT_CONFIGS if split else FP32_GATE_CONFIGS if variant.startswith("gate_") else FP32_CONFIGS
     return splits[variant] if split else plain[variant]
 
 
