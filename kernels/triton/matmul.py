@@ -90,11 +90,6 @@ def fused_matmul_kernel(
     EPI_SUBTILE: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr, SCALED16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row-tiles share each column of B while it is in L2. With K_SPLIT the
-    # second grid axis splits K (plan: split_k): program (tile, s) sums K range [s·k_len, (s + 1)·k_len)
-    # into slice s of the output, o_split elements on; the launcher adds the slices in a fixed order (no
-    # atomics). A constexpr, so that launches without it compile as before (the range bounds cost the
-    # epilogue-heavy configs up to 120 B of spills under triton 3.8).
     # Parameters run inputs, scalars, outputs, constexprs (jax-triton's order, so JAX launches this kernel
     # itself). The aux tensor is an output where the epilogue stores the pre-activation or branch
     # (STORE_BRANCH) and an input where it reads GELU'(aux) (EPI_GELU_GRAD); jax-triton needs the two
@@ -106,7 +101,7 @@ def fused_matmul_kernel(
     # SCALED16: a bit per integer argument, in order, that came divided by 16 (plan: scale_scalars). Known
     # multiples of 16 again after the multiply, as Triton's own launcher marks them: jax-triton gives
     # integer arguments no divisibility hints, and without them the loads are neither vectorised nor
-    # pipelined (the report: 252 B of spills at 128 × 128).
+    # pipelined (at the 128-row tiles: 110-4156 B of spills, one stage of shared memory; bench/NOTES.md).
     M, N, K = _x16(M, SCALED16, 0), _x16(N, SCALED16, 1), _x16(K, SCALED16, 2)
     a_mi, a_smo, a_smi = _x16(a_mi, SCALED16, 3), _x16(a_smo, SCALED16, 4), _x16(a_smi, SCALED16, 5)
     a_ki, a_sko, a_ski = _x16(a_ki, SCALED16, 6), _x16(a_sko, SCALED16, 7), _x16(a_ski, SCALED16, 8)
@@ -130,6 +125,11 @@ def fused_matmul_kernel(
         b_ty = b_ptr.dtype.element_ty
     else:
         b_ty = b_ptr.dtype
+    # Grouped tile order: GROUP_M row-tiles share each column of B while it is in L2. With K_SPLIT the
+    # second grid axis splits K (plan: split_k): program (tile, s) sums K range [s·k_len, (s + 1)·k_len)
+    # into slice s of the output, o_split elements on; the launcher adds the slices in a fixed order (no
+    # atomics). A constexpr, so that launches without it compile as before (the range bounds cost the
+    # epilogue-heavy configs up to 120 B of spills under triton 3.8).
     pid = tl.program_id(0)
     if K_SPLIT:
         k_part = tl.program_id(1)
