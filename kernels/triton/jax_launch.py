@@ -227,9 +227,11 @@ def fused_matmul(
               bias if bias is not None else dummy, scale if scale is not None else dummy,
               ss if ss is not None else dummy, *p.scalars]
     main = (p.split_k, *out_shape) if split else out_shape
+    meta = {**p.meta, **launch}
+    if isinstance(kernel, triton.runtime.Autotuner):
+        del meta["EPI_SUBTILE"]  # each config carries its own (matmul.autotuned)
     out, aux_out = call(kernel, grid, inputs,
-                        [_shape(main, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype)],
-                        **{**p.meta, **launch})
+                        [_shape(main, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype)], **meta)
     if split:
         return out.sum(0), None
     return out, (aux_out if store_branch else None)

@@ -427,10 +427,10 @@ _VARIANT_CONFIGS = {site: configs for site, (_flags, configs) in VARIANTS.items(
 TUNE_FLAGS = ("A_PRO", "B_PRO", "EPI_GELU", "EPI_GELU_GRAD", "HAS_RES", "RES_MUL", "PRECISION", "IDX64", "K_SPLIT")
 AUTOTUNE_KEY = ["M", "N", "K", *TUNE_FLAGS]  # the JAX path's triton.autotune, where the table has no entry
 # Tuned configs ship per architecture in the package (TUNED_FILE: {"sm_90": {tune_key: [BLOCK_M, BLOCK_N,
-# BLOCK_K, num_warps, num_stages] or [..., "tma"] (TMA)}}), written from tuning runs on that GPU (bench/tune_table.py), so that a
-# first call there does not autotune. Keys bucket M, N, K to powers of two: a new batch size reuses its
-# bucket's choice instead of tuning again. MIXER_FAST_AUTOTUNE=1 ignores the table and times every config
-# of the launch site once per key and process.
+# BLOCK_K, num_warps, num_stages], or the same and "tma"}}), written from tuning runs on that GPU
+# (bench/tune_table.py), so that a first call there does not autotune. Keys bucket M, N, K to powers of
+# two: a new batch size reuses its bucket's choice instead of tuning again. MIXER_FAST_AUTOTUNE=1 ignores
+# the table and times every config of the launch site once per key and process.
 TUNED_FILE = "tuned_gemm.json"
 AUTOTUNE_ENV = "MIXER_FAST_AUTOTUNE"
 _tuned: Dict[str, object] = {}
@@ -530,14 +530,16 @@ TUNER = Tuner()
 
 def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = False, fp32: bool = False):
     """``kernel`` (the fused GEMM, as the JAX launcher calls it) under triton.autotune over the configs of
-    launch site ``variant`` (:func:`site_configs`), cached in ``cache``; the kernel itself in the
-    interpreter (INTERPRET_CONFIG)."""
+    launch site ``variant`` (:func:`site_configs`), each config with its EPI_SUBTILE (the caller leaves it
+    out of the constexprs it passes), cached in ``cache``; the kernel itself in the interpreter
+    (INTERPRET_CONFIG)."""
     if _launch.INTERPRET:
         return kernel
     key = variant + (",split" if split else "") + (",fp32" if fp32 else "")
     if key not in cache:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
-                                 num_stages=s) for m, n, k, w, s in site_configs(variant, split, fp32=fp32)]
+        configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, EPI_SUBTILE=epi_subtile(n)),
+                                 num_warps=w, num_stages=s)
+                   for m, n, k, w, s in site_configs(variant, split, fp32=fp32)]
         cache[key] = triton.autotune(configs, key=AUTOTUNE_KEY)(kernel)
     return cache[key]
 
