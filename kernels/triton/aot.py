@@ -294,7 +294,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
         yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALED16=mask,
                     EPI_SUBTILE=matmul.epi_subtile(bn)), warps, stages, None, ints)
-    plan = token_mixing.gpu_config("token_mlp_dw", 196, 384)
+    plan = token_mixing.gpu_config("token_mlp_dw", 196, 384, 4 if dtype == "fp32" else 2)
     shapes = {q.name: v for q in token_mixing.token_mlp_dw_kernel.params if q.is_constexpr
               for k, v in token_ints(196, 768, 384).items() if k == q.name}
     yield (token_mixing.token_mlp_dw_kernel, "token_mlp_dw[S=196,jax]", plan.label() + f" part{plan.parts[0]}",

@@ -527,10 +527,15 @@ def gpu_config(kernel: str, S: int, D: int, mma_bytes: int = 2) -> Launch:
       and dx, and one dW launch at BLOCK_C 32 (98-174 registers).
     - S > 256 (no named model): the accumulator row no longer fits at BLOCK_C 64: 16-channel programs on
       mma.sync (correct, not tuned: the dispatch table picks the reference unless a win is measured).
-    - fp32 runs its "ieee" dots on the FMA units (never wgmma) and fits only 16 × 16 tiles."""
+    - fp32 runs its "ieee" dots on the FMA units (never wgmma) and fits only 16 × 16 tiles; its dW at
+      S = 196 runs on the three token pieces with 8 warps (spill-free; a 256-wide piece spilled KBs)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     pieces, width = s_pieces(S), aligned(S)
+    if mma_bytes > 2 and width <= 256 and kernel == "token_mlp_dw":
+        # fp32 dW on the token pieces, 8 warps: one 256-wide piece spilled 3.3-4.3 KB at 4 warps and
+        # 284-336 B at 8 (report --dtype fp32); three pieces at 4 warps 648-1204 B
+        return Launch(pieces, 16, 16, 8 if width > 64 else 4, 2, (DW1, DW2))
     if mma_bytes > 2 or width > 256:
         if kernel == "token_mlp_dw":
             return Launch((_launch.pow2(S), 0, 0), 16, 16, 4, 2, (DW1, DW2))
