@@ -259,11 +259,12 @@ def test_fp32_operands_take_the_fma_configs():
     from mixer_fast.kernels.triton import matmul
 
     for site in matmul.VARIANTS:
-        gate = site.startswith("gate_")
-        assert matmul.site_configs(site, False, fp32=True) == (matmul.FP32_GATE_CONFIGS if gate else matmul.FP32_CONFIGS)
+        linear = site in ("token_linear", "gate_proj", "gate_b")
+        expected = matmul.FP32_TOKEN_LINEAR_CONFIGS if linear else matmul.FP32_CONFIGS
+        assert matmul.site_configs(site, False, fp32=True) == expected
     for site in matmul.SPLIT_CONFIGS:
         assert matmul.site_configs(site, True, fp32=True) == matmul.FP32_SPLIT_CONFIGS
     with pytest.raises(ValueError, match="split-K launches are planned for"):
         matmul.site_configs("residual", True, fp32=True)
-    fp32 = matmul.FP32_CONFIGS + matmul.FP32_SPLIT_CONFIGS + matmul.FP32_GATE_CONFIGS
+    fp32 = matmul.FP32_CONFIGS + matmul.FP32_SPLIT_CONFIGS + matmul.FP32_TOKEN_LINEAR_CONFIGS
     assert all(bm * bn <= 64 * 64 for bm, bn, *_ in fp32)

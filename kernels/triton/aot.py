@@ -285,7 +285,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
     # to 1 constants and gives the others no hints (JaxTritonInts). The GEMM gets its multiples of 16
     # divided by 16 (matmul.scaled16); of the token kernels' integers (the rest are constexprs, as in a
     # torch launch) only dW's B and SPLITS go unhinted.
-    for label, split in ((site, False) for site in matmul.VARIANTS if gemm_site(site) is not None):
+    for label, split in ((site, False) for site in matmul.VARIANTS if not site.startswith("gate_")):  # no gMLP in JAX
         flags, _ = matmul.VARIANTS[label]
         scalars, mask = matmul.scaled16(list(gemm_ints(label, split).values()))
         ints = JaxTritonInts(zip(gemm_ints(label, split), scalars))

@@ -419,9 +419,11 @@ SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
 # sites, compiled unspecialised, still spill 44-404 B. Not yet timed against cuBLAS fp32.
 FP32_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 64, 16, 4, 3), (32, 64, 32, 4, 2))
 # Where those spilled, specialised (report --dtype fp32, triton 3.8): the split-K weight gradients (32 × 64:
-# 12-52 B; gate_b's 64 × 64: 12 B) and the gate sites (gate_proj 64 × 64: 92 B, gate_b 32 × 64 × 32: 44 B).
+# 12-52 B; gate_b's 64 × 64: 12 B) and the per-image S × S token linears (gate_proj 64 × 64: 92 B, gate_b
+# 32 × 64 × 32: 44 B; ResMLP's token_linear 64 × 64 × 16: 8 B through jax-triton).
 FP32_SPLIT_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 32, 16, 4, 3), (32, 32, 32, 4, 2))
-FP32_GATE_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((32, 64, 16, 4, 3), (32, 32, 32, 4, 2))
+FP32_TOKEN_LINEAR_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((32, 64, 16, 4, 3), (32, 32, 32, 4, 2))
+FP32_TOKEN_LINEAR_SITES = frozenset({"token_linear", "gate_proj", "gate_b"})
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 _VARIANT_CONFIGS = {site: configs for site, (_flags, configs) in VARIANTS.items()}
 # The constexprs besides the blocks that change what a launch computes, and so its best tiles.
@@ -561,7 +563,9 @@ def site_configs(variant: str, split: bool, fp32: bool = False) -> Tuple[Tuple[i
     if variant not in plain:
         raise ValueError(f"variant: expected one of {sorted(plain)}, got {variant!r}")
     if fp32:
-        return FP32_SPLIT_CONFIGS if split else FP32_GATE_CONFIGS if variant.startswith("gate_") else FP32_CONFIGS
+        if split:
+            return FP32_SPLIT_CONFIGS
+        return FP32_TOKEN_LINEAR_CONFIGS if variant in FP32_TOKEN_LINEAR_SITES else FP32_CONFIGS
     return splits[variant] if split else plain[variant]
 
 
