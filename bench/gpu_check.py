@@ -25,7 +25,8 @@ something faulted). Record schema, one JSON object a line (non-finite floats wri
 
     {"kind": "env", "date", "commit", "gpu", "device_class": "sm_90" | "cpu", "driver", "versions", "ptxas"}
     {"kind": "check", "op", "mode": "forward" | "backward", "dtype", "shape", "batch", "ok",
-     "errors": {name: [max_err, bound]}, "error": str | null, "sanitizer": str | null}
+     "errors": {name: [max_err, bound]}, "error": str | null, "sanitizer": str | null,
+     "without_tma": str | null (a failed case rerun with MIXER_FAST_TMA=0: "ok", or its error)}
     {"kind": "graph", "ok", "max_diff", "error"}
     {"kind": "timing", "op", "block", "shape", "batch", "mode": "forward" | "training", "dtype", "device_class",
      "ms": {provider: ms}, "errors": {provider: str} (only when one failed), "floor_ms", "peak_mib" (training)}
@@ -440,7 +441,8 @@ def _check_record(case: Dict[str, Any], mode: str, errors=None, problems=(), err
     problem_text = "; ".join(problems) or None
     ok = error is None and problem_text is None and all(err <= lim for err, lim in errors.values())
     return {"kind": "check", "op": case["op"], "mode": mode, "dtype": case["dtype"], "shape": case["shape"],
-            "batch": case["batch"], "ok": ok, "errors": errors, "error": error or problem_text, "sanitizer": None}
+            "batch": case["batch"], "ok": ok, "errors": errors, "error": error or problem_text, "sanitizer": None,
+            "without_tma": None}
 
 
 def check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool) -> bool:
@@ -853,8 +855,20 @@ def _sanitize(case: CheckCase, phase: CheckPhase) -> str:
     return sanitizer_excerpt(run.output)
 
 
+def _without_tma(case: CheckCase, phase: CheckPhase) -> Dict[str, str]:
+    """Re-run a failed case with the fused GEMM's TMA loads off (MIXER_FAST_TMA=0: they had never run on a
+    GPU when this was written), so that one call tells a TMA fault from the rest: mode → "ok", its error,
+    or why it was not run."""
+    if phase.checks_budget.left() <= 0:
+        return {mode: "not run: the correctness budget was spent" for mode in MODES["check"]}
+    run = run_worker(case.task(), min(CASE_TIMEOUT, phase.total.left()), dict(CHECK_ENV, MIXER_FAST_TMA="0"))
+    phase.report.log_run(f"{case.name} with MIXER_FAST_TMA=0", run)
+    return {r["mode"]: "ok" if r["ok"] else r["error"] or f"errors {r['errors']}" for r in _complete(case, run)}
+
+
 def _run_check(case: CheckCase, phase: CheckPhase) -> None:
-    """One correctness process (and its sanitizer rerun when it faults); writes the case's records."""
+    """One correctness process (its sanitizer rerun when it faults, and a rerun without TMA loads when it
+    fails); writes the case's records."""
     if phase.checks_budget.left() <= 0:
         phase.skipped.append(f"check {case.name}: the correctness budget was spent before it started")
         for mode in MODES["check"]:
@@ -870,6 +884,11 @@ def _run_check(case: CheckCase, phase: CheckPhase) -> None:
         for r in records:
             if not r["ok"]:
                 r["sanitizer"] = excerpt
+    if not all(r["ok"] for r in records):
+        without = _without_tma(case, phase)
+        for r in records:
+            if not r["ok"]:
+                r["without_tma"] = without[r["mode"]]
     for r in records:
         phase.report.record(r)
 

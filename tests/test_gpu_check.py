@@ -29,7 +29,7 @@ gpu_check = _load()
 
 KEYS = {
     "env": {"kind", "date", "commit", "gpu", "device_class", "driver", "versions", "ptxas"},
-    "check": {"kind", "op", "mode", "dtype", "shape", "batch", "ok", "errors", "error", "sanitizer"},
+    "check": {"kind", "op", "mode", "dtype", "shape", "batch", "ok", "errors", "error", "sanitizer", "without_tma"},
     "graph": {"kind", "ok", "max_diff", "error"},
     "summary": {"kind", "checks", "failed", "faulted", "timings", "skipped", "seconds"},
 }
@@ -192,8 +192,11 @@ def test_a_fault_is_rerun_under_the_sanitizer_and_recorded(tmp_path, monkeypatch
     wrappers = []
 
     def fake_run_worker(task, timeout, env=None, wrapper=()):
-        wrappers.append(list(wrapper))
         assert env["CUDA_LAUNCH_BLOCKING"] == "1"
+        if env.get("MIXER_FAST_TMA") == "0":  # the rerun without TMA loads: the fault is elsewhere
+            return gpu_check.WorkerRun([gpu_check._check_record(task, "forward", error=fault)], gpu_check.FAULT_EXIT,
+                                       5.0, fault)
+        wrappers.append(list(wrapper))
         if wrapper:
             return gpu_check.WorkerRun([], 1, 2.0, report_text)
         forward = gpu_check._check_record(task, "forward", error=fault)  # the worker died before its backward
@@ -216,6 +219,8 @@ def test_a_fault_is_rerun_under_the_sanitizer_and_recorded(tmp_path, monkeypatch
         ("awkward", "forward", False), ("awkward", "backward", False),
         ("awkward", "forward", False), ("awkward", "backward", False)]
     assert records[0]["error"] == fault and records[0]["sanitizer"].startswith("========= Invalid __shared__ read")
+    assert records[0]["without_tma"] == fault and "exited with status 3" in records[1]["without_tma"]
+    assert records[4]["without_tma"] is None  # never ran: nothing to rerun
     assert "exited with status 3" in records[1]["error"]  # the mode it never reported
     assert records[2]["sanitizer"].startswith("not run: --max-sanitize")
     assert records[4]["error"].startswith("not run") and records[4]["sanitizer"] is None
