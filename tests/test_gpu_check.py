@@ -219,10 +219,38 @@ def test_a_fault_is_rerun_under_the_sanitizer_and_recorded(tmp_path, monkeypatch
         ("awkward", "forward", False), ("awkward", "backward", False),
         ("awkward", "forward", False), ("awkward", "backward", False)]
     assert records[0]["error"] == fault and records[0]["sanitizer"].startswith("========= Invalid __shared__ read")
-    assert records[0]["without_tma"] == fault and "exited with status 3" in records[1]["without_tma"]
+    # Mixer's token mixing runs no fused GEMM: no rerun without TMA; ResMLP's does
+    assert records[0]["without_tma"] is None and not first.uses_gemm
+    assert gpu_check.CheckCase("token_mixing", "resmlp_24", "bf16", 4).uses_gemm
+    assert gpu_check.CheckCase("channel_mixing", "mixer_b16", "bf16", 4).uses_gemm
     assert records[4]["without_tma"] is None  # never ran: nothing to rerun
     assert "exited with status 3" in records[1]["error"]  # the mode it never reported
     assert records[2]["sanitizer"].startswith("not run: --max-sanitize")
     assert records[4]["error"].startswith("not run") and records[4]["sanitizer"] is None
     assert phase.faulted == ["token_mixing mixer_b16 bf16", "token_mixing awkward bf16"]
     assert "Invalid __shared__ read" in (tmp_path / "sanitizer.txt").read_text()
+
+
+def test_a_failed_gemm_case_is_rerun_without_tma(tmp_path, monkeypatch):
+    fault = "AcceleratorError: CUDA error: an illegal instruction was encountered"
+    envs = []
+
+    def fake_run_worker(task, timeout, env=None, wrapper=()):
+        envs.append(dict(env or {}))
+        if wrapper:
+            return gpu_check.WorkerRun([], 1, 2.0, "")
+        if env.get("MIXER_FAST_TMA") == "0":  # pointer loads alone: sound
+            return gpu_check.WorkerRun([gpu_check._check_record(task, m) for m in ("forward", "backward")], 0, 5.0, "")
+        return gpu_check.WorkerRun([gpu_check._check_record(task, "forward", error=fault)], gpu_check.FAULT_EXIT,
+                                   5.0, fault)
+
+    monkeypatch.setattr(gpu_check, "run_worker", fake_run_worker)
+    monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: None)
+    report = gpu_check.Report(tmp_path)
+    phase = gpu_check.CheckPhase(report, gpu_check.Budget(100), gpu_check.Budget(100), sanitize_left=1)
+    gpu_check._run_check(gpu_check.CheckCase("channel_mixing", "mixer_b16", "bf16", 4), phase)
+    report.close()
+    records = [_strict(line) for line in (tmp_path / "check.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["ok"], r["without_tma"]) for r in records] == [("forward", False, "ok"),
+                                                                         ("backward", False, "ok")]
+    assert [e.get("MIXER_FAST_TMA") for e in envs] == [None, "0"]
