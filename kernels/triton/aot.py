@@ -144,10 +144,11 @@ def _token_ptrs(kernel: str, dtype: str) -> Optional[Dict[str, str]]:
     return {"g_ptr": dtype} if kernel == "token_mlp_dx" else None
 
 
-def gemm_site(site: str, split: bool = False) -> Optional[Tuple]:
+def gemm_site(site: str, split: bool = False, channel: bool = False) -> Optional[Tuple]:
     """(M, N, K, a_axes, b_axes, out_axes, aux_axes, res_axes) of launch site ``site`` for contiguous tensors
     at batch 256 (channel sites at Mixer-B/16, the token linear at ResMLP-24; split-K at ResMLP-24's
-    token-linear weight gradient; the gate sites at gMLP-S/16)."""
+    token-linear weight gradient, or with ``channel`` its channel-mixing weight gradients and gMLP-S/16's
+    dW2, whose operands TMA can load; the gate sites at gMLP-S/16)."""
     from .matmul import flat, split as two
 
     B, S, C, D = 256, 196, 768, 3072
@@ -171,6 +172,13 @@ def gemm_site(site: str, split: bool = False) -> Optional[Tuple]:
     q = (flat(S, Hg), two(Hg, S * Hg, 1))
     sites["gate_proj"] = (S, B * Hg, S, (flat(S, S), flat(S, 1)), half, q, q, half)
     sites["gate_b"] = (S, S, B * Hg, q, (half[1], half[0]), (flat(S, S), flat(S, 1)), None, None)
+    if split and channel:  # few tiles, flat operands: ResMLP-24's dW1 (1536 × 384), dW2 and gMLP-S/16's dW2
+        Dr = 4 * Cr
+        tok_c, ch_r, h_r = two(S, S * Cr, Cr), flat(Cr, 1), (flat(M, Dr), flat(Dr, 1))
+        return {"ln_b": (Dr, Cr, M, (flat(Dr, 1), flat(M, Dr)), (tok_c, ch_r), (flat(Dr, Cr), flat(Cr, 1)), None, None),
+                "gelu_b": (Cr, Dr, M, (ch_r, tok_c), h_r, (flat(Cr, Dr), flat(Dr, 1)), None, None),
+                "plain": (256, Hg, M, (flat(256, 1), two(S, S * 256, 256)), (flat(M, Hg), flat(Hg, 1)),
+                          (flat(256, Hg), flat(Hg, 1)), None, None)}.get(site)
     if split:  # ResMLP-24's token-linear weight gradient dW = dO · N(x)ᵀ: 4 tiles over K = B·C; gMLP's dW_p
         sites = {name: (S, S, B * Cr, (flat(S, Cr), two(Cr, S * Cr, 1)), (two(Cr, S * Cr, 1), flat(S, Cr)),
                         (flat(S, S), flat(S, 1)), None, None) for name in ("ln_b", "gelu_b", "plain")}
@@ -178,14 +186,14 @@ def gemm_site(site: str, split: bool = False) -> Optional[Tuple]:
     return sites.get(site)
 
 
-def gemm_ints(site: str, split: bool = False) -> Optional[Dict[str, int]]:
+def gemm_ints(site: str, split: bool = False, channel: bool = False) -> Optional[Dict[str, int]]:
     """The fused GEMM's integer arguments as launch site ``site`` passes them (:func:`gemm_site`), for
     :func:`specialised`; None for a site it does not describe."""
     from . import matmul
 
-    if gemm_site(site, split) is None:
+    if gemm_site(site, split, channel) is None:
         return None
-    Mx, Nx, Kx, a, b, o, x, r = gemm_site(site, split)
+    Mx, Nx, Kx, a, b, o, x, r = gemm_site(site, split, channel)
     flags = dict(a_pro=matmul.A_NONE, b_pro=matmul.B_NONE, has_bias=False, bias_on_m=False, epi_gelu=False,
                  epi_gelu_grad=False, store_branch=False, has_scale=False, has_ss=False, ss_on_n=False,
                  has_res=False, approximate="none", precision="ieee", idx64=False)
@@ -252,6 +260,16 @@ def variants(dtype: str) -> Iterator[Tuple]:
             cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, K_SPLIT=True)
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},split]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, _FP32_OUT, gemm_ints(label, split=True))
+        # split-K with TMA loads: the channel weight gradients with few tiles (ResMLP-24, gMLP-S/16's dW2)
+        site = gemm_site(label, split=True, channel=True) if split and dtype != "fp32" else None
+        layouts = _tma_layouts(site, _DTYPES[dtype]) if site is not None else None
+        configs_split = matmul.site_configs(label, True) if layouts else ()
+        for bm, bn, bk, warps, stages, _ in matmul.tma_configs(label, configs_split)[len(configs_split):]:
+            cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, K_SPLIT=True,
+                       A_TMA=layouts[0], B_TMA=layouts[1])
+            yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},split,tma]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
+                   cfg, warps, stages, dict(_FP32_OUT, **_descriptor_types(layouts, _DTYPES[dtype], bm, bn, bk)),
+                   gemm_ints(label, split=True, channel=True))
     # torch.autocast: fp32 activations meet bf16 weights in the same kernels.
     if dtype != "fp32":
         mixed = {"x_ptr": "fp32", "out_ptr": "fp32", "res_ptr": "fp32", "branch_ptr": "fp32"}
@@ -306,14 +324,15 @@ def variants(dtype: str) -> Iterator[Tuple]:
         # Launched with Triton's defaults (4 warps, 3 stages).
         yield (layer_norm.ln_stats_kernel, f"ln_stats[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
                dict(BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None, None)
+        # dL/dN(x) (g) arrives in the weights' dtype from every launcher
         yield (layer_norm.ln_backward_kernel, f"ln_backward[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
                dict(HAS_W=True, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, INTERPRETER=False,
-                    BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None, None)
+                    BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"g_ptr": _DTYPES[dtype]}, None)
     # gMLP (gmlp_s16: H/2 = 768): the gate's LayerNorm backward through GELU, and dZ_u / dP.
     block_c = layer_norm.gpu_block_c(768)
     yield (layer_norm.ln_backward_kernel, "ln_backward[gate,C=768]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
            dict(HAS_W=True, HAS_DY=False, GELU_IN=True, APPROX_TANH=False, INTERPRETER=False,
-                BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None, None)
+                BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"g_ptr": _DTYPES[dtype]}, None)
     bm, bh = spatial_gating.GATE_BLOCK
     yield (spatial_gating.gate_grad_kernel, "gate_grad", f"{bm}x{bh} w4 s3",
            dict(APPROX_TANH=False, INTERPRETER=False, IDX64=False, BLOCK_M=bm, BLOCK_H=bh), 4, 3,
