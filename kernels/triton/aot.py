@@ -171,7 +171,7 @@ def gemm_site(site: str, split: bool = False, channel: bool = False) -> Optional
     half = (flat(S, G), two(Hg, S * G, 1))  # v or u: tokens, (image, channel)
     q = (flat(S, Hg), two(Hg, S * Hg, 1))
     sites["gate_proj"] = (S, B * Hg, S, (flat(S, S), flat(S, 1)), half, q, q, half)
-    sites["gate_b"] = (S, S, B * Hg, q, (half[1], half[0]), (flat(S, S), flat(S, 1)), None, None)
+    sites["gate_b"] = (S, S, B * Hg, q, (half[1], half[0]), (flat(S, S), flat(S, 1)), None, None)  # split or not
     if split and channel:  # few tiles, flat operands: ResMLP-24's dW1 (1536 × 384), dW2 and gMLP-S/16's dW2
         Dr = 4 * Cr
         tok_c, ch_r, h_r = two(S, S * Cr, Cr), flat(Cr, 1), (flat(M, Dr), flat(Dr, 1))
@@ -180,9 +180,9 @@ def gemm_site(site: str, split: bool = False, channel: bool = False) -> Optional
                 "plain": (256, Hg, M, (flat(256, 1), two(S, S * 256, 256)), (flat(M, Hg), flat(Hg, 1)),
                           (flat(256, Hg), flat(Hg, 1)), None, None)}.get(site)
     if split:  # ResMLP-24's token-linear weight gradient dW = dO · N(x)ᵀ: 4 tiles over K = B·C; gMLP's dW_p
-        sites = {name: (S, S, B * Cr, (flat(S, Cr), two(Cr, S * Cr, 1)), (two(Cr, S * Cr, 1), flat(S, Cr)),
-                        (flat(S, S), flat(S, 1)), None, None) for name in ("ln_b", "gelu_b", "plain")}
-        sites["gate_b"] = (S, S, B * Hg, q, (half[1], half[0]), (flat(S, S), flat(S, 1)), None, None)
+        resmlp = (S, S, B * Cr, (flat(S, Cr), two(Cr, S * Cr, 1)), (two(Cr, S * Cr, 1), flat(S, Cr)),
+                  (flat(S, S), flat(S, 1)), None, None)
+        sites = {"ln_b": resmlp, "gelu_b": resmlp, "plain": resmlp, "gate_b": sites["gate_b"]}
     return sites.get(site)
 
 
@@ -191,9 +191,10 @@ def gemm_ints(site: str, split: bool = False, channel: bool = False) -> Optional
     :func:`specialised`; None for a site it does not describe."""
     from . import matmul
 
-    if gemm_site(site, split, channel) is None:
+    described = gemm_site(site, split, channel)
+    if described is None:
         return None
-    Mx, Nx, Kx, a, b, o, x, r = gemm_site(site, split, channel)
+    Mx, Nx, Kx, a, b, o, x, r = described
     flags = dict(a_pro=matmul.A_NONE, b_pro=matmul.B_NONE, has_bias=False, bias_on_m=False, epi_gelu=False,
                  epi_gelu_grad=False, store_branch=False, has_scale=False, has_ss=False, ss_on_n=False,
                  has_res=False, approximate="none", precision="ieee", idx64=False)
@@ -227,6 +228,25 @@ def _descriptor_types(layouts: Tuple[int, int], dtype: str, bm: int, bn: int, bk
     return types
 
 
+def _tma_rows(label: str, flags: Dict[str, object], dtype: str, split: bool) -> Iterator[Tuple]:
+    """The report rows (as :func:`variants`) of launch site ``label`` with TMA operand loads, where the torch
+    launcher offers them: split-K ones at the channel weight gradients with few tiles (gemm_site)."""
+    from . import matmul
+
+    site = gemm_site(label, split=split, channel=split)
+    layouts = _tma_layouts(site, dtype) if site is not None else None
+    if layouts is None:
+        return
+    configs = matmul.site_configs(label, split)
+    for bm, bn, bk, warps, stages, _ in matmul.tma_configs(label, configs)[len(configs):]:
+        cfg = dict(flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, A_TMA=layouts[0], B_TMA=layouts[1],
+                   **({"K_SPLIT": True} if split else {"EPI_SUBTILE": matmul.epi_subtile(bn)}))
+        types = _descriptor_types(layouts, dtype, bm, bn, bk)
+        yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}{',split' if split else ''},tma]",
+               f"{bm}x{bn}x{bk} w{warps} s{stages}", cfg, warps, stages, dict(_FP32_OUT, **types) if split else types,
+               gemm_ints(label, split=split, channel=split))
+
+
 def variants(dtype: str) -> Iterator[Tuple]:
     """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes, ints) for every
     kernel variant and GPU config the launchers use on a GPU, at the named models' shapes; ``ints``: the
@@ -247,13 +267,8 @@ def variants(dtype: str) -> Iterator[Tuple]:
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, None, gemm_ints(label))
         # the same sites with TMA operand loads, where the torch launcher offers them (matmul.tma_configs)
-        site = gemm_site(label)
-        layouts = _tma_layouts(site, _DTYPES[dtype]) if site is not None and dtype != "fp32" else None
-        for bm, bn, bk, warps, stages, _ in (matmul.tma_configs(label, configs)[len(configs):] if layouts else ()):
-            cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                       EPI_SUBTILE=matmul.epi_subtile(bn), A_TMA=layouts[0], B_TMA=layouts[1])
-            yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},tma]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-                   cfg, warps, stages, _descriptor_types(layouts, _DTYPES[dtype], bm, bn, bk), gemm_ints(label))
+        if dtype != "fp32":
+            yield from _tma_rows(label, dict(base, **flags), _DTYPES[dtype], split=False)
         # the weight gradients, split over K where their tiles are few (matmul.split_k)
         split = label in matmul.SPLIT_CONFIGS
         for bm, bn, bk, warps, stages in (matmul.site_configs(label, True, fp32=dtype == "fp32") if split else ()):
@@ -261,15 +276,8 @@ def variants(dtype: str) -> Iterator[Tuple]:
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},split]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, _FP32_OUT, gemm_ints(label, split=True))
         # split-K with TMA loads: the channel weight gradients with few tiles (ResMLP-24, gMLP-S/16's dW2)
-        site = gemm_site(label, split=True, channel=True) if split and dtype != "fp32" else None
-        layouts = _tma_layouts(site, _DTYPES[dtype]) if site is not None else None
-        configs_split = matmul.site_configs(label, True) if layouts else ()
-        for bm, bn, bk, warps, stages, _ in matmul.tma_configs(label, configs_split)[len(configs_split):]:
-            cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, K_SPLIT=True,
-                       A_TMA=layouts[0], B_TMA=layouts[1])
-            yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},split,tma]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-                   cfg, warps, stages, dict(_FP32_OUT, **_descriptor_types(layouts, _DTYPES[dtype], bm, bn, bk)),
-                   gemm_ints(label, split=True, channel=True))
+        if split and dtype != "fp32":
+            yield from _tma_rows(label, dict(base, **flags), _DTYPES[dtype], split=True)
     # torch.autocast: fp32 activations meet bf16 weights in the same kernels.
     if dtype != "fp32":
         mixed = {"x_ptr": "fp32", "out_ptr": "fp32", "res_ptr": "fp32", "branch_ptr": "fp32"}
@@ -303,11 +311,12 @@ def variants(dtype: str) -> Iterator[Tuple]:
     # to 1 constants and gives the others no hints (JaxTritonInts). The GEMM gets its multiples of 16
     # divided by 16 (matmul.scaled16); of the token kernels' integers (the rest are constexprs, as in a
     # torch launch) only dW's B and SPLITS go unhinted.
-    for label, split in ((site, False) for site in matmul.VARIANTS if not site.startswith("gate_")):  # no gMLP in JAX
+    for label in (site for site in matmul.VARIANTS if not site.startswith("gate_")):  # no gMLP in JAX
         flags, _ = matmul.VARIANTS[label]
-        scalars, mask = matmul.scaled16(list(gemm_ints(label, split).values()))
-        ints = JaxTritonInts(zip(gemm_ints(label, split), scalars))
-        configs = matmul.site_configs(label, split, fp32=dtype == "fp32")
+        torch_ints = gemm_ints(label)
+        scalars, mask = matmul.scaled16(list(torch_ints.values()))
+        ints = JaxTritonInts(zip(torch_ints, scalars))
+        configs = matmul.site_configs(label, False, fp32=dtype == "fp32")
         bm, bn, bk, warps, stages = configs[0]
         yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALED16=mask,

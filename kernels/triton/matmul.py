@@ -557,16 +557,15 @@ def site_configs(variant: str, split: bool, fp32: bool = False) -> Tuple[Tuple[i
     """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a launch site may run with, torch and JAX
     alike (``fp32``: both operands fp32, the FP32_* configs); the torch launcher adds TMA ones
     (tma_configs)."""
-    splits, plain = SPLIT_CONFIGS, _VARIANT_CONFIGS
-    if split and variant not in splits:
-        raise ValueError(f"variant: split-K launches are planned for {sorted(splits)}, got {variant!r}")
-    if variant not in plain:
-        raise ValueError(f"variant: expected one of {sorted(plain)}, got {variant!r}")
+    if split and variant not in SPLIT_CONFIGS:
+        raise ValueError(f"variant: split-K launches are planned for {sorted(SPLIT_CONFIGS)}, got {variant!r}")
+    if variant not in _VARIANT_CONFIGS:
+        raise ValueError(f"variant: expected one of {sorted(_VARIANT_CONFIGS)}, got {variant!r}")
     if fp32:
         if split:
             return FP32_SPLIT_CONFIGS
         return FP32_TOKEN_LINEAR_CONFIGS if variant in FP32_TOKEN_LINEAR_SITES else FP32_CONFIGS
-    return splits[variant] if split else plain[variant]
+    return SPLIT_CONFIGS[variant] if split else _VARIANT_CONFIGS[variant]
 
 
 def scaled16(scalars: list) -> Tuple[list, int]:
