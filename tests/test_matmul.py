@@ -268,3 +268,37 @@ def test_fp32_operands_take_the_fma_configs():
         matmul.site_configs("residual", True, fp32=True)
     fp32 = matmul.FP32_CONFIGS + matmul.FP32_SPLIT_CONFIGS + matmul.FP32_TOKEN_LINEAR_CONFIGS
     assert all(bm * bn <= 64 * 64 for bm, bn, *_ in fp32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_col_sum_is_the_sum_of_the_stored_output(triton_backend, dtype):
+    """The epilogue's column sums (a bias gradient, e.g. fc1's from dZ): Σ_m of the values as stored, over
+    tiles that write two partial rows each (INTERPRET_COL_SUM_ROWS) and an M that ends inside a partial's
+    rows and leaves a tile's second partial empty (M = 40: rows 32-39, none of 48-63); deterministic; M = 0
+    gives zeros."""
+    import torch
+
+    from mixer_fast.kernels.triton import matmul
+    from mixer_fast.kernels.triton.matmul import flat
+
+    assert matmul.col_sum_rows("gelu_grad") * 2 == matmul.INTERPRET_CONFIG[0]
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(11)
+    M, N, K = 40, 48, 24
+    a = torch.randn(M, K, generator=g).to(dt)
+    b = torch.randn(K, N, generator=g).to(dt)
+    z = torch.randn(M, N, generator=g).to(dt)
+
+    def run(m):
+        out = torch.full((m, N), float("nan"), dtype=dt)
+        sums = torch.full((N,), float("nan"))
+        matmul.fused_matmul(a[:m], (flat(m, K), flat(K, 1)), b, (flat(K, N), flat(N, 1)), out,
+                            (flat(m, N), flat(N, 1)), m, N, K, variant="gelu_grad", aux=z[:m],
+                            epi_gelu_grad=True, col_sum=sums)
+        return out, sums
+
+    out, sums = run(M)
+    expected = out.double().sum(0)
+    assert (sums.double() - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
+    assert torch.equal(sums, run(M)[1])
+    assert torch.equal(run(0)[1], torch.zeros(N))

@@ -26,7 +26,7 @@ from .token_mixing import LAYERNORM
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 _FP32_PTRS = {"mean_ptr", "rstd_ptr", "a_mean_ptr", "a_rstd_ptr", "b_mean_ptr", "b_rstd_ptr", "g_ptr", "dw1_ptr",
-              "dw2_ptr", "db1_ptr", "dw_part_ptr", "db_part_ptr"}
+              "dw2_ptr", "db1_ptr", "dw_part_ptr", "db_part_ptr", "col_sum_ptr"}
 _DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
 
@@ -247,46 +247,56 @@ def _tma_rows(label: str, flags: Dict[str, object], dtype: str, split: bool) -> 
                gemm_ints(label, split=split, channel=split))
 
 
+def _site_flags(label: str, dtype: str) -> Dict[str, object]:
+    """The fused GEMM's constexprs besides the tiles at launch site ``label`` (matmul.VARIANTS: the heaviest
+    combination the site uses), with the rows per column-sum partial a GPU launch of ``dtype`` passes."""
+    from . import matmul
+
+    flags = dict(A_PRO=matmul.A_NONE, B_PRO=matmul.B_NONE, HAS_BIAS=False, BIAS_ON_M=False, EPI_GELU=False,
+                 EPI_GELU_GRAD=False, STORE_BRANCH=False, HAS_SCALE=False, HAS_SS=False, SS_ON_N=False,
+                 HAS_RES=False, RES_MUL=False, APPROX_TANH=False, PRECISION="ieee", INTERPRETER=False,
+                 A_M_SPLIT=False, A_K_SPLIT=False, B_K_SPLIT=False, B_N_SPLIT=False, O_M_SPLIT=False,
+                 O_N_SPLIT=False, X_M_SPLIT=False, X_N_SPLIT=False, R_M_SPLIT=False, R_N_SPLIT=False, IDX64=False,
+                 K_SPLIT=False, EPI_SUBTILE=False, A_TMA=matmul.TMA_NONE, B_TMA=matmul.TMA_NONE, SCALED16=0,
+                 COL_SUM=False, COL_SUM_ROWS=1)
+    flags.update(matmul.VARIANTS[label][0])
+    if flags["COL_SUM"]:
+        flags["COL_SUM_ROWS"] = matmul.col_sum_rows(label, fp32=dtype == "fp32")
+    return flags
+
+
 def variants(dtype: str) -> Iterator[Tuple]:
     """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes, ints) for every
     kernel variant and GPU config the launchers use on a GPU, at the named models' shapes; ``ints``: the
     integer arguments to specialise on as a launch does (the token kernels), or None."""
     from . import layer_norm, matmul, spatial_gating, token_mixing
 
-    prec = "ieee"
-    base = dict(A_PRO=matmul.A_NONE, B_PRO=matmul.B_NONE, HAS_BIAS=False, BIAS_ON_M=False, EPI_GELU=False, EPI_GELU_GRAD=False,
-                STORE_BRANCH=False, HAS_SCALE=False, HAS_SS=False, SS_ON_N=False, HAS_RES=False, RES_MUL=False,
-                APPROX_TANH=False,
-                PRECISION=prec, INTERPRETER=False, A_M_SPLIT=False, A_K_SPLIT=False, B_K_SPLIT=False,
-                B_N_SPLIT=False, O_M_SPLIT=False, O_N_SPLIT=False, X_M_SPLIT=False, X_N_SPLIT=False, R_M_SPLIT=False,
-                R_N_SPLIT=False, IDX64=False, K_SPLIT=False, EPI_SUBTILE=False, A_TMA=matmul.TMA_NONE,
-                B_TMA=matmul.TMA_NONE, SCALED16=0)
-    for label, (flags, configs) in matmul.VARIANTS.items():
+    for label in matmul.VARIANTS:
+        flags = _site_flags(label, dtype)
         for bm, bn, bk, warps, stages in matmul.site_configs(label, False, fp32=dtype == "fp32"):
-            cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SUBTILE=matmul.epi_subtile(bn))
+            cfg = dict(flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SUBTILE=matmul.epi_subtile(bn))
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label}]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, None, gemm_ints(label))
         # the same sites with TMA operand loads, where the torch launcher offers them (matmul.tma_configs)
         if dtype != "fp32":
-            yield from _tma_rows(label, dict(base, **flags), _DTYPES[dtype], split=False)
+            yield from _tma_rows(label, flags, _DTYPES[dtype], split=False)
         # the weight gradients, split over K where their tiles are few (matmul.split_k)
         split = label in matmul.SPLIT_CONFIGS
         for bm, bn, bk, warps, stages in (matmul.site_configs(label, True, fp32=dtype == "fp32") if split else ()):
-            cfg = dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, K_SPLIT=True)
+            cfg = dict(flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, K_SPLIT=True)
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},split]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                    cfg, warps, stages, _FP32_OUT, gemm_ints(label, split=True))
         # split-K with TMA loads: the channel weight gradients with few tiles (ResMLP-24, gMLP-S/16's dW2)
         if split and dtype != "fp32":
-            yield from _tma_rows(label, dict(base, **flags), _DTYPES[dtype], split=True)
+            yield from _tma_rows(label, flags, _DTYPES[dtype], split=True)
     # torch.autocast: fp32 activations meet bf16 weights in the same kernels.
     if dtype != "fp32":
         mixed = {"x_ptr": "fp32", "out_ptr": "fp32", "res_ptr": "fp32", "branch_ptr": "fp32"}
         for label in ("ln_gelu", "token_linear"):
-            flags, configs = matmul.VARIANTS[label]
-            bm, bn, bk, warps, stages = configs[0]
+            bm, bn, bk, warps, stages = matmul.VARIANTS[label][1][0]
             side = "a_ptr" if label == "ln_gelu" else "b_ptr"
             yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},autocast]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-                   dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                   dict(_site_flags(label, dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                         EPI_SUBTILE=matmul.epi_subtile(bn)), warps, stages, dict(mixed, **{side: "fp32"}),
                    gemm_ints(label))
         plan = token_mixing.gpu_config("token_mlp_fwd", 196, 512)
@@ -312,14 +322,13 @@ def variants(dtype: str) -> Iterator[Tuple]:
     # divided by 16 (matmul.scaled16); of the token kernels' integers (the rest are constexprs, as in a
     # torch launch) only dW's B and SPLITS go unhinted.
     for label in (site for site in matmul.VARIANTS if not site.startswith("gate_")):  # no gMLP in JAX
-        flags, _ = matmul.VARIANTS[label]
         torch_ints = gemm_ints(label)
         scalars, mask = matmul.scaled16(list(torch_ints.values()))
         ints = JaxTritonInts(zip(torch_ints, scalars))
         configs = matmul.site_configs(label, False, fp32=dtype == "fp32")
         bm, bn, bk, warps, stages = configs[0]
         yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
-               dict(base, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALED16=mask,
+               dict(_site_flags(label, dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALED16=mask,
                     EPI_SUBTILE=matmul.epi_subtile(bn)), warps, stages, None, ints)
     plan = token_mixing.gpu_config("token_mlp_dw", 196, 384, 4 if dtype == "fp32" else 2)
     shapes = {q.name: v for q in token_mixing.token_mlp_dw_kernel.params if q.is_constexpr

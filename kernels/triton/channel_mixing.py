@@ -6,9 +6,9 @@ pre-activation Z for the backward (GELU is recomputed from Z, never stored). Bia
 path and the residual add are the second GEMM's epilogue. Fusing the two GEMMs is not worth it at
 C ≥ 512 (DESIGN.md): the hidden row would not fit on chip.
 
-Backward, all GEMMs of the same kernel: dZ = (dO · W2) ⊙ GELU'(Z); g = dZ · W1 (then the row-wise
-LayerNorm backward); dW1 = dZᵀ · N(x) with N recomputed on load; dW2 = dOᵀ · GELU(Z) with GELU
-recomputed on load. Reductions run over fixed tiles in a fixed order: deterministic.
+Backward, all GEMMs of the same kernel: dZ = (dO · W2) ⊙ GELU'(Z), with fc1's bias gradient as that
+epilogue's partial column sums; g = dZ · W1 (then the row-wise LayerNorm backward); dW1 = dZᵀ · N(x)
+with N recomputed on load; dW2 = dOᵀ · GELU(Z) with GELU recomputed on load. Reductions run over fixed tiles in a fixed order: deterministic.
 """
 from __future__ import annotations
 
@@ -92,8 +92,12 @@ def channel_mixing_backward(
     do_tok, do_ch = _token_axis(do, S), flat(C, do.stride(2))
     x_tok, x_ch = _token_axis(x, S), flat(C, x.stride(2))
     dz = _launch.new_output((M, D), x, fc1_weight.dtype)
+    # fc1's bias gradient Σ_tokens dZ as the epilogue's partial column sums: no second read of dZ (the
+    # largest activation of the backward, 308 MB at Mixer-B/16, batch 256, bf16).
+    db1 = _launch.new_output((D,), x, torch.float32) if fc1_bias is not None else None
     fused_matmul(do, (do_tok, do_ch), fc2_weight, (flat(C, fc2_weight.stride(0)), flat(D, fc2_weight.stride(1))),
-                 dz, h_axes, M, D, C, variant="gelu_grad", aux=z, epi_gelu_grad=True, approximate=approximate, allow_tf32=allow_tf32)
+                 dz, h_axes, M, D, C, variant="gelu_grad", aux=z, epi_gelu_grad=True, col_sum=db1,
+                 approximate=approximate, allow_tf32=allow_tf32)
     # dL/dN(x) in the weights' dtype, as eager's autograd hands it to the norm's backward: half the bytes
     # of fp32 (77 MB less at Mixer-B/16, batch 256, bf16).
     g = _launch.new_output((M, C), x, fc1_weight.dtype)
@@ -107,7 +111,7 @@ def channel_mixing_backward(
     fused_matmul(do, (do_ch, do_tok), z, h_axes, dw2, (flat(C, D), flat(D, 1)), C, D, M,
                  variant="gelu_b", b_pro=B_GELU, approximate=approximate, allow_tf32=allow_tf32)
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
-    grads["fc1_bias"] = dz.sum(0, dtype=torch.float32) if fc1_bias is not None else None
+    grads["fc1_bias"] = db1
     grads["fc2_bias"] = do.sum((0, 1), dtype=torch.float32) if fc2_bias is not None else None
     grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
     grads["norm_weight"] = dnw if norm_weight is not None else None

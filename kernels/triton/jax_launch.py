@@ -22,7 +22,7 @@ launch runs once per vmapped element (``jax.custom_batching.sequential_vmap``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,8 @@ import triton
 from . import _launch
 from .layer_norm import ROWS, block_c, ln_backward_kernel, ln_stats_kernel
 from .matmul import (A_AFFINE, A_LAYERNORM, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM, B_NONE,
-                     B_TOKEN_LAYERNORM, TUNER, Axis, autotuned, epi_subtile, flat, fused_matmul_kernel, plan,
-                     site_configs, split, tune_key)
+                     B_TOKEN_LAYERNORM, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
+                     fused_matmul_kernel, plan, site_configs, split, tune_key)
 from .token_mixing import (DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, shape_constexprs, token_mlp_dw_kernel,
                            token_mlp_dx_kernel, token_mlp_fwd_kernel, token_weights)
 
@@ -191,6 +191,15 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
                  EPI_SUBTILE=epi_subtile(bn)))
 
 
+class GemmOutputs(NamedTuple):
+    """What a fused GEMM launch returns: the output, the stored pre-activation / branch (store_branch),
+    the output's column sums (col_sum)."""
+
+    out: Array
+    aux: Optional[Array]
+    col_sum: Optional[Array]
+
+
 def fused_matmul(
     a: Array, a_axes: Tuple[Axis, Axis], b: Array, b_axes: Tuple[Axis, Axis],
     out_shape: Tuple[int, ...], out_dtype, out_axes: Tuple[Axis, Axis], M: int, N: int, K: int, *, variant: str,
@@ -200,15 +209,18 @@ def fused_matmul(
     aux: Optional[Array] = None, aux_axes: Optional[Tuple[Axis, Axis]] = None, epi_gelu: bool = False,
     epi_gelu_grad: bool = False, store_branch: bool = False, scale: Optional[Array] = None,
     ss: Optional[Array] = None, ss_on_n: bool = False, res: Optional[Array] = None,
-    res_axes: Optional[Tuple[Axis, Axis]] = None, approximate: str = "none",
-) -> Tuple[Array, Optional[Array]]:
-    """matmul.fused_matmul returning (out, stored aux or None): with ``store_branch`` the epilogue stores
-    the pre-activation / branch into a second output shaped like ``out``; with ``epi_gelu_grad`` it
-    reads ``aux`` (an input)."""
+    res_axes: Optional[Tuple[Axis, Axis]] = None, col_sum: bool = False, approximate: str = "none",
+) -> GemmOutputs:
+    """matmul.fused_matmul returning its outputs (GemmOutputs): with ``store_branch`` the epilogue stores
+    the pre-activation / branch into a second output shaped like ``out`` (``aux``; with ``epi_gelu_grad``
+    it reads ``aux``, an input); with ``col_sum`` the output's column sums (N,) fp32 from the epilogue's
+    partials (matmul.col_sum_rows)."""
     assert not (store_branch and epi_gelu_grad)
     if M == 0 or N == 0:
         empty = jnp.zeros(out_shape, out_dtype)
-        return empty, (empty if store_branch else None)
+        return GemmOutputs(empty, empty if store_branch else None, jnp.zeros((N,), F32) if col_sum else None)
+    fp32 = a.dtype == b.dtype == F32
+    sum_rows = col_sum_rows(variant, fp32) if col_sum else 0
     dummy = _dummy()
     a_mean, a_rstd = a_stats or (dummy, dummy)
     a_w, a_b = a_vec or (dummy, dummy)
@@ -219,9 +231,10 @@ def fused_matmul(
              store_branch=store_branch, has_scale=scale is not None, has_ss=ss is not None, ss_on_n=ss_on_n,
              has_res=res is not None, approximate=approximate, precision=precision,
              idx64=_idx64(a, b, aux, res),
-             allow_split=np.dtype(out_dtype) == np.float32, out_numel=int(np.prod(out_shape)), scale_scalars=True)
+             allow_split=np.dtype(out_dtype) == np.float32, out_numel=int(np.prod(out_shape)), scale_scalars=True,
+             col_sum_rows=sum_rows)
     split = p.split_k > 1  # fp32 partial products over K ranges, summed in a fixed order (matmul.split_k)
-    kernel, grid, launch = _tuned_launch(variant, M, N, K, p, fp32=a.dtype == b.dtype == F32)
+    kernel, grid, launch = _tuned_launch(variant, M, N, K, p, fp32=fp32)
     inputs = [a, b, aux if aux is not None else dummy, res if res is not None else dummy,
               a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
               bias if bias is not None else dummy, scale if scale is not None else dummy,
@@ -230,11 +243,11 @@ def fused_matmul(
     meta = {**p.meta, **launch}
     if isinstance(kernel, triton.runtime.Autotuner):
         del meta["EPI_SUBTILE"]  # each config carries its own (matmul.autotuned)
-    out, aux_out = call(kernel, grid, inputs,
-                        [_shape(main, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype)], **meta)
-    if split:
-        return out.sum(0), None
-    return out, (aux_out if store_branch else None)
+    out, aux_out, partials = call(kernel, grid, inputs,
+                                  [_shape(main, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype),
+                                   _shape((triton.cdiv(M, sum_rows), N) if col_sum else (1,), F32)], **meta)
+    return GemmOutputs(out.sum(0) if split else out, aux_out if store_branch else None,
+                       partials.sum(0) if col_sum else None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,7 +312,7 @@ def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1:
         # ResMLP's per-image (S, S) linear: M = output tokens, N = (image, channel), K = input tokens;
         # the Flax kernel k1[k_in, m_out] read as A[m, k].
         tok = (flat(S, C), split(C, S * C, 1))
-        out, branch = fused_matmul(
+        out, branch, _ = fused_matmul(
             k1, (flat(S, 1), flat(S, S)), x, tok, x.shape, x.dtype, tok, S, B * C, S, variant="token_linear",
             precision=precision, b_pro=B_TOKEN_LAYERNORM if norm == "layernorm" else B_AFFINE_N, b_vec=(nwv, nbv),
             b_stats=(mean, rstd) if mean is not None else None, bias=b1, bias_on_m=True,
@@ -339,8 +352,8 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
     if k2 is None:
         # g = Wᵀ · do, the Flax kernel k1[m_in, k_out] read as A[m, k].
         # in the weights' dtype, as the torch launcher (and eager) rounds it
-        g, _ = fused_matmul(k1, (flat(S, S), flat(S, 1)), do, tok, (B * S, C), k1.dtype, tok, S, B * C, S,
-                            variant="plain", precision=precision)
+        g = fused_matmul(k1, (flat(S, S), flat(S, 1)), do, tok, (B * S, C), k1.dtype, tok, S, B * C, S,
+                         variant="plain", precision=precision).out
         xn_src, b_pro, b_vec = x, B_AFFINE_K, (nwv, nbv)
         if norm == "layernorm":
             # As the torch launcher: normalise once here rather than add a kernel mode (no named model).
@@ -348,9 +361,9 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
                       + nbv.astype(F32)).astype(x.dtype)
             b_pro, b_vec = B_NONE, None
         # dK[in, out] = Σ_(b,c) N(x)[b, in, c] · do[b, out, c], written straight into Flax layout.
-        dk, _ = fused_matmul(do, (flat(S, C), split(C, S * C, 1)), xn_src, (split(C, S * C, 1), flat(S, C)),
-                             (S, S), F32, (flat(S, 1), flat(S, S)), S, S, B * C, variant="ln_b",
-                             precision=precision, b_pro=b_pro, b_vec=b_vec)
+        dk = fused_matmul(do, (flat(S, C), split(C, S * C, 1)), xn_src, (split(C, S * C, 1), flat(S, C)),
+                          (S, S), F32, (flat(S, 1), flat(S, S)), S, S, B * C, variant="ln_b",
+                          precision=precision, b_pro=b_pro, b_vec=b_vec).out
         grads["fc1_kernel"] = dk
         grads["fc1_bias"] = do.astype(F32).sum((0, 2)) if b1 is not None else None
     else:
@@ -412,12 +425,12 @@ def channel_mixing_forward(x: Array, nw, nb, k1: Array, b1, k2: Array, b2, *, ep
     nwv, nbv = _vec_or(nw, C, 1.0, x.dtype), _vec_or(nb, C, 0.0, x.dtype)
     tok, ch = split(S, S * C, C), flat(C, 1)
     h_axes = (flat(M, D), flat(D, 1))
-    hidden, z = fused_matmul(
+    hidden, z, _ = fused_matmul(
         x, (tok, ch), k1, (flat(C, D), flat(D, 1)), (M, D), x.dtype, h_axes, M, D, C, variant="ln_gelu",
         precision=precision, a_pro=A_LAYERNORM if norm == "layernorm" else A_AFFINE,
         a_stats=(mean, rstd) if mean is not None else None, a_vec=(nwv, nbv), bias=b1, store_branch=True,
         epi_gelu=True, approximate=approximate)
-    out, branch = fused_matmul(
+    out, branch, _ = fused_matmul(
         hidden, h_axes, k2, (flat(D, C), flat(C, 1)), x.shape, x.dtype, (tok, ch), M, C, D, variant="residual",
         precision=precision, bias=b2, store_branch=store_branch, scale=scale, ss=ss, res=x, res_axes=(tok, ch))
     return out, mean, rstd, z, branch
@@ -437,22 +450,24 @@ def channel_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Ar
     tok, ch = split(S, S * C, C), flat(C, 1)
     h_axes = (flat(M, D), flat(D, 1))
     # dZ = (dO · K2ᵀ) ⊙ GELU'(Z): K2[d, c] read as B[k = c, n = d].
-    dz, _ = fused_matmul(do, (tok, ch), k2, (flat(C, 1), flat(D, C)), (M, D), x.dtype, h_axes, M, D, C,
-                         variant="gelu_grad", precision=precision, aux=z, epi_gelu_grad=True, approximate=approximate)
+    # fc1's bias gradient as the epilogue's partial column sums of dZ (as the torch launcher).
+    dz, _, db1 = fused_matmul(do, (tok, ch), k2, (flat(C, 1), flat(D, C)), (M, D), x.dtype, h_axes, M, D, C,
+                              variant="gelu_grad", precision=precision, aux=z, epi_gelu_grad=True,
+                              col_sum=b1 is not None, approximate=approximate)
     # g = dZ · K1ᵀ: K1[c, d] read as B[k = d, n = c].
     # g in the weights' dtype, as the torch launcher (and eager) rounds it.
-    g, _ = fused_matmul(dz, h_axes, k1, (flat(D, 1), flat(C, D)), (M, C), k1.dtype, (flat(M, C), flat(C, 1)), M, C, D,
-                        variant="plain", precision=precision)
+    g = fused_matmul(dz, h_axes, k1, (flat(D, 1), flat(C, D)), (M, C), k1.dtype, (flat(M, C), flat(C, 1)), M, C, D,
+                     variant="plain", precision=precision).out
     # dK1[c, d] = Σ_tok N(x)[tok, c] · dZ[tok, d]: computed as (dZᵀ · N(x))[d, c], stored transposed.
-    dk1, _ = fused_matmul(dz, (flat(D, 1), flat(M, D)), x, (tok, ch), (C, D), F32, (flat(D, 1), flat(C, D)),
-                          D, C, M, variant="ln_b", precision=precision,
-                          b_pro=B_LAYERNORM if norm == "layernorm" else B_AFFINE_N,
-                          b_stats=(mean, rstd) if mean is not None else None, b_vec=(nwv, nbv))
+    dk1 = fused_matmul(dz, (flat(D, 1), flat(M, D)), x, (tok, ch), (C, D), F32, (flat(D, 1), flat(C, D)),
+                       D, C, M, variant="ln_b", precision=precision,
+                       b_pro=B_LAYERNORM if norm == "layernorm" else B_AFFINE_N,
+                       b_stats=(mean, rstd) if mean is not None else None, b_vec=(nwv, nbv)).out
     # dK2[d, c] = Σ_tok GELU(Z)[tok, d] · dO[tok, c]: (dOᵀ · GELU(Z))[c, d], stored transposed.
-    dk2, _ = fused_matmul(do, (ch, tok), z, h_axes, (D, C), F32, (flat(C, 1), flat(D, C)), C, D, M,
-                          variant="gelu_b", precision=precision, b_pro=B_GELU, approximate=approximate)
+    dk2 = fused_matmul(do, (ch, tok), z, h_axes, (D, C), F32, (flat(C, 1), flat(D, C)), C, D, M,
+                       variant="gelu_b", precision=precision, b_pro=B_GELU, approximate=approximate).out
     grads["fc1_kernel"], grads["fc2_kernel"] = dk1, dk2
-    grads["fc1_bias"] = dz.astype(F32).sum(0) if b1 is not None else None
+    grads["fc1_bias"] = db1
     grads["fc2_bias"] = do.astype(F32).sum((0, 1)) if b2 is not None else None
     grads["x"], dnw, dnb = _norm_backward(g, x, dout, nw, mean, rstd, norm)
     grads["norm_weight"] = dnw if nw is not None else None

@@ -78,7 +78,7 @@ def fused_matmul_kernel(
     x_smo, x_smi, x_sno, x_sni,
     r_smo, r_smi, r_sno, r_sni,
     k_len, o_split,
-    out_ptr, aux_out_ptr,
+    out_ptr, aux_out_ptr, col_sum_ptr,
     A_PRO: tl.constexpr, B_PRO: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_ON_M: tl.constexpr,
     EPI_GELU: tl.constexpr, EPI_GELU_GRAD: tl.constexpr, STORE_BRANCH: tl.constexpr,
@@ -88,6 +88,7 @@ def fused_matmul_kernel(
     O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr, X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr,
     R_M_SPLIT: tl.constexpr, R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr, K_SPLIT: tl.constexpr,
     EPI_SUBTILE: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr, SCALED16: tl.constexpr,
+    COL_SUM: tl.constexpr, COL_SUM_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Parameters run inputs, scalars, outputs, constexprs (jax-triton's order, so JAX launches this kernel
@@ -247,18 +248,18 @@ def fused_matmul_kernel(
                   o_mi, o_smo, o_smi, o_ni, o_sno, o_sni, x_smo, x_smi, x_sno, x_sni, r_smo, r_smi, r_sno, r_sni,
                   HAS_BIAS, BIAS_ON_M, EPI_GELU, EPI_GELU_GRAD, STORE_BRANCH, HAS_SCALE, HAS_SS, SS_ON_N, HAS_RES,
                   RES_MUL, APPROX_TANH, INTERPRETER, O_M_SPLIT, O_N_SPLIT, X_M_SPLIT, X_N_SPLIT, R_M_SPLIT,
-                  R_N_SPLIT, IDX64)
+                  R_N_SPLIT, IDX64, col_sum_ptr, pid_m, COL_SUM, COL_SUM_ROWS)
         _epilogue(acc_hi, rm, rn_lo + BLOCK_N // 2, M, N, out_ptr, aux_ptr, res_ptr, bias_ptr, scale_ptr, ss_ptr,
                   o_mi, o_smo, o_smi, o_ni, o_sno, o_sni, x_smo, x_smi, x_sno, x_sni, r_smo, r_smi, r_sno, r_sni,
                   HAS_BIAS, BIAS_ON_M, EPI_GELU, EPI_GELU_GRAD, STORE_BRANCH, HAS_SCALE, HAS_SS, SS_ON_N, HAS_RES,
                   RES_MUL, APPROX_TANH, INTERPRETER, O_M_SPLIT, O_N_SPLIT, X_M_SPLIT, X_N_SPLIT, R_M_SPLIT,
-                  R_N_SPLIT, IDX64)
+                  R_N_SPLIT, IDX64, col_sum_ptr, pid_m, COL_SUM, COL_SUM_ROWS)
     else:
         _epilogue(acc, rm, rn, M, N, out_ptr, aux_ptr, res_ptr, bias_ptr, scale_ptr, ss_ptr,
                   o_mi, o_smo, o_smi, o_ni, o_sno, o_sni, x_smo, x_smi, x_sno, x_sni, r_smo, r_smi, r_sno, r_sni,
                   HAS_BIAS, BIAS_ON_M, EPI_GELU, EPI_GELU_GRAD, STORE_BRANCH, HAS_SCALE, HAS_SS, SS_ON_N, HAS_RES,
                   RES_MUL, APPROX_TANH, INTERPRETER, O_M_SPLIT, O_N_SPLIT, X_M_SPLIT, X_N_SPLIT, R_M_SPLIT,
-                  R_N_SPLIT, IDX64)
+                  R_N_SPLIT, IDX64, col_sum_ptr, pid_m, COL_SUM, COL_SUM_ROWS)
 
 
 @triton.jit
@@ -277,8 +278,10 @@ def _epilogue(acc, rm, rn, M, N, out_ptr, aux_ptr, res_ptr, bias_ptr, scale_ptr,
               STORE_BRANCH: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SS: tl.constexpr, SS_ON_N: tl.constexpr,
               HAS_RES: tl.constexpr, RES_MUL: tl.constexpr, APPROX_TANH: tl.constexpr, INTERPRETER: tl.constexpr,
               O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr, X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr,
-              R_M_SPLIT: tl.constexpr, R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr):
-    """The epilogue of one (rows rm, columns rn) tile of the accumulator (module docstring), and its store."""
+              R_M_SPLIT: tl.constexpr, R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr, col_sum_ptr, pid_m,
+              COL_SUM: tl.constexpr, COL_SUM_ROWS: tl.constexpr):
+    """The epilogue of one (rows rm, columns rn) tile of the accumulator (module docstring), and its store;
+    with COL_SUM also the column sums of what it stores, one partial row per COL_SUM_ROWS rows."""
     mask_m = rm < M
     mask_n = rn < N
     mask = mask_m[:, None] & mask_n[None, :]
@@ -315,7 +318,21 @@ def _epilogue(acc, rm, rn, M, N, out_ptr, aux_ptr, res_ptr, bias_ptr, scale_ptr,
             acc *= r
         else:
             acc += r
-    tl.store(out_ptr + o_row[:, None] + o_col[None, :], round_to(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+    val = round_to(acc, out_ptr.dtype.element_ty, INTERPRETER)
+    tl.store(out_ptr + o_row[:, None] + o_col[None, :], val, mask=mask)
+    if COL_SUM:
+        # A bias gradient as per-tile partial sums (dz's column sums for fc1's bias): of the values as
+        # stored, which eager's dz.sum(0) adds, with no second pass over the (M, N) output. A fixed
+        # COL_SUM_ROWS, not BLOCK_M, sets the partials' rows, so that every config of a launch site fills
+        # the same (cdiv(M, COL_SUM_ROWS), N) buffer (JAX allocates it before Triton's autotuner picks one).
+        PARTS: tl.constexpr = rm.shape[0] // COL_SUM_ROWS
+        v = tl.where(mask, val.to(tl.float32), 0.0)
+        part = tl.sum(tl.reshape(v, (PARTS, COL_SUM_ROWS, rn.shape[0])), axis=1)
+        rows = pid_m * PARTS + tl.arange(0, PARTS)
+        if IDX64:
+            rows = rows.to(tl.int64)
+        tl.store(col_sum_ptr + rows[:, None] * N + rn[None, :], part,
+                 mask=(rows * COL_SUM_ROWS < M)[:, None] & mask_n[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -375,8 +392,9 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
     # channel fc2: bias, layer scale, drop path, residual
     "residual": (dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SS=True, HAS_RES=True, STORE_BRANCH=True),
                  ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3))),
-    # dZ = (dO · W2) ⊙ GELU'(Z) (128 × 256 spills 32-40 B even with the epilogue subtiled)
-    "gelu_grad": (dict(EPI_GELU_GRAD=True), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 4),
+    # dZ = (dO · W2) ⊙ GELU'(Z), and fc1's bias gradient as column sums (128 × 256 spills 32-40 B even
+    # with the epilogue subtiled)
+    "gelu_grad": (dict(EPI_GELU_GRAD=True, COL_SUM=True), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 4),
                                              (64, 64, 64, 4, 3))),
     # weight gradients with the norm recomputed on the B tile (dW1 = dZᵀ · LN(x); ResMLP's dW)
     # (128 × 256 × 64: 254 registers, and 20 B of spills through jax-triton under triton 3.6 + ptxas 13.5)
@@ -568,6 +586,20 @@ def site_configs(variant: str, split: bool, fp32: bool = False) -> Tuple[Tuple[i
     return SPLIT_CONFIGS[variant] if split else _VARIANT_CONFIGS[variant]
 
 
+# Rows per partial of an epilogue's column sums in Triton's interpreter: half its BLOCK_M, so that CI runs
+# tiles that write more than one partial row, as the GPU's 128-row tiles do.
+INTERPRET_COL_SUM_ROWS = INTERPRET_CONFIG[0] // 2
+
+
+def col_sum_rows(variant: str, fp32: bool = False) -> int:
+    """Rows per partial column sum at launch site ``variant``: the smallest BLOCK_M among its configs (every
+    config's BLOCK_M is a multiple of it, all powers of two), so that whichever config runs fills the same
+    (cdiv(M, rows), N) buffer; INTERPRET_COL_SUM_ROWS in the interpreter."""
+    if _launch.INTERPRET:
+        return INTERPRET_COL_SUM_ROWS
+    return min(c[0] for c in site_configs(variant, False, fp32=fp32))
+
+
 def scaled16(scalars: list) -> Tuple[list, int]:
     """(scalars with each multiple of 16 divided by 16, the bitmask of those divided). Only values that
     stay int32 either way are divided (the kernel's multiply must not overflow)."""
@@ -679,15 +711,17 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
          res_axes: Optional[Tuple[Axis, Axis]], *, a_pro: int, b_pro: int, has_bias: bool, bias_on_m: bool,
          epi_gelu: bool, epi_gelu_grad: bool, store_branch: bool, has_scale: bool, has_ss: bool, ss_on_n: bool,
          has_res: bool, approximate: str, precision: str, idx64: bool, res_mul: bool = False,
-         allow_split: bool = False, out_numel: int = 0, scale_scalars: bool = False) -> Plan:
+         allow_split: bool = False, out_numel: int = 0, scale_scalars: bool = False, col_sum_rows: int = 0) -> Plan:
     """The launch of fused_matmul_kernel (see fused_matmul) shared by the torch and JAX launchers.
     ``out_numel``: the output's elements. ``allow_split``: the caller can take a split-K launch (its
     output fp32 and contiguous); it gets one when there is no epilogue (partial products are summed
     afterwards) and :func:`split_k` says so. ``idx64``: some operand needs 64-bit offsets; the plan adds
     the split-K partial output's own need. ``scale_scalars`` (jax-triton, which gives integer arguments
     no divisibility hints): the integer arguments that are multiples of 16 go divided by 16, flagged in
-    SCALED16, and the kernel multiplies them back (:func:`scaled16`)."""
-    epilogue = (has_bias, epi_gelu, epi_gelu_grad, store_branch, has_scale, has_ss, has_res)
+    SCALED16, and the kernel multiplies them back (:func:`scaled16`). ``col_sum_rows`` (0: none): the
+    epilogue also writes the output's column sums, partial over that many rows each
+    (:func:`col_sum_rows`; the caller allocates (cdiv(M, col_sum_rows), N) fp32 and sums it over rows)."""
+    epilogue = (has_bias, epi_gelu, epi_gelu_grad, store_branch, has_scale, has_ss, has_res, col_sum_rows > 0)
     parts = split_k(M, N, K) if allow_split and not any(epilogue) else 1
     k_len = K
     if parts > 1:
@@ -712,6 +746,7 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
         EPI_SUBTILE=_launch.INTERPRET,
         # the torch launcher sets these per config (tma_layout); jax-triton passes no descriptors
         A_TMA=TMA_NONE, B_TMA=TMA_NONE,
+        COL_SUM=col_sum_rows > 0, COL_SUM_ROWS=max(col_sum_rows, 1),
     )
     scalars = [M, N, K, am.inner, am.outer, am.stride, ak.inner, ak.outer, ak.stride,
                bk.inner, bk.outer, bk.stride, bn.inner, bn.outer, bn.stride,
@@ -743,18 +778,25 @@ def fused_matmul(
     epi_gelu: bool = False, epi_gelu_grad: bool = False, store_branch: bool = False,
     scale: Optional[torch.Tensor] = None, ss: Optional[torch.Tensor] = None, ss_on_n: bool = False,
     res: Optional[torch.Tensor] = None, res_axes: Optional[Tuple[Axis, Axis]] = None, res_mul: bool = False,
-    approximate: str = "none", allow_tf32: bool = False,
+    col_sum: Optional[torch.Tensor] = None, approximate: str = "none", allow_tf32: bool = False,
 ) -> torch.Tensor:
     """out[m, n] = epilogue(Σ_k pro_A(a)[m, k] · pro_B(b)[k, n]) (see the module docstring). ``aux`` and
     ``res`` share ``out``'s axis decomposition (same ``inner``), with their own strides; ``res_mul``
     multiplies by ``res`` instead of adding it. ``variant`` names the launch site in VARIANTS, among
     whose configs TUNER chooses (the shipped table's, or timed once). A contiguous fp32 ``out`` with no epilogue (the weight gradients) may
-    be computed split over K (:func:`split_k`): fp32 partial products, summed in a fixed order."""
-    if M == 0 or N == 0:
-        return out
+    be computed split over K (:func:`split_k`): fp32 partial products, summed in a fixed order.
+    ``col_sum`` (N,) fp32 receives Σ_m out[m, n] of the values as stored (a bias gradient), from
+    partial sums the epilogue writes (:func:`col_sum_rows`), added in a fixed order."""
     import torch
 
+    if col_sum is not None and M == 0:
+        col_sum.zero_()
+    if M == 0 or N == 0:
+        return out
+
     dummy = _dummy(out.device)
+    fp32 = a.dtype == b.dtype == torch.float32
+    sum_rows = col_sum_rows(variant, fp32) if col_sum is not None else 0
     a_mean, a_rstd = a_stats or (dummy, dummy)
     a_w, a_b = a_vec or (dummy, dummy)
     b_mean, b_rstd = b_stats or (dummy, dummy)
@@ -764,12 +806,14 @@ def fused_matmul(
              store_branch=store_branch, has_scale=scale is not None, has_ss=ss is not None, ss_on_n=ss_on_n,
              has_res=res is not None, approximate=approximate, precision=_launch.precision(a.dtype, allow_tf32),
              idx64=_launch.needs_int64(a, b, out, aux, res),
-             res_mul=res_mul, allow_split=out.dtype == torch.float32 and out.is_contiguous(), out_numel=out.numel())
+             res_mul=res_mul, allow_split=out.dtype == torch.float32 and out.is_contiguous(), out_numel=out.numel(),
+             col_sum_rows=sum_rows)
     target = out if p.split_k == 1 else _launch.new_output((p.split_k, *out.shape), out)
+    partials = _launch.new_output((triton.cdiv(M, sum_rows), N), out, torch.float32) if sum_rows else dummy
     aux = aux if aux is not None else dummy  # the kernel's aux input and aux output (one of them is read)
     rest = (aux, res if res is not None else dummy, a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
             bias if bias is not None else dummy, scale if scale is not None else dummy,
-            ss if ss is not None else dummy, *p.scalars, target, aux)
+            ss if ss is not None else dummy, *p.scalars, target, aux, partials)
     a_tma = tma_layout(a, a_axes[0], a_axes[1], K)
     b_tma = tma_layout(b, b_axes[1], b_axes[0], K)
 
@@ -796,7 +840,6 @@ def fused_matmul(
             launch(p.grid, p.meta, True, num_warps=p.num_warps, num_stages=p.num_stages)
         else:
             major, minor = torch.cuda.get_device_capability(out.device)
-            fp32 = a.dtype == b.dtype == torch.float32
             candidates = site_configs(variant, p.split_k > 1, fp32=fp32)
             if major >= 9 and not fp32 and (a_tma, b_tma) != (TMA_NONE, TMA_NONE):
                 candidates = tma_configs(variant, candidates)
@@ -804,4 +847,6 @@ def fused_matmul(
                              candidates, run))
     if p.split_k > 1:
         torch.sum(target, 0, out=out)
+    if col_sum is not None:
+        torch.sum(partials, 0, out=col_sum)
     return out
