@@ -303,7 +303,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
         yield (token_mixing.token_mlp_fwd_kernel, "token_mlp_fwd[S=196,autocast]", plan.label(),
                dict(_TOKEN_FWD, **plan.constexprs()), plan.num_warps, plan.num_stages, mixed,
                token_ints(196, 1024, 512))
-    for S, C, D in ((49, 768, 384), (196, 768, 384)):
+    for S, C, D in ((49, 768, 384), (196, 768, 384), (196, 1024, 512)):  # S/32, Mixer-B/16, Mixer-L/16
         for kname, fn in (("token_mlp_fwd", token_mixing.token_mlp_fwd_kernel),
                           ("token_mlp_dx", token_mixing.token_mlp_dx_kernel),
                           ("token_mlp_dw", token_mixing.token_mlp_dw_kernel)):
@@ -315,7 +315,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
                 if part is not None:
                     cfg = dict(cfg, PART=part)
                     label += f" part{part}"
-                yield (fn, f"{kname}[S={S}]", label, cfg, plan.num_warps, plan.num_stages, _token_ptrs(kname, dtype),
+                yield (fn, f"{kname}[S={S}]" if D == 384 else f"{kname}[S={S},D={D}]", label, cfg, plan.num_warps, plan.num_stages, _token_ptrs(kname, dtype),
                        token_ints(S, C, D))
     # JAX launches the same kernels through jax-triton, which marks pointers aligned, makes integers equal
     # to 1 constants and gives the others no hints (JaxTritonInts). The GEMM gets its multiples of 16
