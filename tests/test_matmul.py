@@ -10,15 +10,26 @@ def test_split_choice(monkeypatch):
     from mixer_fast.kernels.triton import _launch, matmul
 
     monkeypatch.setattr(_launch, "INTERPRET", False)
-    # ResMLP-24 token-linear weight gradient at batch 256: 4 tiles, K = 256 · 384
-    assert matmul.split_k(196, 196, 256 * 384) == 66
-    # gMLP-S/16's gate weight gradient, K = 256 · 768
-    assert matmul.split_k(196, 196, 256 * 768) == 66
-    # Mixer-B/16's channel dW1 (3072 × 768 = 144 tiles) fills the GPU: no split, no extra pass
-    assert matmul.split_k(3072, 768, 256 * 196) == 1
+    # ResMLP-24's token-linear weight gradient at batch 256: 4 tiles, K = 256 · 384. One wave of 132
+    # programs (33 ranges of 3 008) beats two (66) once the partials are priced in.
+    assert matmul.split_k(196, 196, 256 * 384) == 33
+    assert matmul.split_k(196, 196, 256 * 768) == 33  # gMLP-S/16's gate weight gradient, K = 256 · 768
+    # Mixer-B/16's channel dW1: 144 tiles are two waves on 132 SMs, the second 12 tiles; four ranges make
+    # 576 programs in five waves, modelled at 2/3 of the time
+    assert matmul.split_cost(3072, 768, 256 * 196, 1) == 2.0
+    assert matmul.split_k(3072, 768, 256 * 196) == 4
+    assert matmul.split_cost(3072, 768, 256 * 196, 4) < 0.7 * 2.0
+    assert matmul.split_k(3072, 768, 256 * 196, sms=114) == 3  # an H100 PCIe
+    # Mixer-L/16's (256 tiles: 1.94 waves) already fills the GPU: no split, no extra pass
+    assert matmul.split_k(4096, 1024, 256 * 196) == 1
     # short K: ranges of at least SPLIT_K_MIN_LEN
     assert matmul.split_k(196, 196, 2048) == 2048 // matmul.SPLIT_K_MIN_LEN
     assert matmul.split_k(196, 196, 300) == 1
+    assert matmul.split_k(3072, 768, 8 * 196) == 1
+    # never more programs than SPLIT_K_MAX_WAVES waves
+    for M, N, K in ((196, 196, 10**6), (3072, 768, 10**6), (64, 64, 10**7)):
+        tiles = -(-M // 128) * -(-N // 128)
+        assert tiles * (matmul.split_k(M, N, K) - 1) < matmul.SPLIT_K_MAX_WAVES * matmul.DEFAULT_SMS
     monkeypatch.setattr(_launch, "INTERPRET", True)
     assert matmul.split_k(16, 16, 65) == 2 and matmul.split_k(16, 16, 64) == 1
 
@@ -33,7 +44,7 @@ def test_split_plan_only_without_epilogue(monkeypatch):
                   store_branch=False, has_scale=False, has_ss=False, ss_on_n=False, has_res=False,
                   approximate="none", precision="ieee", idx64=False, out_numel=196 * 196)
     p = matmul.plan(196, 196, 98304, axes, axes, axes, None, None, allow_split=True, **common)
-    assert p.split_k == 64 and p.grid({"BLOCK_M": 128, "BLOCK_N": 128}) == (4, 64)
+    assert p.split_k == 33 and p.grid({"BLOCK_M": 128, "BLOCK_N": 128}) == (4, 33)
     k_len, o_split = p.scalars[-2:]
     assert k_len % matmul.SPLIT_K_GRANULE == 0 and (p.split_k - 1) * k_len < 98304 <= p.split_k * k_len
     assert o_split == 196 * 196

@@ -101,3 +101,18 @@ def new_output(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -
 
     t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
     return t.fill_(float("nan")) if POISON else t
+
+
+_SM_COUNTS: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The streaming multiprocessors of CUDA ``device`` (the waves a launch's programs run in; matmul.split_k),
+    or 132 off CUDA (the interpreter, which plans no waves)."""
+    if device.type != "cuda":
+        return 132
+    if device not in _SM_COUNTS:
+        import torch
+
+        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNTS[device]

@@ -32,7 +32,7 @@ import triton
 from . import _launch
 from .layer_norm import ROWS, block_c, ln_backward_kernel, ln_stats_kernel
 from .matmul import (A_AFFINE, A_LAYERNORM, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM, B_NONE,
-                     B_TOKEN_LAYERNORM, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
+                     B_TOKEN_LAYERNORM, DEFAULT_SMS, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
                      fused_matmul_kernel, plan, site_configs, split, tune_key)
 from .token_mixing import (DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, shape_constexprs, token_mlp_dw_kernel,
                            token_mlp_dx_kernel, token_mlp_fwd_kernel, token_weights)
@@ -191,6 +191,13 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
                  EPI_SUBTILE=epi_subtile(bn)))
 
 
+def _sm_count() -> int:
+    """The GPU's streaming multiprocessors as JAX reports them (a GPU device's ``core_count``), for the
+    split-K plan (matmul.split_k); matmul.DEFAULT_SMS where it reports none."""
+    count = getattr(jax.devices()[0], "core_count", None)
+    return count if isinstance(count, int) and count > 0 else DEFAULT_SMS
+
+
 class GemmOutputs(NamedTuple):
     """What a fused GEMM launch returns: the output, the stored pre-activation / branch (store_branch),
     the output's column sums (col_sum)."""
@@ -232,7 +239,7 @@ def fused_matmul(
              has_res=res is not None, approximate=approximate, precision=precision,
              idx64=_idx64(a, b, aux, res),
              allow_split=np.dtype(out_dtype) == np.float32, out_numel=int(np.prod(out_shape)), scale_scalars=True,
-             col_sum_rows=sum_rows)
+             col_sum_rows=sum_rows, sms=_sm_count())
     split = p.split_k > 1  # fp32 partial products over K ranges, summed in a fixed order (matmul.split_k)
     kernel, grid, launch = _tuned_launch(variant, M, N, K, p, fp32=fp32)
     inputs = [a, b, aux if aux is not None else dummy, res if res is not None else dummy,

@@ -685,25 +685,57 @@ class Plan:
     split_k: int = 1
 
 
-# Split K when the output has fewer tiles than a GPU has SMs to spare: the weight gradients of the S × S
-# token linears (ResMLP, gMLP's gate) are 4 tiles of 128 × 128 over K = B·C, which one CTA each ran on
-# 4 of 132 SMs (the H200 run: gMLP-S training at 0.044× eager). Programs aimed at: two waves of 132 SMs.
-SPLIT_K_PROGRAMS = 264
-SPLIT_K_MIN_TILES = 66  # at or above, the tiles already fill half the SMs: no split, no extra pass
+# Split K for the weight gradients (no epilogue, fp32 output) wherever it shortens the launch: their tiles
+# are few for the work (K = B·S or B·C), and a GPU runs them in waves of one tile an SM. The S × S token
+# linears' (ResMLP, gMLP's gate) are 4 tiles of 128 × 128, which ran on 4 of 132 SMs (the H200 run: gMLP-S
+# training at 0.044× eager); Mixer-B/16's channel dW1 and dW2 are 144, i.e. two waves of which the second
+# keeps 12 SMs busy: 55 % of the GPU for the whole K. split_k picks the split with the least modelled time
+# (split_cost): waves of tiles × parts programs each 1/parts of K, plus the fp32 partials' traffic.
+DEFAULT_SMS = 132  # H100 SXM and H200, where the launcher cannot ask (a JAX device without core_count)
+SPLIT_K_TILE = 128  # the tile edge splits are planned for (SPLIT_CONFIGS' main tiles)
+SPLIT_K_MAX_WAVES = 4  # splits considered: up to this many waves of programs
 SPLIT_K_GRANULE = 64  # K elements per range: a multiple of every config's BLOCK_K
-SPLIT_K_MIN_LEN = 512  # K elements per range at least (below, the extra pass costs more than it wins)
+SPLIT_K_MIN_LEN = 512  # K elements per range at least (shorter ranges spend their time filling the pipeline)
+# 16-bit tensor-core FLOP per byte of HBM: 989 TFLOP/s over 3.35 TB/s (H100 SXM) or 4.8 TB/s (H200). Prices
+# the partials (written in fp32, read back by the sum: 8 B an element of each) in MMA time.
+MACHINE_BALANCE = 250
 
 
-def split_k(M: int, N: int, K: int) -> int:
-    """How many K ranges a GEMM without epilogue is split into (1: none): enough programs to fill a GPU
-    when its 128 × 128 tiles do not, each range at least SPLIT_K_MIN_LEN long. In Triton's interpreter,
-    2 whenever K spans two ranges of SPLIT_K_GRANULE, so that CI runs the split path."""
+def split_ranges(K: int, parts: int) -> Tuple[int, int]:
+    """(K elements per range, ranges) of ``parts`` requested: ranges a multiple of SPLIT_K_GRANULE long."""
+    k_len = triton.cdiv(triton.cdiv(K, parts), SPLIT_K_GRANULE) * SPLIT_K_GRANULE
+    return k_len, triton.cdiv(K, k_len)
+
+
+def split_cost(M: int, N: int, K: int, parts: int, sms: int = DEFAULT_SMS) -> float:
+    """The modelled time of an M × N × K weight-gradient GEMM split into ``parts`` K ranges, in waves of
+    SPLIT_K_TILE² tiles over the whole K on ``sms`` SMs: the waves of tiles × parts programs, each 1/parts
+    of the work, and with a split, the partials' fp32 write and read at MACHINE_BALANCE."""
+    tiles = triton.cdiv(M, SPLIT_K_TILE) * triton.cdiv(N, SPLIT_K_TILE)
+    waves = triton.cdiv(tiles * parts, sms) / parts
+    if parts == 1:
+        return waves
+    wave_flops = 2 * SPLIT_K_TILE * SPLIT_K_TILE * K * sms
+    return waves + parts * M * N * 8 * MACHINE_BALANCE / wave_flops
+
+
+def split_k(M: int, N: int, K: int, sms: int = DEFAULT_SMS) -> int:
+    """How many K ranges a GEMM without epilogue is split into (1: none) on a GPU of ``sms`` SMs: the split
+    with the least :func:`split_cost` (the fewer ranges where two tie), each range at least SPLIT_K_MIN_LEN
+    long, up to SPLIT_K_MAX_WAVES waves of programs. In Triton's interpreter, 2 whenever K spans two ranges
+    of SPLIT_K_GRANULE, so that CI runs the split path."""
     if _launch.INTERPRET:
         return 2 if K > SPLIT_K_GRANULE else 1
-    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
-    if tiles >= SPLIT_K_MIN_TILES:
-        return 1
-    return max(1, min(triton.cdiv(SPLIT_K_PROGRAMS, tiles), K // SPLIT_K_MIN_LEN))
+    tiles = triton.cdiv(M, SPLIT_K_TILE) * triton.cdiv(N, SPLIT_K_TILE)
+    best, best_cost = 1, split_cost(M, N, K, 1, sms)
+    for wanted in range(2, triton.cdiv(SPLIT_K_MAX_WAVES * sms, tiles) + 1):
+        k_len, parts = split_ranges(K, wanted)
+        if k_len < SPLIT_K_MIN_LEN:
+            break
+        cost = split_cost(M, N, K, parts, sms)
+        if cost < best_cost - 1e-9:
+            best, best_cost = parts, cost
+    return best
 
 
 def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, Axis],
@@ -711,22 +743,22 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
          res_axes: Optional[Tuple[Axis, Axis]], *, a_pro: int, b_pro: int, has_bias: bool, bias_on_m: bool,
          epi_gelu: bool, epi_gelu_grad: bool, store_branch: bool, has_scale: bool, has_ss: bool, ss_on_n: bool,
          has_res: bool, approximate: str, precision: str, idx64: bool, res_mul: bool = False,
-         allow_split: bool = False, out_numel: int = 0, scale_scalars: bool = False, col_sum_rows: int = 0) -> Plan:
+         allow_split: bool = False, out_numel: int = 0, scale_scalars: bool = False, col_sum_rows: int = 0,
+         sms: int = DEFAULT_SMS) -> Plan:
     """The launch of fused_matmul_kernel (see fused_matmul) shared by the torch and JAX launchers.
     ``out_numel``: the output's elements. ``allow_split``: the caller can take a split-K launch (its
     output fp32 and contiguous); it gets one when there is no epilogue (partial products are summed
-    afterwards) and :func:`split_k` says so. ``idx64``: some operand needs 64-bit offsets; the plan adds
+    afterwards) and :func:`split_k` says so for a GPU of ``sms`` SMs. ``idx64``: some operand needs 64-bit offsets; the plan adds
     the split-K partial output's own need. ``scale_scalars`` (jax-triton, which gives integer arguments
     no divisibility hints): the integer arguments that are multiples of 16 go divided by 16, flagged in
     SCALED16, and the kernel multiplies them back (:func:`scaled16`). ``col_sum_rows`` (0: none): the
     epilogue also writes the output's column sums, partial over that many rows each
     (:func:`col_sum_rows`; the caller allocates (cdiv(M, col_sum_rows), N) fp32 and sums it over rows)."""
     epilogue = (has_bias, epi_gelu, epi_gelu_grad, store_branch, has_scale, has_ss, has_res, col_sum_rows > 0)
-    parts = split_k(M, N, K) if allow_split and not any(epilogue) else 1
+    parts = split_k(M, N, K, sms) if allow_split and not any(epilogue) else 1
     k_len = K
     if parts > 1:
-        k_len = triton.cdiv(triton.cdiv(K, parts), SPLIT_K_GRANULE) * SPLIT_K_GRANULE
-        parts = triton.cdiv(K, k_len)
+        k_len, parts = split_ranges(K, parts)
     idx64 = idx64 or out_numel * parts >= 2**31 - 1
     am, ak = a_axes
     bk, bn = b_axes
@@ -807,7 +839,7 @@ def fused_matmul(
              has_res=res is not None, approximate=approximate, precision=_launch.precision(a.dtype, allow_tf32),
              idx64=_launch.needs_int64(a, b, out, aux, res),
              res_mul=res_mul, allow_split=out.dtype == torch.float32 and out.is_contiguous(), out_numel=out.numel(),
-             col_sum_rows=sum_rows)
+             col_sum_rows=sum_rows, sms=_launch.sm_count(out.device))
     target = out if p.split_k == 1 else _launch.new_output((p.split_k, *out.shape), out)
     partials = _launch.new_output((triton.cdiv(M, sum_rows), N), out, torch.float32) if sum_rows else dummy
     aux = aux if aux is not None else dummy  # the kernel's aux input and aux output (one of them is read)
