@@ -107,6 +107,7 @@ def channel_mixing_backward(
     fused_matmul(dz, (flat(D, 1), flat(M, D)), x, (x_tok, x_ch), dw1, (flat(D, C), flat(C, 1)), D, C, M,
                  variant="ln_b", b_pro=B_LAYERNORM if norm == "layernorm" else B_AFFINE_N, b_stats=(mean, rstd) if mean is not None else None,
                  b_vec=(nw, nb), allow_tf32=allow_tf32)
+    del dz  # the largest temporary: gone before dW2's split-K partials and the LayerNorm backward's outputs
     dw2 = _launch.new_output((C, D), x, torch.float32)
     fused_matmul(do, (do_ch, do_tok), z, h_axes, dw2, (flat(C, D), flat(D, 1)), C, D, M,
                  variant="gelu_b", b_pro=B_GELU, approximate=approximate, allow_tf32=allow_tf32)

@@ -113,6 +113,9 @@ def spatial_gating_forward(
         variant="gate_proj", b_pro=B_TOKEN_LAYERNORM, b_stats=(gate_mean, gate_rstd), b_vec=(gw, gb), bias=proj_bias,
         bias_on_m=True, aux=p, aux_axes=q_axes if save else None, store_branch=save,
         res=u, res_axes=(flat(S, u.stride(1)), _tokens(u)), res_mul=True, allow_tf32=allow_tf32)
+    # H is dead once the gate has read u and v (the backward recomputes them from Z): gone before fc2's
+    # output is allocated, it is not part of the block's peak (the forward's, at small batches).
+    del h, u, v
     out = _launch.new_output((B, S, C), x, x.dtype)
     fused_matmul(
         q, (flat(M, Hh), flat(Hh, 1)), fc2_weight, (flat(Hh, fc2_weight.stride(1)), flat(C, fc2_weight.stride(0))),
@@ -155,6 +158,10 @@ def spatial_gating_backward(
                 dq, z, p, dz, dp, M, Hh, dq.stride(0), z.stride(1), p.stride(1), dz.stride(1), dp.stride(1),
                 APPROX_TANH=approximate == "tanh", INTERPRETER=_launch.INTERPRET,
                 IDX64=_launch.needs_int64(dq, z, p, dz, dp), BLOCK_M=bm, BLOCK_H=bh)
+    # Whole-activation temporaries go as soon as they are dead (dQ here, dP and g_v below): held to the end,
+    # they were alive through the channel part's GEMMs, the backward's peak (231 MB at gMLP-S/16, batch 256,
+    # bf16).
+    del dq
     # The gate: dW_p[s, t] = Σ_(b, c) dP[b, s, c] · LN_g(v)[b, t, c], LN_g(GELU(z_v)) recomputed on load.
     zv = z[..., Hh:]
     gw = _launch.vec_or(gate_norm_weight, Hh, 1.0, zv)
@@ -170,8 +177,10 @@ def spatial_gating_backward(
     fused_matmul(proj_weight, (flat(S, proj_weight.stride(1)), flat(S, proj_weight.stride(0))),
                  dp, (flat(S, dp.stride(1)), _tokens(dp)), gv, (flat(S, Hh), split(Hh, S * Hh, 1)),
                  S, B * Hh, S, variant="plain", allow_tf32=allow_tf32)
+    del dp
     _, dgw, dgb = layer_norm_backward(gv, zv, None, gate_mean, gate_rstd, gate_norm_weight, gelu_in=approximate,
                                       dx=dz[..., Hh:])
+    del gv
     grads["gate_norm_weight"] = dgw if gate_norm_weight is not None else None
     grads["gate_norm_bias"] = dgb if gate_norm_bias is not None else None
     # Channel mixing's backward from dZ, with fc2's input Q kept by the forward.
