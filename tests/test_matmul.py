@@ -26,6 +26,8 @@ def test_split_choice(monkeypatch):
     assert matmul.split_k(196, 196, 2048) == 2048 // matmul.SPLIT_K_MIN_LEN
     assert matmul.split_k(196, 196, 300) == 1
     assert matmul.split_k(3072, 768, 8 * 196) == 1
+    # a batch of 0: the weight gradients' K is 0, M and N are not
+    assert matmul.split_k(3072, 768, 0) == matmul.split_k(196, 196, 0) == matmul.split_k(0, 768, 10**5) == 1
     # never more programs than SPLIT_K_MAX_WAVES waves
     for M, N, K in ((196, 196, 10**6), (3072, 768, 10**6), (64, 64, 10**7)):
         tiles = -(-M // 128) * -(-N // 128)
@@ -54,20 +56,23 @@ def test_split_plan_only_without_epilogue(monkeypatch):
 
 
 @pytest.mark.parametrize("K", [65, 200, 1000])
-def test_split_k_matches_float64_and_is_deterministic(triton_backend, K):
+def test_split_k_matches_float64_and_is_deterministic(triton_backend, monkeypatch, K):
     import torch
 
-    from mixer_fast.kernels.triton import matmul
+    from conftest import DEVICE
+    from mixer_fast.kernels.triton import _launch, matmul
     from mixer_fast.kernels.triton.matmul import flat
 
     g = torch.Generator().manual_seed(K)
     M, N = 40, 24
-    a = torch.randn(M, K, generator=g).to(torch.bfloat16)
-    b = torch.randn(K, N, generator=g).to(torch.bfloat16)
-    assert matmul.split_k(M, N, K) == 2  # the interpreter's split: the path under test
+    a = torch.randn(M, K, generator=g).to(torch.bfloat16).to(DEVICE)
+    b = torch.randn(K, N, generator=g).to(torch.bfloat16).to(DEVICE)
+    if not _launch.INTERPRET:  # a GPU's model would not split so small a GEMM: the interpreter's rule
+        monkeypatch.setattr(matmul, "split_k", lambda M, N, K, sms=0: 2 if K > matmul.SPLIT_K_GRANULE else 1)
+    assert matmul.split_k(M, N, K) == 2  # the path under test
 
     def run():
-        out = torch.full((M, N), float("nan"))
+        out = torch.full((M, N), float("nan"), device=DEVICE)
         return matmul.fused_matmul(a, (flat(M, K), flat(K, 1)), b, (flat(K, N), flat(N, 1)), out,
                                    (flat(M, N), flat(N, 1)), M, N, K, variant="plain")
 
@@ -113,9 +118,12 @@ def test_tma_loads_match_pointer_loads_bitwise(triton_backend, monkeypatch, layo
     K tail (K = 72, not a multiple of the interpreter's BLOCK_K) included; A also in fp32 (autocast)."""
     import torch
 
-    from mixer_fast.kernels.triton import matmul
+    from mixer_fast.kernels.triton import _launch, matmul
     from mixer_fast.kernels.triton.matmul import A_LAYERNORM, B_GELU, flat
 
+    if not _launch.INTERPRET:
+        pytest.skip("the interpreter's rule (descriptors wherever allowed); on a GPU only the tuner's TMA "
+                    "configs load by descriptors, and bench/gpu_check.py checks them")
     g = torch.Generator().manual_seed(5)
     descriptor = matmul._descriptor
     M, N, K = 40, 48, 72
@@ -281,28 +289,34 @@ def test_fp32_operands_take_the_fma_configs():
     assert all(bm * bn <= 64 * 64 for bm, bn, *_ in fp32)
 
 
+@pytest.mark.parametrize("rows", [8, 16, 32])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_col_sum_is_the_sum_of_the_stored_output(triton_backend, dtype):
-    """The epilogue's column sums (a bias gradient, e.g. fc1's from dZ): Σ_m of the values as stored, over
-    tiles that write two partial rows each (INTERPRET_COL_SUM_ROWS) and an M that ends inside a partial's
-    rows and leaves a tile's second partial empty (M = 40: rows 32-39, none of 48-63); deterministic; M = 0
-    gives zeros."""
+def test_col_sum_is_the_sum_of_the_stored_output(triton_backend, monkeypatch, dtype, rows):
+    """The epilogue's column sums (a bias gradient, e.g. fc1's from dZ): Σ_m of the values as stored. In
+    the interpreter (BLOCK_M 32, the epilogue on column halves) with 1, 2 or 4 partial rows a tile, and an
+    M that ends inside a partial's rows and leaves later partials of its tile empty (M = 40); on a GPU the
+    site's own rows per partial. Deterministic; M = 0 gives zeros."""
     import torch
 
-    from mixer_fast.kernels.triton import matmul
+    from conftest import DEVICE
+    from mixer_fast.kernels.triton import _launch, matmul
     from mixer_fast.kernels.triton.matmul import flat
 
-    assert matmul.col_sum_rows("gelu_grad") * 2 == matmul.INTERPRET_CONFIG[0]
+    if _launch.INTERPRET:
+        monkeypatch.setattr(matmul, "INTERPRET_COL_SUM_ROWS", rows)
+        assert matmul.col_sum_rows("gelu_grad") == rows
+    elif rows != 32:
+        pytest.skip("on a GPU the rows per partial are the site's (col_sum_rows), not the test's")
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(11)
     M, N, K = 40, 48, 24
-    a = torch.randn(M, K, generator=g).to(dt)
-    b = torch.randn(K, N, generator=g).to(dt)
-    z = torch.randn(M, N, generator=g).to(dt)
+    a = torch.randn(M, K, generator=g).to(dt).to(DEVICE)
+    b = torch.randn(K, N, generator=g).to(dt).to(DEVICE)
+    z = torch.randn(M, N, generator=g).to(dt).to(DEVICE)
 
     def run(m):
-        out = torch.full((m, N), float("nan"), dtype=dt)
-        sums = torch.full((N,), float("nan"))
+        out = torch.full((m, N), float("nan"), dtype=dt, device=DEVICE)
+        sums = torch.full((N,), float("nan"), device=DEVICE)
         matmul.fused_matmul(a[:m], (flat(m, K), flat(K, 1)), b, (flat(K, N), flat(N, 1)), out,
                             (flat(m, N), flat(N, 1)), m, N, K, variant="gelu_grad", aux=z[:m],
                             epi_gelu_grad=True, col_sum=sums)
@@ -312,4 +326,4 @@ def test_col_sum_is_the_sum_of_the_stored_output(triton_backend, dtype):
     expected = out.double().sum(0)
     assert (sums.double() - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
     assert torch.equal(sums, run(M)[1])
-    assert torch.equal(run(0)[1], torch.zeros(N))
+    assert torch.equal(run(0)[1], torch.zeros(N, device=DEVICE))

@@ -597,7 +597,9 @@ def col_sum_rows(variant: str, fp32: bool = False) -> int:
     (cdiv(M, rows), N) buffer; INTERPRET_COL_SUM_ROWS in the interpreter."""
     if _launch.INTERPRET:
         return INTERPRET_COL_SUM_ROWS
-    return min(c[0] for c in site_configs(variant, False, fp32=fp32))
+    rows = min(c[0] for c in site_configs(variant, False, fp32=fp32))
+    assert all(c[0] % rows == 0 for c in site_configs(variant, False, fp32=fp32)), variant
+    return rows
 
 
 def scaled16(scalars: list) -> Tuple[list, int]:
@@ -693,7 +695,7 @@ class Plan:
 # (split_cost): waves of tiles × parts programs each 1/parts of K, plus the fp32 partials' traffic.
 DEFAULT_SMS = 132  # H100 SXM and H200, where the launcher cannot ask (a JAX device without core_count)
 SPLIT_K_TILE = 128  # the tile edge splits are planned for (SPLIT_CONFIGS' main tiles)
-SPLIT_K_MAX_WAVES = 4  # splits considered: up to this many waves of programs
+SPLIT_K_MAX_WAVES = 4  # ranges considered: at most cdiv(SPLIT_K_MAX_WAVES · sms, tiles)
 SPLIT_K_GRANULE = 64  # K elements per range: a multiple of every config's BLOCK_K
 SPLIT_K_MIN_LEN = 512  # K elements per range at least (shorter ranges spend their time filling the pipeline)
 # 16-bit tensor-core FLOP per byte of HBM: 989 TFLOP/s over 3.35 TB/s (H100 SXM) or 4.8 TB/s (H200). Prices
@@ -722,10 +724,13 @@ def split_cost(M: int, N: int, K: int, parts: int, sms: int = DEFAULT_SMS) -> fl
 def split_k(M: int, N: int, K: int, sms: int = DEFAULT_SMS) -> int:
     """How many K ranges a GEMM without epilogue is split into (1: none) on a GPU of ``sms`` SMs: the split
     with the least :func:`split_cost` (the fewer ranges where two tie), each range at least SPLIT_K_MIN_LEN
-    long, up to SPLIT_K_MAX_WAVES waves of programs. In Triton's interpreter, 2 whenever K spans two ranges
-    of SPLIT_K_GRANULE, so that CI runs the split path."""
+    long, at most cdiv(SPLIT_K_MAX_WAVES · sms, tiles) ranges (so fewer than SPLIT_K_MAX_WAVES · sms + tiles
+    programs). In Triton's interpreter, 2 whenever K spans two ranges of SPLIT_K_GRANULE, so that CI runs
+    the split path."""
     if _launch.INTERPRET:
         return 2 if K > SPLIT_K_GRANULE else 1
+    if K < 2 * SPLIT_K_MIN_LEN or M <= 0 or N <= 0:  # nothing to split (K = 0: a batch of 0's weight gradients)
+        return 1
     tiles = triton.cdiv(M, SPLIT_K_TILE) * triton.cdiv(N, SPLIT_K_TILE)
     best, best_cost = 1, split_cost(M, N, K, 1, sms)
     for wanted in range(2, triton.cdiv(SPLIT_K_MAX_WAVES * sms, tiles) + 1):
