@@ -82,8 +82,12 @@ DEVICE_FAULT = re.compile(r"CUDA error|Triton Error \[CUDA\]|illegal memory acce
                           r"misaligned address|device-side assert|illegal instruction")
 MODES = {"check": ("forward", "backward"), "timing": ("forward", "training")}
 # Correctness processes: kernel faults reported at the launch that made them, and outputs filled with NaN
-# before each launch (the test suite's MIXER_FAST_POISON), so that an element a kernel never writes shows.
-CHECK_ENV = {"CUDA_LAUNCH_BLOCKING": "1", "MIXER_FAST_POISON": "1"}
+# before each launch (the test suite's MIXER_FAST_POISON), so that an element a kernel never writes shows;
+# no GEMM tuning (MIXER_FAST_AUTOTUNE=none: the shipped table's config, else the site's first TMA config,
+# else its first), so that a process compiles one config a site instead of timing all of them (some 40
+# compiles for channel mixing with a cold table), and the TMA loads are what it checks first (a failure is
+# rerun without them: without_tma).
+CHECK_ENV = {"CUDA_LAUNCH_BLOCKING": "1", "MIXER_FAST_POISON": "1", "MIXER_FAST_AUTOTUNE": "none"}
 CASE_TIMEOUT = 150  # s, one correctness process (cold Triton cache: compiles and autotunes every kernel it runs)
 SANITIZE_TIMEOUT = 150  # s, the same under compute-sanitizer (slower CUDA calls, same compiles)
 INTERRUPT_GRACE = 40  # s that pytest gets after SIGINT to stop its xdist workers and print its summary

@@ -255,6 +255,31 @@ def test_tuner_times_each_config_once_per_key(monkeypatch):
     assert tuner.times == {"sm_90": {key: {"x".join(map(str, c)): 1.0 if c == fastest else 2.0 for c in candidates}}}
 
 
+def test_autotune_none_never_times(monkeypatch):
+    """MIXER_FAST_AUTOTUNE=none: the table's config where it has one, else the site's first TMA config where
+    TMA is offered, else its first config; nothing timed. Other values are refused by name."""
+    import triton.testing
+
+    from mixer_fast.kernels.triton import matmul
+
+    monkeypatch.setenv(matmul.AUTOTUNE_ENV, matmul.AUTOTUNE_NONE)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed under AUTOTUNE=none"))
+    plain = matmul.site_configs("plain", False)
+    with_tma = matmul.tma_configs("plain", plain)
+    tuner = matmul.Tuner()
+    tuner._table = {}
+    key = _key(matmul, variant="plain", B_PRO=0)
+    assert tuner.config("sm_90", key, with_tma, lambda cfg: None) == (*plain[0][:5], matmul.TMA)
+    assert tuner.config("sm_90", key + "x", plain, lambda cfg: None) == plain[0]
+    assert tuner.timed == {} and tuner.times == {}
+    tuner = matmul.Tuner()
+    tuner._table = {"sm_90": {key: list(plain[2])}}
+    assert tuner.config("sm_90", key, with_tma, lambda cfg: None) == plain[2]
+    monkeypatch.setenv(matmul.AUTOTUNE_ENV, "yes")
+    with pytest.raises(ValueError, match="MIXER_FAST_AUTOTUNE: expected 0, 1 or none, got 'yes'"):
+        matmul.Tuner().config("sm_90", key, plain, lambda cfg: None)
+
+
 def test_site_configs_name_the_site():
     from mixer_fast.kernels.triton import matmul
 

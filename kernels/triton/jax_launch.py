@@ -33,7 +33,7 @@ from . import _launch
 from .layer_norm import ROWS, block_c, ln_backward_kernel, ln_stats_kernel
 from .matmul import (A_AFFINE, A_LAYERNORM, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM, B_NONE,
                      B_TOKEN_LAYERNORM, DEFAULT_SMS, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
-                     fused_matmul_kernel, plan, site_configs, split, tune_key)
+                     fused_matmul_kernel, no_tuning, plan, site_configs, split, tune_key)
 from .token_mixing import (DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, shape_constexprs, token_mlp_dw_kernel,
                            token_mlp_dx_kernel, token_mlp_fwd_kernel, token_weights)
 
@@ -183,6 +183,8 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
         major, minor = str(capability).split(".")[:2]
         cfg = TUNER.shipped(f"sm_{major}{minor}", "jax:" + tune_key(variant + (",fp32" if fp32 else ""), M, N, K,
                                                                  p.meta), site_configs(variant, split, fp32=fp32))
+    if cfg is None and no_tuning():  # MIXER_FAST_AUTOTUNE=none: the site's first config, untimed
+        cfg = site_configs(variant, split, fp32=fp32)[0]
     if cfg is None:
         return autotuned(fused_matmul_kernel, variant, _tuned, split, fp32), p.grid, {}
     bm, bn, bk, warps, stages = cfg

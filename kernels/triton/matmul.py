@@ -451,9 +451,14 @@ AUTOTUNE_KEY = ["M", "N", "K", *TUNE_FLAGS]  # the JAX path's triton.autotune, w
 # BLOCK_K, num_warps, num_stages], or the same and "tma"}}), written from tuning runs on that GPU
 # (bench/tune_table.py), so that a first call there does not autotune. Keys bucket M, N, K to powers of
 # two: a new batch size reuses its bucket's choice instead of tuning again. MIXER_FAST_AUTOTUNE=1 ignores
-# the table and times every config of the launch site once per key and process.
+# the table and times every config of the launch site once per key and process; MIXER_FAST_AUTOTUNE=none
+# never times: where the table has no entry, a site's first TMA config where one is offered, else its
+# first config (NO_TUNING_CHOICE). For runs that check rather than time: bench/gpu_check.py's correctness
+# processes, which with a cold table compiled and timed every config of every site (some 40 compiles an
+# op), and which this way check the TMA path, never run on a GPU before, first.
 TUNED_FILE = "tuned_gemm.json"
 AUTOTUNE_ENV = "MIXER_FAST_AUTOTUNE"
+AUTOTUNE_RETUNE, AUTOTUNE_NONE = "1", "none"
 _tuned: Dict[str, object] = {}
 
 
@@ -512,7 +517,7 @@ class Tuner:
         pruned since the table was written is not used) and MIXER_FAST_AUTOTUNE is not 1; else None."""
         import os
 
-        if os.environ.get(AUTOTUNE_ENV, "0") == "1":
+        if os.environ.get(AUTOTUNE_ENV, "0") == AUTOTUNE_RETUNE:
             return None
         table = self.table().get(device_class, {})
         entry = table.get(key)
@@ -525,10 +530,14 @@ class Tuner:
         known = self.chosen.setdefault(device_class, {})
         if key in known:
             return known[key]
+        untimed = no_tuning()  # also refuses an unknown MIXER_FAST_AUTOTUNE
         shipped = self.shipped(device_class, key, candidates)
         if shipped is not None:
             known[key] = shipped
             return shipped
+        if untimed:
+            known[key] = untuned_choice(candidates)
+            return known[key]
         from triton.testing import do_bench
 
         times = {}
@@ -547,6 +556,21 @@ class Tuner:
 
 
 TUNER = Tuner()
+
+
+def no_tuning() -> bool:
+    """Whether MIXER_FAST_AUTOTUNE=none: configs come from the table, else :func:`untuned_choice`."""
+    import os
+
+    value = os.environ.get(AUTOTUNE_ENV, "0")
+    if value not in ("0", AUTOTUNE_RETUNE, AUTOTUNE_NONE):
+        raise ValueError(f"{AUTOTUNE_ENV}: expected 0, {AUTOTUNE_RETUNE} or {AUTOTUNE_NONE}, got {value!r}")
+    return value == AUTOTUNE_NONE
+
+
+def untuned_choice(candidates) -> Tuple:
+    """A launch site's config without timing: its first TMA one where TMA is offered, else its first."""
+    return next((c for c in candidates if c[5:] == (TMA,)), candidates[0])
 
 
 def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = False, fp32: bool = False):
