@@ -88,7 +88,7 @@ MODES = {"check": ("forward", "backward"), "timing": ("forward", "training")}
 # compiles for channel mixing with a cold table), and the TMA loads are what it checks first (a failure is
 # rerun without them: without_tma).
 CHECK_ENV = {"CUDA_LAUNCH_BLOCKING": "1", "MIXER_FAST_POISON": "1", "MIXER_FAST_AUTOTUNE": "none"}
-CASE_TIMEOUT = 150  # s, one correctness process (cold Triton cache: compiles and autotunes every kernel it runs)
+CASE_TIMEOUT = 150  # s, one correctness process (cold Triton cache: compiles every kernel it runs)
 SANITIZE_TIMEOUT = 150  # s, the same under compute-sanitizer (slower CUDA calls, same compiles)
 INTERRUPT_GRACE = 40  # s that pytest gets after SIGINT to stop its xdist workers and print its summary
 
