@@ -72,6 +72,19 @@ def test_launch_plans(S):
         gpu_config("token_mlp", S, 384)
 
 
+def test_dw_splits_fill_the_gpu_in_two_waves(monkeypatch):
+    from mixer_fast.kernels.triton import _launch
+    from mixer_fast.kernels.triton.token_mixing import DW_WAVES, dw_splits
+
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    # Mixer-B/16 at batch 256: 6 slices of D_S 384, 256 × 48 work items; 264 programs on 132 SMs
+    assert dw_splits(6, 256 * 48) == 44 and dw_splits(6, 256 * 48, sms=114) == 38  # an H100 PCIe
+    assert 6 * dw_splits(6, 256 * 48, sms=114) <= DW_WAVES * 114
+    assert dw_splits(6, 5) == 5 and dw_splits(6, 0) == 1  # never more shares than work items, never 0
+    monkeypatch.setattr(_launch, "INTERPRET", True)
+    assert dw_splits(6, 256 * 48) == 2  # the interpreter's: CI runs the partial sums
+
+
 def test_other_piece_plans_give_the_same_answer(triton_backend):
     # override_plan (bench/gpu_check.py's tile timing) may launch any pieces that cover S: one 256-wide piece,
     # or 128 + 128, must give what the planned 128 + 64 + 16 gives, forward and backward.

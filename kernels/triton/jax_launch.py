@@ -394,7 +394,7 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
             g = jnp.zeros((0, C), w1.dtype)
         plan = launch_plan("token_mlp_dw", S, D, w1.dtype.itemsize)
         n_d = triton.cdiv(D, plan.block_d)
-        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c)))
+        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c), _sm_count()))
         dw1 = jnp.zeros((splits, D, S), F32)
         dw2 = jnp.zeros((splits, S, D), F32)
         db1 = jnp.zeros((splits, D), F32)

@@ -606,12 +606,15 @@ def _pad_columns(w: Tensor, width: int) -> Tensor:
     return out
 
 
-def dw_splits(n_d_tiles: int, work: int) -> int:
-    """Shares of the (image, channel tile) work items for the dW kernel: enough programs to fill a GPU
-    (two waves of 132 SMs), each writing a deterministic partial."""
+DW_WAVES = 2  # the dW kernel's programs: two waves of one program an SM (its shared memory allows one)
+
+
+def dw_splits(n_d_tiles: int, work: int, sms: int = 132) -> int:
+    """Shares of the (image, channel tile) work items for the dW kernel: enough programs to fill a GPU of
+    ``sms`` SMs (DW_WAVES waves of n_d_tiles × shares programs), each writing a deterministic partial."""
     if _launch.INTERPRET:
         return min(2, work)
-    return max(1, min(work, 264 // max(n_d_tiles, 1)))
+    return max(1, min(work, DW_WAVES * sms // max(n_d_tiles, 1)))
 
 
 def token_mixing_forward(
@@ -766,7 +769,7 @@ def token_mixing_backward(
                     num_warps=plan.num_warps, num_stages=plan.num_stages)
         plan = launch_plan("token_mlp_dw", S, D, fc1_weight.element_size())
         n_d = triton.cdiv(D, plan.block_d)
-        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c)))
+        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c), _launch.sm_count(x.device)))
         dw1 = _launch.new_output((splits, D, S), x, torch.float32)
         dw2 = _launch.new_output((splits, S, D), x, torch.float32)
         db1 = _launch.new_output((splits, D), x, torch.float32)
