@@ -31,7 +31,7 @@ def test_split_choice(monkeypatch):
     # never more programs than SPLIT_K_MAX_WAVES waves
     for M, N, K in ((196, 196, 10**6), (3072, 768, 10**6), (64, 64, 10**7)):
         tiles = -(-M // 128) * -(-N // 128)
-        assert tiles * (matmul.split_k(M, N, K) - 1) < matmul.SPLIT_K_MAX_WAVES * matmul.DEFAULT_SMS
+        assert tiles * (matmul.split_k(M, N, K) - 1) < matmul.SPLIT_K_MAX_WAVES * _launch.DEFAULT_SMS
     monkeypatch.setattr(_launch, "INTERPRET", True)
     assert matmul.split_k(16, 16, 65) == 2 and matmul.split_k(16, 16, 64) == 1
 

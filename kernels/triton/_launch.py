@@ -103,14 +103,15 @@ def new_output(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -
     return t.fill_(float("nan")) if POISON else t
 
 
+DEFAULT_SMS = 132  # H100 SXM and H200: the SMs planned for where the device cannot be asked
 _SM_COUNTS: dict = {}
 
 
 def sm_count(device: torch.device) -> int:
-    """The streaming multiprocessors of CUDA ``device`` (the waves a launch's programs run in; matmul.split_k),
-    or 132 off CUDA (the interpreter, which plans no waves)."""
+    """The streaming multiprocessors of CUDA ``device`` (the waves a launch's programs run in: matmul.split_k,
+    token_mixing.dw_splits), or DEFAULT_SMS off CUDA (the interpreter, which plans no waves)."""
     if device.type != "cuda":
-        return 132
+        return DEFAULT_SMS
     if device not in _SM_COUNTS:
         import torch
 

@@ -315,7 +315,8 @@ def variants(dtype: str) -> Iterator[Tuple]:
                 if part is not None:
                     cfg = dict(cfg, PART=part)
                     label += f" part{part}"
-                yield (fn, f"{kname}[S={S}]" if D == 384 else f"{kname}[S={S},D={D}]", label, cfg, plan.num_warps, plan.num_stages, _token_ptrs(kname, dtype),
+                name = f"{kname}[S={S}]" if D == 384 else f"{kname}[S={S},D={D}]"
+                yield (fn, name, label, cfg, plan.num_warps, plan.num_stages, _token_ptrs(kname, dtype),
                        token_ints(S, C, D))
     # JAX launches the same kernels through jax-triton, which marks pointers aligned, makes integers equal
     # to 1 constants and gives the others no hints (JaxTritonInts). The GEMM gets its multiples of 16

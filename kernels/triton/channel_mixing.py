@@ -8,7 +8,8 @@ C ≥ 512 (DESIGN.md): the hidden row would not fit on chip.
 
 Backward, all GEMMs of the same kernel: dZ = (dO · W2) ⊙ GELU'(Z), with fc1's bias gradient as that
 epilogue's partial column sums; g = dZ · W1 (then the row-wise LayerNorm backward); dW1 = dZᵀ · N(x)
-with N recomputed on load; dW2 = dOᵀ · GELU(Z) with GELU recomputed on load. Reductions run over fixed tiles in a fixed order: deterministic.
+with N recomputed on load; dW2 = dOᵀ · GELU(Z) with GELU recomputed on load. Reductions run over fixed
+tiles in a fixed order: deterministic.
 """
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ import triton
 from . import _launch
 from .layer_norm import ROWS, block_c, ln_backward_kernel, ln_stats_kernel
 from .matmul import (A_AFFINE, A_LAYERNORM, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM, B_NONE,
-                     B_TOKEN_LAYERNORM, DEFAULT_SMS, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
-                     fused_matmul_kernel, no_tuning, plan, site_configs, split, tune_key)
+                     B_TOKEN_LAYERNORM, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
+                     fused_matmul_kernel, no_tuning, plan, site_configs, split, tune_key, untuned_choice)
 from .token_mixing import (DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, shape_constexprs, token_mlp_dw_kernel,
                            token_mlp_dx_kernel, token_mlp_fwd_kernel, token_weights)
 
@@ -178,13 +178,14 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
     if _launch.INTERPRET:
         return fused_matmul_kernel, p.grid, dict(num_warps=p.num_warps, num_stages=p.num_stages)
     capability = getattr(jax.devices()[0], "compute_capability", None)  # None: no GPU (a test's stand-in)
+    configs = site_configs(variant, split, fp32=fp32)
     cfg = None
     if capability is not None:
         major, minor = str(capability).split(".")[:2]
         cfg = TUNER.shipped(f"sm_{major}{minor}", "jax:" + tune_key(variant + (",fp32" if fp32 else ""), M, N, K,
-                                                                 p.meta), site_configs(variant, split, fp32=fp32))
-    if cfg is None and no_tuning():  # MIXER_FAST_AUTOTUNE=none: the site's first config, untimed
-        cfg = site_configs(variant, split, fp32=fp32)[0]
+                                                                 p.meta), configs)
+    if cfg is None and no_tuning():  # MIXER_FAST_AUTOTUNE=none: untimed, as the torch launcher (no TMA here)
+        cfg = untuned_choice(configs)
     if cfg is None:
         return autotuned(fused_matmul_kernel, variant, _tuned, split, fp32), p.grid, {}
     bm, bn, bk, warps, stages = cfg
@@ -195,9 +196,9 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
 
 def _sm_count() -> int:
     """The GPU's streaming multiprocessors as JAX reports them (a GPU device's ``core_count``), for the
-    split-K plan (matmul.split_k); matmul.DEFAULT_SMS where it reports none."""
+    split-K plan (matmul.split_k); _launch.DEFAULT_SMS where it reports none."""
     count = getattr(jax.devices()[0], "core_count", None)
-    return count if isinstance(count, int) and count > 0 else DEFAULT_SMS
+    return count if isinstance(count, int) and count > 0 else _launch.DEFAULT_SMS
 
 
 class GemmOutputs(NamedTuple):

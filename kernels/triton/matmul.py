@@ -394,8 +394,8 @@ VARIANTS: Dict[str, Tuple[Dict[str, object], Tuple[Tuple[int, int, int, int, int
                  ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3))),
     # dZ = (dO · W2) ⊙ GELU'(Z), and fc1's bias gradient as column sums (128 × 256 spills 32-40 B even
     # with the epilogue subtiled)
-    "gelu_grad": (dict(EPI_GELU_GRAD=True, COL_SUM=True), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 4),
-                                             (64, 64, 64, 4, 3))),
+    "gelu_grad": (dict(EPI_GELU_GRAD=True, COL_SUM=True),
+                  ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 4), (64, 64, 64, 4, 3))),
     # weight gradients with the norm recomputed on the B tile (dW1 = dZᵀ · LN(x); ResMLP's dW)
     # (128 × 256 × 64: 254 registers, and 20 B of spills through jax-triton under triton 3.6 + ptxas 13.5)
     "ln_b": (dict(B_PRO=B_LAYERNORM), ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 8, 3))),
@@ -453,7 +453,7 @@ AUTOTUNE_KEY = ["M", "N", "K", *TUNE_FLAGS]  # the JAX path's triton.autotune, w
 # two: a new batch size reuses its bucket's choice instead of tuning again. MIXER_FAST_AUTOTUNE=1 ignores
 # the table and times every config of the launch site once per key and process; MIXER_FAST_AUTOTUNE=none
 # never times: where the table has no entry, a site's first TMA config where one is offered, else its
-# first config (NO_TUNING_CHOICE). For runs that check rather than time: bench/gpu_check.py's correctness
+# first config (untuned_choice). For runs that check rather than time: bench/gpu_check.py's correctness
 # processes, which with a cold table compiled and timed every config of every site (some 40 compiles an
 # op), and which this way check the TMA path, never run on a GPU before, first.
 TUNED_FILE = "tuned_gemm.json"
@@ -517,7 +517,7 @@ class Tuner:
         pruned since the table was written is not used) and MIXER_FAST_AUTOTUNE is not 1; else None."""
         import os
 
-        if os.environ.get(AUTOTUNE_ENV, "0") == AUTOTUNE_RETUNE:
+        if autotune_mode() == AUTOTUNE_RETUNE:
             return None
         table = self.table().get(device_class, {})
         entry = table.get(key)
@@ -530,12 +530,11 @@ class Tuner:
         known = self.chosen.setdefault(device_class, {})
         if key in known:
             return known[key]
-        untimed = no_tuning()  # also refuses an unknown MIXER_FAST_AUTOTUNE
         shipped = self.shipped(device_class, key, candidates)
         if shipped is not None:
             known[key] = shipped
             return shipped
-        if untimed:
+        if no_tuning():
             known[key] = untuned_choice(candidates)
             return known[key]
         from triton.testing import do_bench
@@ -558,14 +557,20 @@ class Tuner:
 TUNER = Tuner()
 
 
-def no_tuning() -> bool:
-    """Whether MIXER_FAST_AUTOTUNE=none: configs come from the table, else :func:`untuned_choice`."""
+def autotune_mode() -> str:
+    """MIXER_FAST_AUTOTUNE: "0" (the default: the table, else timed), AUTOTUNE_RETUNE or AUTOTUNE_NONE;
+    any other value is refused by name."""
     import os
 
     value = os.environ.get(AUTOTUNE_ENV, "0")
     if value not in ("0", AUTOTUNE_RETUNE, AUTOTUNE_NONE):
         raise ValueError(f"{AUTOTUNE_ENV}: expected 0, {AUTOTUNE_RETUNE} or {AUTOTUNE_NONE}, got {value!r}")
-    return value == AUTOTUNE_NONE
+    return value
+
+
+def no_tuning() -> bool:
+    """Whether MIXER_FAST_AUTOTUNE=none: configs come from the table, else :func:`untuned_choice`."""
+    return autotune_mode() == AUTOTUNE_NONE
 
 
 def untuned_choice(candidates) -> Tuple:
@@ -621,8 +626,9 @@ def col_sum_rows(variant: str, fp32: bool = False) -> int:
     (cdiv(M, rows), N) buffer; INTERPRET_COL_SUM_ROWS in the interpreter."""
     if _launch.INTERPRET:
         return INTERPRET_COL_SUM_ROWS
-    rows = min(c[0] for c in site_configs(variant, False, fp32=fp32))
-    assert all(c[0] % rows == 0 for c in site_configs(variant, False, fp32=fp32)), variant
+    configs = site_configs(variant, False, fp32=fp32)
+    rows = min(c[0] for c in configs)
+    assert all(c[0] % rows == 0 for c in configs), variant
     return rows
 
 
@@ -717,7 +723,6 @@ class Plan:
 # training at 0.044× eager); Mixer-B/16's channel dW1 and dW2 are 144, i.e. two waves of which the second
 # keeps 12 SMs busy: 55 % of the GPU for the whole K. split_k picks the split with the least modelled time
 # (split_cost): waves of tiles × parts programs each 1/parts of K, plus the fp32 partials' traffic.
-DEFAULT_SMS = 132  # H100 SXM and H200, where the launcher cannot ask (a JAX device without core_count)
 SPLIT_K_TILE = 128  # the tile edge splits are planned for (SPLIT_CONFIGS' main tiles)
 SPLIT_K_MAX_WAVES = 4  # ranges considered: at most cdiv(SPLIT_K_MAX_WAVES · sms, tiles)
 SPLIT_K_GRANULE = 64  # K elements per range: a multiple of every config's BLOCK_K
@@ -733,7 +738,7 @@ def split_ranges(K: int, parts: int) -> Tuple[int, int]:
     return k_len, triton.cdiv(K, k_len)
 
 
-def split_cost(M: int, N: int, K: int, parts: int, sms: int = DEFAULT_SMS) -> float:
+def split_cost(M: int, N: int, K: int, parts: int, sms: int = _launch.DEFAULT_SMS) -> float:
     """The modelled time of an M × N × K weight-gradient GEMM split into ``parts`` K ranges, in waves of
     SPLIT_K_TILE² tiles over the whole K on ``sms`` SMs: the waves of tiles × parts programs, each 1/parts
     of the work, and with a split, the partials' fp32 write and read at MACHINE_BALANCE."""
@@ -745,7 +750,7 @@ def split_cost(M: int, N: int, K: int, parts: int, sms: int = DEFAULT_SMS) -> fl
     return waves + parts * M * N * 8 * MACHINE_BALANCE / wave_flops
 
 
-def split_k(M: int, N: int, K: int, sms: int = DEFAULT_SMS) -> int:
+def split_k(M: int, N: int, K: int, sms: int = _launch.DEFAULT_SMS) -> int:
     """How many K ranges a GEMM without epilogue is split into (1: none) on a GPU of ``sms`` SMs: the split
     with the least :func:`split_cost` (the fewer ranges where two tie), each range at least SPLIT_K_MIN_LEN
     long, at most cdiv(SPLIT_K_MAX_WAVES · sms, tiles) ranges (so fewer than SPLIT_K_MAX_WAVES · sms + tiles
@@ -773,12 +778,12 @@ def plan(M: int, N: int, K: int, a_axes: Tuple[Axis, Axis], b_axes: Tuple[Axis, 
          epi_gelu: bool, epi_gelu_grad: bool, store_branch: bool, has_scale: bool, has_ss: bool, ss_on_n: bool,
          has_res: bool, approximate: str, precision: str, idx64: bool, res_mul: bool = False,
          allow_split: bool = False, out_numel: int = 0, scale_scalars: bool = False, col_sum_rows: int = 0,
-         sms: int = DEFAULT_SMS) -> Plan:
+         sms: int = _launch.DEFAULT_SMS) -> Plan:
     """The launch of fused_matmul_kernel (see fused_matmul) shared by the torch and JAX launchers.
     ``out_numel``: the output's elements. ``allow_split``: the caller can take a split-K launch (its
     output fp32 and contiguous); it gets one when there is no epilogue (partial products are summed
-    afterwards) and :func:`split_k` says so for a GPU of ``sms`` SMs. ``idx64``: some operand needs 64-bit offsets; the plan adds
-    the split-K partial output's own need. ``scale_scalars`` (jax-triton, which gives integer arguments
+    afterwards) and :func:`split_k` says so for a GPU of ``sms`` SMs. ``idx64``: some operand needs 64-bit
+    offsets; the plan adds the split-K partial output's own need. ``scale_scalars`` (jax-triton, which gives integer arguments
     no divisibility hints): the integer arguments that are multiples of 16 go divided by 16, flagged in
     SCALED16, and the kernel multiplies them back (:func:`scaled16`). ``col_sum_rows`` (0: none): the
     epilogue also writes the output's column sums, partial over that many rows each

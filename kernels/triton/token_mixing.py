@@ -609,7 +609,7 @@ def _pad_columns(w: Tensor, width: int) -> Tensor:
 DW_WAVES = 2  # the dW kernel's programs: two waves of one program an SM (its shared memory allows one)
 
 
-def dw_splits(n_d_tiles: int, work: int, sms: int = 132) -> int:
+def dw_splits(n_d_tiles: int, work: int, sms: int = _launch.DEFAULT_SMS) -> int:
     """Shares of the (image, channel tile) work items for the dW kernel: enough programs to fill a GPU of
     ``sms`` SMs (DW_WAVES waves of n_d_tiles × shares programs), each writing a deterministic partial."""
     if _launch.INTERPRET:
