@@ -269,7 +269,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
     """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes, ints) for every
     kernel variant and GPU config the launchers use on a GPU, at the named models' shapes; ``ints``: the
     integer arguments to specialise on as a launch does (the token kernels), or None."""
-    from . import layer_norm, matmul, spatial_gating, token_mixing
+    from . import layer_norm, matmul, residual, spatial_gating, token_mixing
 
     for label in matmul.VARIANTS:
         flags = _site_flags(label, dtype)
@@ -347,6 +347,19 @@ def variants(dtype: str) -> Iterator[Tuple]:
         yield (layer_norm.ln_backward_kernel, f"ln_backward[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
                dict(HAS_W=True, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, INTERPRETER=False,
                     BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"g_ptr": _DTYPES[dtype]}, None)
+    # Every op's backward starts with the residual's (the heaviest forms: layer scale, drop path and a bias,
+    # per channel in channel mixing, per token in token mixing); ResMLP's ends with its affine's.
+    tiles = f"R{residual.BLOCK_R}x{residual.ROW_GROUP // residual.BLOCK_R} C{residual.BLOCK_C} w4 s3"
+    for bias, where in ((residual.BIAS_PER_CHANNEL, "per_channel"), (residual.BIAS_PER_TOKEN, "per_token")):
+        yield (residual.residual_grad_kernel, f"residual_grad[{where}]", tiles,
+               dict(HAS_SCALE=True, HAS_SS=True, SCALE_GRAD=True, STORE_DO=True, BIAS=bias, INTERPRETER=False,
+                    ROW_GROUP=residual.ROW_GROUP, BLOCK_R=residual.BLOCK_R, BLOCK_C=residual.BLOCK_C), 4, 3,
+               {"scale_part_ptr": "fp32", "bias_part_ptr": "fp32"}, None)
+    yield (layer_norm.affine_backward_kernel, "affine_backward",
+           f"R{layer_norm.AFFINE_BLOCK_R}x{layer_norm.AFFINE_ROW_GROUP // layer_norm.AFFINE_BLOCK_R} "
+           f"C{layer_norm.AFFINE_BLOCK_C} w4 s3",
+           dict(HAS_W=True, INTERPRETER=False, ROW_GROUP=layer_norm.AFFINE_ROW_GROUP, BLOCK_R=layer_norm.AFFINE_BLOCK_R,
+                BLOCK_C=layer_norm.AFFINE_BLOCK_C), 4, 3, {"dw_part_ptr": "fp32", "db_part_ptr": "fp32"}, None)
     # gMLP (gmlp_s16: H/2 = 768): the gate's LayerNorm backward through GELU, and dZ_u / dP.
     block_c = layer_norm.gpu_block_c(768)
     yield (layer_norm.ln_backward_kernel, "ln_backward[gate,C=768]", f"R{layer_norm.ROWS} C{block_c} w4 s3",

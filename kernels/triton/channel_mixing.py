@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from . import _launch
 from .matmul import A_AFFINE, A_LAYERNORM, B_AFFINE_N, B_GELU, B_LAYERNORM, flat, fused_matmul, split
-from .token_mixing import branch_grad, norm_backward, scale_grad
+from .residual import PER_CHANNEL, residual_grad
+from .token_mixing import norm_backward
 from .layer_norm import layer_norm_stats
 
 if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
@@ -84,11 +85,13 @@ def channel_mixing_backward(
     D = fc1_weight.shape[0]
     M = B * S
     grads: Dict[str, Optional[Tensor]] = {}
-    do = branch_grad(dout, scale, sample_scale).to(fc1_weight.dtype)  # the autocast dtype, if any
+    # dO in the weights' dtype (the autocast dtype, if any), scale's and fc2 bias's gradients: one pass
+    res = residual_grad(dout, scale=scale, sample_scale=sample_scale, branch=branch, dtype=fc1_weight.dtype,
+                        bias=PER_CHANNEL if fc2_bias is not None else None)
+    do = res.do
+    grads["scale"] = res.scale
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
-    if scale is not None:
-        grads["scale"] = scale_grad(dout, branch, sample_scale)
     h_axes = (flat(M, D), flat(D, 1))
     do_tok, do_ch = _token_axis(do, S), flat(C, do.stride(2))
     x_tok, x_ch = _token_axis(x, S), flat(C, x.stride(2))
@@ -114,7 +117,7 @@ def channel_mixing_backward(
                  variant="gelu_b", b_pro=B_GELU, approximate=approximate, allow_tf32=allow_tf32)
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
     grads["fc1_bias"] = db1
-    grads["fc2_bias"] = do.sum((0, 1), dtype=torch.float32) if fc2_bias is not None else None
+    grads["fc2_bias"] = res.bias
     grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
     grads["norm_weight"] = dnw if norm_weight is not None else None
     grads["norm_bias"] = dnb if norm_bias is not None else None

@@ -1,4 +1,5 @@
-"""LayerNorm pieces that the mixing ops share: per-token statistics, and the row-wise backward.
+"""The norms' pieces that the mixing ops share: LayerNorm's per-token statistics and row-wise backward,
+and the backward of ResMLP's affine.
 
 The fused ops apply LayerNorm while loading tiles, but the statistics span all C channels of a token
 while the GEMMs tile C, so they are computed once here (fp32 mean and 1/std per token) and read back.
@@ -120,6 +121,45 @@ def ln_backward_kernel(
         tl.store(dx_ptr + d_base[:, None] + c64[None, :] * sdc, round_to(dx, dx_ptr.dtype.element_ty, INTERPRETER), mask=m)
 
 
+@triton.jit
+def affine_backward_kernel(
+    g_ptr, x_ptr, dy_ptr, w_ptr,
+    R, S, C,
+    sgr, sgc, sxb, sxs, sxc, syb, sys, syc,
+    dx_ptr, dw_part_ptr, db_part_ptr,
+    HAS_W: tl.constexpr, INTERPRETER: tl.constexpr, ROW_GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """ResMLP's affine N(x) = w ⊙ x + b backward with the residual: dx = dy + g · w ((R, C) contiguous, in
+    dx's dtype), and partial sums of g · x and g (w's and b's gradients) over tokens pid_r · ROW_GROUP …
+    into row pid_r of ``dw_part`` / ``db_part`` (·, C). No statistics: a program owns a channel block."""
+    pid_r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    c64 = cols.to(tl.int64)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(pid_r * ROW_GROUP, pid_r * ROW_GROUP + ROW_GROUP, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        r64 = rows.to(tl.int64)
+        b = r64 // S
+        s = r64 % S
+        m = (rows < R)[:, None] & mask_c[None, :]
+        g = tl.load(g_ptr + r64[:, None] * sgr + c64[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + (b * sxb + s * sxs)[:, None] + c64[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + (b * syb + s * sys)[:, None] + c64[None, :] * syc, mask=m, other=0.0).to(tl.float32)
+        dw_acc += tl.sum(g * x, axis=0)
+        db_acc += tl.sum(g, axis=0)
+        tl.store(dx_ptr + r64[:, None] * C + c64[None, :], round_to(dy + g * w[None, :], dx_ptr.dtype.element_ty,
+                 INTERPRETER), mask=m)
+    tl.store(dw_part_ptr + pid_r.to(tl.int64) * C + c64, dw_acc, mask=mask_c)
+    tl.store(db_part_ptr + pid_r.to(tl.int64) * C + c64, db_acc, mask=mask_c)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
 
@@ -175,4 +215,31 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Ten
                 *g.stride(), *x.stride(), *(dy if dy is not None else x).stride(), *dx.stride(), dx, dw_part, db_part,
                 HAS_W=weight is not None, HAS_DY=dy is not None, GELU_IN=gelu_in is not None,
                 APPROX_TANH=gelu_in == "tanh", INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+    return dx, dw_part.sum(0), db_part.sum(0)
+
+
+# affine_backward_kernel's tiles: a memory-bound pass, as residual.residual_grad_kernel's (8 × 128 on 4
+# warps, 16 tiles a program: 104 registers, report sm_90a), so the partial rows are R / 128 × C fp32.
+AFFINE_ROW_GROUP, AFFINE_BLOCK_R, AFFINE_BLOCK_C = 128, 8, 128
+
+
+def affine_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx = dy + g ⊙ weight for x (B, S, C) under ResMLP's affine norm, g = dL/dN(x) (B·S, C; any float
+    dtype); returns (dx (B, S, C) contiguous in x's dtype, dweight = Σ g ⊙ x (C,) fp32, dbias = Σ g (C,)
+    fp32), in one pass over g, x and dy."""
+    import torch
+
+    B, S, C = x.shape
+    R = B * S
+    groups = triton.cdiv(R, AFFINE_ROW_GROUP)
+    dx = _launch.new_output((B, S, C), x, x.dtype)
+    dw_part = _launch.new_output((groups, C), x, torch.float32)
+    db_part = _launch.new_output((groups, C), x, torch.float32)
+    if R and C:
+        with _launch.serialized():
+            affine_backward_kernel[(groups, triton.cdiv(C, AFFINE_BLOCK_C))](
+                g, x, dy, weight if weight is not None else dy, R, S, C, *g.stride(), *x.stride(), *dy.stride(),
+                dx, dw_part, db_part, HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET,
+                ROW_GROUP=AFFINE_ROW_GROUP, BLOCK_R=AFFINE_BLOCK_R, BLOCK_C=AFFINE_BLOCK_C)
     return dx, dw_part.sum(0), db_part.sum(0)

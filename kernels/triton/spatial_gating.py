@@ -30,7 +30,8 @@ from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
 from .layer_norm import layer_norm_backward, layer_norm_stats
 from .matmul import A_LAYERNORM, B_GATE_LAYERNORM, B_LAYERNORM, B_TOKEN_LAYERNORM, flat, fused_matmul, split
-from .token_mixing import branch_grad, norm_backward
+from .residual import PER_CHANNEL, residual_grad
+from .token_mixing import norm_backward
 
 if TYPE_CHECKING:  # torch loads when a launcher runs
     import torch
@@ -141,7 +142,9 @@ def spatial_gating_backward(
     M = B * S
     wdt = fc1_weight.dtype
     grads: Dict[str, Optional[Tensor]] = {}
-    do = branch_grad(dout, None, sample_scale).to(wdt)
+    res = residual_grad(dout, scale=None, sample_scale=sample_scale, branch=None, dtype=wdt,
+                        bias=PER_CHANNEL if fc2_bias is not None else None)
+    do = res.do
     do_tok, do_ch = split(S, do.stride(0), do.stride(1)), flat(C, do.stride(2))
     # dQ = dO · W2, then dZ_u and dP element-wise. dQ and g_v below are whole activations: kept in the
     # weights' dtype, as eager's autograd rounds a linear layer's input gradient (fp32, they were 154 MB
@@ -199,7 +202,7 @@ def spatial_gating_backward(
                  variant="plain", allow_tf32=allow_tf32)
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
     grads["fc1_bias"] = dz.sum((0, 1), dtype=torch.float32) if fc1_bias is not None else None
-    grads["fc2_bias"] = do.sum((0, 1), dtype=torch.float32) if fc2_bias is not None else None
+    grads["fc2_bias"] = res.bias
     grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, "layernorm")
     grads["norm_weight"] = dnw if norm_weight is not None else None
     grads["norm_bias"] = dnb if norm_bias is not None else None

@@ -28,8 +28,9 @@ import triton.language as tl
 
 from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
-from .layer_norm import layer_norm_backward, layer_norm_stats
+from .layer_norm import affine_backward, layer_norm_backward, layer_norm_stats
 from .matmul import B_AFFINE_K, B_AFFINE_N, B_NONE, B_TOKEN_LAYERNORM, flat, fused_matmul, split
+from .residual import PER_TOKEN, residual_grad
 
 if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
     import torch
@@ -672,47 +673,13 @@ def token_mixing_forward(
     return out, mean, rstd, branch
 
 
-def branch_grad(dout: Tensor, scale: Optional[Tensor], sample_scale: Optional[Tensor]) -> Tensor:
-    """dL/d(branch before scale) = dout · scale · sample_scale, in dout's dtype (dout itself if neither):
-    one multiply in fp32 (the factor is fp32, C or B × C elements) rounded once into dout's dtype, with no
-    fp32 copy of dout."""
-    import torch
-
-    if scale is None and sample_scale is None:
-        return dout
-    f = scale.float() if scale is not None else 1.0
-    if sample_scale is not None:
-        f = sample_scale.float().view(-1, 1, 1) * f
-    return torch.mul(dout, f, out=torch.empty_like(dout))
-
-
-def scale_grad(dout: Tensor, branch: Tensor, sample_scale: Optional[Tensor]) -> Tensor:
-    """dL/dscale (C,) fp32 = Σ_(b, s) dout · branch · sample_scale. The product is rounded to the
-    activations' dtype, as eager autograd forms it, and summed in fp32: no fp32 copy of either activation
-    (``x.float()`` made three). sample_scale multiplies the per-image sums (B × C)."""
-    import torch
-
-    if sample_scale is None:
-        return torch.mul(dout, branch).sum((0, 1), dtype=torch.float32)
-    return (torch.mul(dout, branch).sum(1, dtype=torch.float32) * sample_scale.float()[:, None]).sum(0)
-
-
 def norm_backward(g: Tensor, x: Tensor, dout: Tensor, norm_weight: Optional[Tensor], mean: Optional[Tensor],
                   rstd: Optional[Tensor], norm: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dnorm_weight, dnorm_bias) from g = dL/dN(x) (B·S, C; fp32 or the weights' dtype) and the
     residual's dout; the parameter gradients in fp32."""
-    import torch
-
     if norm == "layernorm":
         return layer_norm_backward(g, x, dout, mean, rstd, norm_weight)
-    B, S, C = x.shape
-    g3 = g.view(B, S, C)
-    dx = torch.empty_like(x)  # dout + g·w computed in fp32, rounded once into x's dtype
-    if norm_weight is not None:
-        torch.addcmul(dout, g3, norm_weight.float(), out=dx)
-    else:
-        torch.add(dout, g3, out=dx)
-    return dx, torch.mul(g3, x).sum((0, 1), dtype=torch.float32), g3.sum((0, 1), dtype=torch.float32)
+    return affine_backward(g, x, dout, norm_weight)
 
 
 def token_mixing_backward(
@@ -727,12 +694,16 @@ def token_mixing_backward(
 
     B, S, C = x.shape
     grads: Dict[str, Optional[Tensor]] = {}
-    do = branch_grad(dout, scale, sample_scale).to(fc1_weight.dtype)  # the autocast dtype, if any
+    # dO in the weights' dtype (the autocast dtype, if any), scale's gradient, and the output bias's (fc1's
+    # in the token linear, fc2's in the MLP) per token, in one pass over dout and branch
+    out_bias = fc1_bias if fc2_weight is None else fc2_bias
+    res = residual_grad(dout, scale=scale, sample_scale=sample_scale, branch=branch, dtype=fc1_weight.dtype,
+                        bias=PER_TOKEN if out_bias is not None else None)
+    do = res.do
+    grads["scale"] = res.scale
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
     prec = _launch.precision(fc1_weight.dtype, allow_tf32)
-    if scale is not None:
-        grads["scale"] = scale_grad(dout, branch, sample_scale)
     if fc2_weight is None:
         # dL/dN(x) in the weights' dtype, as eager rounds it (and as the flash-MLP path keeps it)
         g = _launch.new_output((B * S, C), x, fc1_weight.dtype)
@@ -749,7 +720,7 @@ def token_mixing_backward(
         fused_matmul(do, (flat(S, ds[1]), split(C, ds[0], ds[2])), xn_src, (split(C, xs[0], xs[2]), flat(S, xs[1])),
                      dw, (flat(S, S), flat(S, 1)), S, S, B * C, variant="ln_b", b_pro=b_pro, b_vec=b_vec, allow_tf32=allow_tf32)
         grads["fc1_weight"] = dw
-        grads["fc1_bias"] = do.sum((0, 2), dtype=torch.float32) if fc1_bias is not None else None
+        grads["fc1_bias"] = res.bias
     else:
         D = fc1_weight.shape[0]
         # dL/dN(x) rounded to the weights' dtype, as eager's autograd hands it to the norm's backward (a
@@ -780,7 +751,7 @@ def token_mixing_backward(
                     **plan.constexprs(), num_warps=plan.num_warps, num_stages=plan.num_stages)
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
-        grads["fc2_bias"] = do.sum((0, 2), dtype=torch.float32) if fc2_bias is not None else None
+        grads["fc2_bias"] = res.bias
     grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
     grads["norm_weight"] = dnw if norm_weight is not None else None
     grads["norm_bias"] = dnb if norm_bias is not None else None
