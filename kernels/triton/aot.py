@@ -26,7 +26,8 @@ from .token_mixing import LAYERNORM
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 _FP32_PTRS = {"mean_ptr", "rstd_ptr", "a_mean_ptr", "a_rstd_ptr", "b_mean_ptr", "b_rstd_ptr", "g_ptr", "dw1_ptr",
-              "dw2_ptr", "db1_ptr", "dw_part_ptr", "db_part_ptr", "col_sum_ptr"}
+              "dw2_ptr", "db1_ptr", "dw_part_ptr", "db_part_ptr", "col_sum_ptr", "scale_part_ptr",
+              "bias_part_ptr", "db1_part_ptr", "dbp_part_ptr"}
 _DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
 
@@ -354,12 +355,12 @@ def variants(dtype: str) -> Iterator[Tuple]:
         yield (residual.residual_grad_kernel, f"residual_grad[{where}]", tiles,
                dict(HAS_SCALE=True, HAS_SS=True, SCALE_GRAD=True, STORE_DO=True, BIAS=bias, INTERPRETER=False,
                     ROW_GROUP=residual.ROW_GROUP, BLOCK_R=residual.BLOCK_R, BLOCK_C=residual.BLOCK_C), 4, 3,
-               {"scale_part_ptr": "fp32", "bias_part_ptr": "fp32"}, None)
+               None, None)
     yield (layer_norm.affine_backward_kernel, "affine_backward",
            f"R{layer_norm.AFFINE_BLOCK_R}x{layer_norm.AFFINE_ROW_GROUP // layer_norm.AFFINE_BLOCK_R} "
            f"C{layer_norm.AFFINE_BLOCK_C} w4 s3",
            dict(HAS_W=True, INTERPRETER=False, ROW_GROUP=layer_norm.AFFINE_ROW_GROUP, BLOCK_R=layer_norm.AFFINE_BLOCK_R,
-                BLOCK_C=layer_norm.AFFINE_BLOCK_C), 4, 3, {"dw_part_ptr": "fp32", "db_part_ptr": "fp32"}, None)
+                BLOCK_C=layer_norm.AFFINE_BLOCK_C), 4, 3, None, None)
     # gMLP (gmlp_s16: H/2 = 768): the gate's LayerNorm backward through GELU, and dZ_u / dP.
     block_c = layer_norm.gpu_block_c(768)
     yield (layer_norm.ln_backward_kernel, "ln_backward[gate,C=768]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
@@ -367,7 +368,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
                 BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"g_ptr": _DTYPES[dtype]}, None)
     bm, bh = spatial_gating.GATE_BLOCK
     yield (spatial_gating.gate_grad_kernel, "gate_grad", f"{bm}x{bh} w4 s3",
-           dict(APPROX_TANH=False, INTERPRETER=False, IDX64=False, BLOCK_M=bm, BLOCK_H=bh), 4, 3,
+           dict(APPROX_TANH=False, INTERPRETER=False, IDX64=False, BIAS_SUMS=True, BLOCK_M=bm, BLOCK_H=bh), 4, 3,
            None, None)
 
 

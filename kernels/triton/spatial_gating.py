@@ -13,7 +13,8 @@ Forward, three GEMMs of matmul.py and one statistics pass:
 No transpose is materialised and LN_g(v) never reaches memory.
 
 Backward (dQ = ss · dout · W2):
-  dZ_u = dQ ⊙ P ⊙ GELU'(z_u) and dP = dQ ⊙ u   (one element-wise kernel, u recomputed from Z);
+  dZ_u = dQ ⊙ P ⊙ GELU'(z_u) and dP = dQ ⊙ u   (one element-wise kernel, u recomputed from Z, with the
+  bias gradients' partial sums of dZ_u and dP);
   dW_p = dP · LN_g(GELU(z_v))ᵀ per image, v and LN_g recomputed on the B tile; db_p = Σ dP;
   g_v = W_pᵀ · dP, then LN_g's backward × GELU'(z_v) writes dZ_v (the other half of dZ) in one pass;
   then channel mixing's: g = dZ · W1, dW1 = dZᵀ · LN(x), dW2 = dOᵀ · Q (Q kept by the forward), LayerNorm backward.
@@ -41,14 +42,20 @@ if TYPE_CHECKING:  # torch loads when a launcher runs
 
 @triton.jit
 def gate_grad_kernel(
-    dq_ptr, z_ptr, p_ptr, dz_ptr, dp_ptr, M, Hh, sdq, sz, sp, sdz, sdp,
-    APPROX_TANH: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr,
+    dq_ptr, z_ptr, p_ptr, M, Hh, sdq, sz, sp, sdz, sdp,
+    dz_ptr, dp_ptr, db1_part_ptr, dbp_part_ptr,
+    APPROX_TANH: tl.constexpr, INTERPRETER: tl.constexpr, IDX64: tl.constexpr, BIAS_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """dZ_u = dQ ⊙ P ⊙ GELU'(z_u) (into the first half of dZ) and dP = dQ ⊙ u, u = GELU(z_u) rounded to z's
-    dtype as the forward stored it. Rows of M tokens, ``s*`` the row strides (columns are contiguous)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dtype as the forward stored it. Rows of M tokens, ``s*`` the row strides (columns are contiguous).
+    BIAS_SUMS: also the bias gradients' partial sums, of the fp32 values: dZ_u's column sums (fc1's bias, u
+    half) into row pid_m of ``db1_part`` (·, Hh), and dP's row sums (the gate's bias, per token) into row
+    pid_h of ``dbp_part`` (·, M), so that neither tensor is read again for them."""
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     if IDX64:
         rows = rows.to(tl.int64)
     mask = (rows < M)[:, None] & (cols < Hh)[None, :]
@@ -58,9 +65,13 @@ def gate_grad_kernel(
     z = tl.load(z_ptr + r * sz + c, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + r * sp + c, mask=mask, other=0.0).to(tl.float32)
     u = round_to(gelu(z, APPROX_TANH), z_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
-    tl.store(dz_ptr + r * sdz + c, round_to(dq * p * gelu_grad(z, APPROX_TANH), dz_ptr.dtype.element_ty, INTERPRETER),
-             mask=mask)
-    tl.store(dp_ptr + r * sdp + c, round_to(dq * u, dp_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+    dz = dq * p * gelu_grad(z, APPROX_TANH)
+    dp = dq * u
+    tl.store(dz_ptr + r * sdz + c, round_to(dz, dz_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+    tl.store(dp_ptr + r * sdp + c, round_to(dp, dp_ptr.dtype.element_ty, INTERPRETER), mask=mask)
+    if BIAS_SUMS:  # masked elements are zero: dq loaded as 0
+        tl.store(db1_part_ptr + pid_m.to(tl.int64) * Hh + cols, tl.sum(dz, axis=0), mask=cols < Hh)
+        tl.store(dbp_part_ptr + pid_h.to(tl.int64) * M + rows, tl.sum(dp, axis=1), mask=rows < M)
 
 
 GATE_BLOCK = (32, 64)  # rows × columns of gate_grad_kernel: 16-byte accesses along the contiguous columns
@@ -154,13 +165,19 @@ def spatial_gating_backward(
                  dq, (flat(M, Hh), flat(Hh, 1)), M, Hh, C, variant="plain", allow_tf32=allow_tf32)
     dz = _launch.new_output((B, S, H), x, wdt)
     dp = _launch.new_output((B, S, Hh), x, wdt)
+    bm, bh = GATE_BLOCK
+    # fc1's bias gradient (its u half) and the gate's, as the kernel's partial sums: no second read of dZ_u
+    # or dP (77 MB each at gMLP-S/16, batch 256, bf16)
+    bias_sums = fc1_bias is not None or proj_bias is not None
+    db1_part = _launch.new_output((triton.cdiv(M, bm), Hh), x, torch.float32) if bias_sums else None
+    dbp_part = _launch.new_output((triton.cdiv(Hh, bh), M), x, torch.float32) if bias_sums else None
     if M and Hh:
-        bm, bh = GATE_BLOCK
         with _launch.serialized():
             gate_grad_kernel[(triton.cdiv(M, bm), triton.cdiv(Hh, bh))](
-                dq, z, p, dz, dp, M, Hh, dq.stride(0), z.stride(1), p.stride(1), dz.stride(1), dp.stride(1),
+                dq, z, p, M, Hh, dq.stride(0), z.stride(1), p.stride(1), dz.stride(1), dp.stride(1), dz, dp,
+                db1_part if bias_sums else dz, dbp_part if bias_sums else dz,
                 APPROX_TANH=approximate == "tanh", INTERPRETER=_launch.INTERPRET,
-                IDX64=_launch.needs_int64(dq, z, p, dz, dp), BLOCK_M=bm, BLOCK_H=bh)
+                IDX64=_launch.needs_int64(dq, z, p, dz, dp), BIAS_SUMS=bias_sums, BLOCK_M=bm, BLOCK_H=bh)
     # Whole-activation temporaries go as soon as they are dead (dQ here, dP and g_v below): held to the end,
     # they were alive through the channel part's GEMMs, the backward's peak (231 MB at gMLP-S/16, batch 256,
     # bf16).
@@ -174,7 +191,8 @@ def spatial_gating_backward(
                  dwp, (flat(S, S), flat(S, 1)), S, S, B * Hh, variant="gate_b", b_pro=B_GATE_LAYERNORM,
                  b_stats=(gate_mean, gate_rstd), b_vec=(gw, gb), approximate=approximate, allow_tf32=allow_tf32)
     grads["proj_weight"] = dwp
-    grads["proj_bias"] = dp.sum((0, 2), dtype=torch.float32) if proj_bias is not None else None
+    # (with no tokens or no hidden units the partials are empty and their sums the zeros they should be)
+    grads["proj_bias"] = dbp_part.view(triton.cdiv(Hh, bh), B, S).sum((0, 1)) if proj_bias is not None else None
     # g_v[b, t, c] = Σ_s W_p[s, t] · dP[b, s, c], then LN_g's backward × GELU'(z_v) into dZ's v half.
     gv = _launch.new_output((M, Hh), x, wdt)
     fused_matmul(proj_weight, (flat(S, proj_weight.stride(1)), flat(S, proj_weight.stride(0))),
@@ -201,7 +219,10 @@ def spatial_gating_backward(
     fused_matmul(do, (do_ch, do_tok), q, (flat(M, Hh), flat(Hh, 1)), dw2, (flat(C, Hh), flat(Hh, 1)), C, Hh, M,
                  variant="plain", allow_tf32=allow_tf32)
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
-    grads["fc1_bias"] = dz.sum((0, 1), dtype=torch.float32) if fc1_bias is not None else None
+    if fc1_bias is not None:  # the v half's sums over the tokens here; the u half's came with dZ_u
+        grads["fc1_bias"] = torch.cat((db1_part.sum(0), dz[..., Hh:].sum((0, 1), dtype=torch.float32)))
+    else:
+        grads["fc1_bias"] = None
     grads["fc2_bias"] = res.bias
     grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, "layernorm")
     grads["norm_weight"] = dnw if norm_weight is not None else None
