@@ -611,7 +611,32 @@ def _op_providers(op: str, dims: Dims, dtype, batch: int) -> Dict[str, Dict[str,
     if op == "channel_mixing":
         providers["cublas"] = _cublas_modes(leaves["x"], leaves["fc1_weight"], leaves["fc2_weight"], dout)
     providers["triton"] = _modes(lambda: call(leaves, "triton"), leaves.values(), dout)
+    if op in LN_FOLD_OPS:
+        # The other LayerNorm placement of fc1's GEMM (matmul.ln_placement), side by side with the default
+        providers[FOLDED_PROVIDER] = _modes(_with_env(lambda: call(leaves, "triton"), "MIXER_FAST_LN", "fold"),
+                                            leaves.values(), dout)
     return providers
+
+
+# The ops whose fc1 GEMM can take its LayerNorm folded, timed both ways (issue 17: "on load or folded into
+# the epilogue, say which, and why, measured"); their records carry ms[FOLDED_PROVIDER] too.
+LN_FOLD_OPS = ("channel_mixing", "spatial_gating")
+FOLDED_PROVIDER = "triton_ln_folded"
+
+
+def _with_env(fn: Callable[[], Any], name: str, value: str) -> Callable[[], Any]:
+    """``fn`` run with the environment variable ``name`` set to ``value`` (restored afterwards)."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
 
 
 def _reference_block(dims: Dims):
@@ -668,21 +693,22 @@ def timing_worker(what: str, shape: str, dtype: str, batch: int, peak_tflops: Op
     providers = (_block_providers(dims, dt, batch, with_compile=dtype == "bf16") if what == "block"
                  else _op_providers(what, dims, dt, batch))
     results = {mode: ({}, {}, {}) for mode in MODES["timing"]}  # mode → (ms, errors, peak_mib)
-    # Every other provider in both modes before triton's, so that a triton fault spoils nothing else.
-    order = [(p, m) for p in providers if p != "triton" for m in MODES["timing"]]
-    order += [("triton", m) for m in MODES["timing"]]
+    # Every other provider in both modes before the triton ones, so that a triton fault spoils nothing else.
+    fused = [p for p in providers if p.startswith("triton")]
+    order = [(p, m) for p in providers if p not in fused for m in MODES["timing"]]
+    order += [(p, m) for p in fused for m in MODES["timing"]]
     fault = False
     for provider, mode in order:
         ms, errors, peak = results[mode]
         fn = providers[provider][mode]
         try:
             ms[provider] = _measure(fn)
-            if mode == "training" and provider in ("reference", "triton"):
+            if mode == "training" and (provider == "reference" or provider in fused):
                 peak[provider] = _peak_mib(fn)
         except Exception as e:  # noqa: BLE001 - recorded; the other providers still run
             errors[provider] = error_text(e)
             fault = fault or is_device_fault(errors[provider])
-        if provider == "triton":
+        if provider == fused[-1]:
             emit(timing_record(what, shape, batch, mode, dtype, device_class(), ms, errors,
                                floor_ms(what, dims, batch, mode, peak_tflops), peak))
     return fault

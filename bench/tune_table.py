@@ -25,6 +25,9 @@ TABLE = ROOT / "mixer_fast" / "tuned_gemm.json"
 # (op, shape in gpu_check.SHAPES): every fused-GEMM launch site at the named models' sizes.
 CASES = (("channel_mixing", "mixer_b16"), ("channel_mixing", "mixer_l16"), ("channel_mixing", "resmlp_24"),
          ("token_mixing", "resmlp_24"), ("spatial_gating", "gmlp_s16"))
+# The ops whose fc1 GEMM takes its LayerNorm on load or folded (matmul.ln_placement): tuned both ways, so
+# that timings.json compares the two at the same shapes (their keys differ in A_PRO).
+LN_PLACEMENTS = {"channel_mixing": ("load", "fold"), "spatial_gating": ("load", "fold")}
 
 
 def run(out: Path, batches: List[int], dtypes: List[str]) -> int:
@@ -43,11 +46,13 @@ def run(out: Path, batches: List[int], dtypes: List[str]) -> int:
         for op, shape in CASES:
             for dtype in dtypes:
                 for batch in batches:
-                    args, call = gpu_check._op_inputs(op, gpu_check.SHAPES[shape], batch, drop_path=False)
-                    leaves = gpu_check._leaves(args, gpu_check._torch_dtype(dtype), "cuda")
-                    y = call(leaves, "triton")
-                    y.backward(torch.randn_like(y))
-                    torch.cuda.synchronize()
+                    for placement in LN_PLACEMENTS.get(op, ("load",)):
+                        os.environ["MIXER_FAST_LN"] = placement
+                        args, call = gpu_check._op_inputs(op, gpu_check.SHAPES[shape], batch, drop_path=False)
+                        leaves = gpu_check._leaves(args, gpu_check._torch_dtype(dtype), "cuda")
+                        y = call(leaves, "triton")
+                        y.backward(torch.randn_like(y))
+                        torch.cuda.synchronize()
                     # written after every case: a run cut short by its time budget keeps what it tuned
                     (out / "tuned.json").write_text(json.dumps(matmul.TUNER.timed, indent=1, sort_keys=True) + "\n")
                     (out / "timings.json").write_text(json.dumps(matmul.TUNER.times, indent=1, sort_keys=True) + "\n")

@@ -7,3 +7,80 @@ SHAPES = [(1, 49, 100, 72), (3, 16, 64, 200), (2, 196, 64, 96)]
 
 (test_triton_channel_mixing, test_triton_channel_mixing_both_gelus,
  test_triton_channel_mixing_non_contiguous_and_empty) = triton_op_tests("channel", SHAPES, hidden=48)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fc1's LayerNorm folded into its weight and epilogue (MIXER_FAST_LN=fold; matmul.ln_placement)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from op_cases import DTYPES, check_backend, make_args  # noqa: E402
+
+
+@pytest.fixture
+def a_pros(monkeypatch):
+    """The A prologue of every ln_gelu GEMM launched (the fused_matmul the launchers call, spied on)."""
+    from mixer_fast.kernels.triton import channel_mixing
+
+    seen = []
+    real = channel_mixing.fused_matmul
+
+    def spy(*args, variant, a_pro=0, **kw):
+        if variant == "ln_gelu":
+            seen.append(a_pro)
+        return real(*args, variant=variant, a_pro=a_pro, **kw)
+
+    monkeypatch.setattr(channel_mixing, "fused_matmul", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 49, 100, 72), (3, 16, 64, 200)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", ["mixer", "droppath", "resmlp"])
+def test_triton_channel_mixing_ln_folded(triton_backend, monkeypatch, a_pros, dtype, shape, variant):
+    from mixer_fast.kernels.triton.matmul import A_LAYERNORM_FOLDED, A_NONE
+
+    monkeypatch.setenv("MIXER_FAST_LN", "fold")
+    B, S, C, D = shape
+    check_backend("channel", make_args("channel", B, S, C, D, variant=variant, seed=5), dtype, "triton",
+                  approximate="tanh" if C % 3 else "none")
+    # LayerNorm folds into the weight and the epilogue; ResMLP's affine into the weight and bias alone
+    assert a_pros == [A_NONE if variant == "resmlp" else A_LAYERNORM_FOLDED]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_channel_mixing_ln_folded_far_from_zero_mean(triton_backend, monkeypatch, dtype):
+    # The fold subtracts mean · Σ_k W'[n, k] from x · W'ᵀ after the GEMM: tokens whose mean is 50 standard
+    # deviations from zero must still come out within the numerics rule.
+    monkeypatch.setenv("MIXER_FAST_LN", "fold")
+    args = make_args("channel", 2, 16, 64, 96, variant="mixer", seed=6)
+    args["x"] = args["x"] + 50.0
+    check_backend("channel", args, dtype, "triton")
+
+
+def test_triton_channel_mixing_ln_folded_not_under_autocast(triton_backend, monkeypatch, a_pros):
+    # fp32 activations with 16-bit weights: folded, the GEMM would round x, mean and all, to 16 bits;
+    # the norm stays on load there.
+    from conftest import DEVICE
+    from mixer_fast import ops
+    from mixer_fast.kernels.triton.matmul import A_LAYERNORM
+
+    monkeypatch.setenv("MIXER_FAST_LN", "fold")
+    args = make_args("channel", 2, 16, 64, 48, variant="mixer")
+    x = args["x"].float().to(DEVICE)
+    p = [args[k].float().to(DEVICE) for k in ("norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight",
+                                              "fc2_bias")]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ops.channel_mixing(x, *p, backend="triton")
+    assert a_pros == [A_LAYERNORM]
+
+
+def test_ln_placement_is_validated(monkeypatch):
+    from mixer_fast.kernels.triton import matmul
+
+    monkeypatch.setenv("MIXER_FAST_LN", "folded")
+    with pytest.raises(ValueError, match="MIXER_FAST_LN: expected load or fold, got 'folded'"):
+        matmul.ln_placement()
+    monkeypatch.delenv("MIXER_FAST_LN")
+    assert matmul.ln_placement() == matmul.LN_PLACEMENT

@@ -290,6 +290,15 @@ def variants(dtype: str) -> Iterator[Tuple]:
         # split-K with TMA loads: the channel weight gradients with few tiles (ResMLP-24, gMLP-S/16's dW2)
         if split and dtype != "fp32":
             yield from _tma_rows(label, flags, _DTYPES[dtype], split=True)
+    # ln_gelu with the LayerNorm folded into the weight and the epilogue (matmul.LN_FOLDED), TMA or not
+    folded = dict(_site_flags("ln_gelu", dtype), A_PRO=matmul.A_LAYERNORM_FOLDED)
+    for bm, bn, bk, warps, stages in matmul.site_configs("ln_gelu", False, fp32=dtype == "fp32"):
+        cfg = dict(folded, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SUBTILE=matmul.epi_subtile(bn))
+        yield (matmul.fused_matmul_kernel, "fused_matmul[ln_gelu,folded]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
+               cfg, warps, stages, None, gemm_ints("ln_gelu"))
+    if dtype != "fp32":
+        for fn, name, config, cfg, warps, stages, ptrs, ints in _tma_rows("ln_gelu", folded, _DTYPES[dtype], False):
+            yield fn, name.replace("]", ",folded]"), config, cfg, warps, stages, ptrs, ints
     # torch.autocast: fp32 activations meet bf16 weights in the same kernels.
     if dtype != "fp32":
         mixed = {"x_ptr": "fp32", "out_ptr": "fp32", "res_ptr": "fp32", "branch_ptr": "fp32"}

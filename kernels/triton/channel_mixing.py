@@ -1,7 +1,8 @@
 """Channel mixing: x + scale · ss · (GELU(N(x) · W1ᵀ + b1) · W2ᵀ + b2), as two fused GEMMs.
 
 LayerNorm (or ResMLP's affine) is the first GEMM's prologue, applied to each x tile as it is loaded
-with per-token statistics computed once; bias + GELU is its epilogue, which also keeps the
+with per-token statistics computed once, or folded into its weight and epilogue (fc1_operands); bias +
+GELU is its epilogue, which also keeps the
 pre-activation Z for the backward (GELU is recomputed from Z, never stored). Bias, layer scale, drop
 path and the residual add are the second GEMM's epilogue. Fusing the two GEMMs is not worth it at
 C ≥ 512 (DESIGN.md): the hidden row would not fit on chip.
@@ -16,7 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from . import _launch
-from .matmul import A_AFFINE, A_LAYERNORM, B_AFFINE_N, B_GELU, B_LAYERNORM, flat, fused_matmul, split
+from .matmul import (A_AFFINE, A_LAYERNORM, A_LAYERNORM_FOLDED, A_NONE, B_AFFINE_N, B_GELU, B_LAYERNORM, LN_FOLDED,
+                     flat, fused_matmul, ln_placement, split)
 from .residual import PER_CHANNEL, residual_grad
 from .token_mixing import norm_backward
 from .layer_norm import layer_norm_stats
@@ -30,6 +32,29 @@ if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.
 def _token_axis(t: Tensor, S: int):
     """The (b, s) token axis of a (B, S, C) tensor."""
     return split(S, t.stride(0), t.stride(1))
+
+
+def fc1_operands(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], nw: Tensor, nb: Tensor,
+                 stats: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Dict[str, object]]:
+    """fc1's weight as the ln_gelu GEMM reads it ((D, C)) and the fused_matmul arguments that apply the norm
+    (LayerNorm with ``stats`` = (mean, rstd), else the affine; weight ``nw``, bias ``nb``) and fc1's bias,
+    on load or folded (matmul.ln_placement). Folded: W' = W ⊙ nw rounded to W's dtype, u = Σ_k W'[:, k]
+    (from W' as rounded, which the GEMM multiplies) and v = W · nb + b1 in fp32, so that
+    N(x) · Wᵀ + b1 = rstd · (x · W'ᵀ − mean · u) + v; the affine's is x · W'ᵀ + v. One small pass over W."""
+    import torch
+
+    if ln_placement() != LN_FOLDED or x.dtype != fc1_weight.dtype:
+        return fc1_weight, dict(a_pro=A_LAYERNORM if stats is not None else A_AFFINE, a_stats=stats,
+                                a_vec=(nw, nb), bias=fc1_bias)
+    w = fc1_weight.detach().float()
+    folded = (w * nw.float()).to(fc1_weight.dtype)
+    v = torch.mv(w, nb.float())
+    if fc1_bias is not None:
+        v += fc1_bias.float()
+    if stats is None:
+        return folded, dict(a_pro=A_NONE, bias=v)
+    u = folded.float().sum(1)
+    return folded, dict(a_pro=A_LAYERNORM_FOLDED, a_stats=stats, a_vec=(u, u), bias=v)
 
 
 def channel_mixing_forward(
@@ -55,13 +80,12 @@ def channel_mixing_forward(
     out = _launch.new_output((B, S, C), x, x.dtype)
     branch = _launch.new_output(out.shape, out) if store_branch else None
     h_axes = (flat(M, D), flat(D, 1))
+    w1, norm_args = fc1_operands(x, fc1_weight, fc1_bias, nw, nb, (mean, rstd) if mean is not None else None)
     fused_matmul(
-        x, (_token_axis(x, S), flat(C, x.stride(2))),
-        fc1_weight, (flat(C, fc1_weight.stride(1)), flat(D, fc1_weight.stride(0))),
-        hidden, h_axes, M, D, C,
-        variant="ln_gelu", a_pro=A_LAYERNORM if norm == "layernorm" else A_AFFINE, a_stats=(mean, rstd) if mean is not None else None, a_vec=(nw, nb),
-        bias=fc1_bias, aux=z, aux_axes=h_axes if z is not None else None, store_branch=z is not None,
-        epi_gelu=True, approximate=approximate, allow_tf32=allow_tf32)
+        x, (_token_axis(x, S), flat(C, x.stride(2))), w1, (flat(C, w1.stride(1)), flat(D, w1.stride(0))),
+        hidden, h_axes, M, D, C, variant="ln_gelu", **norm_args, aux=z, aux_axes=h_axes if z is not None else None,
+        store_branch=z is not None, epi_gelu=True, approximate=approximate, allow_tf32=allow_tf32)
+    del w1
     o_axes = (split(S, S * C, C), flat(C, 1))
     fused_matmul(
         hidden, h_axes, fc2_weight, (flat(D, fc2_weight.stride(1)), flat(C, fc2_weight.stride(0))),

@@ -31,9 +31,10 @@ import triton
 
 from . import _launch
 from .layer_norm import ROWS, block_c, ln_backward_kernel, ln_stats_kernel
-from .matmul import (A_AFFINE, A_LAYERNORM, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM, B_NONE,
-                     B_TOKEN_LAYERNORM, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
-                     fused_matmul_kernel, no_tuning, plan, site_configs, split, tune_key, untuned_choice)
+from .matmul import (A_AFFINE, A_LAYERNORM, A_LAYERNORM_FOLDED, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM,
+                     B_NONE, B_TOKEN_LAYERNORM, LN_FOLDED, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
+                     fused_matmul_kernel, ln_placement, no_tuning, plan, site_configs, split, tune_key,
+                     untuned_choice)
 from .token_mixing import (DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, shape_constexprs, token_mlp_dw_kernel,
                            token_mlp_dx_kernel, token_mlp_fwd_kernel, token_weights)
 
@@ -422,6 +423,23 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
 # Channel mixing
 
 
+def _fc1_operands(x: Array, k1: Array, b1, nwv: Array, nbv: Array, stats) -> Tuple[Array, Dict[str, Any]]:
+    """channel_mixing.fc1_operands for a Flax kernel k1 (C, D): the kernel as the ln_gelu GEMM reads it and
+    the arguments that apply the norm, on load or folded (K1' = nw ⊙ K1, u = Σ_c K1'[c, :], v = nb · K1 + b1)."""
+    if ln_placement() != LN_FOLDED or x.dtype != k1.dtype:
+        return k1, dict(a_pro=A_LAYERNORM if stats is not None else A_AFFINE, a_stats=stats, a_vec=(nwv, nbv),
+                        bias=b1)
+    k = k1.astype(F32)
+    folded = (k * nwv.astype(F32)[:, None]).astype(k1.dtype)
+    v = nbv.astype(F32) @ k
+    if b1 is not None:
+        v = v + b1.astype(F32)
+    if stats is None:
+        return folded, dict(a_pro=A_NONE, bias=v)
+    u = folded.astype(F32).sum(0)
+    return folded, dict(a_pro=A_LAYERNORM_FOLDED, a_stats=stats, a_vec=(u, u), bias=v)
+
+
 def channel_mixing_forward(x: Array, nw, nb, k1: Array, b1, k2: Array, b2, *, eps: float, approximate: str,
                            norm: str, scale, ss, store_branch: bool, precision: str):
     """x (B, S, C), Flax kernels k1 (C, D), k2 (D, C) → (out (B, S, C), mean, rstd (B·S,) fp32 or None,
@@ -435,11 +453,10 @@ def channel_mixing_forward(x: Array, nw, nb, k1: Array, b1, k2: Array, b2, *, ep
     nwv, nbv = _vec_or(nw, C, 1.0, x.dtype), _vec_or(nb, C, 0.0, x.dtype)
     tok, ch = split(S, S * C, C), flat(C, 1)
     h_axes = (flat(M, D), flat(D, 1))
+    w1, norm_args = _fc1_operands(x, k1, b1, nwv, nbv, (mean, rstd) if mean is not None else None)
     hidden, z, _ = fused_matmul(
-        x, (tok, ch), k1, (flat(C, D), flat(D, 1)), (M, D), x.dtype, h_axes, M, D, C, variant="ln_gelu",
-        precision=precision, a_pro=A_LAYERNORM if norm == "layernorm" else A_AFFINE,
-        a_stats=(mean, rstd) if mean is not None else None, a_vec=(nwv, nbv), bias=b1, store_branch=True,
-        epi_gelu=True, approximate=approximate)
+        x, (tok, ch), w1, (flat(C, D), flat(D, 1)), (M, D), x.dtype, h_axes, M, D, C, variant="ln_gelu",
+        precision=precision, **norm_args, store_branch=True, epi_gelu=True, approximate=approximate)
     out, branch, _ = fused_matmul(
         hidden, h_axes, k2, (flat(D, C), flat(C, 1)), x.shape, x.dtype, (tok, ch), M, C, D, variant="residual",
         precision=precision, bias=b2, store_branch=store_branch, scale=scale, ss=ss, res=x, res_axes=(tok, ch))

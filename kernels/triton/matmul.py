@@ -11,12 +11,14 @@ Prologues (applied to each loaded tile in fp32, then rounded to the *other* oper
 under torch.autocast an fp32 activation meets a 16-bit weight, and the normalised tile is what autocast
 would have cast), named by the constants below (the kernel's A_PRO / B_PRO):
     A: A_NONE | A_LAYERNORM (row stats per m, weight/bias per k) | A_AFFINE (per k)
+       | A_LAYERNORM_FOLDED (LayerNorm folded into B and the epilogue: A is read as it is, B holds
+       W ⊙ w, and the epilogue applies rstd · (acc − mean · u[n]) with ``a_w`` = u; see fold_layer_norm)
     B: B_NONE | B_LAYERNORM (stats per k, weight/bias per n) | B_AFFINE_N (affine per n) | B_AFFINE_K (per k)
        | B_GELU | B_TOKEN_LAYERNORM (the per-image token linear: stats of token (n // inner, k), weight/bias
        per n) | B_GATE_LAYERNORM (GELU then LayerNorm for gMLP's gate, B[k = (image, channel), n = token]:
        stats of token (k // inner, n), weight/bias per k % inner; the gate's weight gradient from the saved
        pre-activation)
-Epilogue, in order: + bias (per n, or per m), store to ``aux`` (the pre-activation, or the branch before
+Epilogue, in order: the folded LayerNorm (A_LAYERNORM_FOLDED), + bias (per n, or per m), store to ``aux`` (the pre-activation, or the branch before
 scale), GELU or × GELU'(aux), × scale[n % inner], × sample_scale[sample], + residual (or × ``res``:
 gMLP's u ⊙ gate, RES_MUL).
 """
@@ -39,9 +41,10 @@ if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.
 
 # Prologue codes (the kernel's A_PRO / B_PRO; module docstring). Python ints for the launchers, tl.constexpr
 # twins (leading underscore) for the kernel, which may read only constexpr globals.
-A_NONE, A_LAYERNORM, A_AFFINE = 0, 1, 2
+A_NONE, A_LAYERNORM, A_AFFINE, A_LAYERNORM_FOLDED = 0, 1, 2, 3
 B_NONE, B_LAYERNORM, B_AFFINE_N, B_AFFINE_K, B_GELU, B_TOKEN_LAYERNORM, B_GATE_LAYERNORM = 0, 1, 2, 3, 4, 5, 6
 _A_NONE, _A_LAYERNORM = tl.constexpr(A_NONE), tl.constexpr(A_LAYERNORM)
+_A_LAYERNORM_FOLDED = tl.constexpr(A_LAYERNORM_FOLDED)
 _B_NONE, _B_LAYERNORM, _B_AFFINE_N = tl.constexpr(B_NONE), tl.constexpr(B_LAYERNORM), tl.constexpr(B_AFFINE_N)
 _B_AFFINE_K, _B_TOKEN_LAYERNORM = tl.constexpr(B_AFFINE_K), tl.constexpr(B_TOKEN_LAYERNORM)
 _B_GATE_LAYERNORM = tl.constexpr(B_GATE_LAYERNORM)
@@ -184,7 +187,7 @@ def fused_matmul_kernel(
         else:
             b = tl.load(b_ptr + _offsets(rk, b_ki, b_sko, b_ski, B_K_SPLIT, IDX64)[:, None] + b_col[None, :],
                         mask=b_mask, other=0.0)
-        if A_PRO != _A_NONE:
+        if A_PRO != _A_NONE and A_PRO != _A_LAYERNORM_FOLDED:
             af = a.to(tl.float32)
             wk = tl.load(a_w_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
             bk = tl.load(a_b_ptr + rk, mask=mask_k, other=0.0).to(tl.float32)
@@ -248,18 +251,21 @@ def fused_matmul_kernel(
                   o_mi, o_smo, o_smi, o_ni, o_sno, o_sni, x_smo, x_smi, x_sno, x_sni, r_smo, r_smi, r_sno, r_sni,
                   HAS_BIAS, BIAS_ON_M, EPI_GELU, EPI_GELU_GRAD, STORE_BRANCH, HAS_SCALE, HAS_SS, SS_ON_N, HAS_RES,
                   RES_MUL, APPROX_TANH, INTERPRETER, O_M_SPLIT, O_N_SPLIT, X_M_SPLIT, X_N_SPLIT, R_M_SPLIT,
-                  R_N_SPLIT, IDX64, col_sum_ptr, pid_m, COL_SUM, COL_SUM_ROWS)
+                  R_N_SPLIT, IDX64, col_sum_ptr, pid_m, COL_SUM, COL_SUM_ROWS, a_mean_ptr, a_rstd_ptr, a_w_ptr,
+                  A_PRO)
         _epilogue(acc_hi, rm, rn_lo + BLOCK_N // 2, M, N, out_ptr, aux_ptr, res_ptr, bias_ptr, scale_ptr, ss_ptr,
                   o_mi, o_smo, o_smi, o_ni, o_sno, o_sni, x_smo, x_smi, x_sno, x_sni, r_smo, r_smi, r_sno, r_sni,
                   HAS_BIAS, BIAS_ON_M, EPI_GELU, EPI_GELU_GRAD, STORE_BRANCH, HAS_SCALE, HAS_SS, SS_ON_N, HAS_RES,
                   RES_MUL, APPROX_TANH, INTERPRETER, O_M_SPLIT, O_N_SPLIT, X_M_SPLIT, X_N_SPLIT, R_M_SPLIT,
-                  R_N_SPLIT, IDX64, col_sum_ptr, pid_m, COL_SUM, COL_SUM_ROWS)
+                  R_N_SPLIT, IDX64, col_sum_ptr, pid_m, COL_SUM, COL_SUM_ROWS, a_mean_ptr, a_rstd_ptr, a_w_ptr,
+                  A_PRO)
     else:
         _epilogue(acc, rm, rn, M, N, out_ptr, aux_ptr, res_ptr, bias_ptr, scale_ptr, ss_ptr,
                   o_mi, o_smo, o_smi, o_ni, o_sno, o_sni, x_smo, x_smi, x_sno, x_sni, r_smo, r_smi, r_sno, r_sni,
                   HAS_BIAS, BIAS_ON_M, EPI_GELU, EPI_GELU_GRAD, STORE_BRANCH, HAS_SCALE, HAS_SS, SS_ON_N, HAS_RES,
                   RES_MUL, APPROX_TANH, INTERPRETER, O_M_SPLIT, O_N_SPLIT, X_M_SPLIT, X_N_SPLIT, R_M_SPLIT,
-                  R_N_SPLIT, IDX64, col_sum_ptr, pid_m, COL_SUM, COL_SUM_ROWS)
+                  R_N_SPLIT, IDX64, col_sum_ptr, pid_m, COL_SUM, COL_SUM_ROWS, a_mean_ptr, a_rstd_ptr, a_w_ptr,
+                  A_PRO)
 
 
 @triton.jit
@@ -279,12 +285,20 @@ def _epilogue(acc, rm, rn, M, N, out_ptr, aux_ptr, res_ptr, bias_ptr, scale_ptr,
               HAS_RES: tl.constexpr, RES_MUL: tl.constexpr, APPROX_TANH: tl.constexpr, INTERPRETER: tl.constexpr,
               O_M_SPLIT: tl.constexpr, O_N_SPLIT: tl.constexpr, X_M_SPLIT: tl.constexpr, X_N_SPLIT: tl.constexpr,
               R_M_SPLIT: tl.constexpr, R_N_SPLIT: tl.constexpr, IDX64: tl.constexpr, col_sum_ptr, pid_m,
-              COL_SUM: tl.constexpr, COL_SUM_ROWS: tl.constexpr):
+              COL_SUM: tl.constexpr, COL_SUM_ROWS: tl.constexpr, a_mean_ptr, a_rstd_ptr, a_w_ptr,
+              A_PRO: tl.constexpr):
     """The epilogue of one (rows rm, columns rn) tile of the accumulator (module docstring), and its store;
     with COL_SUM also the column sums of what it stores, one partial row per COL_SUM_ROWS rows."""
     mask_m = rm < M
     mask_n = rn < N
     mask = mask_m[:, None] & mask_n[None, :]
+    if A_PRO == _A_LAYERNORM_FOLDED:
+        # Σ_k x[m, k] · w[k] · W[n, k] = rstd⁻¹ · LN(x)·Wᵀ + mean · u[n] (without LN's bias): undone per row.
+        # The statistics are loaded here, not before the K loop, so they hold no registers through it.
+        mean = tl.load(a_mean_ptr + rm, mask=mask_m, other=0.0)
+        rstd = tl.load(a_rstd_ptr + rm, mask=mask_m, other=0.0)
+        u = tl.load(a_w_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        acc = (acc - mean[:, None] * u[None, :]) * rstd[:, None]
     if HAS_BIAS:
         if BIAS_ON_M:
             acc += tl.load(bias_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None]
@@ -653,6 +667,30 @@ TMA_MIN_BLOCK_M = 128
 # MIXER_FAST_TMA=0: operands load by pointers only (no descriptors offered or used), e.g. to tell a TMA
 # fault on a GPU from the rest.
 TMA_ENV = "MIXER_FAST_TMA"
+
+# Where channel mixing's LayerNorm (or ResMLP's affine) meets fc1's GEMM (the ln_gelu site):
+# - LN_ON_LOAD: the A prologue normalises each x tile as it is loaded (A_LAYERNORM / A_AFFINE). The
+#   normalised tile is the wgmma's register operand: every K step reads it back from shared memory,
+#   normalises and rounds it (report TTGIR: 4 local_loads a step).
+# - LN_FOLDED: the GEMM reads x as it is against a copy W ⊙ w of the weight (fold_layer_norm) and the
+#   epilogue undoes the statistics (A_LAYERNORM_FOLDED; the affine folds into the weight and bias alone):
+#   both operands straight from shared memory, as the residual site's. Only where x has the weights'
+#   dtype: under autocast the GEMM would round x, mean and all, to 16 bits.
+# Not yet timed on a GPU: the tune stage times both (bench/tune_table.py), and the faster becomes
+# LN_PLACEMENT. MIXER_FAST_LN chooses per process.
+LN_ENV = "MIXER_FAST_LN"
+LN_ON_LOAD, LN_FOLDED = "load", "fold"
+LN_PLACEMENT = LN_ON_LOAD
+
+
+def ln_placement() -> str:
+    """MIXER_FAST_LN, else LN_PLACEMENT: LN_ON_LOAD or LN_FOLDED; any other value is refused by name."""
+    import os
+
+    value = os.environ.get(LN_ENV, LN_PLACEMENT)
+    if value not in (LN_ON_LOAD, LN_FOLDED):
+        raise ValueError(f"{LN_ENV}: expected {LN_ON_LOAD} or {LN_FOLDED}, got {value!r}")
+    return value
 
 
 # gelu_grad is left out: at 128 × 128 it holds 255 registers with pointer loads already, and with TMA

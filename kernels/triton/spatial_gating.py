@@ -29,8 +29,9 @@ import triton.language as tl
 
 from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
+from .channel_mixing import fc1_operands
 from .layer_norm import layer_norm_backward, layer_norm_stats
-from .matmul import A_LAYERNORM, B_GATE_LAYERNORM, B_LAYERNORM, B_TOKEN_LAYERNORM, flat, fused_matmul, split
+from .matmul import B_GATE_LAYERNORM, B_LAYERNORM, B_TOKEN_LAYERNORM, flat, fused_matmul, split
 from .residual import PER_CHANNEL, residual_grad
 from .token_mixing import norm_backward
 
@@ -103,13 +104,12 @@ def spatial_gating_forward(
     h = _launch.new_output((B, S, H), x, wdt)
     z = _launch.new_output((B, S, H), x, wdt) if save else None
     h_axes = (flat(M, H), flat(H, 1))
+    w1, norm_args = fc1_operands(x, fc1_weight, fc1_bias, nw, nb, (mean, rstd))
     fused_matmul(
-        x, (split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))),
-        fc1_weight, (flat(C, fc1_weight.stride(1)), flat(H, fc1_weight.stride(0))),
-        h, h_axes, M, H, C,
-        variant="ln_gelu", a_pro=A_LAYERNORM, a_stats=(mean, rstd), a_vec=(nw, nb), bias=fc1_bias,
-        aux=z, aux_axes=h_axes if save else None, store_branch=save, epi_gelu=True, approximate=approximate,
-        allow_tf32=allow_tf32)
+        x, (split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))), w1, (flat(C, w1.stride(1)), flat(H, w1.stride(0))),
+        h, h_axes, M, H, C, variant="ln_gelu", **norm_args, aux=z, aux_axes=h_axes if save else None,
+        store_branch=save, epi_gelu=True, approximate=approximate, allow_tf32=allow_tf32)
+    del w1
     u, v = h[..., :Hh], h[..., Hh:]
     gate_mean, gate_rstd = layer_norm_stats(v, gate_eps)
     gw = _launch.vec_or(gate_norm_weight, Hh, 1.0, v)
