@@ -1051,7 +1051,7 @@ def format_summary(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -
     timings = [r for r in records if r["kind"] == "timing"]
     if timings:
         lines.append(f"{'what':<15}{'shape':<11}{'dtype':<6}{'mode':<10}{'reference':>10}{'compile':>9}"
-                     f"{'cublas':>9}{'triton':>9}{'floor':>8}{'tri/ref':>8}")
+                     f"{'cublas':>9}{'triton':>9}{'ln fold':>9}{'floor':>8}{'tri/ref':>8}")
         for r in timings:
             ms = r["ms"]
             ratio = (f"{ms['triton'] / ms['reference']:.2f}" if isinstance(ms.get("triton"), float)
@@ -1059,7 +1059,7 @@ def format_summary(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -
             what = r["block"] + " block" if r["op"] == "block" else r["op"]
             lines.append(f"{what:<15}{r['shape']:<11}{r['dtype']:<6}{r['mode']:<10}{_ms(ms.get('reference')):>10}"
                          f"{_ms(ms.get('compile')):>9}{_ms(ms.get('cublas')):>9}{_ms(ms.get('triton')):>9}"
-                         f"{_ms(r['floor_ms']):>8}{ratio:>8}")
+                         f"{_ms(ms.get(FOLDED_PROVIDER)):>9}{_ms(r['floor_ms']):>8}{ratio:>8}")
             lines += [f"    {p} failed: {e.splitlines()[0][:150]}" for p, e in r.get("errors", {}).items()]
     for r in (r for r in records if r["kind"] == "tiles"):
         lines.append(f"tiles {r['shape']:<10} {r['kernel']:<14} {r['plan']:<40} {r['mode']:<9} {_ms(r['ms']):>8}"

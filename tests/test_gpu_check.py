@@ -254,3 +254,26 @@ def test_a_failed_gemm_case_is_rerun_without_tma(tmp_path, monkeypatch):
     assert [(r["mode"], r["ok"], r["without_tma"]) for r in records] == [("forward", False, "ok"),
                                                                          ("backward", False, "ok")]
     assert [e.get("MIXER_FAST_TMA") for e in envs] == [None, "0"]
+
+
+def test_timing_worker_runs_the_fused_providers_last_and_emits_one_record_a_mode(monkeypatch):
+    # Channel mixing is timed with fc1's LayerNorm on load (triton) and folded (triton_ln_folded): both after
+    # every other provider (a fault in them spoils nothing else), both in each mode's one record.
+    calls, records = [], []
+    providers = {name: {mode: (lambda name=name, mode=mode: calls.append((name, mode)))
+                        for mode in ("forward", "training")}
+                 for name in ("reference", "cublas", "triton", gpu_check.FOLDED_PROVIDER)}
+    monkeypatch.setattr(gpu_check, "_op_providers", lambda *args: providers)
+    monkeypatch.setattr(gpu_check, "_measure", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(gpu_check, "_peak_mib", lambda fn: 10.0)
+    monkeypatch.setattr(gpu_check, "device_class", lambda: "sm_90")
+    monkeypatch.setattr(gpu_check, "emit", records.append)
+    assert gpu_check.timing_worker("channel_mixing", "mixer_b16", "bf16", 256, None) is False
+    assert [name for name, _ in calls] == ["reference"] * 2 + ["cublas"] * 2 + ["triton"] * 2 + [
+        gpu_check.FOLDED_PROVIDER] * 2
+    assert [r["mode"] for r in records] == ["forward", "training"]
+    for r in records:
+        assert set(r["ms"]) == {"reference", "cublas", "triton", gpu_check.FOLDED_PROVIDER}
+    assert set(records[1]["peak_mib"]) == {"reference", "triton", gpu_check.FOLDED_PROVIDER}
+    summary = {"failed": [], "faulted": [], "skipped": [], "seconds": 1.0}
+    assert "ln fold" in gpu_check.format_summary(records, summary)
