@@ -2,15 +2,15 @@
 
 LayerNorm (or ResMLP's affine) is the first GEMM's prologue, applied to each x tile as it is loaded
 with per-token statistics computed once, or folded into its weight and epilogue (fc1_operands); bias +
-GELU is its epilogue, which also keeps the
-pre-activation Z for the backward (GELU is recomputed from Z, never stored). Bias, layer scale, drop
-path and the residual add are the second GEMM's epilogue. Fusing the two GEMMs is not worth it at
-C ≥ 512 (DESIGN.md): the hidden row would not fit on chip.
+GELU is its epilogue, which also keeps the pre-activation Z for the backward (GELU is recomputed from Z,
+never stored). Bias, layer scale, drop path and the residual add are the second GEMM's epilogue. Fusing
+the two GEMMs is not worth it at C ≥ 512 (DESIGN.md): the hidden row would not fit on chip.
 
-Backward, all GEMMs of the same kernel: dZ = (dO · W2) ⊙ GELU'(Z), with fc1's bias gradient as that
-epilogue's partial column sums; g = dZ · W1 (then the row-wise LayerNorm backward); dW1 = dZᵀ · N(x)
-with N recomputed on load; dW2 = dOᵀ · GELU(Z) with GELU recomputed on load. Reductions run over fixed
-tiles in a fixed order: deterministic.
+Backward, after the residual's (residual.py: dO, scale's and fc2 bias's gradients in one pass), all GEMMs
+of the same kernel: dZ = (dO · W2) ⊙ GELU'(Z), with fc1's bias gradient as that epilogue's partial column
+sums; g = dZ · W1 (then the row-wise LayerNorm backward); dW1 = dZᵀ · N(x) with N recomputed on load;
+dW2 = dOᵀ · GELU(Z) with GELU recomputed on load. Reductions run over fixed tiles in a fixed order:
+deterministic.
 """
 from __future__ import annotations
 

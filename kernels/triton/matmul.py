@@ -12,15 +12,15 @@ under torch.autocast an fp32 activation meets a 16-bit weight, and the normalise
 would have cast), named by the constants below (the kernel's A_PRO / B_PRO):
     A: A_NONE | A_LAYERNORM (row stats per m, weight/bias per k) | A_AFFINE (per k)
        | A_LAYERNORM_FOLDED (LayerNorm folded into B and the epilogue: A is read as it is, B holds
-       W ⊙ w, and the epilogue applies rstd · (acc − mean · u[n]) with ``a_w`` = u; see fold_layer_norm)
+       W ⊙ w, and the epilogue applies rstd · (acc − mean · u[n]) with ``a_w`` = u; channel_mixing.fc1_operands)
     B: B_NONE | B_LAYERNORM (stats per k, weight/bias per n) | B_AFFINE_N (affine per n) | B_AFFINE_K (per k)
        | B_GELU | B_TOKEN_LAYERNORM (the per-image token linear: stats of token (n // inner, k), weight/bias
        per n) | B_GATE_LAYERNORM (GELU then LayerNorm for gMLP's gate, B[k = (image, channel), n = token]:
        stats of token (k // inner, n), weight/bias per k % inner; the gate's weight gradient from the saved
        pre-activation)
-Epilogue, in order: the folded LayerNorm (A_LAYERNORM_FOLDED), + bias (per n, or per m), store to ``aux`` (the pre-activation, or the branch before
-scale), GELU or × GELU'(aux), × scale[n % inner], × sample_scale[sample], + residual (or × ``res``:
-gMLP's u ⊙ gate, RES_MUL).
+Epilogue, in order: the folded LayerNorm (A_LAYERNORM_FOLDED), + bias (per n, or per m), store to
+``aux`` (the pre-activation, or the branch before scale), GELU or × GELU'(aux), × scale[n % inner],
+× sample_scale[sample], + residual (or × ``res``: gMLP's u ⊙ gate, RES_MUL).
 """
 from __future__ import annotations
 
@@ -293,7 +293,8 @@ def _epilogue(acc, rm, rn, M, N, out_ptr, aux_ptr, res_ptr, bias_ptr, scale_ptr,
     mask_n = rn < N
     mask = mask_m[:, None] & mask_n[None, :]
     if A_PRO == _A_LAYERNORM_FOLDED:
-        # Σ_k x[m, k] · w[k] · W[n, k] = rstd⁻¹ · LN(x)·Wᵀ + mean · u[n] (without LN's bias): undone per row.
+        # acc = Σ_k x[m, k] · w[k] · W[n, k] = (Σ_k x̂[m, k] · w[k] · W[n, k]) / rstd + mean · u[n]: undone per
+        # row (LN's bias went into the GEMM's bias, W · b).
         # The statistics are loaded here, not before the K loop, so they hold no registers through it.
         mean = tl.load(a_mean_ptr + rm, mask=mask_m, other=0.0)
         rstd = tl.load(a_rstd_ptr + rm, mask=mask_m, other=0.0)
@@ -672,7 +673,7 @@ TMA_ENV = "MIXER_FAST_TMA"
 # - LN_ON_LOAD: the A prologue normalises each x tile as it is loaded (A_LAYERNORM / A_AFFINE). The
 #   normalised tile is the wgmma's register operand: every K step reads it back from shared memory,
 #   normalises and rounds it (report TTGIR: 4 local_loads a step).
-# - LN_FOLDED: the GEMM reads x as it is against a copy W ⊙ w of the weight (fold_layer_norm) and the
+# - LN_FOLDED: the GEMM reads x as it is against a copy W ⊙ w of the weight (channel_mixing.fc1_operands) and the
 #   epilogue undoes the statistics (A_LAYERNORM_FOLDED; the affine folds into the weight and bias alone):
 #   both operands straight from shared memory, as the residual site's. Only where x has the weights'
 #   dtype: under autocast the GEMM would round x, mean and all, to 16 bits.
