@@ -84,3 +84,23 @@ def test_ln_placement_is_validated(monkeypatch):
         matmul.ln_placement()
     monkeypatch.delenv("MIXER_FAST_LN")
     assert matmul.ln_placement() == matmul.LN_PLACEMENT
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("has_b1", [True, False], ids=["b1", "no_b1"])
+def test_fold_weight_against_float64(triton_backend, dtype, has_b1):
+    from conftest import DEVICE
+    from mixer_fast.kernels.triton.channel_mixing import fold_weight
+
+    g = torch.Generator().manual_seed(7)
+    N, K = 37, 300  # neither a multiple of the kernel's blocks
+    w = torch.randn(K, N, generator=g).to(dtype).to(DEVICE).t()  # strided: (N, K) with unit stride along N
+    nw, nb = (torch.randn(K, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    b1 = torch.randn(N, generator=g).to(dtype).to(DEVICE) if has_b1 else None
+    folded, u, v = fold_weight(w, nw, nb, b1)
+    want = w.double() * nw.double()
+    assert folded.dtype == dtype and folded.is_contiguous()
+    torch.testing.assert_close(folded, want.to(dtype), rtol=0, atol=0)  # an exact product, rounded once
+    torch.testing.assert_close(u.double(), folded.double().sum(1), rtol=1e-6, atol=1e-5)
+    want_v = w.double() @ nb.double() + (b1.double() if b1 is not None else 0.0)
+    torch.testing.assert_close(v.double(), want_v, rtol=1e-6, atol=1e-5)

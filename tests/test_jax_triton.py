@@ -200,3 +200,13 @@ def test_gpu_launch_path(gpu_path, op, variant):
     else:
         assert {"token_mlp_fwd_kernel", "token_mlp_dx_kernel", "token_mlp_dw_kernel"} <= names
         assert sum(name == "token_mlp_dw_kernel" for name, _ in gpu_path) == 2
+
+
+@pytest.mark.parametrize("variant", ["mixer", "resmlp"])
+def test_gpu_launch_path_ln_folded(gpu_path, monkeypatch, variant):
+    # The folded LayerNorm's weight pass and GEMM through jax-triton's convention (a shape of its own, so
+    # that the placement is read while tracing here).
+    monkeypatch.setenv("MIXER_FAST_LN", "fold")
+    args, kw = args_for("channel", 2, 9, 40, 56, jnp.float32, variant, seed=12)
+    check_against_xla("triton", "channel", args, kw, jnp.float32, "none")
+    assert ("fold_weight_kernel", False) in gpu_path

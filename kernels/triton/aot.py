@@ -270,7 +270,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
     """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes, ints) for every
     kernel variant and GPU config the launchers use on a GPU, at the named models' shapes; ``ints``: the
     integer arguments to specialise on as a launch does (the token kernels), or None."""
-    from . import layer_norm, matmul, residual, spatial_gating, token_mixing
+    from . import channel_mixing, layer_norm, matmul, residual, spatial_gating, token_mixing
 
     for label in matmul.VARIANTS:
         flags = _site_flags(label, dtype)
@@ -299,6 +299,12 @@ def variants(dtype: str) -> Iterator[Tuple]:
     if dtype != "fp32":
         for fn, name, config, cfg, warps, stages, ptrs, ints in _tma_rows("ln_gelu", folded, _DTYPES[dtype], False):
             yield fn, name.replace("]", ",folded]"), config, cfg, warps, stages, ptrs, ints
+    # and the pass that makes its weight (launched with Triton's defaults, 4 warps and 3 stages)
+    yield (channel_mixing.fold_weight_kernel, "fold_weight", f"{channel_mixing.FOLD_BLOCK_N}x"
+           f"{channel_mixing.FOLD_BLOCK_K} w4 s3", dict(HAS_B1=True, INTERPRETER=False,
+                                                        BLOCK_N=channel_mixing.FOLD_BLOCK_N,
+                                                        BLOCK_K=channel_mixing.FOLD_BLOCK_K), 4, 3,
+           {"u_ptr": "fp32", "v_ptr": "fp32"}, None)
     # torch.autocast: fp32 activations meet bf16 weights in the same kernels.
     if dtype != "fp32":
         mixed = {"x_ptr": "fp32", "out_ptr": "fp32", "res_ptr": "fp32", "branch_ptr": "fp32"}

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
+import triton
+import triton.language as tl
+
 from . import _launch
+from .elementwise import round_to
 from .matmul import (A_AFFINE, A_LAYERNORM, A_LAYERNORM_FOLDED, A_NONE, B_AFFINE_N, B_GELU, B_LAYERNORM, LN_FOLDED,
                      flat, fused_matmul, ln_placement, split)
 from .residual import PER_CHANNEL, residual_grad
@@ -34,26 +38,70 @@ def _token_axis(t: Tensor, S: int):
     return split(S, t.stride(0), t.stride(1))
 
 
+@triton.jit
+def fold_weight_kernel(
+    w_ptr, nw_ptr, nb_ptr, b1_ptr, N, K, swn, swk,
+    folded_ptr, u_ptr, v_ptr,
+    HAS_B1: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The folded norm's operands (fc1_operands) for rows n of a weight W (N, K) (strides swn, swk): W' = W ⊙ nw
+    rounded to ``folded``'s dtype ((N, K) contiguous), u = Σ_k W'[n, k] as rounded and v = Σ_k W[n, k] ·
+    nb[k] + b1[n], fp32: one read of W."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rows < N
+    r64 = rows.to(tl.int64)
+    u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask_k = cols < K
+        m = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_ptr + r64[:, None] * swn + cols.to(tl.int64)[None, :] * swk, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(nw_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+        b = tl.load(nb_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
+        f = round_to(w * g[None, :], folded_ptr.dtype.element_ty, INTERPRETER)
+        tl.store(folded_ptr + r64[:, None] * K + cols[None, :], f, mask=m)
+        u += tl.sum(f.to(tl.float32), axis=1)
+        v += tl.sum(w * b[None, :], axis=1)
+    if HAS_B1:
+        v += tl.load(b1_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(u_ptr + rows, u, mask=mask_n)
+    tl.store(v_ptr + rows, v, mask=mask_n)
+
+
+FOLD_BLOCK_N, FOLD_BLOCK_K = 16, 128  # 16 weight rows a program (Mixer-B/16's fc1: 192 programs)
+
+
+def fold_weight(w: Tensor, nw: Tensor, nb: Tensor, b1: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(W' (N, K) in w's dtype, u (N,) fp32, v (N,) fp32) of fold_weight_kernel for a weight w (N, K)."""
+    import torch
+
+    N, K = w.shape
+    folded = _launch.new_output((N, K), w, w.dtype)
+    u = _launch.new_output((N,), w, torch.float32)
+    v = _launch.new_output((N,), w, torch.float32)
+    if N:
+        with _launch.serialized():
+            fold_weight_kernel[(triton.cdiv(N, FOLD_BLOCK_N),)](
+                w, nw, nb, b1 if b1 is not None else nw, N, K, *w.stride(), folded, u, v, HAS_B1=b1 is not None,
+                INTERPRETER=_launch.INTERPRET, BLOCK_N=FOLD_BLOCK_N, BLOCK_K=FOLD_BLOCK_K)
+    return folded, u, v
+
+
 def fc1_operands(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], nw: Tensor, nb: Tensor,
                  stats: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Dict[str, object]]:
     """fc1's weight as the ln_gelu GEMM reads it ((D, C)) and the fused_matmul arguments that apply the norm
     (LayerNorm with ``stats`` = (mean, rstd), else the affine; weight ``nw``, bias ``nb``) and fc1's bias,
     on load or folded (matmul.ln_placement). Folded: W' = W ⊙ nw rounded to W's dtype, u = Σ_k W'[:, k]
     (from W' as rounded, which the GEMM multiplies) and v = W · nb + b1 in fp32, so that
-    N(x) · Wᵀ + b1 = rstd · (x · W'ᵀ − mean · u) + v; the affine's is x · W'ᵀ + v. One small pass over W."""
-    import torch
-
+    N(x) · Wᵀ + b1 = rstd · (x · W'ᵀ − mean · u) + v; the affine's is x · W'ᵀ + v. One pass over W
+    (fold_weight_kernel), made every call: D · C elements against the GEMM's M · D · C."""
     if ln_placement() != LN_FOLDED or x.dtype != fc1_weight.dtype:
         return fc1_weight, dict(a_pro=A_LAYERNORM if stats is not None else A_AFFINE, a_stats=stats,
                                 a_vec=(nw, nb), bias=fc1_bias)
-    w = fc1_weight.detach().float()
-    folded = (w * nw.float()).to(fc1_weight.dtype)
-    v = torch.mv(w, nb.float())
-    if fc1_bias is not None:
-        v += fc1_bias.float()
+    folded, u, v = fold_weight(fc1_weight, nw, nb, fc1_bias)
     if stats is None:
         return folded, dict(a_pro=A_NONE, bias=v)
-    u = folded.float().sum(1)
     return folded, dict(a_pro=A_LAYERNORM_FOLDED, a_stats=stats, a_vec=(u, u), bias=v)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import triton
 
 from . import _launch
+from .channel_mixing import FOLD_BLOCK_K, FOLD_BLOCK_N, fold_weight_kernel
 from .layer_norm import ROWS, block_c, ln_backward_kernel, ln_stats_kernel
 from .matmul import (A_AFFINE, A_LAYERNORM, A_LAYERNORM_FOLDED, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM,
                      B_NONE, B_TOKEN_LAYERNORM, LN_FOLDED, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
@@ -424,19 +425,20 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
 
 
 def _fc1_operands(x: Array, k1: Array, b1, nwv: Array, nbv: Array, stats) -> Tuple[Array, Dict[str, Any]]:
-    """channel_mixing.fc1_operands for a Flax kernel k1 (C, D): the kernel as the ln_gelu GEMM reads it and
-    the arguments that apply the norm, on load or folded (K1' = nw ⊙ K1, u = Σ_c K1'[c, :], v = nb · K1 + b1)."""
+    """channel_mixing.fc1_operands for a Flax kernel k1 (C, D): the weight as the ln_gelu GEMM reads it and
+    the arguments that apply the norm, on load or folded (fold_weight_kernel on k1's columns as W's rows:
+    W' (D, C), so the GEMM reads it as the torch launcher reads fc1's (D, C) copy)."""
     if ln_placement() != LN_FOLDED or x.dtype != k1.dtype:
         return k1, dict(a_pro=A_LAYERNORM if stats is not None else A_AFFINE, a_stats=stats, a_vec=(nwv, nbv),
                         bias=b1)
-    k = k1.astype(F32)
-    folded = (k * nwv.astype(F32)[:, None]).astype(k1.dtype)
-    v = nbv.astype(F32) @ k
-    if b1 is not None:
-        v = v + b1.astype(F32)
+    C, D = k1.shape
+    folded, u, v = call(fold_weight_kernel, (triton.cdiv(D, FOLD_BLOCK_N),),
+                        [k1, nwv, nbv, b1 if b1 is not None else nwv, D, C, 1, D],
+                        [_shape((D, C), k1.dtype), _shape((D,), F32), _shape((D,), F32)],
+                        HAS_B1=b1 is not None, INTERPRETER=_launch.INTERPRET, BLOCK_N=FOLD_BLOCK_N,
+                        BLOCK_K=FOLD_BLOCK_K)
     if stats is None:
         return folded, dict(a_pro=A_NONE, bias=v)
-    u = folded.astype(F32).sum(0)
     return folded, dict(a_pro=A_LAYERNORM_FOLDED, a_stats=stats, a_vec=(u, u), bias=v)
 
 
@@ -454,8 +456,9 @@ def channel_mixing_forward(x: Array, nw, nb, k1: Array, b1, k2: Array, b2, *, ep
     tok, ch = split(S, S * C, C), flat(C, 1)
     h_axes = (flat(M, D), flat(D, 1))
     w1, norm_args = _fc1_operands(x, k1, b1, nwv, nbv, (mean, rstd) if mean is not None else None)
+    w1_axes = (flat(C, D), flat(D, 1)) if w1 is k1 else (flat(C, 1), flat(D, C))  # k1 (C, D) or W' (D, C)
     hidden, z, _ = fused_matmul(
-        x, (tok, ch), w1, (flat(C, D), flat(D, 1)), (M, D), x.dtype, h_axes, M, D, C, variant="ln_gelu",
+        x, (tok, ch), w1, w1_axes, (M, D), x.dtype, h_axes, M, D, C, variant="ln_gelu",
         precision=precision, **norm_args, store_branch=True, epi_gelu=True, approximate=approximate)
     out, branch, _ = fused_matmul(
         hidden, h_axes, k2, (flat(D, C), flat(C, 1)), x.shape, x.dtype, (tok, ch), M, C, D, variant="residual",
