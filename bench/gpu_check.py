@@ -24,7 +24,8 @@ process: how long it ran, its exit status, the end of its stderr when it failed)
 something faulted). Record schema, one JSON object a line (non-finite floats written as "inf" / "nan"):
 
     {"kind": "env", "date", "commit", "gpu", "device_class": "sm_90" | "cpu", "driver", "versions", "ptxas"}
-    {"kind": "check", "op", "mode": "forward" | "backward", "dtype", "shape", "batch", "ok",
+    {"kind": "check", "op", "mode": "forward" | "backward", "dtype", "shape", "batch",
+     "ln": "load" | "fold" (fc1's LayerNorm, MIXER_FAST_LN), "ok",
      "errors": {name: [max_err, bound]}, "error": str | null, "sanitizer": str | null,
      "without_tma": str | null (a failed case of an op that runs the fused GEMM, rerun with
      MIXER_FAST_TMA=0: "ok", or its error)}
@@ -137,6 +138,12 @@ QUICK_BATCH = 2
 QUICK_CASES = (("token_mixing", "mixer_b16", "bf16"), ("token_mixing", "resmlp_24", "fp32"),
                ("token_mixing", "awkward", "fp16"), ("channel_mixing", "resmlp_24", "bf16"),
                ("channel_mixing", "awkward", "fp32"), ("spatial_gating", "gmlp_s16", "fp16"))
+# fc1's LayerNorm folded (MIXER_FAST_LN=fold; the default places it on load until a GPU times both): checked
+# too, so that a session can switch the default on the strength of one call (LayerNorm, the affine with
+# layer scale and drop path, the awkward shape, gMLP).
+FOLDED_CASES = (("channel_mixing", "mixer_b16", "bf16"), ("channel_mixing", "resmlp_24", "bf16"),
+                ("channel_mixing", "awkward", "fp32"), ("spatial_gating", "gmlp_s16", "bf16"))
+QUICK_FOLDED_CASES = (("channel_mixing", "mixer_b16", "bf16"),)
 TIMING_BATCH = 256
 GRAPH_BATCH = 8
 
@@ -150,10 +157,11 @@ class CheckCase:
     dtype: str
     batch: int
     quick: bool = False
+    ln: str = "load"  # MIXER_FAST_LN for the process
 
     @property
     def name(self) -> str:
-        return f"{self.op} {self.shape} {self.dtype}"
+        return f"{self.op} {self.shape} {self.dtype}" + ("" if self.ln == "load" else f" ln {self.ln}")
 
     @property
     def uses_gemm(self) -> bool:
@@ -233,10 +241,13 @@ def tile_candidates() -> Dict[str, List[Any]]:
 def check_cases(quick: bool) -> List[CheckCase]:
     """The correctness processes, the biggest first (they take longest, so the pool ends evenly)."""
     if quick:
-        return [CheckCase(op, shape, dtype, QUICK_BATCH, quick=True) for op, shape, dtype in QUICK_CASES]
-    return [CheckCase(op, shape, dtype, CHECK_BATCH[shape])
-            for shape in ("mixer_b16", "gmlp_s16", "resmlp_24", "awkward")
-            for op, shapes in OPS.items() if shape in shapes for dtype in DTYPES]
+        return ([CheckCase(op, shape, dtype, QUICK_BATCH, quick=True) for op, shape, dtype in QUICK_CASES]
+                + [CheckCase(op, shape, dtype, QUICK_BATCH, quick=True, ln="fold")
+                   for op, shape, dtype in QUICK_FOLDED_CASES])
+    return ([CheckCase(op, shape, dtype, CHECK_BATCH[shape])
+             for shape in ("mixer_b16", "gmlp_s16", "resmlp_24", "awkward")
+             for op, shapes in OPS.items() if shape in shapes for dtype in DTYPES]
+            + [CheckCase(op, shape, dtype, CHECK_BATCH[shape], ln="fold") for op, shape, dtype in FOLDED_CASES])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -455,16 +466,18 @@ def _check_record(case: Dict[str, Any], mode: str, errors=None, problems=(), err
     problem_text = "; ".join(problems) or None
     ok = error is None and problem_text is None and all(err <= lim for err, lim in errors.values())
     return {"kind": "check", "op": case["op"], "mode": mode, "dtype": case["dtype"], "shape": case["shape"],
-            "batch": case["batch"], "ok": ok, "errors": errors, "error": error or problem_text, "sanitizer": None,
-            "without_tma": None}
+            "batch": case["batch"], "ln": case["ln"], "ok": ok, "errors": errors, "error": error or problem_text,
+            "sanitizer": None, "without_tma": None}
 
 
-def check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool) -> bool:
-    """Forward then backward of ``op`` on the triton backend against eager and float64 on the same device;
-    emits one record per mode. Returns whether a CUDA fault was caught."""
+def check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool, ln: str = "load") -> bool:
+    """Forward then backward of ``op`` on the triton backend against eager and float64 on the same device,
+    with fc1's LayerNorm placed by ``ln`` (MIXER_FAST_LN); emits one record per mode. Returns whether a CUDA
+    fault was caught."""
     import torch
 
-    case = {"op": op, "shape": shape, "dtype": dtype, "batch": batch}
+    os.environ["MIXER_FAST_LN"] = ln
+    case = {"op": op, "shape": shape, "dtype": dtype, "batch": batch, "ln": ln}
     dims, dt, device = (QUICK_SHAPES if quick else SHAPES)[shape], _torch_dtype(dtype), _device()
     args, call = _op_inputs(op, dims, batch, drop_path=dims.drop_path)
     dout = torch.randn(args["x"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

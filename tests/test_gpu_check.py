@@ -29,7 +29,8 @@ gpu_check = _load()
 
 KEYS = {
     "env": {"kind", "date", "commit", "gpu", "device_class", "driver", "versions", "ptxas"},
-    "check": {"kind", "op", "mode", "dtype", "shape", "batch", "ok", "errors", "error", "sanitizer", "without_tma"},
+    "check": {"kind", "op", "mode", "dtype", "shape", "batch", "ln", "ok", "errors", "error", "sanitizer",
+              "without_tma"},
     "graph": {"kind", "ok", "max_diff", "error"},
     "summary": {"kind", "checks", "failed", "faulted", "timings", "skipped", "seconds"},
 }
@@ -150,7 +151,11 @@ def test_worker_run_fault_classification():
 
 def test_case_lists():
     cases = gpu_check.check_cases(quick=False)
-    assert len(cases) == len({c.name for c in cases}) == 21  # (2 ops × 3 shapes + gating) × 3 dtypes
+    # (2 ops × 3 shapes + gating) × 3 dtypes, and 4 with fc1's LayerNorm folded
+    assert len(cases) == len({c.name for c in cases}) == 25
+    folded = [c for c in cases if c.ln == "fold"]
+    assert {c.op for c in folded} == {"channel_mixing", "spatial_gating"} and len(folded) == 4
+    assert all(c.name.endswith(" ln fold") and c.task()["ln"] == "fold" for c in folded)
     assert {c.shape for c in cases if c.op == "spatial_gating"} == {"gmlp_s16"}
     assert {c.shape for c in cases if c.op == "token_mixing"} == {"mixer_b16", "resmlp_24", "awkward"}
     assert all(2 <= c.batch <= 4 for c in cases)

@@ -116,3 +116,19 @@ def test_block_names_are_known():
     assert wins_table.block_op("resmlp_big_24") == "block:resmlp"
     with pytest.raises(ValueError, match="config: no block family known for 'vit_b16'"):
         wins_table.block_op("vit_b16")
+
+
+def test_checks_of_the_other_layernorm_placement_are_not_evidence(tmp_path):
+    # gpu_check also checks fc1's LayerNorm folded (MIXER_FAST_LN=fold): a failure there says nothing about
+    # the placement the backend runs (matmul.LN_PLACEMENT), whose own failures stay losses.
+    from mixer_fast.kernels.triton.matmul import LN_FOLDED, LN_ON_LOAD, LN_PLACEMENT
+
+    other = LN_FOLDED if LN_PLACEMENT == LN_ON_LOAD else LN_ON_LOAD
+    folder = tmp_path / "2026-12-01-NVIDIA_H100"
+    folder.mkdir()
+    check = {"kind": "check", "op": "channel_mixing", "mode": "forward", "dtype": "bf16", "shape": "mixer_b16",
+             "batch": 4, "ok": False, "errors": {"out": [1.0, 0.1]}, "error": None, "sanitizer": None}
+    lines = [{"kind": "env", "device_class": "sm_90"}, dict(check, ln=other), dict(check, ln=LN_PLACEMENT, dtype="fp16")]
+    (folder / "check.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    rows = wins_table.evidence(tmp_path)
+    assert [(r["op"], r["dtype"], r["speedup"]) for r in rows] == [("channel_mixing", "fp16", 0.0)]
