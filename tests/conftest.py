@@ -97,3 +97,18 @@ def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
 
 def grads(module: torch.nn.Module) -> dict:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def spy_ln_gelu_prologues(monkeypatch, module) -> list:
+    """The A prologue (a_pro) of every ln_gelu GEMM that ``module`` (a launcher module: channel_mixing,
+    spatial_gating, jax_launch) launches through its ``fused_matmul``, in order: which LayerNorm placement ran."""
+    seen = []
+    real = module.fused_matmul
+
+    def spy(*args, variant, a_pro=0, **kw):
+        if variant == "ln_gelu":
+            seen.append(a_pro)
+        return real(*args, variant=variant, a_pro=a_pro, **kw)
+
+    monkeypatch.setattr(module, "fused_matmul", spy)
+    return seen

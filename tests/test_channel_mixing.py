@@ -21,18 +21,10 @@ from op_cases import DTYPES, check_backend, make_args  # noqa: E402
 @pytest.fixture
 def a_pros(monkeypatch):
     """The A prologue of every ln_gelu GEMM launched (the fused_matmul the launchers call, spied on)."""
+    from conftest import spy_ln_gelu_prologues
     from mixer_fast.kernels.triton import channel_mixing
 
-    seen = []
-    real = channel_mixing.fused_matmul
-
-    def spy(*args, variant, a_pro=0, **kw):
-        if variant == "ln_gelu":
-            seen.append(a_pro)
-        return real(*args, variant=variant, a_pro=a_pro, **kw)
-
-    monkeypatch.setattr(channel_mixing, "fused_matmul", spy)
-    return seen
+    return spy_ln_gelu_prologues(monkeypatch, channel_mixing)
 
 
 # every dtype and variant on one shape, and the awkward one (S 49, C 100, D 72, B 1) in bf16

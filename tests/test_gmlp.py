@@ -541,17 +541,11 @@ def test_triton_compiles_without_graph_breaks(triton_backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_ln_folded(triton_backend, monkeypatch, dtype):
     # fc1's LayerNorm folded into its weight and epilogue (MIXER_FAST_LN=fold), as channel mixing's
+    from conftest import spy_ln_gelu_prologues
     from mixer_fast.kernels.triton import spatial_gating
     from mixer_fast.kernels.triton.matmul import A_LAYERNORM_FOLDED
 
-    seen = []
-    real = spatial_gating.fused_matmul
-
-    def spy(*args, variant, a_pro=0, **kw):
-        seen.append((variant, a_pro))
-        return real(*args, variant=variant, a_pro=a_pro, **kw)
-
-    monkeypatch.setattr(spatial_gating, "fused_matmul", spy)
+    seen = spy_ln_gelu_prologues(monkeypatch, spatial_gating)
     monkeypatch.setenv("MIXER_FAST_LN", "fold")
     _check_triton(_gating_args(3, 49, 20, 12, seed=8), dtype, sample_scale=torch.tensor([1.0, 0.0, 2.0]))
-    assert ("ln_gelu", A_LAYERNORM_FOLDED) in seen
+    assert A_LAYERNORM_FOLDED in seen

@@ -61,18 +61,11 @@ def test_layernorm_with_single_token_linear_and_layer_scale(op):
 def test_channel_mixing_ln_folded(monkeypatch, variant):
     # fc1's LayerNorm (or affine) folded into its kernel and the epilogue (MIXER_FAST_LN=fold), as torch's;
     # a shape no other test traces, so that the placement is read while tracing here
+    from conftest import spy_ln_gelu_prologues
     from mixer_fast.kernels.triton import jax_launch
     from mixer_fast.kernels.triton.matmul import A_LAYERNORM_FOLDED, A_NONE
 
-    seen = []
-    real = jax_launch.fused_matmul
-
-    def spy(*args, variant, a_pro=0, **kw):
-        if variant == "ln_gelu":
-            seen.append(a_pro)
-        return real(*args, variant=variant, a_pro=a_pro, **kw)
-
-    monkeypatch.setattr(jax_launch, "fused_matmul", spy)
+    seen = spy_ln_gelu_prologues(monkeypatch, jax_launch)
     monkeypatch.setenv("MIXER_FAST_LN", "fold")
     args, kw = args_for("channel", 2, 11, 56, 88, jnp.bfloat16, variant, seed=4)
     check_against_xla("triton", "channel", args, kw, jnp.bfloat16, "none")

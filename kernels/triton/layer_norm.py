@@ -122,6 +122,23 @@ def ln_backward_kernel(
 
 
 @triton.jit
+def token_tile(ptr, r64, c64, mask, S, sb, ss, sc):
+    """Tokens r64 (row r: image r // S, token r % S) × channels c64 of a (B, S, C) tensor with strides (sb, ss,
+    sc), in fp32; zero outside ``mask``."""
+    return tl.load(ptr + ((r64 // S) * sb + (r64 % S) * ss)[:, None] + c64[None, :] * sc, mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def channel_vector(ptr, cols, mask_c, HAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """ptr[cols] in fp32 (zero outside ``mask_c``), or ones where there is no such vector (not HAS)."""
+    if HAS:
+        return tl.load(ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        return tl.full((BLOCK_C,), 1.0, tl.float32)
+
+
+@triton.jit
 def affine_backward_kernel(
     g_ptr, x_ptr, dy_ptr, w_ptr,
     R, S, C,
@@ -137,21 +154,16 @@ def affine_backward_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cols < C
     c64 = cols.to(tl.int64)
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
-    else:
-        w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    w = channel_vector(w_ptr, cols, mask_c, HAS_W, BLOCK_C)
     dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(pid_r * ROW_GROUP, pid_r * ROW_GROUP + ROW_GROUP, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         r64 = rows.to(tl.int64)
-        b = r64 // S
-        s = r64 % S
         m = (rows < R)[:, None] & mask_c[None, :]
         g = tl.load(g_ptr + r64[:, None] * sgr + c64[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + (b * sxb + s * sxs)[:, None] + c64[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + (b * syb + s * sys)[:, None] + c64[None, :] * syc, mask=m, other=0.0).to(tl.float32)
+        x = token_tile(x_ptr, r64, c64, m, S, sxb, sxs, sxc)
+        dy = token_tile(dy_ptr, r64, c64, m, S, syb, sys, syc)
         dw_acc += tl.sum(g * x, axis=0)
         db_acc += tl.sum(g, axis=0)
         tl.store(dx_ptr + r64[:, None] * C + c64[None, :], round_to(dy + g * w[None, :], dx_ptr.dtype.element_ty,
@@ -219,7 +231,7 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Ten
 
 
 # affine_backward_kernel's tiles: a memory-bound pass, as residual.residual_grad_kernel's (8 × 128 on 4
-# warps, 16 tiles a program: 104 registers, report sm_90a), so the partial rows are R / 128 × C fp32.
+# warps, 16 tiles a program: 64 registers, report sm_90a), so the partial rows are R / 128 × C fp32.
 AFFINE_ROW_GROUP, AFFINE_BLOCK_R, AFFINE_BLOCK_C = 128, 8, 128
 
 

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from . import _launch
 from .elementwise import round_to
+from .layer_norm import channel_vector, token_tile
 
 if TYPE_CHECKING:  # torch loads when a launcher runs
     import torch
@@ -53,25 +54,19 @@ def residual_grad_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cols < C
     c64 = cols.to(tl.int64)
-    if HAS_SCALE:
-        f = tl.load(scale_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
-    else:
-        f = tl.full((BLOCK_C,), 1.0, tl.float32)
+    f = channel_vector(scale_ptr, cols, mask_c, HAS_SCALE, BLOCK_C)
     scale_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(pid_r * ROW_GROUP, pid_r * ROW_GROUP + ROW_GROUP, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         mask_r = rows < R
         r64 = rows.to(tl.int64)
-        b = r64 // S
-        s = r64 % S
         m = mask_r[:, None] & mask_c[None, :]
-        d = tl.load(dout_ptr + (b * sdb + s * sds)[:, None] + c64[None, :] * sdc, mask=m, other=0.0).to(tl.float32)
+        d = token_tile(dout_ptr, r64, c64, m, S, sdb, sds, sdc)
         if HAS_SS:
-            d = d * tl.load(ss_ptr + b, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+            d = d * tl.load(ss_ptr + r64 // S, mask=mask_r, other=0.0).to(tl.float32)[:, None]
         if SCALE_GRAD:
-            br = tl.load(branch_ptr + (b * sbb + s * sbs)[:, None] + c64[None, :] * sbc, mask=m, other=0.0)
-            scale_acc += tl.sum(d * br.to(tl.float32), axis=0)
+            scale_acc += tl.sum(d * token_tile(branch_ptr, r64, c64, m, S, sbb, sbs, sbc), axis=0)
         do = d * f[None, :]
         if STORE_DO:
             tl.store(do_ptr + r64[:, None] * C + c64[None, :], round_to(do, do_ptr.dtype.element_ty, INTERPRETER),
@@ -91,7 +86,7 @@ def residual_grad_kernel(
 
 # 8 × 128 tiles on 4 warps, 16 of them a program: at Mixer-B/16, batch 256, 392 × 6 programs, and partial
 # rows of R / 128 × C fp32 (1.2 MB against dout's 77 MB). The tile loop is unrolled, its loads issued
-# together: 92-96 registers (report, sm_90a), where 16-row tiles took 206-212 (2 programs an SM, not 5).
+# together: 94-96 registers (report, sm_90a), where 16-row tiles took 206-212 (2 programs an SM, not 5).
 ROW_GROUP, BLOCK_R, BLOCK_C = 128, 8, 128
 
 
