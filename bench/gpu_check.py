@@ -1136,8 +1136,9 @@ def check_stage(opts: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # The ``tests`` command.
 
-TRITON_TEST_FILES = ("test_token_mixing.py", "test_channel_mixing.py", "test_gmlp.py", "test_blocks.py",
-                     "test_large_tensors.py", "test_determinism.py", "test_compile.py", "test_jax_triton.py")
+TRITON_TEST_FILES = ("test_token_mixing.py", "test_channel_mixing.py", "test_gmlp.py", "test_residual.py",
+                     "test_matmul.py", "test_blocks.py", "test_large_tensors.py", "test_determinism.py",
+                     "test_compile.py", "test_jax_triton.py")
 
 
 def gpu_test_files(tests_dir: Path = ROOT / "tests") -> List[str]:

@@ -37,13 +37,17 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 # The lent machines have torch, triton, jax, timm, pytest-benchmark, pytest-xdist but no registry: install
-# mixer_fast alone, and jax-triton (not installed there) from wheels carried in wheels/ (triton 3.6 there:
-# jax-triton 0.3.1 is the newest that accepts it), fetched beforehand with
-#     pip download --no-deps --only-binary=:all: --python-version 3.12 -d wheels jax-triton==0.3.1
+# mixer_fast alone, and from wheels carried in wheels/ what they lack: jax-triton (triton 3.6 there:
+# jax-triton 0.3.1 is the newest that accepts it) and the gpu extra's nvidia-cuda-nvcc (its ptxas 13.5 is the
+# one the backend then assembles with, as issue 15's check asks; without it, CUDA 13.0's in /usr/local/cuda).
+# Fetched beforehand, 47 MB in all (a device call carries at most 64 MiB):
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#         -d wheels jax-triton==0.3.1 "nvidia-cuda-nvcc>=13.3,<14"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 \
   || { echo "install failed; see $out/install.log"; exit 1; }
-if ! python3 -c "import jax_triton" >/dev/null 2>&1 && ls wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --no-index wheels/*.whl >>"$out/install.log" 2>&1 || echo "jax-triton install failed" >>"$out/install.log"
+if ls wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --no-index wheels/*.whl >>"$out/install.log" 2>&1 \
+    || echo "wheels/ install failed" >>"$out/install.log"
 fi
 # torch and JAX share the GPU in one process: no JAX preallocation of 75% of its memory.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false

@@ -56,6 +56,8 @@ def test_bad_arguments_are_rejected():
     assert r.returncode == 2 and "--batch and --iters must be at least 1" in r.stderr
     r = run(sys.executable, "-m", "mixer_fast", "demo", "--model", "vit_b16", "--no-compile")
     assert r.returncode != 0 and "name: expected one of" in r.stderr
+    r = run(sys.executable, "-m", "mixer_fast", "report", "--jobs", "0")
+    assert r.returncode == 2 and "argument --jobs: expected a positive integer, got 0" in r.stderr, r.stderr
 
 
 def test_demo_small_resmlp():

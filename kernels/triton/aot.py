@@ -10,6 +10,8 @@ Needs triton imported in compiled mode (TRITON_INTERPRET unset or 0): the CLI ru
 """
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 import re
 import subprocess
@@ -387,12 +389,28 @@ def variants(dtype: str) -> Iterator[Tuple]:
            None, None)
 
 
-def report(arch: str, dtype: str = "bf16") -> List[Row]:
-    """Compile every variant for ``arch`` ("sm_90a" or "sm_80")."""
+def _compile_variant(arch: str, dtype: str, index: int) -> Row:
+    """Row ``index`` of :func:`variants`: a worker process rebuilds the list, since Triton's JIT functions
+    do not pickle."""
+    fn, name, config, cfg, w, s, p, ints = list(variants(dtype))[index]
+    return compile_row(fn, name, config, cfg, arch=arch, dtype=dtype, num_warps=w, num_stages=s, ptr_dtypes=p,
+                       ints=ints)
+
+
+def report(arch: str, dtype: str = "bf16", jobs: int = 1) -> List[Row]:
+    """Compile every variant for ``arch`` ("sm_90a" or "sm_80"), ``jobs`` processes at once, rows in
+    :func:`variants`' order either way. Each compile runs on one core: on two cores with a cold Triton
+    cache the 113 bf16 rows took 190-214 s in one process and 92 s in two (2026-11-28)."""
     if arch not in ARCHS:
         raise ValueError(f"arch: expected one of {sorted(ARCHS)}, got {arch!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-    return [compile_row(fn, name, config, cfg, arch=arch, dtype=dtype, num_warps=w, num_stages=s, ptr_dtypes=p,
-                        ints=ints)
-            for fn, name, config, cfg, w, s, p, ints in variants(dtype)]
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs: expected a positive integer, got {jobs!r}")
+    count = sum(1 for _ in variants(dtype))
+    if jobs == 1:
+        return [_compile_variant(arch, dtype, i) for i in range(count)]
+    # spawn, not fork: the parent may hold Triton's and the ptxas subprocesses' state from other threads
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, count), mp_context=context) as pool:
+        return list(pool.map(_compile_variant, [arch] * count, [dtype] * count, range(count)))
