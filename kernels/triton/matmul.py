@@ -447,14 +447,18 @@ SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
 # back; specialised that way the report compiles them as the torch launches (no spills; pruned configs for
 # the unhinted compile, JAX_CONFIGS, are gone).
 # fp32 operands on both sides (no autocast): "ieee" dots run on the FMA units, never wgmma, and the tiles
-# above spill kilobytes there (ln_b 128×128: 38 KB). These two are spill-free at every specialised site
-# (report --dtype fp32, triton 3.8) but the split-K weight gradients at 32×64 (12-40 B); the gMLP gate
-# sites, compiled unspecialised, still spill 44-404 B. Not yet timed against cuBLAS fp32.
-FP32_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 64, 16, 4, 3), (32, 64, 32, 4, 2))
+# above spill kilobytes there (ln_b 128×128: 38 KB). Every fp32 config below is spill-free at the sites
+# that launch it (report --dtype fp32, under triton 3.8 + ptxas 12.9 and triton 3.6 + ptxas 13.5, the lent
+# GPUs' toolchain). Not yet timed against cuBLAS fp32.
+# The first was 64 × 64 × 16 at 4 warps, which spilled 24 B at residual through jax-triton under triton 3.6 +
+# ptxas 13.5; no 64 × 64 form tried was clean at every site under both toolchains (8 warps, 2-4 stages:
+# 8-16 B at ln_gelu or ln_b, 80-128 registers). 64 × 32 at 8 warps is: 125-126 registers at most.
+FP32_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 32, 16, 8, 3), (32, 64, 32, 4, 2))
 # Where those spilled, specialised (report --dtype fp32, triton 3.8): the split-K weight gradients (32 × 64:
 # 12-52 B; gate_b's 64 × 64: 12 B) and the per-image S × S token linears (gate_proj 64 × 64: 92 B, gate_b
 # 32 × 64 × 32: 44 B; ResMLP's token_linear 64 × 64 × 16: 8 B through jax-triton).
-FP32_SPLIT_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 32, 16, 4, 3), (32, 32, 32, 4, 2))
+# 32 × 32 × 32 spilled 16 B at gate_b under triton 3.6 + ptxas 13.5; with 16-wide K steps 96-128 registers.
+FP32_SPLIT_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 32, 16, 4, 3), (32, 32, 16, 4, 2))
 FP32_TOKEN_LINEAR_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((32, 64, 16, 4, 3), (32, 32, 32, 4, 2))
 FP32_TOKEN_LINEAR_SITES = frozenset({"token_linear", "gate_proj", "gate_b"})
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)

@@ -535,12 +535,14 @@ def gpu_config(kernel: str, S: int, D: int, mma_bytes: int = 2) -> Launch:
     pieces, width = s_pieces(S), aligned(S)
     if mma_bytes > 2 and width <= 256 and kernel == "token_mlp_dw":
         # fp32 dW on the token pieces, 8 warps: one 256-wide piece spilled 3.3-4.3 KB at 4 warps and
-        # 284-336 B at 8 (report --dtype fp32); three pieces at 4 warps 648-1204 B
-        return Launch(pieces, 16, 16, 8 if width > 64 else 4, 2, (DW1, DW2))
+        # 284-336 B at 8 (report --dtype fp32); three pieces at 4 warps 648-1204 B; at S ≤ 64 4 warps
+        # spilled 8 B under triton 3.6 + ptxas 13.5 (8 warps: 128 registers under both toolchains)
+        return Launch(pieces, 16, 16, 8, 2, (DW1, DW2))
     if mma_bytes > 2 or width > 256:
         if kernel == "token_mlp_dw":
             return Launch((_launch.pow2(S), 0, 0), 16, 16, 4, 2, (DW1, DW2))
-        return Launch(pieces, 16, 16, 4, 2)
+        # fp32's forward at S ≤ 64 spilled 40 B at 2 stages under triton 3.6 + ptxas 13.5 (72 registers at 3)
+        return Launch(pieces, 16, 16, 4, 3 if kernel == "token_mlp_fwd" and width <= 64 else 2)
     if width <= 64:
         if kernel == "token_mlp_dw":
             return Launch(pieces, 32, 64, 8, 2)
