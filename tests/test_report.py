@@ -64,3 +64,16 @@ def test_registers_and_shared_memory_fit_hopper(rows):
     for r in rows:
         assert 0 < r["registers"] <= 255
         assert 0 <= r["shared_bytes"] <= 227 * 1024, r
+
+
+def test_report_arguments_are_checked():
+    require("triton")
+    from mixer_fast.kernels.triton import aot, matmul
+
+    with pytest.raises(ValueError, match="jobs: expected a positive integer, got True"):
+        aot.report("sm_90a", jobs=True)
+    with pytest.raises(ValueError, match="arch: expected one of"):
+        aot.report("sm_70")
+    if not hasattr(matmul.fused_matmul_kernel, "params"):  # this process runs Triton's interpreter (no GPU)
+        with pytest.raises(RuntimeError, match="needs triton in compiled mode"):
+            aot.report("sm_90a", jobs=2)

@@ -405,8 +405,14 @@ def report(arch: str, dtype: str = "bf16", jobs: int = 1) -> List[Row]:
         raise ValueError(f"arch: expected one of {sorted(ARCHS)}, got {arch!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-    if not isinstance(jobs, int) or jobs < 1:
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ValueError(f"jobs: expected a positive integer, got {jobs!r}")
+    from . import matmul
+
+    if not hasattr(matmul.fused_matmul_kernel, "params"):
+        raise RuntimeError("the static report needs triton in compiled mode, but this process imported it "
+                           "with TRITON_INTERPRET=1; run `mixer-fast report` (it starts a clean process) or "
+                           "set TRITON_INTERPRET=0 before importing triton")
     count = sum(1 for _ in variants(dtype))
     if jobs == 1:
         return [_compile_variant(arch, dtype, i) for i in range(count)]

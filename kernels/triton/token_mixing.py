@@ -529,7 +529,8 @@ def gpu_config(kernel: str, S: int, D: int, mma_bytes: int = 2) -> Launch:
     - S > 256 (no named model): the accumulator row no longer fits at BLOCK_C 64: 16-channel programs on
       mma.sync (correct, not tuned: the dispatch table picks the reference unless a win is measured).
     - fp32 runs its "ieee" dots on the FMA units (never wgmma) and fits only 16 × 16 tiles; its dW at
-      S = 196 runs on the three token pieces with 8 warps (spill-free; a 256-wide piece spilled KBs)."""
+      S ≤ 256 runs on the token pieces with 8 warps (spill-free; a 256-wide piece spilled KBs), and its
+      forward at S ≤ 64 with 3 stages (2 spilled under triton 3.6 + ptxas 13.5)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     pieces, width = s_pieces(S), aligned(S)
