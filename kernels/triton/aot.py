@@ -11,6 +11,7 @@ Needs triton imported in compiled mode (TRITON_INTERPRET unset or 0): the CLI ru
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import re
@@ -389,12 +390,21 @@ def variants(dtype: str) -> Iterator[Tuple]:
            None, None)
 
 
-def _compile_variant(arch: str, dtype: str, index: int) -> Row:
-    """Row ``index`` of :func:`variants`: a worker process rebuilds the list, since Triton's JIT functions
-    do not pickle."""
-    fn, name, config, cfg, w, s, p, ints = list(variants(dtype))[index]
+def _compile(variant: Tuple, arch: str, dtype: str) -> Row:
+    fn, name, config, cfg, w, s, p, ints = variant
     return compile_row(fn, name, config, cfg, arch=arch, dtype=dtype, num_warps=w, num_stages=s, ptr_dtypes=p,
                        ints=ints)
+
+
+@functools.lru_cache(maxsize=None)
+def _variant_list(dtype: str) -> Tuple[Tuple, ...]:
+    return tuple(variants(dtype))
+
+
+def _compile_variant(arch: str, dtype: str, index: int) -> Row:
+    """Row ``index`` of :func:`variants`, in a worker process: Triton's JIT functions do not pickle, so each
+    worker builds the list of variants itself, once."""
+    return _compile(_variant_list(dtype)[index], arch, dtype)
 
 
 def report(arch: str, dtype: str = "bf16", jobs: int = 1) -> List[Row]:
@@ -413,10 +423,11 @@ def report(arch: str, dtype: str = "bf16", jobs: int = 1) -> List[Row]:
         raise RuntimeError("the static report needs triton in compiled mode, but this process imported it "
                            "with TRITON_INTERPRET=1; run `mixer-fast report` (it starts a clean process) or "
                            "set TRITON_INTERPRET=0 before importing triton")
-    count = sum(1 for _ in variants(dtype))
+    rows = list(variants(dtype))
     if jobs == 1:
-        return [_compile_variant(arch, dtype, i) for i in range(count)]
+        return [_compile(v, arch, dtype) for v in rows]
     # spawn, not fork: the parent may hold Triton's and the ptxas subprocesses' state from other threads
     context = multiprocessing.get_context("spawn")
+    count = len(rows)
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, count), mp_context=context) as pool:
         return list(pool.map(_compile_variant, [arch] * count, [dtype] * count, range(count)))

@@ -454,9 +454,10 @@ SPLIT_CONFIGS: Dict[str, Tuple[Tuple[int, int, int, int, int], ...]] = {
 # ptxas 13.5; no 64 × 64 form tried was clean at every site under both toolchains (8 warps, 2-4 stages:
 # 8-16 B at ln_gelu or ln_b, 80-128 registers). 64 × 32 at 8 warps is: 125-126 registers at most.
 FP32_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 32, 16, 8, 3), (32, 64, 32, 4, 2))
-# Where the 64 × 64 and 32 × 64 tiles spilled, specialised (report --dtype fp32, triton 3.8): the split-K weight gradients (32 × 64:
-# 12-52 B; gate_b's 64 × 64: 12 B) and the per-image S × S token linears (gate_proj 64 × 64: 92 B, gate_b
-# 32 × 64 × 32: 44 B; ResMLP's token_linear 64 × 64 × 16: 8 B through jax-triton).
+# Where the 64 × 64 and 32 × 64 tiles spilled, specialised (report --dtype fp32, triton 3.8): the split-K
+# weight gradients (32 × 64: 12-52 B; gate_b's 64 × 64: 12 B) and the per-image S × S token linears
+# (gate_proj 64 × 64: 92 B, gate_b 32 × 64 × 32: 44 B; ResMLP's token_linear 64 × 64 × 16: 8 B through
+# jax-triton).
 # 32 × 32 × 32 spilled 16 B at gate_b under triton 3.6 + ptxas 13.5; with 16-wide K steps 96-128 registers.
 FP32_SPLIT_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((64, 32, 16, 4, 3), (32, 32, 16, 4, 2))
 FP32_TOKEN_LINEAR_CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = ((32, 64, 16, 4, 3), (32, 32, 32, 4, 2))
