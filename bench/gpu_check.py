@@ -144,6 +144,12 @@ QUICK_CASES = (("token_mixing", "mixer_b16", "bf16"), ("token_mixing", "resmlp_2
 FOLDED_CASES = (("channel_mixing", "mixer_b16", "bf16"), ("channel_mixing", "resmlp_24", "bf16"),
                 ("channel_mixing", "awkward", "fp32"), ("spatial_gating", "gmlp_s16", "bf16"))
 QUICK_FOLDED_CASES = (("channel_mixing", "mixer_b16", "bf16"),)
+# Channel mixing on cuBLAS GEMMs with the Triton passes around them (MIXER_FAST_GEMM=cublas; matmul.gemm_engine,
+# the fused GEMMs' fallback until a GPU times both): LayerNorm with the residual folded into the GEMM, the
+# affine with layer scale and drop path, the awkward shape.
+CUBLAS_CASES = (("channel_mixing", "mixer_b16", "bf16"), ("channel_mixing", "resmlp_24", "bf16"),
+                ("channel_mixing", "awkward", "fp32"))
+QUICK_CUBLAS_CASES = (("channel_mixing", "resmlp_24", "bf16"),)
 TIMING_BATCH = 256
 GRAPH_BATCH = 8
 
@@ -158,10 +164,12 @@ class CheckCase:
     batch: int
     quick: bool = False
     ln: str = "load"  # MIXER_FAST_LN for the process
+    gemm: str = "fused"  # MIXER_FAST_GEMM for the process
 
     @property
     def name(self) -> str:
-        return f"{self.op} {self.shape} {self.dtype}" + ("" if self.ln == "load" else f" ln {self.ln}")
+        return (f"{self.op} {self.shape} {self.dtype}" + ("" if self.ln == "load" else f" ln {self.ln}")
+                + ("" if self.gemm == "fused" else f" gemm {self.gemm}"))
 
     @property
     def uses_gemm(self) -> bool:
@@ -243,11 +251,14 @@ def check_cases(quick: bool) -> List[CheckCase]:
     if quick:
         return ([CheckCase(op, shape, dtype, QUICK_BATCH, quick=True) for op, shape, dtype in QUICK_CASES]
                 + [CheckCase(op, shape, dtype, QUICK_BATCH, quick=True, ln="fold")
-                   for op, shape, dtype in QUICK_FOLDED_CASES])
+                   for op, shape, dtype in QUICK_FOLDED_CASES]
+                + [CheckCase(op, shape, dtype, QUICK_BATCH, quick=True, gemm="cublas")
+                   for op, shape, dtype in QUICK_CUBLAS_CASES])
     return ([CheckCase(op, shape, dtype, CHECK_BATCH[shape])
              for shape in ("mixer_b16", "gmlp_s16", "resmlp_24", "awkward")
              for op, shapes in OPS.items() if shape in shapes for dtype in DTYPES]
-            + [CheckCase(op, shape, dtype, CHECK_BATCH[shape], ln="fold") for op, shape, dtype in FOLDED_CASES])
+            + [CheckCase(op, shape, dtype, CHECK_BATCH[shape], ln="fold") for op, shape, dtype in FOLDED_CASES]
+            + [CheckCase(op, shape, dtype, CHECK_BATCH[shape], gemm="cublas") for op, shape, dtype in CUBLAS_CASES])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,18 +477,20 @@ def _check_record(case: Dict[str, Any], mode: str, errors=None, problems=(), err
     problem_text = "; ".join(problems) or None
     ok = error is None and problem_text is None and all(err <= lim for err, lim in errors.values())
     return {"kind": "check", "op": case["op"], "mode": mode, "dtype": case["dtype"], "shape": case["shape"],
-            "batch": case["batch"], "ln": case["ln"], "ok": ok, "errors": errors, "error": error or problem_text,
+            "batch": case["batch"], "ln": case["ln"], "gemm": case["gemm"], "ok": ok, "errors": errors, "error": error or problem_text,
             "sanitizer": None, "without_tma": None}
 
 
-def check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool, ln: str = "load") -> bool:
+def check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool, ln: str = "load",
+                 gemm: str = "fused") -> bool:
     """Forward then backward of ``op`` on the triton backend against eager and float64 on the same device,
-    with fc1's LayerNorm placed by ``ln`` (MIXER_FAST_LN); emits one record per mode. Returns whether a CUDA
-    fault was caught."""
+    with fc1's LayerNorm placed by ``ln`` (MIXER_FAST_LN) and channel mixing's GEMMs by ``gemm``
+    (MIXER_FAST_GEMM); emits one record per mode. Returns whether a CUDA fault was caught."""
     import torch
 
     os.environ["MIXER_FAST_LN"] = ln
-    case = {"op": op, "shape": shape, "dtype": dtype, "batch": batch, "ln": ln}
+    os.environ["MIXER_FAST_GEMM"] = gemm
+    case = {"op": op, "shape": shape, "dtype": dtype, "batch": batch, "ln": ln, "gemm": gemm}
     dims, dt, device = (QUICK_SHAPES if quick else SHAPES)[shape], _torch_dtype(dtype), _device()
     args, call = _op_inputs(op, dims, batch, drop_path=dims.drop_path)
     dout = torch.randn(args["x"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -623,11 +636,13 @@ def _op_providers(op: str, dims: Dims, dtype, batch: int) -> Dict[str, Dict[str,
     providers = {"reference": _modes(lambda: call(leaves, "reference"), leaves.values(), dout)}
     if op == "channel_mixing":
         providers["cublas"] = _cublas_modes(leaves["x"], leaves["fc1_weight"], leaves["fc2_weight"], dout)
-    providers["triton"] = _modes(lambda: call(leaves, "triton"), leaves.values(), dout)
+    modes = _modes(lambda: call(leaves, "triton"), leaves.values(), dout)
+    providers["triton"] = _env_modes(modes, "fused", "load")
     if op in LN_FOLD_OPS:
         # The other LayerNorm placement of fc1's GEMM (matmul.ln_placement), side by side with the default
-        providers[FOLDED_PROVIDER] = _modes(_with_env(lambda: call(leaves, "triton"), "MIXER_FAST_LN", "fold"),
-                                            leaves.values(), dout)
+        providers[FOLDED_PROVIDER] = _env_modes(modes, "fused", "fold")
+    if op in GEMM_ENGINE_OPS:
+        providers[CUBLAS_PROVIDER] = _env_modes(modes, "cublas", "load")
     return providers
 
 
@@ -635,6 +650,18 @@ def _op_providers(op: str, dims: Dims, dtype, batch: int) -> Dict[str, Dict[str,
 # the epilogue, say which, and why, measured"); their records carry ms[FOLDED_PROVIDER] too.
 LN_FOLD_OPS = ("channel_mixing", "spatial_gating")
 FOLDED_PROVIDER = "triton_ln_folded"
+# The ops (and the blocks made of them) whose GEMMs can run in cuBLAS instead (matmul.gemm_engine), timed both
+# ways (issue 17: "measure cuBLAS plus fused Triton element-wise kernels and use whichever is faster").
+GEMM_ENGINE_OPS = ("channel_mixing",)
+GEMM_ENGINE_FAMILIES = ("mixer", "resmlp")
+CUBLAS_PROVIDER = "triton_cublas"
+
+
+def _env_modes(modes: Dict[str, Callable[[], Any]], gemm: str, ln: str) -> Dict[str, Callable[[], Any]]:
+    """Each of ``modes`` run whole (forward and backward) with MIXER_FAST_GEMM=``gemm`` and MIXER_FAST_LN=``ln``,
+    so that a provider times one engine and placement whatever the process's defaults are."""
+    return {mode: _with_env(_with_env(fn, "MIXER_FAST_LN", ln), "MIXER_FAST_GEMM", gemm)
+            for mode, fn in modes.items()}
 
 
 def _with_env(fn: Callable[[], Any], name: str, value: str) -> Callable[[], Any]:
@@ -696,7 +723,12 @@ def _block_providers(dims: Dims, dtype, batch: int, with_compile: bool) -> Dict[
     if with_compile:
         modules["compile"] = torch.compile(reference)
     modules["triton"] = fused
-    return {name: _modes(lambda m=m: m(x), [x, *m.parameters()], dout) for name, m in modules.items()}
+    providers = {name: _modes(lambda m=m: m(x), [x, *m.parameters()], dout) for name, m in modules.items()}
+    providers["triton"] = _env_modes(providers["triton"], "fused", "load")
+    if dims.family in GEMM_ENGINE_FAMILIES:
+        providers[CUBLAS_PROVIDER] = _env_modes(_modes(lambda: fused(x), [x, *fused.parameters()], dout), "cublas",
+                                                "load")
+    return providers
 
 
 def timing_worker(what: str, shape: str, dtype: str, batch: int, peak_tflops: Optional[float]) -> bool:
@@ -1064,7 +1096,7 @@ def format_summary(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -
     timings = [r for r in records if r["kind"] == "timing"]
     if timings:
         lines.append(f"{'what':<15}{'shape':<11}{'dtype':<6}{'mode':<10}{'reference':>10}{'compile':>9}"
-                     f"{'cublas':>9}{'triton':>9}{'ln fold':>9}{'floor':>8}{'tri/ref':>8}")
+                     f"{'cublas':>9}{'triton':>9}{'ln fold':>9}{'+cuBLAS':>9}{'floor':>8}{'tri/ref':>8}")
         for r in timings:
             ms = r["ms"]
             ratio = (f"{ms['triton'] / ms['reference']:.2f}" if isinstance(ms.get("triton"), float)
@@ -1072,7 +1104,8 @@ def format_summary(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -
             what = r["block"] + " block" if r["op"] == "block" else r["op"]
             lines.append(f"{what:<15}{r['shape']:<11}{r['dtype']:<6}{r['mode']:<10}{_ms(ms.get('reference')):>10}"
                          f"{_ms(ms.get('compile')):>9}{_ms(ms.get('cublas')):>9}{_ms(ms.get('triton')):>9}"
-                         f"{_ms(ms.get(FOLDED_PROVIDER)):>9}{_ms(r['floor_ms']):>8}{ratio:>8}")
+                         f"{_ms(ms.get(FOLDED_PROVIDER)):>9}{_ms(ms.get(CUBLAS_PROVIDER)):>9}{_ms(r['floor_ms']):>8}"
+                         f"{ratio:>8}")
             lines += [f"    {p} failed: {e.splitlines()[0][:150]}" for p, e in r.get("errors", {}).items()]
     for r in (r for r in records if r["kind"] == "tiles"):
         lines.append(f"tiles {r['shape']:<10} {r['kernel']:<14} {r['plan']:<40} {r['mode']:<9} {_ms(r['ms']):>8}"

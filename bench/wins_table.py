@@ -8,9 +8,10 @@ dtype and device class: ``check.jsonl`` of bench/gpu_check.py ("timing" records)
 (``bench.json`` of bench/gpu_suite.sh, ``cpu_bench*.json`` of bench/test_cpu.py) and the 2026-11-27 H200
 ``measurements.jsonl``. The rule: a backend is chosen for (op, mode, dtype, device class) when it has
 evidence there and every piece of it is faster than the reference (reference time / backend time > 1,
-medians where a file has several rounds). A block's timing counts for each op the block is made of. A fault
-or error of the backend in a timing, or a failed correctness check of gpu_check.py (forward → forward,
-backward → training), is evidence too: a loss (speedup 0). Backward-only benchmarks ("bwd") are not a mode
+medians where a file has several rounds), counting only the newest run (results folder) with evidence for
+that key: older runs timed kernels since rewritten. A block's timing counts for each op the block is made
+of. A fault or error of the backend in a timing, or a failed correctness check of gpu_check.py (forward →
+forward, backward → training), is evidence too: a loss (speedup 0). Backward-only benchmarks ("bwd") are not a mode
 a call runs in and are left out. Nothing else enters the table: no evidence, no automatic choice.
 """
 from __future__ import annotations
@@ -22,14 +23,15 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
-from mixer_fast.kernels.triton.matmul import LN_PLACEMENT  # the LayerNorm placement the backend runs
+# the LayerNorm placement and the GEMM engine the backend runs
+from mixer_fast.kernels.triton.matmul import GEMM_CUBLAS, GEMM_ENGINE, GEMM_FUSED, LN_FOLDED, LN_ON_LOAD, LN_PLACEMENT
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 TABLE = ROOT / "mixer_fast" / "measured_wins.json"
 RULE = ("a fused backend is chosen for (op, mode, dtype, device class) only when it has committed evidence there "
-        "and every piece of it is faster than the reference (speedup = reference ms / backend ms > 1; a fault or a "
-        "failed correctness check counts as a loss)")
+        "and every piece of it from the newest run that has any is faster than the reference (speedup = reference "
+        "ms / backend ms > 1; a fault or a failed correctness check counts as a loss)")
 BLOCK_OPS = {"mixer": ("token_mixing", "channel_mixing"), "resmlp": ("token_mixing", "channel_mixing"),
              "gmlp": ("spatial_gating",)}
 MODES = {"forward": "forward", "fwd": "forward", "training": "training", "train": "training", "fwd+bwd": "training",
@@ -66,27 +68,46 @@ def block_op(config: str) -> str:
     raise ValueError(f"config: no block family known for {config!r}")
 
 
+# Where fc1's LayerNorm placement (matmul.LN_PLACEMENT) and channel mixing's GEMM engine (matmul.GEMM_ENGINE)
+# change what runs: the ops and blocks containing them. gpu_check.py times each choice as its own provider.
+LN_OPS = frozenset({"channel_mixing", "spatial_gating", "block:mixer", "block:resmlp", "block:gmlp"})
+ENGINE_OPS = frozenset({"channel_mixing", "block:mixer", "block:resmlp"})
+PROVIDERS = {(GEMM_FUSED, LN_ON_LOAD): "triton", (GEMM_FUSED, LN_FOLDED): "triton_ln_folded",
+             (GEMM_CUBLAS, LN_ON_LOAD): "triton_cublas", (GEMM_CUBLAS, LN_FOLDED): "triton_cublas"}
+
+
+def shipped(op: str) -> tuple:
+    """(GEMM engine, LayerNorm placement) the backend runs ``op`` with; the defaults where they change nothing."""
+    return (GEMM_ENGINE if op in ENGINE_OPS else GEMM_FUSED,
+            LN_PLACEMENT if op in LN_OPS and not (op in ENGINE_OPS and GEMM_ENGINE == GEMM_CUBLAS) else LN_ON_LOAD)
+
+
 def from_check(path: Path) -> Iterator[dict]:
-    """bench/gpu_check.py records: "timing" ones (the triton backend against the reference; a triton error is
-    a loss) and failed "check" ones (a loss for that op, mode and dtype on the run's device class)."""
+    """bench/gpu_check.py records: "timing" ones (the triton backend as shipped against the reference; a
+    triton error is a loss) and failed "check" ones (a loss for that op, mode and dtype on the run's device
+    class). Only what the backend runs counts: the timing provider and the checks of the GEMM engine and
+    LayerNorm placement it ships with (:func:`shipped`)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     device_class = next((r.get("device_class") for r in records if r.get("kind") == "env"), None)
     for r in records:
-        # a check of the other LayerNorm placement (MIXER_FAST_LN) says nothing about what the backend runs
-        if r.get("kind") == "check" and r.get("ln", LN_PLACEMENT) != LN_PLACEMENT:
-            continue
-        if r.get("kind") == "check" and not r.get("ok") and device_class and not str(r.get("error")).startswith(
-                "not run"):
-            yield evidence_row("torch", "triton", device_class, r["op"], r["mode"], r["dtype"], r["shape"], r["batch"],
-                               None, None, path, failure=r.get("error") or "outside the numerics rule")
+        if r.get("kind") == "check":
+            engine, placement = shipped(r["op"])
+            # a check of another engine or placement says nothing about what the backend runs
+            if r.get("gemm", GEMM_FUSED) != engine or (
+                    engine == GEMM_FUSED and r.get("ln", LN_ON_LOAD) != placement):
+                continue
+            if not r.get("ok") and device_class and not str(r.get("error")).startswith("not run"):
+                yield evidence_row("torch", "triton", device_class, r["op"], r["mode"], r["dtype"], r["shape"],
+                                   r["batch"], None, None, path, failure=r.get("error") or "outside the numerics rule")
         if r.get("kind") != "timing" or "reference" not in r.get("ms", {}):
             continue
-        failure = r.get("errors", {}).get("triton")
-        if "triton" not in r["ms"] and not failure:
-            continue
         op = f"block:{r['block']}" if r["op"] == "block" else r["op"]
+        provider = PROVIDERS[shipped(op)]
+        failure = r.get("errors", {}).get(provider)
+        if provider not in r["ms"] and not failure:
+            continue  # not timed as shipped (e.g. a run from before that provider existed)
         yield evidence_row("torch", "triton", r["device_class"], op, r["mode"], r["dtype"], r["shape"], r["batch"],
-                           r["ms"]["reference"], r["ms"].get("triton"), path, failure=failure)
+                           r["ms"]["reference"], r["ms"].get(provider), path, failure=failure)
 
 
 def from_h200_measurements(path: Path) -> Iterator[dict]:
@@ -169,17 +190,34 @@ def evidence(results: Path = RESULTS) -> List[dict]:
     return rows
 
 
+def run_order(source: str) -> tuple:
+    """When the run that wrote ``source`` happened, for ordering runs: the first date (YYYY-MM-DD) in its
+    folder's path (bench/results/2026-11-27-NVIDIA_H200, cpu-2026-11-23-epyc-zen3), then the folder's name
+    (a second run of a day is named after the first: 2026-11-29b-...)."""
+    folder = source.rsplit("/", 1)[0]
+    m = re.search(r"\d{4}-\d{2}-\d{2}", folder)
+    return (m.group(0) if m else "", folder)
+
+
 def chosen(rows: List[dict]) -> List[dict]:
-    """The rule, applied: keys whose every piece of evidence (blocks counted for their ops) is a win."""
-    by_key: Dict[tuple, List[float]] = {}
+    """The rule, applied: keys whose every piece of evidence (blocks counted for their ops) from the newest
+    run that has any is a win. A run times the kernels of its commit; an older run's figures are of kernels
+    since rewritten (the 2026-11-27 H200 losses were the kernels before issues 15-17), so they no longer
+    decide, though they stay in the table as evidence."""
+    by_key: Dict[tuple, Dict[tuple, List[float]]] = {}
     for r in rows:
         ops = BLOCK_OPS[r["op"].split(":", 1)[1]] if r["op"].startswith("block:") else (r["op"],)
         for op in ops:
             key = (r["framework"], r["backend"], r["device_class"], op, r["mode"], r["dtype"])
-            by_key.setdefault(key, []).append(r["speedup"])
+            by_key.setdefault(key, {}).setdefault(run_order(r["source"]), []).append(r["speedup"])
     names = ("framework", "backend", "device_class", "op", "mode", "dtype")
-    return [dict(zip(names, key), min_speedup=min(s), evidence=len(s))
-            for key, s in sorted(by_key.items()) if min(s) > 1.0]
+    out = []
+    for key, runs in sorted(by_key.items()):
+        newest = max(runs)
+        s = runs[newest]
+        if min(s) > 1.0:
+            out.append(dict(zip(names, key), min_speedup=min(s), evidence=len(s), run=newest[1]))
+    return out
 
 
 def build(results: Path = RESULTS) -> dict:

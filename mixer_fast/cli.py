@@ -56,7 +56,23 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {spec.name:<10} {state:<12} {reason}")
     print(_wins_text())
     print(_ptxas_text())
+    print(_triton_choices_text())
     return 0
+
+
+def _triton_choices_text() -> str:
+    """The triton backend's per-process choices that a GPU measurement decides, and their overrides."""
+    try:
+        from .kernels.triton import matmul
+    except ImportError as e:
+        return f"\ntriton kernels: not importable ({e})"
+    try:
+        engine, placement = matmul.gemm_engine(), matmul.ln_placement()
+    except ValueError as e:
+        return f"\ntriton kernels: {e}"
+    return (f"\ntriton channel mixing: GEMMs {engine} ({matmul.GEMM_ENV}: {matmul.GEMM_FUSED} or {matmul.GEMM_CUBLAS}; "
+            f"default {matmul.GEMM_ENGINE}), fc1's LayerNorm {placement} ({matmul.LN_ENV}: {matmul.LN_ON_LOAD} or "
+            f"{matmul.LN_FOLDED}; default {matmul.LN_PLACEMENT})")
 
 
 def _wins_text() -> str:

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from op_cases import DTYPES, check_backend, make_args  # noqa: E402
+from tolerances import max_err  # noqa: E402
 
 
 @pytest.fixture
@@ -100,3 +101,196 @@ def test_fold_weight_against_float64(triton_backend, dtype, has_b1):
     torch.testing.assert_close(u.double(), folded.double().sum(1), rtol=1e-6, atol=1e-5)
     want_v = w.double() @ nb.double() + (b1.double() if b1 is not None else 0.0)
     torch.testing.assert_close(v.double(), want_v, rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GEMMs in torch (cuBLAS on a GPU) with the Triton passes around them (MIXER_FAST_GEMM=cublas;
+# matmul.gemm_engine, channel_mixing_cublas.py)
+
+
+@pytest.fixture
+def cublas_engine(monkeypatch):
+    """MIXER_FAST_GEMM=cublas, with the fused GEMM made to fail if anything still launches it."""
+    from mixer_fast.kernels.triton import channel_mixing
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused GEMM ran under MIXER_FAST_GEMM=cublas")
+
+    monkeypatch.setenv("MIXER_FAST_GEMM", "cublas")
+    monkeypatch.setattr(channel_mixing, "fused_matmul", refuse)
+
+
+# every dtype and variant: LayerNorm with the residual folded into fc2's GEMM (mixer), drop path and the
+# affine with a learned layer scale (the separate residual pass, the branch stored); awkward shapes
+CUBLAS_CASES = [(d, s, v) for d in DTYPES for s in SHAPES[:2] for v in ("mixer", "droppath", "resmlp")]
+
+
+@pytest.mark.parametrize("dtype,shape,variant", CUBLAS_CASES,
+                         ids=[f"{v}-{'x'.join(map(str, s))}-{d}" for d, s, v in CUBLAS_CASES])
+def test_triton_channel_mixing_cublas(triton_backend, cublas_engine, dtype, shape, variant):
+    from conftest import DEVICE
+
+    B, S, C, D = shape
+    check_backend("channel", make_args("channel", B, S, C, D, variant=variant, seed=8), dtype, "triton",
+                  approximate="tanh" if C % 3 else "none", device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["mixer", "resmlp"])
+def test_triton_channel_mixing_cublas_inference(triton_backend, cublas_engine, dtype, variant):
+    # No gradient: GELU in place over Z, and ResMLP's layer scale folded into W2 (nothing stores the branch)
+    from conftest import DEVICE
+    from mixer_fast import ops
+    from tolerances import assert_numerics
+
+    args = make_args("channel", 2, 49, 100, 72, variant=variant, seed=9)
+    args["sample_scale"] = None
+    norm = "affine" if variant == "resmlp" else "layernorm"
+
+    def forward(dt, backend, device="cpu"):
+        t = {k: None if v is None else v.to(device=device, dtype=dt) for k, v in args.items()}
+        with torch.no_grad():
+            return ops.channel_mixing(t["x"], t["norm_weight"], t["norm_bias"], t["fc1_weight"], t["fc1_bias"],
+                                      t["fc2_weight"], t["fc2_bias"], norm=norm, scale=t["scale"],
+                                      backend=backend).cpu()
+
+    got = forward(dtype, "triton", DEVICE)
+    assert got.dtype == dtype
+    assert_numerics(got, forward(dtype, "reference"), forward(torch.float64, "reference"), "channel mixing output")
+
+
+def test_triton_channel_mixing_cublas_strided_no_biases_and_empty(triton_backend, cublas_engine):
+    # x with stride 1 along S and no fc2 bias: the residual GEMM accumulates into x itself (reshaped)
+    from conftest import DEVICE
+    from mixer_fast import ops
+
+    args = make_args("channel", 3, 16, 64, 48, variant="mixer")
+    x = torch.randn(3, 64, 16, dtype=torch.float32, device=DEVICE).transpose(1, 2)
+    p = [None if k in ("fc1_bias", "fc2_bias") else args[k].float().to(DEVICE)
+         for k in ("norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
+    got = ops.channel_mixing(x, *p, backend="triton")
+    want = ops.channel_mixing(x.contiguous(), *p, backend="reference")
+    assert max_err(got, want) < 1e-5
+    empty = torch.randn(0, 16, 64, device=DEVICE, requires_grad=True)
+    out = ops.channel_mixing(empty, *p, backend="triton")
+    out.sum().backward()
+    assert out.shape == (0, 16, 64) and empty.grad.shape == (0, 16, 64)
+
+
+def test_triton_channel_mixing_cublas_under_autocast(triton_backend, cublas_engine):
+    # fp32 activations with bf16 weights: nothing folds (the GEMM cannot accumulate into fp32 x); the
+    # residual runs in fp32, as eager autocast's; gradients come back in the parameters' fp32
+    from conftest import DEVICE
+    from mixer_fast import ops
+
+    args = make_args("channel", 2, 16, 64, 48, variant="mixer", seed=10)
+    names = ("norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+    results = []
+    for backend, dt, dev, autocast in (("reference", torch.float64, "cpu", False),
+                                       ("reference", torch.float32, "cpu", True),
+                                       ("triton", torch.float32, DEVICE, True)):
+        leaves = [args[k].detach().to(device=dev, dtype=dt).requires_grad_() for k in ("x", *names)]
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+            out = ops.channel_mixing(*leaves, backend=backend)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach().cpu(), *(t.grad.cpu() for t in leaves)])
+    ref64, eager, got = results
+    assert got[0].dtype == torch.float32
+    for name, g, e, r in zip(("out", "x", *names), got, eager, ref64):
+        assert g.dtype == torch.float32, name
+        assert max_err(g, r) <= 2 * max_err(e, r) + 1.6e-2, name  # bf16 results: the rule with bf16's floor
+
+
+def test_channel_mixing_engines_share_saved_tensors(triton_backend, monkeypatch):
+    # Either engine's backward follows either engine's forward: the same saved tensors mean the same thing.
+    from conftest import DEVICE
+
+    args = make_args("channel", 2, 16, 64, 96, variant="resmlp", seed=11)
+    dout = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    from op_cases import run
+
+    grads = {}
+    for fwd, bwd in (("fused", "cublas"), ("cublas", "fused")):
+        from mixer_fast import ops
+
+        leaves = {k: None if v is None else v.to(DEVICE, torch.float32).requires_grad_() for k, v in args.items()
+                  if k != "sample_scale"}
+        monkeypatch.setenv("MIXER_FAST_GEMM", fwd)
+        out = ops.channel_mixing(*(leaves[k] for k in ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias",
+                                                         "fc2_weight", "fc2_bias")), norm="affine",
+                                 scale=leaves["scale"], sample_scale=args["sample_scale"].to(DEVICE, torch.float32),
+                                 backend="triton")
+        monkeypatch.setenv("MIXER_FAST_GEMM", bwd)
+        out.backward(dout.to(DEVICE, torch.float32))
+        grads[fwd] = {k: t.grad.cpu() for k, t in leaves.items() if t is not None}
+    monkeypatch.delenv("MIXER_FAST_GEMM")
+    _, want = run("channel", args, torch.float64, "reference", dout, approximate="none")
+    for engines, got in grads.items():
+        for name in want:
+            assert max_err(got[name], want[name]) < 1e-4, (engines, name)
+
+
+def test_gemm_engine_is_validated(monkeypatch):
+    from mixer_fast.kernels.triton import matmul
+
+    monkeypatch.setenv("MIXER_FAST_GEMM", "cuBLAS")
+    with pytest.raises(ValueError, match="MIXER_FAST_GEMM: expected fused or cublas, got 'cuBLAS'"):
+        matmul.gemm_engine()
+    monkeypatch.delenv("MIXER_FAST_GEMM")
+    assert matmul.gemm_engine() == matmul.GEMM_ENGINE
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_backward_against_float64(triton_backend, dtype, approximate):
+    from conftest import DEVICE
+    from mixer_fast.kernels.triton.channel_mixing_cublas import GELU_BLOCK_D, GELU_ROW_GROUP, gelu_backward
+
+    g = torch.Generator().manual_seed(12)
+    M, D = GELU_ROW_GROUP + 37, GELU_BLOCK_D + 5  # a partial row group and a partial column block
+    z = (torch.randn(M, D, generator=g) * 2).to(dtype)
+    dh = torch.randn(M, D, generator=g).to(dtype)
+    z64, dh64 = z.double().requires_grad_(), dh.double()
+    h64 = torch.nn.functional.gelu(z64, approximate=approximate)
+    (dz64,) = torch.autograd.grad(h64, z64, dh64)
+    dh_dev = dh.to(DEVICE)
+    dz, h, db = gelu_backward(dh_dev, z.to(DEVICE), approximate=approximate, bias_grad=True)
+    assert dz.data_ptr() == dh_dev.data_ptr()  # in place over dH
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(h.cpu().double(), h64.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(dz.cpu().double(), dz64, rtol=tol, atol=tol)
+    torch.testing.assert_close(db.cpu().double(), dz64.sum(0), rtol=1e-4, atol=1e-3 * M ** 0.5)
+    assert gelu_backward(dh_dev, z.to(DEVICE), approximate=approximate, bias_grad=False)[2] is None
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "affine"])
+def test_norm_apply_against_float64(triton_backend, norm):
+    from conftest import DEVICE
+    from mixer_fast.kernels.triton.layer_norm import norm_apply
+
+    g = torch.Generator().manual_seed(13)
+    B, S, C = 3, 7, 300  # C over two channel blocks
+    x = (torch.randn(B, C, S, generator=g) * 3 + 5).transpose(1, 2)  # strided, far from zero mean
+    w, b, rb, rs = (torch.randn(C, generator=g) for _ in range(4))
+    x64 = x.double().reshape(B * S, C)
+    if norm == "layernorm":
+        mean64, var64 = x64.mean(1), x64.var(1, unbiased=False)
+        xhat = (x64 - mean64[:, None]) / torch.sqrt(var64[:, None] + 1e-6)
+    else:
+        xhat = x64
+    want = xhat * w.double() + b.double()
+    xn, mean, rstd, r = norm_apply(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), norm=norm, eps=1e-6,
+                                   dtype=torch.bfloat16, res_bias=rb.to(DEVICE), res_scale=rs.to(DEVICE))
+    assert xn.dtype == torch.bfloat16 and xn.shape == (B * S, C) and r.dtype == torch.float32
+    torch.testing.assert_close(xn.cpu().double(), want, rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(r.cpu().double(), x64 + rs.double() * rb.double(), rtol=1e-6, atol=1e-5)
+    if norm == "layernorm":
+        torch.testing.assert_close(mean.cpu().double(), mean64, rtol=1e-6, atol=1e-5)
+        # the backward's recompute from given statistics: the same bits, no residual
+        again, m2, r2, none = norm_apply(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), norm=norm, eps=1e-6,
+                                         dtype=torch.bfloat16, stats=(mean, rstd))
+        assert torch.equal(again, xn) and m2 is mean and r2 is rstd and none is None
+    else:
+        assert mean is None and rstd is None
+    with pytest.raises(ValueError, match="norm: expected 'layernorm' or 'affine', got 'rms'"):
+        norm_apply(x, w, b, norm="rms", eps=1e-6, dtype=torch.float32)

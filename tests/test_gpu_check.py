@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ gpu_check = _load()
 
 KEYS = {
     "env": {"kind", "date", "commit", "gpu", "device_class", "driver", "versions", "ptxas"},
-    "check": {"kind", "op", "mode", "dtype", "shape", "batch", "ln", "ok", "errors", "error", "sanitizer",
+    "check": {"kind", "op", "mode", "dtype", "shape", "batch", "ln", "gemm", "ok", "errors", "error", "sanitizer",
               "without_tma"},
     "graph": {"kind", "ok", "max_diff", "error"},
     "summary": {"kind", "checks", "failed", "faulted", "timings", "skipped", "seconds"},
@@ -60,6 +61,9 @@ def test_quick_check_passes_and_writes_the_schema(tmp_path):
     for r in checks:
         assert r["ok"] and r["error"] is None and r["sanitizer"] is None, r
         assert r["errors"] and all(0 <= err <= bound for err, bound in r["errors"].values()), r
+    assert {(r["mode"], r["ln"], r["gemm"]) for r in checks if r["op"] == "channel_mixing"} >= {
+        (mode, ln, gemm) for mode in ("forward", "backward") for ln, gemm in (("load", "fused"), ("fold", "fused"),
+                                                                            ("load", "cublas"))}
     backward = next(r for r in checks if r["op"] == "token_mixing" and r["mode"] == "backward")
     assert {"x", "norm_weight", "fc1_weight", "fc1_bias"} <= backward["errors"].keys()
     summary = records[-1]
@@ -151,11 +155,14 @@ def test_worker_run_fault_classification():
 
 def test_case_lists():
     cases = gpu_check.check_cases(quick=False)
-    # (2 ops × 3 shapes + gating) × 3 dtypes, and 4 with fc1's LayerNorm folded
-    assert len(cases) == len({c.name for c in cases}) == 25
+    # (2 ops × 3 shapes + gating) × 3 dtypes, 4 with fc1's LayerNorm folded, 3 with channel mixing on cuBLAS
+    assert len(cases) == len({c.name for c in cases}) == 28
     folded = [c for c in cases if c.ln == "fold"]
     assert {c.op for c in folded} == {"channel_mixing", "spatial_gating"} and len(folded) == 4
     assert all(c.name.endswith(" ln fold") and c.task()["ln"] == "fold" for c in folded)
+    on_cublas = [c for c in cases if c.gemm == "cublas"]
+    assert {c.op for c in on_cublas} == {"channel_mixing"} and len(on_cublas) == 3
+    assert all(c.name.endswith(" gemm cublas") and c.task()["gemm"] == "cublas" and c.ln == "load" for c in on_cublas)
     assert {c.shape for c in cases if c.op == "spatial_gating"} == {"gmlp_s16"}
     assert {c.shape for c in cases if c.op == "token_mixing"} == {"mixer_b16", "resmlp_24", "awkward"}
     assert all(2 <= c.batch <= 4 for c in cases)
@@ -267,7 +274,7 @@ def test_timing_worker_runs_the_fused_providers_last_and_emits_one_record_a_mode
     calls, records = [], []
     providers = {name: {mode: (lambda name=name, mode=mode: calls.append((name, mode)))
                         for mode in ("forward", "training")}
-                 for name in ("reference", "cublas", "triton", gpu_check.FOLDED_PROVIDER)}
+                 for name in ("reference", "cublas", "triton", gpu_check.FOLDED_PROVIDER, gpu_check.CUBLAS_PROVIDER)}
     monkeypatch.setattr(gpu_check, "_op_providers", lambda *args: providers)
     monkeypatch.setattr(gpu_check, "_measure", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(gpu_check, "_peak_mib", lambda fn: 10.0)
@@ -275,10 +282,29 @@ def test_timing_worker_runs_the_fused_providers_last_and_emits_one_record_a_mode
     monkeypatch.setattr(gpu_check, "emit", records.append)
     assert gpu_check.timing_worker("channel_mixing", "mixer_b16", "bf16", 256, None) is False
     assert [name for name, _ in calls] == ["reference"] * 2 + ["cublas"] * 2 + ["triton"] * 2 + [
-        gpu_check.FOLDED_PROVIDER] * 2
+        gpu_check.FOLDED_PROVIDER] * 2 + [gpu_check.CUBLAS_PROVIDER] * 2
     assert [r["mode"] for r in records] == ["forward", "training"]
     for r in records:
-        assert set(r["ms"]) == {"reference", "cublas", "triton", gpu_check.FOLDED_PROVIDER}
-    assert set(records[1]["peak_mib"]) == {"reference", "triton", gpu_check.FOLDED_PROVIDER}
+        assert set(r["ms"]) == {"reference", "cublas", "triton", gpu_check.FOLDED_PROVIDER, gpu_check.CUBLAS_PROVIDER}
+    assert set(records[1]["peak_mib"]) == {"reference", "triton", gpu_check.FOLDED_PROVIDER,
+                                           gpu_check.CUBLAS_PROVIDER}
     summary = {"failed": [], "faulted": [], "skipped": [], "seconds": 1.0}
-    assert "ln fold" in gpu_check.format_summary(records, summary)
+    text = gpu_check.format_summary(records, summary)
+    assert "ln fold" in text and "+cuBLAS" in text
+
+
+def test_env_modes_hold_the_engine_through_the_whole_step(monkeypatch):
+    # A provider's training step is forward and backward: both must run under its engine and placement (the
+    # backward reads MIXER_FAST_GEMM too), and the process's own setting comes back afterwards.
+    monkeypatch.setenv("MIXER_FAST_GEMM", "fused")
+    monkeypatch.delenv("MIXER_FAST_LN", raising=False)
+    seen = []
+
+    def training():
+        seen.append((os.environ.get("MIXER_FAST_GEMM"), os.environ.get("MIXER_FAST_LN")))
+        seen.append((os.environ.get("MIXER_FAST_GEMM"), os.environ.get("MIXER_FAST_LN")))  # "the backward"
+
+    modes = gpu_check._env_modes({"training": training}, "cublas", "load")
+    modes["training"]()
+    assert seen == [("cublas", "load")] * 2
+    assert os.environ["MIXER_FAST_GEMM"] == "fused" and "MIXER_FAST_LN" not in os.environ

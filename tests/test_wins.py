@@ -132,3 +132,73 @@ def test_checks_of_the_other_layernorm_placement_are_not_evidence(tmp_path):
     (folder / "check.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     rows = wins_table.evidence(tmp_path)
     assert [(r["op"], r["dtype"], r["speedup"]) for r in rows] == [("channel_mixing", "fp16", 0.0)]
+
+
+def _timing(op, ms, block=None, mode="forward", dtype="bf16", errors=None):
+    return {"kind": "timing", "op": op, "block": block, "shape": "mixer_b16", "batch": 256, "mode": mode,
+            "dtype": dtype, "device_class": "sm_90", "ms": ms, **({"errors": errors} if errors else {})}
+
+
+def _write_run(folder: Path, lines) -> None:
+    folder.mkdir(parents=True)
+    (folder / "check.jsonl").write_text("\n".join(json.dumps(line) for line in [
+        {"kind": "env", "device_class": "sm_90"}, *lines]) + "\n")
+
+
+@pytest.mark.parametrize("engine,placement,want", [
+    ("fused", "load", (2.0, 0.0)), ("fused", "fold", (4.0, 0.0)), ("cublas", "load", (1.25, 0.5)),
+    ("cublas", "fold", (1.25, 0.5))])
+def test_timings_count_the_engine_and_placement_the_backend_ships(tmp_path, monkeypatch, engine, placement, want):
+    # gpu_check times channel mixing as "triton" (fused GEMMs, LayerNorm on load), "triton_ln_folded" and
+    # "triton_cublas" side by side: the evidence is the one the backend runs (matmul.GEMM_ENGINE, LN_PLACEMENT).
+    # Token mixing has neither choice: its "triton" timing counts whatever they are.
+    monkeypatch.setattr(wins_table, "GEMM_ENGINE", engine)
+    monkeypatch.setattr(wins_table, "LN_PLACEMENT", placement)
+    ms = {"reference": 1.0, "triton": 0.5, "triton_ln_folded": 0.25, "triton_cublas": 0.8}
+    block = {"reference": 2.0, "triton": 1.0, "triton_cublas": 4.0}
+    _write_run(tmp_path / "2026-12-01-NVIDIA_H100", [
+        _timing("channel_mixing", ms), _timing("block", block, block="mixer"),
+        _timing("token_mixing", {"reference": 1.0, "triton": 0.5})])
+    rows = wins_table.evidence(tmp_path)
+    by_op = {r["op"]: r["speedup"] for r in rows}
+    assert by_op["channel_mixing"] == want[0] and by_op["token_mixing"] == 2.0
+    # the Mixer block was not timed with the LayerNorm folded: no evidence for it then
+    assert by_op.get("block:mixer", 0.0) == {"fused": {"load": 2.0, "fold": 0.0}, "cublas": {"load": 0.5,
+                                                                                             "fold": 0.5}}[
+        engine][placement]
+
+
+def test_checks_of_another_engine_are_not_evidence_and_token_checks_always_are(tmp_path, monkeypatch):
+    monkeypatch.setattr(wins_table, "GEMM_ENGINE", "cublas")
+    monkeypatch.setattr(wins_table, "LN_PLACEMENT", "fold")
+    check = {"kind": "check", "mode": "forward", "dtype": "bf16", "shape": "mixer_b16", "batch": 4, "ok": False,
+             "errors": {"out": [1.0, 0.1]}, "error": None, "sanitizer": None}
+    _write_run(tmp_path / "2026-12-01-NVIDIA_H100", [
+        dict(check, op="channel_mixing", ln="load", gemm="fused"),  # another engine: not evidence
+        dict(check, op="channel_mixing", ln="load", gemm="cublas", dtype="fp16"),  # the shipped engine: a loss
+        dict(check, op="token_mixing", ln="load", gemm="fused", dtype="fp32"),  # no choice there: a loss
+        dict(check, op="spatial_gating", ln="fold", gemm="fused", dtype="fp32")])  # gating's placement: a loss
+    rows = wins_table.evidence(tmp_path)
+    assert [(r["op"], r["dtype"]) for r in rows] == [("channel_mixing", "fp16"), ("token_mixing", "fp32"),
+                                                     ("spatial_gating", "fp32")]
+
+
+def test_the_newest_run_decides(tmp_path):
+    # The 2026-11-27 losses were of kernels since rewritten: a newer run that times a key decides it alone,
+    # blocks counted for their ops; keys the newer run did not time keep their older evidence.
+    _write_run(tmp_path / "2026-11-27-NVIDIA_H200", [
+        _timing("channel_mixing", {"reference": 1.0, "triton": 2.0}),
+        _timing("block", {"reference": 1.0, "triton": 2.0}, block="resmlp", mode="training"),
+        _timing("token_mixing", {"reference": 1.0, "triton": 0.5}, dtype="fp32")])
+    _write_run(tmp_path / "2026-12-01-NVIDIA_H100", [
+        _timing("channel_mixing", {"reference": 1.0, "triton": 0.5}),
+        _timing("block", {"reference": 1.0, "triton": 0.8}, block="mixer", mode="training")])
+    _write_run(tmp_path / "2026-12-01b-NVIDIA_H100", [
+        _timing("token_mixing", {"reference": 1.0, "triton": 2.0}, dtype="fp32")])
+    chosen = {(r["op"], r["mode"], r["dtype"]): r for r in wins_table.chosen(wins_table.evidence(tmp_path))}
+    assert set(chosen) == {("channel_mixing", "forward", "bf16"), ("token_mixing", "training", "bf16"),
+                           ("channel_mixing", "training", "bf16")}
+    assert chosen[("channel_mixing", "forward", "bf16")]["run"].endswith("2026-12-01-NVIDIA_H100")
+    # the fp32 token win of 2026-11-27 is overruled by the later run of the same day 2026-12-01 ("b")
+    assert wins_table.run_order("a/2026-12-01b-X/check.jsonl") > wins_table.run_order("a/2026-12-01-X/check.jsonl")
+    assert wins_table.run_order("cpu-2026-11-23-zen3/cpu_bench.json")[0] == "2026-11-23"

@@ -1,5 +1,5 @@
 """The norms' pieces that the mixing ops share: LayerNorm's per-token statistics and row-wise backward,
-and the backward of ResMLP's affine.
+the backward of ResMLP's affine, and either norm applied in a pass of its own (for cuBLAS GEMMs).
 
 The fused ops apply LayerNorm while loading tiles, but the statistics span all C channels of a token
 while the GEMMs tile C, so they are computed once here (fp32 mean and 1/std per token) and read back.
@@ -139,6 +139,65 @@ def channel_vector(ptr, cols, mask_c, HAS: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def norm_apply_kernel(
+    x_ptr, w_ptr, b_ptr, rb_ptr, rs_ptr,
+    R, S, C, eps,
+    sxb, sxs, sxc,
+    mean_ptr, rstd_ptr, xn_ptr, r_ptr,
+    LAYERNORM: tl.constexpr, STATS_GIVEN: tl.constexpr, STORE_R: tl.constexpr, HAS_RS: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """N(x) = x̂ · w + b ((R, C) contiguous, in xn's dtype) for tokens of x (B, S, C) with strides (sxb, sxs,
+    sxc); x̂ = (x − mean) · rstd under LAYERNORM (statistics read when STATS_GIVEN, else computed as
+    ln_stats_kernel does and stored), x under ResMLP's affine. STORE_R: also r = x + rs ⊙ rb ((R, C) in r's
+    dtype; rb, rs per channel, rs 1 without HAS_RS): the residual stream a cuBLAS GEMM then accumulates into.
+    The row is re-read per loop from L1/L2: x comes from HBM once."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    r64 = rows.to(tl.int64)
+    base = (r64 // S) * sxb + (r64 % S) * sxs
+    mean = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    rstd = tl.full((BLOCK_R,), 1.0, tl.float32)
+    if LAYERNORM:
+        if STATS_GIVEN:
+            mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
+        else:
+            total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                m = mask_r[:, None] & (cols < C)[None, :]
+                total += tl.sum(tl.load(x_ptr + base[:, None] + cols.to(tl.int64)[None, :] * sxc, mask=m,
+                                        other=0.0).to(tl.float32), axis=1)
+            mean = total / C
+            sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                m = mask_r[:, None] & (cols < C)[None, :]
+                x = tl.load(x_ptr + base[:, None] + cols.to(tl.int64)[None, :] * sxc, mask=m, other=0.0)
+                d = tl.where(m, x.to(tl.float32) - mean[:, None], 0.0)
+                sq += tl.sum(d * d, axis=1)
+            rstd = 1.0 / tl.sqrt(sq / C + eps)
+            tl.store(mean_ptr + rows, mean, mask=mask_r)
+            tl.store(rstd_ptr + rows, rstd, mask=mask_r)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask_c = cols < C
+        c64 = cols.to(tl.int64)
+        m = mask_r[:, None] & mask_c[None, :]
+        x = token_tile(x_ptr, r64, c64, m, S, sxb, sxs, sxc)
+        w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+        xn = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+        out = r64[:, None] * C + c64[None, :]
+        tl.store(xn_ptr + out, round_to(xn, xn_ptr.dtype.element_ty, INTERPRETER), mask=m)
+        if STORE_R:
+            rb = tl.load(rb_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+            rs = channel_vector(rs_ptr, cols, mask_c, HAS_RS, BLOCK_C)
+            tl.store(r_ptr + out, round_to(x + rs[None, :] * rb[None, :], r_ptr.dtype.element_ty, INTERPRETER),
+                     mask=m)
+
+
+@triton.jit
 def affine_backward_kernel(
     g_ptr, x_ptr, dy_ptr, w_ptr,
     R, S, C,
@@ -202,6 +261,39 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.T
             ln_stats_kernel[(triton.cdiv(R, ROWS),)](
                 x, R, S, C, eps, *x.stride(), mean, rstd, BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return mean, rstd
+
+
+def norm_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, norm: str, eps: float,
+               dtype: torch.dtype, stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+               res_bias: Optional[torch.Tensor] = None, res_scale: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """N(x) for x (B, S, C): LayerNorm (``norm`` "layernorm") or ResMLP's affine ("affine"), weight and bias
+    (C,). Returns (xn (B·S, C) contiguous in ``dtype``, mean, rstd (B·S,) fp32 or None under the affine, r).
+    ``stats``: LayerNorm's (mean, rstd) to use instead of computing them (the backward's recompute).
+    ``res_bias`` (C,): also r = x + res_scale ⊙ res_bias ((B·S, C) in x's dtype; ``res_scale`` (C,) or
+    None), in the same pass; else r is None."""
+    import torch
+
+    if norm not in ("layernorm", "affine"):
+        raise ValueError(f"norm: expected 'layernorm' or 'affine', got {norm!r}")
+    B, S, C = x.shape
+    R = B * S
+    layernorm = norm == "layernorm"
+    xn = _launch.new_output((R, C), x, dtype)
+    r = _launch.new_output((R, C), x, x.dtype) if res_bias is not None else None
+    mean = rstd = None
+    if layernorm:
+        mean, rstd = stats if stats is not None else (_launch.new_output((R,), x, torch.float32),
+                                                      _launch.new_output((R,), x, torch.float32))
+    if R and C:
+        with _launch.serialized():
+            norm_apply_kernel[(triton.cdiv(R, ROWS),)](
+                x, weight, bias, res_bias if res_bias is not None else weight,
+                res_scale if res_scale is not None else weight, R, S, C, eps, *x.stride(),
+                mean if mean is not None else xn, rstd if rstd is not None else xn, xn, r if r is not None else xn,
+                LAYERNORM=layernorm, STATS_GIVEN=stats is not None, STORE_R=r is not None,
+                HAS_RS=res_scale is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+    return xn, mean, rstd, r
 
 
 def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Tensor], mean: torch.Tensor,

@@ -699,6 +699,31 @@ def ln_placement() -> str:
     return value
 
 
+# Which GEMMs carry torch's channel mixing (issue 17: where the fused Triton GEMM cannot reach its target
+# after honest tuning, cuBLAS with fused Triton element-wise passes, whichever is faster):
+# - GEMM_FUSED: this file's fused_matmul, the norm, GELU, bias, scale and residual in its prologues and
+#   epilogues (channel_mixing.py);
+# - GEMM_CUBLAS: torch's GEMMs (cuBLAS on a GPU) with the norm, the GELU backward and the residual in
+#   Triton passes of their own (channel_mixing_cublas.py); what eager runs, less its extra passes and
+#   saved activations.
+# On the 2026-11-27 H200 the fused GEMMs (before issue 17's work) ran channel mixing at 0.50x eager; neither
+# engine as it is now has been timed. bench/gpu_check.py times both (the ``triton_cublas`` provider); the
+# faster becomes GEMM_ENGINE. MIXER_FAST_GEMM chooses per process. The JAX path keeps the fused GEMMs.
+GEMM_ENV = "MIXER_FAST_GEMM"
+GEMM_FUSED, GEMM_CUBLAS = "fused", "cublas"
+GEMM_ENGINE = GEMM_FUSED
+
+
+def gemm_engine() -> str:
+    """MIXER_FAST_GEMM, else GEMM_ENGINE: GEMM_FUSED or GEMM_CUBLAS; any other value is refused by name."""
+    import os
+
+    value = os.environ.get(GEMM_ENV, GEMM_ENGINE)
+    if value not in (GEMM_FUSED, GEMM_CUBLAS):
+        raise ValueError(f"{GEMM_ENV}: expected {GEMM_FUSED} or {GEMM_CUBLAS}, got {value!r}")
+    return value
+
+
 # gelu_grad is left out: at 128 × 128 it holds 255 registers with pointer loads already, and with TMA
 # it spilled 8 B under triton 3.6 + ptxas 13.5 (the GPU machines' toolchain; none under 3.8 + 12.9).
 TMA_SITES = frozenset({"ln_gelu", "residual", "ln_b", "gelu_b", "plain"})
