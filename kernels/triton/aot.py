@@ -273,7 +273,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
     """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes, ints) for every
     kernel variant and GPU config the launchers use on a GPU, at the named models' shapes; ``ints``: the
     integer arguments to specialise on as a launch does (the token kernels), or None."""
-    from . import channel_mixing, layer_norm, matmul, residual, spatial_gating, token_mixing
+    from . import channel_mixing, channel_mixing_cublas as cublas, layer_norm, matmul, residual, spatial_gating, token_mixing
 
     for label in matmul.VARIANTS:
         flags = _site_flags(label, dtype)
@@ -379,6 +379,17 @@ def variants(dtype: str) -> Iterator[Tuple]:
            f"C{layer_norm.AFFINE_BLOCK_C} w4 s3",
            dict(HAS_W=True, INTERPRETER=False, ROW_GROUP=layer_norm.AFFINE_ROW_GROUP, BLOCK_R=layer_norm.AFFINE_BLOCK_R,
                 BLOCK_C=layer_norm.AFFINE_BLOCK_C), 4, 3, None, None)
+    # Channel mixing on cuBLAS GEMMs (matmul.GEMM_CUBLAS): the norm pass with its statistics and the residual
+    # stream (the heaviest form), and the GELU backward with fc1's bias sums (Triton's defaults, 4 warps, 3 stages)
+    for C in (384, 768, 1024):
+        block_c = layer_norm.gpu_block_c(C)
+        yield (layer_norm.norm_apply_kernel, f"norm_apply[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
+               dict(LAYERNORM=True, STATS_GIVEN=False, STORE_R=True, HAS_RS=True, INTERPRETER=False,
+                    BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"mean_ptr": "fp32", "rstd_ptr": "fp32"}, None)
+    yield (cublas.gelu_backward_kernel, "gelu_backward",
+           f"R{cublas.GELU_BLOCK_R}x{cublas.GELU_ROW_GROUP // cublas.GELU_BLOCK_R} D{cublas.GELU_BLOCK_D} w4 s3",
+           dict(APPROX_TANH=False, HAS_DB=True, INTERPRETER=False, ROW_GROUP=cublas.GELU_ROW_GROUP,
+                BLOCK_R=cublas.GELU_BLOCK_R, BLOCK_D=cublas.GELU_BLOCK_D), 4, 3, {"db_part_ptr": "fp32"}, None)
     # gMLP (gmlp_s16: H/2 = 768): the gate's LayerNorm backward through GELU, and dZ_u / dP.
     block_c = layer_norm.gpu_block_c(768)
     yield (layer_norm.ln_backward_kernel, "ln_backward[gate,C=768]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
