@@ -144,11 +144,11 @@ QUICK_CASES = (("token_mixing", "mixer_b16", "bf16"), ("token_mixing", "resmlp_2
 FOLDED_CASES = (("channel_mixing", "mixer_b16", "bf16"), ("channel_mixing", "resmlp_24", "bf16"),
                 ("channel_mixing", "awkward", "fp32"), ("spatial_gating", "gmlp_s16", "bf16"))
 QUICK_FOLDED_CASES = (("channel_mixing", "mixer_b16", "bf16"),)
-# Channel mixing on cuBLAS GEMMs with the Triton passes around them (MIXER_FAST_GEMM=cublas; matmul.gemm_engine,
+# The channel GEMMs on cuBLAS with the Triton passes around them (MIXER_FAST_GEMM=cublas; matmul.gemm_engine,
 # the fused GEMMs' fallback until a GPU times both): LayerNorm with the residual folded into the GEMM, the
-# affine with layer scale and drop path, the awkward shape.
+# affine with layer scale and drop path, the awkward shape, gMLP.
 CUBLAS_CASES = (("channel_mixing", "mixer_b16", "bf16"), ("channel_mixing", "resmlp_24", "bf16"),
-                ("channel_mixing", "awkward", "fp32"))
+                ("channel_mixing", "awkward", "fp32"), ("spatial_gating", "gmlp_s16", "bf16"))
 QUICK_CUBLAS_CASES = (("channel_mixing", "resmlp_24", "bf16"),)
 TIMING_BATCH = 256
 GRAPH_BATCH = 8
@@ -202,22 +202,24 @@ class TimingGroup:
 # time, so replace them from a run): ~6 s to start a process and import torch (+2 s timm) and initialise CUDA;
 # ~1-2 s per Triton compile with ~10-20 compiles per op and mode at a batch-256 specialisation (fewer when
 # the checks left them in the cache); autotuning and do_bench ~0.2-0.5 s a measurement; torch.compile of a
-# Mixer-B/16 block ~9 s forward + ~12 s training (measured on the H200, shared/gpu/2026-11-27-H200).
+# Mixer-B/16 block ~9 s forward + ~12 s training (measured on the H200, shared/gpu/2026-11-27-H200). Channel
+# mixing, spatial gating and their blocks time the cuBLAS engine too (CUBLAS_PROVIDER): ~10 s more each (a
+# few small Triton kernels to compile, and two more modes timed).
 TIMING_GROUPS = (
     TimingGroup("peak", None, "bf16", 10),
     TimingGroup("token_mixing", "mixer_b16", "bf16", 35),
-    TimingGroup("channel_mixing", "mixer_b16", "bf16", 40),
+    TimingGroup("channel_mixing", "mixer_b16", "bf16", 50),
     TimingGroup("token_mixing", "mixer_l16", "bf16", 35),
-    TimingGroup("spatial_gating", "gmlp_s16", "bf16", 40),
+    TimingGroup("spatial_gating", "gmlp_s16", "bf16", 50),
     TimingGroup("token_mixing", "resmlp_24", "bf16", 30),
-    TimingGroup("channel_mixing", "resmlp_24", "bf16", 35),
-    TimingGroup("block", "mixer_b16", "bf16", 45),
-    TimingGroup("block", "resmlp_24", "bf16", 40),
-    TimingGroup("block", "gmlp_s16", "bf16", 45),
+    TimingGroup("channel_mixing", "resmlp_24", "bf16", 45),
+    TimingGroup("block", "mixer_b16", "bf16", 55),
+    TimingGroup("block", "resmlp_24", "bf16", 50),
+    TimingGroup("block", "gmlp_s16", "bf16", 55),
     TimingGroup("token_mixing", "mixer_b16", "fp16", 35),
-    TimingGroup("channel_mixing", "mixer_b16", "fp16", 40),
+    TimingGroup("channel_mixing", "mixer_b16", "fp16", 50),
     TimingGroup("token_mixing", "mixer_b16", "fp32", 35),
-    TimingGroup("channel_mixing", "mixer_b16", "fp32", 40),
+    TimingGroup("channel_mixing", "mixer_b16", "fp32", 50),
 )
 
 
@@ -652,8 +654,8 @@ LN_FOLD_OPS = ("channel_mixing", "spatial_gating")
 FOLDED_PROVIDER = "triton_ln_folded"
 # The ops (and the blocks made of them) whose GEMMs can run in cuBLAS instead (matmul.gemm_engine), timed both
 # ways (issue 17: "measure cuBLAS plus fused Triton element-wise kernels and use whichever is faster").
-GEMM_ENGINE_OPS = ("channel_mixing",)
-GEMM_ENGINE_FAMILIES = ("mixer", "resmlp")
+GEMM_ENGINE_OPS = ("channel_mixing", "spatial_gating")
+GEMM_ENGINE_FAMILIES = ("mixer", "resmlp", "gmlp")
 CUBLAS_PROVIDER = "triton_cublas"
 
 

@@ -68,10 +68,10 @@ def block_op(config: str) -> str:
     raise ValueError(f"config: no block family known for {config!r}")
 
 
-# Where fc1's LayerNorm placement (matmul.LN_PLACEMENT) and channel mixing's GEMM engine (matmul.GEMM_ENGINE)
+# Where fc1's LayerNorm placement (matmul.LN_PLACEMENT) and the channel GEMMs' engine (matmul.GEMM_ENGINE)
 # change what runs: the ops and blocks containing them. gpu_check.py times each choice as its own provider.
 LN_OPS = frozenset({"channel_mixing", "spatial_gating", "block:mixer", "block:resmlp", "block:gmlp"})
-ENGINE_OPS = frozenset({"channel_mixing", "block:mixer", "block:resmlp"})
+ENGINE_OPS = frozenset({"channel_mixing", "spatial_gating", "block:mixer", "block:resmlp", "block:gmlp"})
 PROVIDERS = {(GEMM_FUSED, LN_ON_LOAD): "triton", (GEMM_FUSED, LN_FOLDED): "triton_ln_folded",
              (GEMM_CUBLAS, LN_ON_LOAD): "triton_cublas", (GEMM_CUBLAS, LN_FOLDED): "triton_cublas"}
 

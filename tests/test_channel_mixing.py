@@ -261,6 +261,13 @@ def test_gelu_backward_against_float64(triton_backend, dtype, approximate):
     torch.testing.assert_close(dz.cpu().double(), dz64, rtol=tol, atol=tol)
     torch.testing.assert_close(db.cpu().double(), dz64.sum(0), rtol=1e-4, atol=1e-3 * M ** 0.5)
     assert gelu_backward(dh_dev, z.to(DEVICE), approximate=approximate, bias_grad=False)[2] is None
+    # the forward's GELU is the one the backward recomputes, bit for bit (gMLP's one-value gate LayerNorm
+    # needs it), out of place or over Z
+    from mixer_fast.kernels.triton.channel_mixing_cublas import gelu_forward
+
+    z_dev = z.to(DEVICE)
+    assert torch.equal(gelu_forward(z_dev, approximate, inplace=False), h)
+    assert gelu_forward(z_dev, approximate, inplace=True).data_ptr() == z_dev.data_ptr() and torch.equal(z_dev, h)
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "affine"])

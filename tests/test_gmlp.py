@@ -549,3 +549,83 @@ def test_triton_ln_folded(triton_backend, monkeypatch, dtype):
     monkeypatch.setenv("MIXER_FAST_LN", "fold")
     _check_triton(_gating_args(3, 49, 20, 12, seed=8), dtype, sample_scale=torch.tensor([1.0, 0.0, 2.0]))
     assert A_LAYERNORM_FOLDED in seen
+
+
+# The channel GEMMs in torch (cuBLAS on a GPU) with the Triton passes around them (MIXER_FAST_GEMM=cublas):
+# only the gate's token GEMMs stay fused.
+@pytest.fixture
+def cublas_engine(monkeypatch):
+    """MIXER_FAST_GEMM=cublas; returns the fused GEMM sites launched (spied on): the gate's only."""
+    from mixer_fast.kernels.triton import spatial_gating
+
+    seen = []
+    real = spatial_gating.fused_matmul
+
+    def spy(*args, variant, **kwargs):
+        seen.append(variant)
+        return real(*args, variant=variant, **kwargs)
+
+    monkeypatch.setenv("MIXER_FAST_GEMM", "cublas")
+    monkeypatch.setattr(spatial_gating, "fused_matmul", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GATING_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_cublas_against_reference(triton_backend, cublas_engine, dtype, shape):
+    B, S, C, H = shape
+    approximate = "tanh" if (S + C) % 2 else "none"
+    ss = torch.tensor([0.0, 1.25, 2.5][:B]) if B > 1 else None  # drop path: the residual in its own pass
+    _check_triton(_gating_args(*shape, seed=B + S + 1), dtype, sample_scale=ss, approximate=approximate)
+    # forward: the gate (W_p · LN_g(v), u ⊙ in its epilogue); backward: dW_p and g_v = W_pᵀ · dP
+    assert cublas_engine == ["gate_proj", "gate_b", "plain"]
+
+
+def test_triton_cublas_optional_parameters_none_strided_no_grad_and_empty(triton_backend, cublas_engine):
+    args = _gating_args(2, 7, 10, 6, seed=12)
+    for name in ("norm_weight", "norm_bias", "fc1_bias", "gate_norm_weight", "gate_norm_bias", "proj_bias",
+                 "fc2_bias"):
+        args[name] = None
+    _check_triton(args, torch.float32)  # no fc2 bias: fc2's GEMM accumulates into x itself
+    args = {n: t.float().to(DEVICE) for n, t in _gating_args(3, 8, 12, 10, seed=13).items()}
+    params = [args[n] for n in NAMES[1:]]
+    xt = torch.randn(3, 12, 8, device=DEVICE).transpose(1, 2)
+    got = ops.spatial_gating(xt, *params, backend="triton")
+    assert max_err(got, ops.spatial_gating(xt.contiguous(), *params, backend="reference")) < 1e-5
+    with torch.no_grad():  # GELU in place, nothing kept: the same values
+        assert torch.equal(ops.spatial_gating(xt, *params, backend="triton"), got)
+    x0 = torch.randn(0, 8, 12, device=DEVICE, requires_grad=True)
+    out = ops.spatial_gating(x0, *params, backend="triton")
+    out.sum().backward()
+    assert out.shape == (0, 8, 12) and x0.grad.shape == (0, 8, 12)
+
+
+def test_triton_cublas_autocast(triton_backend, cublas_engine):
+    args = _gating_args(2, 10, 16, 12, seed=14)
+    dout = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out64, g64 = _gating_run(args, torch.float64, "reference", dout)
+    results = {}
+    for backend, device in (("reference", "cpu"), ("triton", DEVICE)):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            results[backend] = _gating_run(args, torch.float32, backend, dout, device=device)
+    (eager, g_eager), (fused, g_fused) = results["reference"], results["triton"]
+    assert fused.dtype == torch.float32
+    assert_numerics(fused.cpu().bfloat16(), eager, out64, "autocast output")
+    for name in g64:
+        assert g_fused[name].dtype == torch.float32, name
+        assert_numerics(g_fused[name].cpu().bfloat16(), g_eager[name], g64[name], f"autocast grad {name}")
+
+
+def test_engines_share_saved_tensors(triton_backend, monkeypatch):
+    # Either engine's backward follows either engine's forward (Z, P, Q and the statistics mean the same).
+    args = _gating_args(2, 9, 16, 8, seed=15)
+    dout = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _, want = _gating_run(args, torch.float64, "reference", dout)
+    for fwd, bwd in (("fused", "cublas"), ("cublas", "fused")):
+        leaves = {n: t.detach().to(DEVICE, torch.float32).requires_grad_() for n, t in args.items()}
+        monkeypatch.setenv("MIXER_FAST_GEMM", fwd)
+        out = ops.spatial_gating(*(leaves[n] for n in NAMES), backend="triton")
+        monkeypatch.setenv("MIXER_FAST_GEMM", bwd)
+        out.backward(dout.to(DEVICE, torch.float32))
+        for name in want:
+            assert max_err(leaves[name].grad.cpu(), want[name]) < 1e-4, (fwd, bwd, name)

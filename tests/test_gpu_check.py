@@ -155,13 +155,13 @@ def test_worker_run_fault_classification():
 
 def test_case_lists():
     cases = gpu_check.check_cases(quick=False)
-    # (2 ops × 3 shapes + gating) × 3 dtypes, 4 with fc1's LayerNorm folded, 3 with channel mixing on cuBLAS
-    assert len(cases) == len({c.name for c in cases}) == 28
+    # (2 ops × 3 shapes + gating) × 3 dtypes, 4 with fc1's LayerNorm folded, 4 with the channel GEMMs on cuBLAS
+    assert len(cases) == len({c.name for c in cases}) == 29
     folded = [c for c in cases if c.ln == "fold"]
     assert {c.op for c in folded} == {"channel_mixing", "spatial_gating"} and len(folded) == 4
     assert all(c.name.endswith(" ln fold") and c.task()["ln"] == "fold" for c in folded)
     on_cublas = [c for c in cases if c.gemm == "cublas"]
-    assert {c.op for c in on_cublas} == {"channel_mixing"} and len(on_cublas) == 3
+    assert {c.op for c in on_cublas} == {"channel_mixing", "spatial_gating"} and len(on_cublas) == 4
     assert all(c.name.endswith(" gemm cublas") and c.task()["gemm"] == "cublas" and c.ln == "load" for c in on_cublas)
     assert {c.shape for c in cases if c.op == "spatial_gating"} == {"gmlp_s16"}
     assert {c.shape for c in cases if c.op == "token_mixing"} == {"mixer_b16", "resmlp_24", "awkward"}

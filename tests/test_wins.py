@@ -177,7 +177,8 @@ def test_checks_of_another_engine_are_not_evidence_and_token_checks_always_are(t
         dict(check, op="channel_mixing", ln="load", gemm="fused"),  # another engine: not evidence
         dict(check, op="channel_mixing", ln="load", gemm="cublas", dtype="fp16"),  # the shipped engine: a loss
         dict(check, op="token_mixing", ln="load", gemm="fused", dtype="fp32"),  # no choice there: a loss
-        dict(check, op="spatial_gating", ln="fold", gemm="fused", dtype="fp32")])  # gating's placement: a loss
+        dict(check, op="spatial_gating", ln="fold", gemm="fused", dtype="fp16"),  # gating's other engine
+        dict(check, op="spatial_gating", ln="load", gemm="cublas", dtype="fp32")])  # its engine: a loss
     rows = wins_table.evidence(tmp_path)
     assert [(r["op"], r["dtype"]) for r in rows] == [("channel_mixing", "fp16"), ("token_mixing", "fp32"),
                                                      ("spatial_gating", "fp32")]

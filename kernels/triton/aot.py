@@ -386,6 +386,8 @@ def variants(dtype: str) -> Iterator[Tuple]:
         yield (layer_norm.norm_apply_kernel, f"norm_apply[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
                dict(LAYERNORM=True, STATS_GIVEN=False, STORE_R=True, HAS_RS=True, INTERPRETER=False,
                     BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"mean_ptr": "fp32", "rstd_ptr": "fp32"}, None)
+    yield (cublas.gelu_kernel, "gelu", f"{cublas.GELU_BLOCK} w4 s3",
+           dict(APPROX_TANH=False, INTERPRETER=False, BLOCK=cublas.GELU_BLOCK), 4, 3, None, None)
     yield (cublas.gelu_backward_kernel, "gelu_backward",
            f"R{cublas.GELU_BLOCK_R}x{cublas.GELU_ROW_GROUP // cublas.GELU_BLOCK_R} D{cublas.GELU_BLOCK_D} w4 s3",
            dict(APPROX_TANH=False, HAS_DB=True, INTERPRETER=False, ROW_GROUP=cublas.GELU_ROW_GROUP,

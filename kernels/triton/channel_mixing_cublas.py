@@ -5,7 +5,8 @@ Issue 17's fallback: where the fused GEMMs cannot reach cuBLAS speed, the GEMMs 
 the memory-bound steps around them are fused, each one pass over its tensors:
 
 forward   norm_apply: x → N(x) in the weights' dtype, the LayerNorm statistics, and r = x + scale ⊙ b2
-          Z = N(x) · W1ᵀ + b1 (cuBLAS, bias in its epilogue); H = GELU(Z) (in place without a backward)
+          Z = N(x) · W1ᵀ + b1 (cuBLAS, bias in its epilogue); gelu_forward: H = GELU(Z) (in place without a
+          backward; Triton's GELU, which the backward recomputes bit for bit)
           out = r + H · (scale ⊙ W2)ᵀ (cuBLAS accumulating into r: the residual add is the GEMM's C operand)
           With drop path, a learned layer scale or autocast's mixed dtypes the scale cannot fold into W2:
           Y = H · W2ᵀ + b2, then out = x + scale · ss · Y in one pass (and Y is the stored branch).
@@ -13,6 +14,9 @@ backward  residual_grad: dO, scale's and b2's gradients (as the fused engine's)
           dH = dO · W2 (cuBLAS); gelu_backward: dZ = dH ⊙ GELU'(Z) in place, H = GELU(Z), Σ dZ (b1's gradient)
           dW2 = dOᵀ · H; N(x) recomputed from x and the statistics; dW1 = dZᵀ · N(x); g = dZ · W1 (cuBLAS)
           norm_backward: dx = dout + N's backward of g, and the norm parameters' gradients.
+
+gMLP's spatial gating (spatial_gating.py) runs its channel GEMMs (fc1, fc2 and their backward) on the same
+pieces under GEMM_CUBLAS, keeping its fused token GEMMs for the gate.
 
 Against eager, the forward saves x and Z only (eager: x, N(x), Z, H) and makes no separate bias, scale or
 residual passes; the backward holds Z, dZ and H at its peak (eager: Z, H, dH, dZ). The weight gradients come
@@ -67,6 +71,31 @@ def gelu_backward_kernel(
         tl.store(db_part_ptr + pid_r.to(tl.int64) * D + c64, acc, mask=mask_d)
 
 
+@triton.jit
+def gelu_kernel(z_ptr, N, h_ptr, APPROX_TANH: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK: tl.constexpr):
+    """H = GELU(Z) over N contiguous elements (h_ptr may be z_ptr), rounded to h's dtype: the same function
+    as the backward's recompute (gelu_backward_kernel, the gMLP gate's kernels), bit for bit. torch's own
+    GELU differs from it in the last bit now and then, which a LayerNorm over one value (gMLP's narrow gate)
+    turns into a wrong gradient."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    z = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(h_ptr + offs, round_to(gelu(z, APPROX_TANH), h_ptr.dtype.element_ty, INTERPRETER), mask=m)
+
+
+GELU_BLOCK = 1024  # elements a program: 8 per thread on 4 warps, 16-byte accesses in bf16
+
+
+def gelu_forward(z: Tensor, approximate: str, *, inplace: bool) -> Tensor:
+    """GELU(Z) for a contiguous Z, written over it when ``inplace``."""
+    h = z if inplace else _launch.new_output(z.shape, z, z.dtype)
+    if z.numel():
+        with _launch.serialized():
+            gelu_kernel[(triton.cdiv(z.numel(), GELU_BLOCK),)](
+                z, z.numel(), h, APPROX_TANH=approximate == "tanh", INTERPRETER=_launch.INTERPRET, BLOCK=GELU_BLOCK)
+    return h
+
+
 # A memory-bound pass, tiled as residual.residual_grad_kernel's (8 × 128 on 4 warps, 16 tiles a program);
 # the partial sums are M / 128 rows × D fp32 (4.7 MB at Mixer-B/16, batch 256).
 GELU_ROW_GROUP, GELU_BLOCK_R, GELU_BLOCK_D = 128, 8, 128
@@ -90,7 +119,7 @@ def gelu_backward(dh: Tensor, z: Tensor, *, approximate: str, bias_grad: bool) -
     return dh, h, db_part.sum(0) if db_part is not None else None
 
 
-def _mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, acc: Optional[Tensor] = None) -> Tensor:
+def mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, acc: Optional[Tensor] = None) -> Tensor:
     """a · b (+ bias per column) (+ acc, accumulated by the GEMM: beta = 1) in torch's GEMM, outside any
     autocast region (the operands are already in the dtype they should multiply in)."""
     import torch
@@ -103,12 +132,68 @@ def _mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, acc: Optional[Tenso
         return a @ b
 
 
-def _gelu(z: Tensor, approximate: str, *, inplace: bool) -> Tensor:
+def folds(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, sample_scale: Optional[Tensor], store_branch: bool) -> bool:
+    """Whether fc2's GEMM can take the residual add as its C operand (:func:`fc2_residual`): no drop path
+    scales the branch, its value is not wanted (a layer scale's gradient), and the GEMM can accumulate in
+    x's dtype (not under autocast's fp32 activations with 16-bit weights)."""
+    return sample_scale is None and not store_branch and x.dtype == fc1_weight.dtype == fc2_weight.dtype
+
+
+def fc1_gelu(x: Tensor, nw: Tensor, nb: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], *, norm: str,
+             eps: float, approximate: str, save_hidden: bool, res_bias: Optional[Tensor] = None,
+             res_scale: Optional[Tensor] = None
+             ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """For x (B, S, C): (H = GELU(N(x) · W1ᵀ + b1) (B·S, D), Z = its pre-activation (B·S, D) when
+    ``save_hidden``, else None (GELU then runs in place over it), mean, rstd (B·S,) fp32 or None, and r =
+    x + res_scale ⊙ res_bias (B·S, C) when ``res_bias`` is given, else None), in the weights' dtype."""
+    xn, mean, rstd, r = norm_apply(x, nw, nb, norm=norm, eps=eps, dtype=fc1_weight.dtype, res_bias=res_bias,
+                                   res_scale=res_scale)
+    z = mm(xn, fc1_weight.t(), bias=fc1_bias)
+    del xn
+    h = gelu_forward(z, approximate, inplace=not save_hidden)
+    return h, z if save_hidden else None, mean, rstd, r
+
+
+def fc2_residual(h: Tensor, fc2_weight: Tensor, fc2_bias: Optional[Tensor], x: Tensor, r: Optional[Tensor], *,
+                 fold: bool, scale: Optional[Tensor], sample_scale: Optional[Tensor], store_branch: bool
+                 ) -> Tuple[Tensor, Optional[Tensor]]:
+    """out = x + scale · ss · (H · W2ᵀ + b2) for H (B·S, D) and x (B, S, C): (out (B, S, C) in x's dtype,
+    the branch H · W2ᵀ + b2 (B, S, C) when ``store_branch``, else None). With ``fold`` (:func:`folds`) the
+    GEMM accumulates into r = x + scale ⊙ b2 from :func:`fc1_gelu` (x itself without b2 and scale), with
+    scale folded into W2; else one fp32 pass after the GEMM, rounded once to x's dtype."""
     import torch
 
-    if inplace:
-        return torch.ops.aten.gelu_(z, approximate=approximate)
-    return torch.nn.functional.gelu(z, approximate=approximate)
+    B, S, C = x.shape
+    if fold:
+        if r is None:
+            r = x.reshape(B * S, C)
+        w2 = fc2_weight if scale is None else (fc2_weight.float() * scale.float()[:, None]).to(fc2_weight.dtype)
+        return mm(h, w2.t(), acc=r).view(B, S, C), None
+    y = mm(h, fc2_weight.t(), bias=fc2_bias).view(B, S, C)
+    out = _launch.new_output((B, S, C), x, x.dtype)
+    factor = None
+    if scale is not None:
+        factor = scale.float().view(1, 1, C)
+    if sample_scale is not None:
+        ss = sample_scale.float().view(B, 1, 1)
+        factor = ss if factor is None else factor * ss
+    if factor is None:
+        torch.add(x, y, out=out)
+    else:
+        torch.addcmul(x, y, factor, out=out)
+    return out, y.to(x.dtype) if store_branch else None
+
+
+def fc1_backward(dz: Tensor, x: Tensor, nw: Tensor, nb: Tensor, fc1_weight: Tensor, mean: Optional[Tensor],
+                 rstd: Optional[Tensor], *, norm: str) -> Tuple[Tensor, Tensor]:
+    """For dZ (B·S, D): (g = dZ · W1 = dL/dN(x) (B·S, C), dW1 = dZᵀ · N(x) (D, C)), both in the weights'
+    dtype, N(x) recomputed from x and the saved statistics (never kept by the forward)."""
+    # eps is spent: the statistics are given (the affine has none)
+    xn = norm_apply(x, nw, nb, norm=norm, eps=0.0, dtype=fc1_weight.dtype,
+                    stats=(mean, rstd) if norm == "layernorm" else None)[0]
+    dw1 = mm(dz.t(), xn)
+    del xn
+    return mm(dz, fc1_weight), dw1
 
 
 def channel_mixing_forward(
@@ -120,44 +205,16 @@ def channel_mixing_forward(
     """As channel_mixing.channel_mixing_forward: x (B, S, C) → (out (B, S, C), mean, rstd (B·S,) fp32 or
     None, Z (B·S, D_C) or None, branch (B, S, C) or None). TF32 follows torch's own flag, which is what
     ``allow_tf32`` carries (triton_backend._allow_tf32)."""
-    import torch
-
-    B, S, C = x.shape
-    M = B * S
-    wd = fc1_weight.dtype
+    C = x.shape[2]
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
-    # The layer scale folds into W2 and fc2's bias into the residual stream when nothing else scales the
-    # branch, its value is not wanted (scale's gradient) and the GEMM can accumulate in x's dtype.
-    fold = sample_scale is None and not store_branch and x.dtype == wd and fc2_weight.dtype == wd
-    xn, mean, rstd, r = norm_apply(x, nw, nb, norm=norm, eps=eps, dtype=wd,
-                                   res_bias=fc2_bias if fold else None, res_scale=scale if fold else None)
-    z = _mm(xn, fc1_weight.t(), bias=fc1_bias)
-    del xn
-    h = _gelu(z, approximate, inplace=not save_hidden)
-    branch = None
-    if fold:
-        if r is None:
-            r = x.reshape(M, C)
-        w2 = fc2_weight if scale is None else (fc2_weight.float() * scale.float()[:, None]).to(wd)
-        out = _mm(h, w2.t(), acc=r).view(B, S, C)
-    else:
-        y = _mm(h, fc2_weight.t(), bias=fc2_bias).view(B, S, C)
-        out = _launch.new_output((B, S, C), x, x.dtype)
-        factor = None
-        if scale is not None:
-            factor = scale.float().view(1, 1, C)
-        if sample_scale is not None:
-            ss = sample_scale.float().view(B, 1, 1)
-            factor = ss if factor is None else factor * ss
-        # one pass in fp32, rounded once to x's dtype
-        if factor is None:
-            torch.add(x, y, out=out)
-        else:
-            torch.addcmul(x, y, factor, out=out)
-        if store_branch:
-            branch = y.to(x.dtype)
-    return out, mean, rstd, z if save_hidden else None, branch
+    fold = folds(x, fc1_weight, fc2_weight, sample_scale, store_branch)
+    h, z, mean, rstd, r = fc1_gelu(x, nw, nb, fc1_weight, fc1_bias, norm=norm, eps=eps, approximate=approximate,
+                                   save_hidden=save_hidden, res_bias=fc2_bias if fold else None,
+                                   res_scale=scale if fold else None)
+    out, branch = fc2_residual(h, fc2_weight, fc2_bias, x, r, fold=fold, scale=scale, sample_scale=sample_scale,
+                               store_branch=store_branch)
+    return out, mean, rstd, z, branch
 
 
 def channel_mixing_backward(
@@ -170,24 +227,18 @@ def channel_mixing_backward(
     the others fp32."""
     B, S, C = x.shape
     M = B * S
-    wd = fc1_weight.dtype
     grads: Dict[str, Optional[Tensor]] = {}
-    res = residual_grad(dout, scale=scale, sample_scale=sample_scale, branch=branch, dtype=wd,
+    res = residual_grad(dout, scale=scale, sample_scale=sample_scale, branch=branch, dtype=fc1_weight.dtype,
                         bias=PER_CHANNEL if fc2_bias is not None else None)
     grads["scale"], grads["fc2_bias"] = res.scale, res.bias
     do = res.do.reshape(M, C)
-    dz, h, grads["fc1_bias"] = gelu_backward(_mm(do, fc2_weight), z, approximate=approximate,
+    dz, h, grads["fc1_bias"] = gelu_backward(mm(do, fc2_weight), z, approximate=approximate,
                                              bias_grad=fc1_bias is not None)
-    grads["fc2_weight"] = _mm(do.t(), h)
+    grads["fc2_weight"] = mm(do.t(), h)
     del h, do, res
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
-    # eps is spent: the statistics are given (the affine has none)
-    xn = norm_apply(x, nw, nb, norm=norm, eps=0.0, dtype=wd,
-                    stats=(mean, rstd) if norm == "layernorm" else None)[0]
-    grads["fc1_weight"] = _mm(dz.t(), xn)
-    del xn
-    g = _mm(dz, fc1_weight)
+    g, grads["fc1_weight"] = fc1_backward(dz, x, nw, nb, fc1_weight, mean, rstd, norm=norm)
     del dz
     grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
     grads["norm_weight"] = dnw if norm_weight is not None else None

@@ -19,6 +19,10 @@ Backward (dQ = ss · dout · W2):
   g_v = W_pᵀ · dP, then LN_g's backward × GELU'(z_v) writes dZ_v (the other half of dZ) in one pass;
   then channel mixing's: g = dZ · W1, dW1 = dZᵀ · LN(x), dW2 = dOᵀ · Q (Q kept by the forward), LayerNorm backward.
 Every reduction runs over fixed tiles in a fixed order: deterministic.
+
+Under matmul.gemm_engine() GEMM_CUBLAS the channel GEMMs (fc1 with its norm and GELU, fc2 with the residual,
+dQ, g, dW1, dW2) run in torch's GEMMs with channel_mixing_cublas's passes, as channel mixing's do; the gate's
+token GEMMs stay fused (their LN_g on load and u ⊙ in the epilogue save whole passes over (B, S, H/2)).
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from . import channel_mixing_cublas as cublas
 from .elementwise import gelu, gelu_grad, round_to
 from .channel_mixing import fc1_operands
 from .layer_norm import layer_norm_backward, layer_norm_stats
-from .matmul import B_GATE_LAYERNORM, B_LAYERNORM, B_TOKEN_LAYERNORM, flat, fused_matmul, split
+from .matmul import (B_GATE_LAYERNORM, B_LAYERNORM, B_TOKEN_LAYERNORM, GEMM_CUBLAS, flat, fused_matmul, gemm_engine,
+                     split)
 from .residual import PER_CHANNEL, residual_grad
 from .token_mixing import norm_backward
 
@@ -98,18 +104,28 @@ def spatial_gating_forward(
     Hh = H // 2
     M = B * S
     wdt = fc1_weight.dtype  # the hidden activations' dtype: x's own, or the autocast dtype
-    mean, rstd = layer_norm_stats(x, eps)
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
-    h = _launch.new_output((B, S, H), x, wdt)
-    z = _launch.new_output((B, S, H), x, wdt) if save else None
-    h_axes = (flat(M, H), flat(H, 1))
-    w1, norm_args = fc1_operands(x, fc1_weight, fc1_bias, nw, nb, (mean, rstd))
-    fused_matmul(
-        x, (split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))), w1, (flat(C, w1.stride(1)), flat(H, w1.stride(0))),
-        h, h_axes, M, H, C, variant="ln_gelu", **norm_args, aux=z, aux_axes=h_axes if save else None,
-        store_branch=save, epi_gelu=True, approximate=approximate, allow_tf32=allow_tf32)
-    del w1
+    on_cublas = gemm_engine() == GEMM_CUBLAS
+    if on_cublas:
+        fold = cublas.folds(x, fc1_weight, fc2_weight, sample_scale, store_branch=False)
+        h, z, mean, rstd, r = cublas.fc1_gelu(x, nw, nb, fc1_weight, fc1_bias, norm="layernorm", eps=eps,
+                                              approximate=approximate, save_hidden=save,
+                                              res_bias=fc2_bias if fold else None)
+        h = h.view(B, S, H)
+        z = z.view(B, S, H) if z is not None else None
+    else:
+        mean, rstd = layer_norm_stats(x, eps)
+        h = _launch.new_output((B, S, H), x, wdt)
+        z = _launch.new_output((B, S, H), x, wdt) if save else None
+        h_axes = (flat(M, H), flat(H, 1))
+        w1, norm_args = fc1_operands(x, fc1_weight, fc1_bias, nw, nb, (mean, rstd))
+        fused_matmul(
+            x, (split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))), w1,
+            (flat(C, w1.stride(1)), flat(H, w1.stride(0))), h, h_axes, M, H, C, variant="ln_gelu", **norm_args,
+            aux=z, aux_axes=h_axes if save else None, store_branch=save, epi_gelu=True, approximate=approximate,
+            allow_tf32=allow_tf32)
+        del w1
     u, v = h[..., :Hh], h[..., Hh:]
     gate_mean, gate_rstd = layer_norm_stats(v, gate_eps)
     gw = _launch.vec_or(gate_norm_weight, Hh, 1.0, v)
@@ -128,6 +144,10 @@ def spatial_gating_forward(
     # H is dead once the gate has read u and v (the backward recomputes them from Z): gone before fc2's
     # output is allocated, it is not part of the block's peak (the forward's, at small batches).
     del h, u, v
+    if on_cublas:
+        out = cublas.fc2_residual(q.view(M, Hh), fc2_weight, fc2_bias, x, r, fold=fold, scale=None,
+                                  sample_scale=sample_scale, store_branch=False)[0]
+        return out, mean, rstd, gate_mean, gate_rstd, z, p, q if save else None
     out = _launch.new_output((B, S, C), x, x.dtype)
     fused_matmul(
         q, (flat(M, Hh), flat(Hh, 1)), fc2_weight, (flat(Hh, fc2_weight.stride(1)), flat(C, fc2_weight.stride(0))),
@@ -157,12 +177,16 @@ def spatial_gating_backward(
                         bias=PER_CHANNEL if fc2_bias is not None else None)
     do = res.do
     do_tok, do_ch = split(S, do.stride(0), do.stride(1)), flat(C, do.stride(2))
+    on_cublas = gemm_engine() == GEMM_CUBLAS
     # dQ = dO · W2, then dZ_u and dP element-wise. dQ and g_v below are whole activations: kept in the
     # weights' dtype, as eager's autograd rounds a linear layer's input gradient (fp32, they were 154 MB
     # each at gMLP-S/16, batch 256; the gMLP block trained at 2.2x eager's memory on the H200).
-    dq = _launch.new_output((M, Hh), x, wdt)
-    fused_matmul(do, (do_tok, do_ch), fc2_weight, (flat(C, fc2_weight.stride(0)), flat(Hh, fc2_weight.stride(1))),
-                 dq, (flat(M, Hh), flat(Hh, 1)), M, Hh, C, variant="plain", allow_tf32=allow_tf32)
+    if on_cublas:
+        dq = cublas.mm(do.reshape(M, C), fc2_weight)
+    else:
+        dq = _launch.new_output((M, Hh), x, wdt)
+        fused_matmul(do, (do_tok, do_ch), fc2_weight, (flat(C, fc2_weight.stride(0)), flat(Hh, fc2_weight.stride(1))),
+                     dq, (flat(M, Hh), flat(Hh, 1)), M, Hh, C, variant="plain", allow_tf32=allow_tf32)
     dz = _launch.new_output((B, S, H), x, wdt)
     dp = _launch.new_output((B, S, Hh), x, wdt)
     bm, bh = GATE_BLOCK
@@ -208,16 +232,20 @@ def spatial_gating_backward(
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
     h_axes = (flat(M, H), flat(H, 1))
-    g = _launch.new_output((M, C), x, fc1_weight.dtype)  # as channel mixing's: eager rounds it so too
-    fused_matmul(dz, h_axes, fc1_weight, (flat(H, fc1_weight.stride(0)), flat(C, fc1_weight.stride(1))),
-                 g, (flat(M, C), flat(C, 1)), M, C, H, variant="plain", allow_tf32=allow_tf32)
-    dw1 = _launch.new_output((H, C), x, torch.float32)
-    fused_matmul(dz, (flat(H, 1), flat(M, H)), x, (split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))),
-                 dw1, (flat(H, C), flat(C, 1)), H, C, M, variant="ln_b", b_pro=B_LAYERNORM, b_stats=(mean, rstd),
-                 b_vec=(nw, nb), allow_tf32=allow_tf32)
-    dw2 = _launch.new_output((C, Hh), x, torch.float32)
-    fused_matmul(do, (do_ch, do_tok), q, (flat(M, Hh), flat(Hh, 1)), dw2, (flat(C, Hh), flat(Hh, 1)), C, Hh, M,
-                 variant="plain", allow_tf32=allow_tf32)
+    if on_cublas:
+        g, dw1 = cublas.fc1_backward(dz.view(M, H), x, nw, nb, fc1_weight, mean, rstd, norm="layernorm")
+        dw2 = cublas.mm(do.reshape(M, C).t(), q.view(M, Hh))
+    else:
+        g = _launch.new_output((M, C), x, fc1_weight.dtype)  # as channel mixing's: eager rounds it so too
+        fused_matmul(dz, h_axes, fc1_weight, (flat(H, fc1_weight.stride(0)), flat(C, fc1_weight.stride(1))),
+                     g, (flat(M, C), flat(C, 1)), M, C, H, variant="plain", allow_tf32=allow_tf32)
+        dw1 = _launch.new_output((H, C), x, torch.float32)
+        fused_matmul(dz, (flat(H, 1), flat(M, H)), x, (split(S, x.stride(0), x.stride(1)), flat(C, x.stride(2))),
+                     dw1, (flat(H, C), flat(C, 1)), H, C, M, variant="ln_b", b_pro=B_LAYERNORM,
+                     b_stats=(mean, rstd), b_vec=(nw, nb), allow_tf32=allow_tf32)
+        dw2 = _launch.new_output((C, Hh), x, torch.float32)
+        fused_matmul(do, (do_ch, do_tok), q, (flat(M, Hh), flat(Hh, 1)), dw2, (flat(C, Hh), flat(Hh, 1)), C, Hh,
+                     M, variant="plain", allow_tf32=allow_tf32)
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
     if fc1_bias is not None:  # the v half's sums over the tokens here; the u half's came with dZ_u
         grads["fc1_bias"] = torch.cat((db1_part.sum(0), dz[..., Hh:].sum((0, 1), dtype=torch.float32)))
