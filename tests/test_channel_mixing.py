@@ -105,7 +105,7 @@ def test_fold_weight_against_float64(triton_backend, dtype, has_b1):
 
 # ---------------------------------------------------------------------------------------------------------
 # The GEMMs in torch (cuBLAS on a GPU) with the Triton passes around them (MIXER_FAST_GEMM=cublas;
-# matmul.gemm_engine, channel_mixing_cublas.py)
+# matmul.gemm_engine, cublas_engine.py)
 
 
 @pytest.fixture
@@ -244,7 +244,7 @@ def test_gemm_engine_is_validated(monkeypatch):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_backward_against_float64(triton_backend, dtype, approximate):
     from conftest import DEVICE
-    from mixer_fast.kernels.triton.channel_mixing_cublas import GELU_BLOCK_D, GELU_ROW_GROUP, gelu_backward
+    from mixer_fast.kernels.triton.cublas_engine import GELU_BLOCK_D, GELU_ROW_GROUP, gelu_backward
 
     g = torch.Generator().manual_seed(12)
     M, D = GELU_ROW_GROUP + 37, GELU_BLOCK_D + 5  # a partial row group and a partial column block
@@ -263,7 +263,7 @@ def test_gelu_backward_against_float64(triton_backend, dtype, approximate):
     assert gelu_backward(dh_dev, z.to(DEVICE), approximate=approximate, bias_grad=False)[2] is None
     # the forward's GELU is the one the backward recomputes, bit for bit (gMLP's one-value gate LayerNorm
     # needs it), out of place or over Z
-    from mixer_fast.kernels.triton.channel_mixing_cublas import gelu_forward
+    from mixer_fast.kernels.triton.cublas_engine import gelu_forward
 
     z_dev = z.to(DEVICE)
     assert torch.equal(gelu_forward(z_dev, approximate, inplace=False), h)

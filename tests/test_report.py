@@ -31,7 +31,8 @@ def test_report_rows_have_the_keys(rows):
     assert any("autocast" in row["kernel"] for row in rows)
     kernels = {row["kernel"].split("[")[0] for row in rows}
     assert kernels == {"fused_matmul", "token_mlp_fwd", "token_mlp_dx", "token_mlp_dw", "ln_stats", "ln_backward",
-                       "gate_grad", "residual_grad", "affine_backward", "fold_weight", "norm_apply", "gelu", "gelu_backward"}
+                       "gate_grad", "residual_grad", "affine_backward", "fold_weight", "norm_apply", "gelu", "gelu_backward",
+                       "residual_add"}
     # gMLP's launch sites are in it
     assert {"fused_matmul[gate_proj]", "fused_matmul[gate_b]", "ln_backward[gate,C=768]"} <= {r["kernel"] for r in rows}
 

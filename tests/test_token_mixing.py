@@ -139,3 +139,207 @@ def test_forward_saves_only_x_and_the_statistics(triton_backend):
         ((B * S,), torch.float32), ((B * S,), torch.float32)], [(t.shape, t.dtype) for t in activations]
     assert any(t.untyped_storage().data_ptr() == leaves["x"].untyped_storage().data_ptr() for t in saved)
     out.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The token GEMMs in torch (cuBLAS on a GPU) on token-major operands, with the Triton passes around them
+# (MIXER_FAST_TOKEN=cublas for the MLP, MIXER_FAST_GEMM=cublas for ResMLP's token linear; cublas_engine.py)
+
+import torch  # noqa: E402
+
+from op_cases import DTYPES, NAMES, check_backend, make_args, run  # noqa: E402
+from tolerances import assert_numerics, max_err  # noqa: E402
+
+
+@pytest.fixture
+def token_cublas(monkeypatch):
+    """Both engines on cuBLAS, with the flash kernels and the fused GEMM made to fail if anything runs them."""
+    from mixer_fast.kernels.triton import token_mixing
+
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("a flash-MLP kernel ran on the cuBLAS engine")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused GEMM ran on the cuBLAS engine")
+
+    monkeypatch.setenv("MIXER_FAST_TOKEN", "cublas")
+    monkeypatch.setenv("MIXER_FAST_GEMM", "cublas")
+    for name in ("token_mlp_fwd_kernel", "token_mlp_dx_kernel", "token_mlp_dw_kernel"):
+        monkeypatch.setattr(token_mixing, name, Refuse())
+    monkeypatch.setattr(token_mixing, "fused_matmul", refuse)
+
+
+# every dtype × {LayerNorm MLP, + drop path, ResMLP's affine token linear with layer scale and drop path} on
+# the awkward shapes (S 49 / 16 / 196, C 100, D_S 24 / 30 / 98, B 1 and 3)
+TOKEN_CUBLAS_CASES = [(d, s, v) for d in DTYPES for s in SHAPES[:3] for v in ("mixer", "droppath", "resmlp")]
+
+
+@pytest.mark.parametrize("dtype,shape,variant", TOKEN_CUBLAS_CASES,
+                         ids=[f"{v}-{'x'.join(map(str, s))}-{d}" for d, s, v in TOKEN_CUBLAS_CASES])
+def test_triton_token_mixing_cublas(triton_backend, token_cublas, dtype, shape, variant):
+    from conftest import DEVICE
+
+    B, S, C, D = shape
+    check_backend("token", make_args("token", B, S, C, D, variant=variant, seed=21), dtype, "triton",
+                  approximate="tanh" if C % 3 else "none", device=DEVICE)
+
+
+def test_triton_token_mixing_cublas_token_linear_with_layernorm(triton_backend, token_cublas):
+    # ResMLP's single token linear with a LayerNorm instead of the affine (no named model; the fused path
+    # normalises in torch there): one norm pass on this engine
+    from conftest import DEVICE
+
+    args = make_args("token", 2, 49, 40, 49, variant="resmlp", seed=22)
+    B, S, C = args["x"].shape
+    dout = torch.randn(B, S, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for dt, backend, dev in ((torch.float64, "reference", "cpu"), (torch.bfloat16, "reference", "cpu"),
+                             (torch.bfloat16, "triton", DEVICE)):
+        leaves = {n: None if args[n] is None else args[n].detach().to(dev, dt).requires_grad_() for n in NAMES}
+        from mixer_fast import ops
+
+        out = ops.token_mixing(*(leaves[n] for n in NAMES[:7]), norm="layernorm", scale=leaves["scale"],
+                               sample_scale=args["sample_scale"].to(dev, dt), backend=backend)
+        out.backward(dout.to(dev, dt))
+        results.append((out.detach().cpu(), {n: t.grad.cpu() for n, t in leaves.items() if t is not None}))
+    (o64, g64), (oe, ge), (of, gf) = results
+    assert_numerics(of, oe, o64, "token linear output")
+    for name in g64:
+        assert_numerics(gf[name], ge[name], g64[name], f"token linear grad {name}")
+
+
+@pytest.mark.parametrize("variant", ["mixer", "resmlp"])
+def test_triton_token_mixing_cublas_inference_strided_and_empty(triton_backend, token_cublas, variant):
+    from conftest import DEVICE
+    from mixer_fast import ops
+
+    args = make_args("token", 3, 16, 64, 24, variant=variant, seed=23)
+    p = [None if args[k] is None else args[k].float().to(DEVICE) for k in NAMES[1:7]]
+    kw = dict(norm="affine", scale=args["scale"].float().to(DEVICE)) if variant == "resmlp" else {}
+    x = torch.randn(3, 64, 16, dtype=torch.float32, device=DEVICE).transpose(1, 2)  # stride 1 along S
+    with torch.no_grad():
+        got = ops.token_mixing(x, *p, backend="triton", **kw)
+        want = ops.token_mixing(x.contiguous().cpu(), *(None if t is None else t.cpu() for t in p),
+                                backend="reference", **{k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()})
+    assert max_err(got.cpu(), want) < 1e-5
+    empty = torch.randn(0, 16, 64, device=DEVICE, requires_grad=True)
+    out = ops.token_mixing(empty, *p, backend="triton", **kw)
+    out.sum().backward()
+    assert out.shape == (0, 16, 64) and empty.grad.shape == (0, 16, 64)
+
+
+def test_triton_token_mixing_cublas_under_autocast(triton_backend, token_cublas):
+    # fp32 activations and parameters, bf16 autocast: the GEMMs in bf16, the norm, GELU's input, the residual
+    # in fp32 passes; gradients in the parameters' fp32
+    from conftest import DEVICE
+    from mixer_fast import ops
+
+    args = make_args("token", 2, 49, 40, 24, variant="mixer", seed=24)
+    results = []
+    for backend, dt, dev, autocast in (("reference", torch.float64, "cpu", False),
+                                       ("reference", torch.float32, "cpu", True),
+                                       ("triton", torch.float32, DEVICE, True)):
+        leaves = [args[k].detach().to(device=dev, dtype=dt).requires_grad_() for k in NAMES[:7]]
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+            out = ops.token_mixing(*leaves, backend=backend)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach().cpu(), *(t.grad.cpu() for t in leaves)])
+    ref64, eager, got = results
+    for name, g, e, r in zip(("out", *NAMES[:7]), got, eager, ref64):
+        assert g.dtype == torch.float32, name
+        assert max_err(g, r) <= 2 * max_err(e, r) + 1.6e-2, name  # bf16 results: the rule with bf16's floor
+
+
+@pytest.mark.parametrize("variant", ["mixer", "resmlp"])
+def test_token_engines_share_saved_tensors(triton_backend, monkeypatch, variant):
+    # Either engine's backward follows either engine's forward: both save x and the statistics (and the
+    # branch), nothing of the hidden.
+    from conftest import DEVICE
+    from mixer_fast import ops
+
+    args = make_args("token", 2, 49, 40, 24, variant=variant, seed=25)
+    dout = torch.randn(2, 49, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _, want = run("token", args, torch.float64, "reference", dout, approximate="none")
+    env = "MIXER_FAST_GEMM" if variant == "resmlp" else "MIXER_FAST_TOKEN"
+    fused = "fused" if variant == "resmlp" else "flash"
+    norm = "affine" if variant == "resmlp" else "layernorm"
+    for fwd, bwd in ((fused, "cublas"), ("cublas", fused)):
+        leaves = {n: None if args[n] is None else args[n].detach().to(DEVICE, torch.float32).requires_grad_()
+                  for n in NAMES}
+        ss = None if args["sample_scale"] is None else args["sample_scale"].to(DEVICE, torch.float32)
+        monkeypatch.setenv(env, fwd)
+        out = ops.token_mixing(*(leaves[n] for n in NAMES[:7]), norm=norm, scale=leaves["scale"], sample_scale=ss,
+                               backend="triton")
+        monkeypatch.setenv(env, bwd)
+        out.backward(dout.to(DEVICE, torch.float32))
+        for name in want:
+            assert max_err(leaves[name].grad.cpu(), want[name]) < 1e-4, (fwd, bwd, name)
+
+
+def test_token_engine_is_validated(monkeypatch):
+    from mixer_fast.kernels.triton import token_mixing
+
+    monkeypatch.setenv("MIXER_FAST_TOKEN", "fused")
+    with pytest.raises(ValueError, match="MIXER_FAST_TOKEN: expected flash or cublas, got 'fused'"):
+        token_mixing.token_engine()
+    monkeypatch.delenv("MIXER_FAST_TOKEN")
+    assert token_mixing.token_engine() == token_mixing.TOKEN_ENGINE
+
+
+def test_token_major_passes_against_float64(triton_backend):
+    # The passes that lay the token GEMMs' operands out token-major, (S, B·C): the norm, dO, and the residual
+    # add of a token-major branch with a per-token bias
+    from conftest import DEVICE
+    from mixer_fast.kernels.triton.layer_norm import norm_apply
+    from mixer_fast.kernels.triton.residual import residual_add, residual_grad
+
+    g = torch.Generator().manual_seed(26)
+    B, S, C = 3, 7, 130
+    x = torch.randn(B, C, S, generator=g).transpose(1, 2)
+    w, b, scale, bias = (torch.randn(n, generator=g) for n in (C, C, C, S))
+    ss = torch.tensor([1.0, 0.0, 2.0])
+    xn, mean, rstd, _ = norm_apply(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), norm="layernorm", eps=1e-6,
+                                   dtype=torch.float32, token_major=True)
+    want = torch.nn.functional.layer_norm(x.double(), (C,), w.double(), b.double(), 1e-6)
+    assert xn.shape == (S, B * C) and xn.is_contiguous()
+    torch.testing.assert_close(xn.cpu().double().view(S, B, C).permute(1, 0, 2), want, rtol=1e-5, atol=1e-5)
+    dout = torch.randn(B, S, C, generator=g)
+    res = residual_grad(dout.to(DEVICE), scale=scale.to(DEVICE), sample_scale=ss.to(DEVICE), branch=None,
+                        dtype=torch.float32, bias=None, token_major=True)
+    assert res.do.stride() == (C, B * C, 1)
+    torch.testing.assert_close(res.do.cpu(), dout * scale * ss[:, None, None])
+    # with nothing to scale, dO is still written token-major
+    plain = residual_grad(dout.to(DEVICE), scale=None, sample_scale=None, branch=None, dtype=torch.float32,
+                          bias=None, token_major=True)
+    assert plain.do.stride() == (C, B * C, 1) and torch.equal(plain.do.cpu(), dout)
+    y = torch.randn(S, B, C, generator=g)
+    out, branch = residual_add(x.to(DEVICE), y.to(DEVICE).permute(1, 0, 2), bias=bias.to(DEVICE),
+                               scale=scale.to(DEVICE), sample_scale=ss.to(DEVICE), store_branch=True)
+    y_b = y.permute(1, 0, 2).double() + bias.double()[:, None]
+    torch.testing.assert_close(branch.cpu().double(), y_b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.cpu().double(), x.double() + ss.double()[:, None, None] * scale.double() * y_b,
+                               rtol=1e-6, atol=1e-5)
+    assert residual_add(x.to(DEVICE), y.to(DEVICE).permute(1, 0, 2), bias=None, scale=None, sample_scale=None,
+                        store_branch=False)[1] is None
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_passes_with_a_row_bias(triton_backend, approximate):
+    from conftest import DEVICE
+    from mixer_fast.kernels.triton.cublas_engine import gelu_backward, gelu_forward
+
+    g = torch.Generator().manual_seed(27)
+    M, N = 37, 300  # rows: the token hidden; columns: image × channel
+    z, dh = torch.randn(M, N, generator=g), torch.randn(M, N, generator=g)
+    bias = torch.randn(M, generator=g)
+    z64 = (z.double() + bias.double()[:, None]).requires_grad_()
+    h64 = torch.nn.functional.gelu(z64, approximate=approximate)
+    (dz64,) = torch.autograd.grad(h64, z64, dh.double())
+    h = gelu_forward(z.to(DEVICE), approximate, inplace=False, row_bias=bias.to(DEVICE))
+    torch.testing.assert_close(h.cpu().double(), h64.detach(), rtol=1e-5, atol=1e-6)
+    dz, h2, db = gelu_backward(dh.to(DEVICE), z.to(DEVICE), approximate=approximate, bias_grad=True,
+                               row_bias=bias.to(DEVICE))
+    assert torch.equal(h2, h)  # the backward's H is the forward's, bit for bit
+    torch.testing.assert_close(dz.cpu().double(), dz64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db.cpu().double(), dz64.sum(1), rtol=1e-5, atol=1e-4)

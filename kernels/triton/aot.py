@@ -273,7 +273,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
     """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes, ints) for every
     kernel variant and GPU config the launchers use on a GPU, at the named models' shapes; ``ints``: the
     integer arguments to specialise on as a launch does (the token kernels), or None."""
-    from . import channel_mixing, channel_mixing_cublas as cublas, layer_norm, matmul, residual, spatial_gating, token_mixing
+    from . import channel_mixing, cublas_engine as cublas, layer_norm, matmul, residual, spatial_gating, token_mixing
 
     for label in matmul.VARIANTS:
         flags = _site_flags(label, dtype)
@@ -379,19 +379,25 @@ def variants(dtype: str) -> Iterator[Tuple]:
            f"C{layer_norm.AFFINE_BLOCK_C} w4 s3",
            dict(HAS_W=True, INTERPRETER=False, ROW_GROUP=layer_norm.AFFINE_ROW_GROUP, BLOCK_R=layer_norm.AFFINE_BLOCK_R,
                 BLOCK_C=layer_norm.AFFINE_BLOCK_C), 4, 3, None, None)
-    # Channel mixing on cuBLAS GEMMs (matmul.GEMM_CUBLAS): the norm pass with its statistics and the residual
-    # stream (the heaviest form), and the GELU backward with fc1's bias sums (Triton's defaults, 4 warps, 3 stages)
+    # The cuBLAS engine's passes (cublas_engine.py; Triton's defaults, 4 warps, 3 stages): the norm with its
+    # statistics and the residual stream (the heaviest form), GELU with a per-row bias (token mixing's) and
+    # its backward with fc1's bias sums per column (channel) and per row with the row bias (token), and the
+    # residual add of a token-major branch.
     for C in (384, 768, 1024):
         block_c = layer_norm.gpu_block_c(C)
         yield (layer_norm.norm_apply_kernel, f"norm_apply[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
                dict(LAYERNORM=True, STATS_GIVEN=False, STORE_R=True, HAS_RS=True, INTERPRETER=False,
                     BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"mean_ptr": "fp32", "rstd_ptr": "fp32"}, None)
     yield (cublas.gelu_kernel, "gelu", f"{cublas.GELU_BLOCK} w4 s3",
-           dict(APPROX_TANH=False, INTERPRETER=False, BLOCK=cublas.GELU_BLOCK), 4, 3, None, None)
-    yield (cublas.gelu_backward_kernel, "gelu_backward",
-           f"R{cublas.GELU_BLOCK_R}x{cublas.GELU_ROW_GROUP // cublas.GELU_BLOCK_R} D{cublas.GELU_BLOCK_D} w4 s3",
-           dict(APPROX_TANH=False, HAS_DB=True, INTERPRETER=False, ROW_GROUP=cublas.GELU_ROW_GROUP,
-                BLOCK_R=cublas.GELU_BLOCK_R, BLOCK_D=cublas.GELU_BLOCK_D), 4, 3, {"db_part_ptr": "fp32"}, None)
+           dict(APPROX_TANH=False, ROW_BIAS=True, INTERPRETER=False, BLOCK=cublas.GELU_BLOCK), 4, 3, None, None)
+    tiles = f"R{cublas.GELU_BLOCK_R}x{cublas.GELU_ROW_GROUP // cublas.GELU_BLOCK_R} D{cublas.GELU_BLOCK_D} w4 s3"
+    for db, row_bias, where in ((cublas.DB_COLUMNS, False, "columns"), (cublas.DB_ROWS, True, "rows")):
+        yield (cublas.gelu_backward_kernel, f"gelu_backward[{where}]", tiles,
+               dict(APPROX_TANH=False, ROW_BIAS=row_bias, DB=db, INTERPRETER=False, ROW_GROUP=cublas.GELU_ROW_GROUP,
+                    BLOCK_R=cublas.GELU_BLOCK_R, BLOCK_D=cublas.GELU_BLOCK_D), 4, 3, {"db_part_ptr": "fp32"}, None)
+    yield (residual.residual_add_kernel, "residual_add", f"R{residual.ADD_BLOCK_R} C{residual.ADD_BLOCK_C} w4 s3",
+           dict(HAS_BIAS=True, HAS_SCALE=True, HAS_SS=True, STORE_BRANCH=True, INTERPRETER=False,
+                BLOCK_R=residual.ADD_BLOCK_R, BLOCK_C=residual.ADD_BLOCK_C), 4, 3, None, None)
     # gMLP (gmlp_s16: H/2 = 768): the gate's LayerNorm backward through GELU, and dZ_u / dP.
     block_c = layer_norm.gpu_block_c(768)
     yield (layer_norm.ln_backward_kernel, "ln_backward[gate,C=768]", f"R{layer_norm.ROWS} C{block_c} w4 s3",

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import _launch
 from .elementwise import round_to
-from . import channel_mixing_cublas
+from . import cublas_engine
 from .matmul import (A_AFFINE, A_LAYERNORM, A_LAYERNORM_FOLDED, A_NONE, B_AFFINE_N, B_GELU, B_LAYERNORM, GEMM_CUBLAS,
                      LN_FOLDED, flat, fused_matmul, gemm_engine, ln_placement, split)
 from .residual import PER_CHANNEL, residual_grad
@@ -113,11 +113,11 @@ def channel_mixing_forward(
     save_hidden: bool, store_branch: bool, allow_tf32: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """x (B, S, C) → (out (B, S, C), mean, rstd (B·S,) fp32 or None, Z (B·S, D_C) pre-activation or None,
-    branch (B, S, C) before scale or None). Under matmul.gemm_engine() GEMM_CUBLAS, channel_mixing_cublas's
+    branch (B, S, C) before scale or None). Under matmul.gemm_engine() GEMM_CUBLAS, cublas_engine's
     (the same outputs)."""
     _launch.check_device(x)
     if gemm_engine() == GEMM_CUBLAS:
-        return channel_mixing_cublas.channel_mixing_forward(
+        return cublas_engine.channel_mixing_forward(
             x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
             norm=norm, scale=scale, sample_scale=sample_scale, save_hidden=save_hidden, store_branch=store_branch,
             allow_tf32=allow_tf32)
@@ -158,12 +158,12 @@ def channel_mixing_backward(
     norm: str, scale: Optional[Tensor], sample_scale: Optional[Tensor], allow_tf32: bool = False,
 ) -> Dict[str, Optional[Tensor]]:
     """Gradients for dout = dL/dout (B, S, C); same keys as token_mixing_backward (parameters in fp32). Under
-    GEMM_CUBLAS, channel_mixing_cublas's (the two engines save the same tensors: either backward follows
+    GEMM_CUBLAS, cublas_engine's (the two engines save the same tensors: either backward follows
     either forward)."""
     import torch
 
     if gemm_engine() == GEMM_CUBLAS:
-        return channel_mixing_cublas.channel_mixing_backward(
+        return cublas_engine.channel_mixing_backward(
             dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, rstd, z, branch,
             approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale, allow_tf32=allow_tf32)
 

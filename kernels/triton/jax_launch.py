@@ -158,7 +158,7 @@ def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
     programs = triton.cdiv(R, ROWS)
     dx, dw_part, db_part = call(
         ln_backward_kernel, (programs,),
-        [g, x, dy, mean, rstd, weight if weight is not None else mean, R, S, C, C, 1,
+        [g, x, dy, mean, rstd, weight if weight is not None else mean, R, S, C, S * C, C, 1,
          S * C, C, 1, S * C, C, 1, S * C, C, 1],
         [_shape(x.shape, x.dtype), _shape((programs, C), F32), _shape((programs, C), F32)],
         HAS_W=weight is not None, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, INTERPRETER=_launch.INTERPRET,

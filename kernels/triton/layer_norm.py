@@ -59,7 +59,7 @@ def ln_stats_kernel(
 def ln_backward_kernel(
     g_ptr, x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr,
     R, S, C,
-    sgr, sgc, sxb, sxs, sxc, syb, sys, syc, sdb, sds, sdc,
+    sgb, sgs, sgc, sxb, sxs, sxc, syb, sys, syc, sdb, sds, sdc,
     dx_ptr, dw_part_ptr, db_part_ptr,
     HAS_W: tl.constexpr, HAS_DY: tl.constexpr, GELU_IN: tl.constexpr, APPROX_TANH: tl.constexpr,
     INTERPRETER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -77,7 +77,7 @@ def ln_backward_kernel(
     x_base = (r64 // S) * sxb + (r64 % S) * sxs
     y_base = (r64 // S) * syb + (r64 % S) * sys
     d_base = (r64 // S) * sdb + (r64 % S) * sds
-    g_base = r64 * sgr
+    g_base = (r64 // S) * sgb + (r64 % S) * sgs
     mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
     sum_g = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -142,12 +142,12 @@ def channel_vector(ptr, cols, mask_c, HAS: tl.constexpr, BLOCK_C: tl.constexpr):
 def norm_apply_kernel(
     x_ptr, w_ptr, b_ptr, rb_ptr, rs_ptr,
     R, S, C, eps,
-    sxb, sxs, sxc,
+    sxb, sxs, sxc, snb, sns,
     mean_ptr, rstd_ptr, xn_ptr, r_ptr,
     LAYERNORM: tl.constexpr, STATS_GIVEN: tl.constexpr, STORE_R: tl.constexpr, HAS_RS: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """N(x) = x̂ · w + b ((R, C) contiguous, in xn's dtype) for tokens of x (B, S, C) with strides (sxb, sxs,
-    sxc); x̂ = (x − mean) · rstd under LAYERNORM (statistics read when STATS_GIVEN, else computed as
+    """N(x) = x̂ · w + b (in xn's dtype; token (b, s) at b · snb + s · sns, channels contiguous) for tokens
+    of x (B, S, C) with strides (sxb, sxs, sxc); x̂ = (x − mean) · rstd under LAYERNORM (statistics read when STATS_GIVEN, else computed as
     ln_stats_kernel does and stored), x under ResMLP's affine. STORE_R: also r = x + rs ⊙ rb ((R, C) in r's
     dtype; rb, rs per channel, rs 1 without HAS_RS): the residual stream a cuBLAS GEMM then accumulates into.
     The row is re-read per loop from L1/L2: x comes from HBM once."""
@@ -189,7 +189,8 @@ def norm_apply_kernel(
         b = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
         xn = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
         out = r64[:, None] * C + c64[None, :]
-        tl.store(xn_ptr + out, round_to(xn, xn_ptr.dtype.element_ty, INTERPRETER), mask=m)
+        xn_out = ((r64 // S) * snb + (r64 % S) * sns)[:, None] + c64[None, :]
+        tl.store(xn_ptr + xn_out, round_to(xn, xn_ptr.dtype.element_ty, INTERPRETER), mask=m)
         if STORE_R:
             rb = tl.load(rb_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
             rs = channel_vector(rs_ptr, cols, mask_c, HAS_RS, BLOCK_C)
@@ -201,7 +202,7 @@ def norm_apply_kernel(
 def affine_backward_kernel(
     g_ptr, x_ptr, dy_ptr, w_ptr,
     R, S, C,
-    sgr, sgc, sxb, sxs, sxc, syb, sys, syc,
+    sgb, sgs, sgc, sxb, sxs, sxc, syb, sys, syc,
     dx_ptr, dw_part_ptr, db_part_ptr,
     HAS_W: tl.constexpr, INTERPRETER: tl.constexpr, ROW_GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -220,7 +221,7 @@ def affine_backward_kernel(
         rows = r0 + tl.arange(0, BLOCK_R)
         r64 = rows.to(tl.int64)
         m = (rows < R)[:, None] & mask_c[None, :]
-        g = tl.load(g_ptr + r64[:, None] * sgr + c64[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
+        g = token_tile(g_ptr, r64, c64, m, S, sgb, sgs, sgc)
         x = token_tile(x_ptr, r64, c64, m, S, sxb, sxs, sxc)
         dy = token_tile(dy_ptr, r64, c64, m, S, syb, sys, syc)
         dw_acc += tl.sum(g * x, axis=0)
@@ -265,10 +266,12 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.T
 
 def norm_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, norm: str, eps: float,
                dtype: torch.dtype, stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-               res_bias: Optional[torch.Tensor] = None, res_scale: Optional[torch.Tensor] = None
+               res_bias: Optional[torch.Tensor] = None, res_scale: Optional[torch.Tensor] = None,
+               token_major: bool = False
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """N(x) for x (B, S, C): LayerNorm (``norm`` "layernorm") or ResMLP's affine ("affine"), weight and bias
-    (C,). Returns (xn (B·S, C) contiguous in ``dtype``, mean, rstd (B·S,) fp32 or None under the affine, r).
+    (C,). Returns (xn in ``dtype``: (B·S, C) contiguous, or with ``token_major`` (S, B·C) contiguous, the
+    token GEMMs' operand; mean, rstd (B·S,) fp32 or None under the affine; r).
     ``stats``: LayerNorm's (mean, rstd) to use instead of computing them (the backward's recompute).
     ``res_bias`` (C,): also r = x + res_scale ⊙ res_bias ((B·S, C) in x's dtype; ``res_scale`` (C,) or
     None), in the same pass; else r is None."""
@@ -279,7 +282,8 @@ def norm_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, nor
     B, S, C = x.shape
     R = B * S
     layernorm = norm == "layernorm"
-    xn = _launch.new_output((R, C), x, dtype)
+    xn = _launch.new_output((S, B * C) if token_major else (R, C), x, dtype)
+    snb, sns = (C, B * C) if token_major else (S * C, C)
     r = _launch.new_output((R, C), x, x.dtype) if res_bias is not None else None
     mean = rstd = None
     if layernorm:
@@ -289,17 +293,26 @@ def norm_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, nor
         with _launch.serialized():
             norm_apply_kernel[(triton.cdiv(R, ROWS),)](
                 x, weight, bias, res_bias if res_bias is not None else weight,
-                res_scale if res_scale is not None else weight, R, S, C, eps, *x.stride(),
+                res_scale if res_scale is not None else weight, R, S, C, eps, *x.stride(), snb, sns,
                 mean if mean is not None else xn, rstd if rstd is not None else xn, xn, r if r is not None else xn,
                 LAYERNORM=layernorm, STATS_GIVEN=stats is not None, STORE_R=r is not None,
                 HAS_RS=res_scale is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return xn, mean, rstd, r
 
 
+def token_strides(t: torch.Tensor, S: int) -> Tuple[int, int, int]:
+    """(image, token, channel) strides of a (B, S, C) tensor, or of a (B·S, C) table of its tokens (rows
+    image-major; a (B, S, C) view of token-major storage, (S, B, C), has strides (C, B·C, 1))."""
+    if t.dim() == 2:
+        return S * t.stride(0), t.stride(0), t.stride(1)
+    return tuple(t.stride())
+
+
 def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Tensor], mean: torch.Tensor,
                         rstd: torch.Tensor, weight: Optional[torch.Tensor], *, gelu_in: Optional[str] = None,
                         dx: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx = dy + LayerNorm-backward(g) for x (B, S, C), g = dL/dLN(x) (B·S, C; any float dtype); returns
+    """dx = dy + LayerNorm-backward(g) for x (B, S, C), g = dL/dLN(x) (B·S, C or B, S, C, any strides; any
+    float dtype); returns
     (dx (B, S, C) in x's dtype, dweight (C,) fp32, dbias (C,) fp32). ``dy`` None: no residual term.
     ``gelu_in`` ("none" / "tanh", gMLP's gate): x holds z, the normalised input was GELU(z), and dx is
     with respect to z. ``dx``: a (B, S, C) view to write into (strided: a half of gMLP's dZ)."""
@@ -316,7 +329,7 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Ten
         with _launch.serialized():
             ln_backward_kernel[(programs,)](
                 g, x, dy if dy is not None else x, mean, rstd, weight if weight is not None else mean, R, S, C,
-                *g.stride(), *x.stride(), *(dy if dy is not None else x).stride(), *dx.stride(), dx, dw_part, db_part,
+                *token_strides(g, S), *x.stride(), *(dy if dy is not None else x).stride(), *dx.stride(), dx, dw_part, db_part,
                 HAS_W=weight is not None, HAS_DY=dy is not None, GELU_IN=gelu_in is not None,
                 APPROX_TANH=gelu_in == "tanh", INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return dx, dw_part.sum(0), db_part.sum(0)
@@ -329,8 +342,8 @@ AFFINE_ROW_GROUP, AFFINE_BLOCK_R, AFFINE_BLOCK_C = 128, 8, 128
 
 def affine_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor]
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx = dy + g ⊙ weight for x (B, S, C) under ResMLP's affine norm, g = dL/dN(x) (B·S, C; any float
-    dtype); returns (dx (B, S, C) contiguous in x's dtype, dweight = Σ g ⊙ x (C,) fp32, dbias = Σ g (C,)
+    """dx = dy + g ⊙ weight for x (B, S, C) under ResMLP's affine norm, g = dL/dN(x) (B·S, C or B, S, C, any
+    strides; any float dtype); returns (dx (B, S, C) contiguous in x's dtype, dweight = Σ g ⊙ x (C,) fp32, dbias = Σ g (C,)
     fp32), in one pass over g, x and dy."""
     import torch
 
@@ -343,7 +356,8 @@ def affine_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, weight: 
     if R and C:
         with _launch.serialized():
             affine_backward_kernel[(groups, triton.cdiv(C, AFFINE_BLOCK_C))](
-                g, x, dy, weight if weight is not None else dy, R, S, C, *g.stride(), *x.stride(), *dy.stride(),
+                g, x, dy, weight if weight is not None else dy, R, S, C, *token_strides(g, S), *x.stride(),
+                *dy.stride(),
                 dx, dw_part, db_part, HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET,
                 ROW_GROUP=AFFINE_ROW_GROUP, BLOCK_R=AFFINE_BLOCK_R, BLOCK_C=AFFINE_BLOCK_C)
     return dx, dw_part.sum(0), db_part.sum(0)

@@ -705,7 +705,7 @@ def ln_placement() -> str:
 # - GEMM_FUSED: this file's fused_matmul, the norm, GELU, bias, scale and residual in its prologues and
 #   epilogues (channel_mixing.py, spatial_gating.py);
 # - GEMM_CUBLAS: torch's GEMMs (cuBLAS on a GPU) with the norm, GELU and its backward and the residual in
-#   Triton passes of their own (channel_mixing_cublas.py); what eager runs, less its extra passes and
+#   Triton passes of their own (cublas_engine.py); what eager runs, less its extra passes and
 #   saved activations. gMLP's gate keeps its fused token GEMMs.
 # On the 2026-11-27 H200 the fused GEMMs (before issue 17's work) ran channel mixing at 0.50x eager; neither
 # engine as it is now has been timed. bench/gpu_check.py times both (the ``triton_cublas`` provider); the

@@ -21,7 +21,7 @@ Backward (dQ = ss · dout · W2):
 Every reduction runs over fixed tiles in a fixed order: deterministic.
 
 Under matmul.gemm_engine() GEMM_CUBLAS the channel GEMMs (fc1 with its norm and GELU, fc2 with the residual,
-dQ, g, dW1, dW2) run in torch's GEMMs with channel_mixing_cublas's passes, as channel mixing's do; the gate's
+dQ, g, dW1, dW2) run in torch's GEMMs with cublas_engine's passes, as channel mixing's do; the gate's
 token GEMMs stay fused (their LN_g on load and u ⊙ in the epilogue save whole passes over (B, S, H/2)).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from . import channel_mixing_cublas as cublas
+from . import cublas_engine as cublas
 from .elementwise import gelu, gelu_grad, round_to
 from .channel_mixing import fc1_operands
 from .layer_norm import layer_norm_backward, layer_norm_stats

@@ -29,7 +29,7 @@ import triton.language as tl
 from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
 from .layer_norm import affine_backward, layer_norm_backward, layer_norm_stats
-from .matmul import B_AFFINE_K, B_AFFINE_N, B_NONE, B_TOKEN_LAYERNORM, flat, fused_matmul, split
+from .matmul import B_AFFINE_K, B_AFFINE_N, B_NONE, B_TOKEN_LAYERNORM, GEMM_CUBLAS, flat, fused_matmul, gemm_engine, split
 from .residual import PER_TOKEN, residual_grad
 
 if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
@@ -621,6 +621,38 @@ def dw_splits(n_d_tiles: int, work: int, sms: int = _launch.DEFAULT_SMS) -> int:
     return max(1, min(work, DW_WAVES * sms // max(n_d_tiles, 1)))
 
 
+# Which kernels run Mixer's token MLP:
+# - TOKEN_FLASH: the flash-MLP kernels above (the hidden never in memory);
+# - TOKEN_CUBLAS: torch's GEMMs on token-major operands with Triton passes around them (cublas_engine.py),
+#   the fallback should the flash kernels not beat them on a GPU.
+# Neither has been timed on a GPU (the flash kernels as rebuilt for issue 16; the 2026-11-27 H200 ran their
+# predecessor at 1.75 ms, 0.58 ms with better tiles, against eager's 0.85-1.08 ms): bench/gpu_check.py times
+# both (the ``triton_cublas`` provider); the faster becomes TOKEN_ENGINE. MIXER_FAST_TOKEN chooses per
+# process. ResMLP's token linear is a GEMM, and follows matmul.gemm_engine(). The JAX path keeps the flash
+# kernels.
+TOKEN_ENV = "MIXER_FAST_TOKEN"
+TOKEN_FLASH, TOKEN_CUBLAS = "flash", "cublas"
+TOKEN_ENGINE = TOKEN_FLASH
+
+
+def token_engine() -> str:
+    """MIXER_FAST_TOKEN, else TOKEN_ENGINE: TOKEN_FLASH or TOKEN_CUBLAS; any other value is refused by name."""
+    import os
+
+    value = os.environ.get(TOKEN_ENV, TOKEN_ENGINE)
+    if value not in (TOKEN_FLASH, TOKEN_CUBLAS):
+        raise ValueError(f"{TOKEN_ENV}: expected {TOKEN_FLASH} or {TOKEN_CUBLAS}, got {value!r}")
+    return value
+
+
+def on_cublas(fc2_weight: Optional[Tensor]) -> bool:
+    """Whether this token mixing runs on the cuBLAS engine: the MLP by token_engine(), ResMLP's token linear
+    (no fc2) by matmul.gemm_engine()."""
+    if fc2_weight is None:
+        return gemm_engine() == GEMM_CUBLAS
+    return token_engine() == TOKEN_CUBLAS
+
+
 def token_mixing_forward(
     x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
     fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor], *,
@@ -630,8 +662,15 @@ def token_mixing_forward(
     """x (B, S, C) → (out (B, S, C), mean, rstd (B·S,) fp32 or None, branch (B, S, C) or None).
 
     ``branch`` is the MLP output before scale/sample_scale, kept only when ``store_branch`` (the
-    backward needs it for the gradient of ``scale``)."""
+    backward needs it for the gradient of ``scale``). On the cuBLAS engine (:func:`on_cublas`),
+    cublas_engine's (the same outputs)."""
     _launch.check_device(x)
+    if on_cublas(fc2_weight):
+        from . import cublas_engine
+
+        return cublas_engine.token_mixing_forward(
+            x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
+            norm=norm, scale=scale, sample_scale=sample_scale, store_branch=store_branch, allow_tf32=allow_tf32)
     B, S, C = x.shape
     out = _launch.new_output((B, S, C), x, x.dtype)
     branch = _launch.new_output(out.shape, out) if store_branch else None
@@ -692,8 +731,16 @@ def token_mixing_backward(
     norm: str, scale: Optional[Tensor], sample_scale: Optional[Tensor], allow_tf32: bool = False,
 ) -> Dict[str, Optional[Tensor]]:
     """Gradients of token mixing for dout = dL/dout (B, S, C): keys x, norm_weight, norm_bias, fc1_weight,
-    fc1_bias, fc2_weight, fc2_bias, scale (fp32 for parameters; cast by the caller)."""
+    fc1_bias, fc2_weight, fc2_bias, scale (fp32 for parameters; cast by the caller). On the cuBLAS engine,
+    cublas_engine's (either engine's backward follows either's forward)."""
     import torch
+
+    if on_cublas(fc2_weight):
+        from . import cublas_engine
+
+        return cublas_engine.token_mixing_backward(
+            dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, rstd, branch, eps=eps,
+            approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale, allow_tf32=allow_tf32)
 
     B, S, C = x.shape
     grads: Dict[str, Optional[Tensor]] = {}
