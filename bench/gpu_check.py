@@ -14,7 +14,8 @@ GPU time is scarce (DESIGN.md, "Checking on a GPU"), so ``check`` fits one devic
    poisons its process and nothing else. A process that faults is re-run once under compute-sanitizer.
 2. A CUDA-graph capture and replay of a mixer_fast MixerBlock (Mixer-B/16, bf16, batch 8), bitwise against eager.
 3. Timings at batch 256 with ``triton.testing.do_bench`` (median ms): per op and per block, forward (no_grad) and
-   training (forward + backward), providers reference, compile (blocks, bf16), triton and, for channel mixing,
+   training (forward + backward), providers reference, compile (blocks, bf16), triton (the fused kernels),
+   triton_cublas (the cuBLAS engine), triton_ln_folded (channel mixing and gMLP) and, for channel mixing,
    the bare cuBLAS GEMMs; the FLOP floor from a measured 8192³ bf16 matmul peak; the training step's peak
    memory. Groups (TIMING_GROUPS) run one at a time, each in its own process, in priority order while their
    estimated cost fits in what is left of ``--budget``; the others are named as skipped.
@@ -25,7 +26,8 @@ something faulted). Record schema, one JSON object a line (non-finite floats wri
 
     {"kind": "env", "date", "commit", "gpu", "device_class": "sm_90" | "cpu", "driver", "versions", "ptxas"}
     {"kind": "check", "op", "mode": "forward" | "backward", "dtype", "shape", "batch",
-     "ln": "load" | "fold" (fc1's LayerNorm, MIXER_FAST_LN), "ok",
+     "ln": "load" | "fold" (fc1's LayerNorm, MIXER_FAST_LN), "gemm": "fused" | "cublas" (the engine:
+     MIXER_FAST_GEMM and MIXER_FAST_TOKEN), "ok",
      "errors": {name: [max_err, bound]}, "error": str | null, "sanitizer": str | null,
      "without_tma": str | null (a failed case of an op that runs the fused GEMM, rerun with
      MIXER_FAST_TMA=0: "ok", or its error)}
@@ -144,12 +146,14 @@ QUICK_CASES = (("token_mixing", "mixer_b16", "bf16"), ("token_mixing", "resmlp_2
 FOLDED_CASES = (("channel_mixing", "mixer_b16", "bf16"), ("channel_mixing", "resmlp_24", "bf16"),
                 ("channel_mixing", "awkward", "fp32"), ("spatial_gating", "gmlp_s16", "bf16"))
 QUICK_FOLDED_CASES = (("channel_mixing", "mixer_b16", "bf16"),)
-# The channel GEMMs on cuBLAS with the Triton passes around them (MIXER_FAST_GEMM=cublas; matmul.gemm_engine,
-# the fused GEMMs' fallback until a GPU times both): LayerNorm with the residual folded into the GEMM, the
-# affine with layer scale and drop path, the awkward shape, gMLP.
-CUBLAS_CASES = (("channel_mixing", "mixer_b16", "bf16"), ("channel_mixing", "resmlp_24", "bf16"),
-                ("channel_mixing", "awkward", "fp32"), ("spatial_gating", "gmlp_s16", "bf16"))
-QUICK_CUBLAS_CASES = (("channel_mixing", "resmlp_24", "bf16"),)
+# Every GEMM on cuBLAS with the Triton passes around them (MIXER_FAST_GEMM=cublas and MIXER_FAST_TOKEN=cublas;
+# cublas_engine.py, the fused kernels' fallback until a GPU times both): LayerNorm with the residual folded
+# into the GEMM, the affine with layer scale and drop path, ResMLP's token linear, the awkward shape's token
+# MLP, gMLP (six processes, each a handful of small kernels to compile).
+CUBLAS_CASES = (("token_mixing", "mixer_b16", "bf16"), ("token_mixing", "resmlp_24", "bf16"),
+                ("token_mixing", "awkward", "fp32"), ("channel_mixing", "mixer_b16", "bf16"),
+                ("channel_mixing", "resmlp_24", "bf16"), ("spatial_gating", "gmlp_s16", "bf16"))
+QUICK_CUBLAS_CASES = (("token_mixing", "mixer_b16", "bf16"), ("channel_mixing", "resmlp_24", "bf16"))
 TIMING_BATCH = 256
 GRAPH_BATCH = 8
 
@@ -164,7 +168,7 @@ class CheckCase:
     batch: int
     quick: bool = False
     ln: str = "load"  # MIXER_FAST_LN for the process
-    gemm: str = "fused"  # MIXER_FAST_GEMM for the process
+    gemm: str = "fused"  # the engines for the process: "fused" (flash / fused kernels) or "cublas" (ENGINE_ENV)
 
     @property
     def name(self) -> str:
@@ -202,23 +206,23 @@ class TimingGroup:
 # time, so replace them from a run): ~6 s to start a process and import torch (+2 s timm) and initialise CUDA;
 # ~1-2 s per Triton compile with ~10-20 compiles per op and mode at a batch-256 specialisation (fewer when
 # the checks left them in the cache); autotuning and do_bench ~0.2-0.5 s a measurement; torch.compile of a
-# Mixer-B/16 block ~9 s forward + ~12 s training (measured on the H200, shared/gpu/2026-11-27-H200). Channel
-# mixing, spatial gating and their blocks time the cuBLAS engine too (CUBLAS_PROVIDER): ~10 s more each (a
-# few small Triton kernels to compile, and two more modes timed).
+# Mixer-B/16 block ~9 s forward + ~12 s training (measured on the H200, shared/gpu/2026-11-27-H200). Every op
+# and block times the cuBLAS engine too (CUBLAS_PROVIDER): ~10 s more each (a few small Triton kernels to
+# compile, and two more modes timed).
 TIMING_GROUPS = (
     TimingGroup("peak", None, "bf16", 10),
-    TimingGroup("token_mixing", "mixer_b16", "bf16", 35),
+    TimingGroup("token_mixing", "mixer_b16", "bf16", 45),
     TimingGroup("channel_mixing", "mixer_b16", "bf16", 50),
-    TimingGroup("token_mixing", "mixer_l16", "bf16", 35),
+    TimingGroup("token_mixing", "mixer_l16", "bf16", 45),
     TimingGroup("spatial_gating", "gmlp_s16", "bf16", 50),
-    TimingGroup("token_mixing", "resmlp_24", "bf16", 30),
+    TimingGroup("token_mixing", "resmlp_24", "bf16", 40),
     TimingGroup("channel_mixing", "resmlp_24", "bf16", 45),
     TimingGroup("block", "mixer_b16", "bf16", 55),
     TimingGroup("block", "resmlp_24", "bf16", 50),
     TimingGroup("block", "gmlp_s16", "bf16", 55),
-    TimingGroup("token_mixing", "mixer_b16", "fp16", 35),
+    TimingGroup("token_mixing", "mixer_b16", "fp16", 45),
     TimingGroup("channel_mixing", "mixer_b16", "fp16", 50),
-    TimingGroup("token_mixing", "mixer_b16", "fp32", 35),
+    TimingGroup("token_mixing", "mixer_b16", "fp32", 45),
     TimingGroup("channel_mixing", "mixer_b16", "fp32", 50),
 )
 
@@ -486,12 +490,12 @@ def _check_record(case: Dict[str, Any], mode: str, errors=None, problems=(), err
 def check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool, ln: str = "load",
                  gemm: str = "fused") -> bool:
     """Forward then backward of ``op`` on the triton backend against eager and float64 on the same device,
-    with fc1's LayerNorm placed by ``ln`` (MIXER_FAST_LN) and channel mixing's GEMMs by ``gemm``
-    (MIXER_FAST_GEMM); emits one record per mode. Returns whether a CUDA fault was caught."""
+    with fc1's LayerNorm placed by ``ln`` (MIXER_FAST_LN) and the GEMMs run by ``gemm`` ("fused" or "cublas":
+    ENGINE_ENV); emits one record per mode. Returns whether a CUDA fault was caught."""
     import torch
 
     os.environ["MIXER_FAST_LN"] = ln
-    os.environ["MIXER_FAST_GEMM"] = gemm
+    os.environ.update(ENGINE_ENV[gemm])
     case = {"op": op, "shape": shape, "dtype": dtype, "batch": batch, "ln": ln, "gemm": gemm}
     dims, dt, device = (QUICK_SHAPES if quick else SHAPES)[shape], _torch_dtype(dtype), _device()
     args, call = _op_inputs(op, dims, batch, drop_path=dims.drop_path)
@@ -643,8 +647,7 @@ def _op_providers(op: str, dims: Dims, dtype, batch: int) -> Dict[str, Dict[str,
     if op in LN_FOLD_OPS:
         # The other LayerNorm placement of fc1's GEMM (matmul.ln_placement), side by side with the default
         providers[FOLDED_PROVIDER] = _env_modes(modes, "fused", "fold")
-    if op in GEMM_ENGINE_OPS:
-        providers[CUBLAS_PROVIDER] = _env_modes(modes, "cublas", "load")
+    providers[CUBLAS_PROVIDER] = _env_modes(modes, "cublas", "load")
     return providers
 
 
@@ -652,18 +655,23 @@ def _op_providers(op: str, dims: Dims, dtype, batch: int) -> Dict[str, Dict[str,
 # the epilogue, say which, and why, measured"); their records carry ms[FOLDED_PROVIDER] too.
 LN_FOLD_OPS = ("channel_mixing", "spatial_gating")
 FOLDED_PROVIDER = "triton_ln_folded"
-# The ops (and the blocks made of them) whose GEMMs can run in cuBLAS instead (matmul.gemm_engine), timed both
-# ways (issue 17: "measure cuBLAS plus fused Triton element-wise kernels and use whichever is faster").
-GEMM_ENGINE_OPS = ("channel_mixing", "spatial_gating")
-GEMM_ENGINE_FAMILIES = ("mixer", "resmlp", "gmlp")
+# Every op and block runs on either engine, the fused Triton kernels (the flash-MLP token kernels and the fused
+# GEMMs) or cuBLAS with Triton passes around it (cublas_engine.py), timed both ways (issue 17: "measure cuBLAS
+# plus fused Triton element-wise kernels and use whichever is faster"; issue 16's kernels against the same).
 CUBLAS_PROVIDER = "triton_cublas"
+ENGINE_ENV = {"fused": {"MIXER_FAST_GEMM": "fused", "MIXER_FAST_TOKEN": "flash"},
+              "cublas": {"MIXER_FAST_GEMM": "cublas", "MIXER_FAST_TOKEN": "cublas"}}
 
 
-def _env_modes(modes: Dict[str, Callable[[], Any]], gemm: str, ln: str) -> Dict[str, Callable[[], Any]]:
-    """Each of ``modes`` run whole (forward and backward) with MIXER_FAST_GEMM=``gemm`` and MIXER_FAST_LN=``ln``,
-    so that a provider times one engine and placement whatever the process's defaults are."""
-    return {mode: _with_env(_with_env(fn, "MIXER_FAST_LN", ln), "MIXER_FAST_GEMM", gemm)
-            for mode, fn in modes.items()}
+def _env_modes(modes: Dict[str, Callable[[], Any]], engine: str, ln: str) -> Dict[str, Callable[[], Any]]:
+    """Each of ``modes`` run whole (forward and backward) with ``engine``'s variables (ENGINE_ENV) and
+    MIXER_FAST_LN=``ln``, so that a provider times one engine and placement whatever the process's defaults."""
+    def pinned(fn):
+        for name, value in (("MIXER_FAST_LN", ln), *ENGINE_ENV[engine].items()):
+            fn = _with_env(fn, name, value)
+        return fn
+
+    return {mode: pinned(fn) for mode, fn in modes.items()}
 
 
 def _with_env(fn: Callable[[], Any], name: str, value: str) -> Callable[[], Any]:
@@ -727,9 +735,8 @@ def _block_providers(dims: Dims, dtype, batch: int, with_compile: bool) -> Dict[
     modules["triton"] = fused
     providers = {name: _modes(lambda m=m: m(x), [x, *m.parameters()], dout) for name, m in modules.items()}
     providers["triton"] = _env_modes(providers["triton"], "fused", "load")
-    if dims.family in GEMM_ENGINE_FAMILIES:
-        providers[CUBLAS_PROVIDER] = _env_modes(_modes(lambda: fused(x), [x, *fused.parameters()], dout), "cublas",
-                                                "load")
+    providers[CUBLAS_PROVIDER] = _env_modes(_modes(lambda: fused(x), [x, *fused.parameters()], dout), "cublas",
+                                            "load")
     return providers
 
 

@@ -23,8 +23,9 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
-# the LayerNorm placement and the GEMM engine the backend runs
-from mixer_fast.kernels.triton.matmul import GEMM_CUBLAS, GEMM_ENGINE, GEMM_FUSED, LN_FOLDED, LN_ON_LOAD, LN_PLACEMENT
+# the LayerNorm placement and the engines the backend runs
+from mixer_fast.kernels.triton.matmul import GEMM_CUBLAS, GEMM_ENGINE, LN_FOLDED, LN_ON_LOAD, LN_PLACEMENT
+from mixer_fast.kernels.triton.token_mixing import TOKEN_CUBLAS, TOKEN_ENGINE
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -68,18 +69,40 @@ def block_op(config: str) -> str:
     raise ValueError(f"config: no block family known for {config!r}")
 
 
-# Where fc1's LayerNorm placement (matmul.LN_PLACEMENT) and the channel GEMMs' engine (matmul.GEMM_ENGINE)
-# change what runs: the ops and blocks containing them. gpu_check.py times each choice as its own provider.
+# What changes what the triton backend runs, per op or block (gpu_check.py times each choice as a provider):
+# fc1's LayerNorm placement (matmul.LN_PLACEMENT, fused GEMMs only), and two engines, fused kernels or cuBLAS:
+# matmul.GEMM_ENGINE (the channel GEMMs and ResMLP's token linear) and token_mixing.TOKEN_ENGINE (Mixer's
+# token MLP). gpu_check's providers: "triton" (all fused, LayerNorm on load), "triton_ln_folded" (fused,
+# folded), "triton_cublas" (both engines on cuBLAS); a mix of engines within one block is not timed.
 LN_OPS = frozenset({"channel_mixing", "spatial_gating", "block:mixer", "block:resmlp", "block:gmlp"})
-ENGINE_OPS = frozenset({"channel_mixing", "spatial_gating", "block:mixer", "block:resmlp", "block:gmlp"})
-PROVIDERS = {(GEMM_FUSED, LN_ON_LOAD): "triton", (GEMM_FUSED, LN_FOLDED): "triton_ln_folded",
-             (GEMM_CUBLAS, LN_ON_LOAD): "triton_cublas", (GEMM_CUBLAS, LN_FOLDED): "triton_cublas"}
+ENGINE_FUSED, ENGINE_CUBLAS = "fused", "cublas"  # the engines as gpu_check's check records name them ("gemm")
+PROVIDERS = {(ENGINE_FUSED, LN_ON_LOAD): "triton", (ENGINE_FUSED, LN_FOLDED): "triton_ln_folded",
+             (ENGINE_CUBLAS, LN_ON_LOAD): "triton_cublas"}
 
 
-def shipped(op: str) -> tuple:
-    """(GEMM engine, LayerNorm placement) the backend runs ``op`` with; the defaults where they change nothing."""
-    return (GEMM_ENGINE if op in ENGINE_OPS else GEMM_FUSED,
-            LN_PLACEMENT if op in LN_OPS and not (op in ENGINE_OPS and GEMM_ENGINE == GEMM_CUBLAS) else LN_ON_LOAD)
+def engines_on_cublas(op: str, shape: str) -> tuple:
+    """For each engine that changes what ``op`` runs at ``shape``, whether it ships on cuBLAS. Token mixing is
+    ResMLP's token linear at ResMLP shapes (a GEMM: GEMM_ENGINE), else the Mixer MLP (TOKEN_ENGINE)."""
+    gemm, token_mlp = GEMM_ENGINE == GEMM_CUBLAS, TOKEN_ENGINE == TOKEN_CUBLAS
+    if op == "token_mixing":
+        return (gemm,) if shape.startswith("resmlp") else (token_mlp,)
+    if op == "block:mixer":
+        return token_mlp, gemm
+    if op in ("channel_mixing", "spatial_gating", "block:resmlp", "block:gmlp"):
+        return (gemm,)
+    return ()
+
+
+def shipped(op: str, shape: str) -> Optional[tuple]:
+    """(engine, LayerNorm placement) the backend runs ``op`` with at ``shape``: (ENGINE_CUBLAS, LN_ON_LOAD) when
+    its engines ship on cuBLAS (the placement then changes nothing), (ENGINE_FUSED, placement) when on the
+    fused kernels; None for a mix, which no provider times."""
+    flags = engines_on_cublas(op, shape)
+    if flags and all(flags):
+        return ENGINE_CUBLAS, LN_ON_LOAD
+    if any(flags):
+        return None
+    return ENGINE_FUSED, LN_PLACEMENT if op in LN_OPS else LN_ON_LOAD
 
 
 def from_check(path: Path) -> Iterator[dict]:
@@ -91,10 +114,10 @@ def from_check(path: Path) -> Iterator[dict]:
     device_class = next((r.get("device_class") for r in records if r.get("kind") == "env"), None)
     for r in records:
         if r.get("kind") == "check":
-            engine, placement = shipped(r["op"])
+            want = shipped(r["op"], r["shape"])
             # a check of another engine or placement says nothing about what the backend runs
-            if r.get("gemm", GEMM_FUSED) != engine or (
-                    engine == GEMM_FUSED and r.get("ln", LN_ON_LOAD) != placement):
+            if want is None or r.get("gemm", ENGINE_FUSED) != want[0] or (
+                    want[0] == ENGINE_FUSED and r.get("ln", LN_ON_LOAD) != want[1]):
                 continue
             if not r.get("ok") and device_class and not str(r.get("error")).startswith("not run"):
                 yield evidence_row("torch", "triton", device_class, r["op"], r["mode"], r["dtype"], r["shape"],
@@ -102,7 +125,8 @@ def from_check(path: Path) -> Iterator[dict]:
         if r.get("kind") != "timing" or "reference" not in r.get("ms", {}):
             continue
         op = f"block:{r['block']}" if r["op"] == "block" else r["op"]
-        provider = PROVIDERS[shipped(op)]
+        want = shipped(op, r["shape"])
+        provider = PROVIDERS[want] if want is not None else None
         failure = r.get("errors", {}).get(provider)
         if provider not in r["ms"] and not failure:
             continue  # not timed as shipped (e.g. a run from before that provider existed)

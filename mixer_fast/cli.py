@@ -63,16 +63,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _triton_choices_text() -> str:
     """The triton backend's per-process choices that a GPU measurement decides, and their overrides."""
     try:
-        from .kernels.triton import matmul
+        from .kernels.triton import matmul, token_mixing as tm
     except ImportError as e:
         return f"\ntriton kernels: not importable ({e})"
     try:
-        engine, placement = matmul.gemm_engine(), matmul.ln_placement()
+        engine, placement, token = matmul.gemm_engine(), matmul.ln_placement(), tm.token_engine()
     except ValueError as e:
         return f"\ntriton kernels: {e}"
-    return (f"\ntriton channel mixing: GEMMs {engine} ({matmul.GEMM_ENV}: {matmul.GEMM_FUSED} or {matmul.GEMM_CUBLAS}; "
-            f"default {matmul.GEMM_ENGINE}), fc1's LayerNorm {placement} ({matmul.LN_ENV}: {matmul.LN_ON_LOAD} or "
-            f"{matmul.LN_FOLDED}; default {matmul.LN_PLACEMENT})")
+    return (f"\ntriton channel GEMMs and ResMLP's token linear: {engine} ({matmul.GEMM_ENV}: {matmul.GEMM_FUSED} or "
+            f"{matmul.GEMM_CUBLAS}; default {matmul.GEMM_ENGINE}), fc1's LayerNorm {placement} ({matmul.LN_ENV}: "
+            f"{matmul.LN_ON_LOAD} or {matmul.LN_FOLDED}; default {matmul.LN_PLACEMENT})\n"
+            f"triton token MLP: {token} ({tm.TOKEN_ENV}: {tm.TOKEN_FLASH} or {tm.TOKEN_CUBLAS}; default "
+            f"{tm.TOKEN_ENGINE})")
 
 
 def _wins_text() -> str:

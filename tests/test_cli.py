@@ -43,7 +43,9 @@ def test_info_lists_every_backend_with_reason():
     assert "torch cpu on avx2: channel_mixing forward bf16" in r.stdout
     assert "\nptxas for sm_" in r.stdout, r.stdout
     # the choices a GPU measurement makes, and how to override them
-    assert "triton channel mixing: GEMMs fused (MIXER_FAST_GEMM: fused or cublas; default fused)" in r.stdout
+    assert "triton channel GEMMs and ResMLP's token linear: fused (MIXER_FAST_GEMM: fused or cublas; default fused)" \
+        in r.stdout
+    assert "triton token MLP: flash (MIXER_FAST_TOKEN: flash or cublas; default flash)" in r.stdout
 
 
 def test_info_names_the_triton_backends_choices_as_overridden(monkeypatch):
@@ -53,8 +55,10 @@ def test_info_names_the_triton_backends_choices_as_overridden(monkeypatch):
     require("triton")
     monkeypatch.setenv("MIXER_FAST_GEMM", "cublas")
     monkeypatch.setenv("MIXER_FAST_LN", "fold")
-    assert "GEMMs cublas (MIXER_FAST_GEMM" in cli._triton_choices_text()
+    monkeypatch.setenv("MIXER_FAST_TOKEN", "cublas")
+    assert "token linear: cublas (MIXER_FAST_GEMM" in cli._triton_choices_text()
     assert "fc1's LayerNorm fold (MIXER_FAST_LN" in cli._triton_choices_text()
+    assert "token MLP: cublas (MIXER_FAST_TOKEN" in cli._triton_choices_text()
     monkeypatch.setenv("MIXER_FAST_GEMM", "x")
     assert "MIXER_FAST_GEMM: expected fused or cublas, got 'x'" in cli._triton_choices_text()
 

@@ -64,6 +64,8 @@ def test_quick_check_passes_and_writes_the_schema(tmp_path):
     assert {(r["mode"], r["ln"], r["gemm"]) for r in checks if r["op"] == "channel_mixing"} >= {
         (mode, ln, gemm) for mode in ("forward", "backward") for ln, gemm in (("load", "fused"), ("fold", "fused"),
                                                                             ("load", "cublas"))}
+    assert {(r["mode"], r["gemm"]) for r in checks if r["op"] == "token_mixing"} >= {
+        (mode, gemm) for mode in ("forward", "backward") for gemm in ("fused", "cublas")}
     backward = next(r for r in checks if r["op"] == "token_mixing" and r["mode"] == "backward")
     assert {"x", "norm_weight", "fc1_weight", "fc1_bias"} <= backward["errors"].keys()
     summary = records[-1]
@@ -155,13 +157,13 @@ def test_worker_run_fault_classification():
 
 def test_case_lists():
     cases = gpu_check.check_cases(quick=False)
-    # (2 ops × 3 shapes + gating) × 3 dtypes, 4 with fc1's LayerNorm folded, 4 with the channel GEMMs on cuBLAS
-    assert len(cases) == len({c.name for c in cases}) == 29
+    # (2 ops × 3 shapes + gating) × 3 dtypes, 4 with fc1's LayerNorm folded, 6 on the cuBLAS engine
+    assert len(cases) == len({c.name for c in cases}) == 31
     folded = [c for c in cases if c.ln == "fold"]
     assert {c.op for c in folded} == {"channel_mixing", "spatial_gating"} and len(folded) == 4
     assert all(c.name.endswith(" ln fold") and c.task()["ln"] == "fold" for c in folded)
     on_cublas = [c for c in cases if c.gemm == "cublas"]
-    assert {c.op for c in on_cublas} == {"channel_mixing", "spatial_gating"} and len(on_cublas) == 4
+    assert {c.op for c in on_cublas} == {"token_mixing", "channel_mixing", "spatial_gating"} and len(on_cublas) == 6
     assert all(c.name.endswith(" gemm cublas") and c.task()["gemm"] == "cublas" and c.ln == "load" for c in on_cublas)
     assert {c.shape for c in cases if c.op == "spatial_gating"} == {"gmlp_s16"}
     assert {c.shape for c in cases if c.op == "token_mixing"} == {"mixer_b16", "resmlp_24", "awkward"}
@@ -295,16 +297,19 @@ def test_timing_worker_runs_the_fused_providers_last_and_emits_one_record_a_mode
 
 def test_env_modes_hold_the_engine_through_the_whole_step(monkeypatch):
     # A provider's training step is forward and backward: both must run under its engine and placement (the
-    # backward reads MIXER_FAST_GEMM too), and the process's own setting comes back afterwards.
+    # backward reads MIXER_FAST_GEMM / MIXER_FAST_TOKEN too), and the process's own settings come back afterwards.
     monkeypatch.setenv("MIXER_FAST_GEMM", "fused")
+    monkeypatch.delenv("MIXER_FAST_TOKEN", raising=False)
     monkeypatch.delenv("MIXER_FAST_LN", raising=False)
+    names = ("MIXER_FAST_GEMM", "MIXER_FAST_TOKEN", "MIXER_FAST_LN")
     seen = []
 
     def training():
-        seen.append((os.environ.get("MIXER_FAST_GEMM"), os.environ.get("MIXER_FAST_LN")))
-        seen.append((os.environ.get("MIXER_FAST_GEMM"), os.environ.get("MIXER_FAST_LN")))  # "the backward"
+        seen.append(tuple(os.environ.get(n) for n in names))
+        seen.append(tuple(os.environ.get(n) for n in names))  # "the backward"
 
-    modes = gpu_check._env_modes({"training": training}, "cublas", "load")
-    modes["training"]()
-    assert seen == [("cublas", "load")] * 2
-    assert os.environ["MIXER_FAST_GEMM"] == "fused" and "MIXER_FAST_LN" not in os.environ
+    gpu_check._env_modes({"training": training}, "cublas", "load")["training"]()
+    gpu_check._env_modes({"training": training}, "fused", "fold")["training"]()
+    assert seen == [("cublas", "cublas", "load")] * 2 + [("fused", "flash", "fold")] * 2
+    assert os.environ["MIXER_FAST_GEMM"] == "fused" and "MIXER_FAST_TOKEN" not in os.environ
+    assert "MIXER_FAST_LN" not in os.environ

@@ -145,38 +145,51 @@ def _write_run(folder: Path, lines) -> None:
         {"kind": "env", "device_class": "sm_90"}, *lines]) + "\n")
 
 
-@pytest.mark.parametrize("engine,placement,want", [
-    ("fused", "load", (2.0, 0.0)), ("fused", "fold", (4.0, 0.0)), ("cublas", "load", (1.25, 0.5)),
-    ("cublas", "fold", (1.25, 0.5))])
-def test_timings_count_the_engine_and_placement_the_backend_ships(tmp_path, monkeypatch, engine, placement, want):
-    # gpu_check times channel mixing as "triton" (fused GEMMs, LayerNorm on load), "triton_ln_folded" and
-    # "triton_cublas" side by side: the evidence is the one the backend runs (matmul.GEMM_ENGINE, LN_PLACEMENT).
-    # Token mixing has neither choice: its "triton" timing counts whatever they are.
+@pytest.mark.parametrize("engine,token,placement,want", [
+    ("fused", "flash", "load", (2.0, 2.0, 2.0)), ("fused", "flash", "fold", (4.0, 2.0, 0.0)),
+    ("cublas", "cublas", "load", (1.25, 4.0, 0.5)), ("cublas", "cublas", "fold", (1.25, 4.0, 0.5)),
+    ("cublas", "flash", "load", (1.25, 2.0, 0.0)), ("fused", "cublas", "load", (2.0, 4.0, 0.0))])
+def test_timings_count_the_engines_and_placement_the_backend_ships(tmp_path, monkeypatch, engine, token, placement,
+                                                                  want):
+    # gpu_check times every op as "triton" (fused kernels, LayerNorm on load), "triton_cublas" (both engines on
+    # cuBLAS) and channel mixing also "triton_ln_folded": the evidence is what the backend runs
+    # (matmul.GEMM_ENGINE, token_mixing.TOKEN_ENGINE, LN_PLACEMENT). A block mixing the engines, or the
+    # Mixer block with the LayerNorm folded, was not timed: no evidence for it then.
     monkeypatch.setattr(wins_table, "GEMM_ENGINE", engine)
+    monkeypatch.setattr(wins_table, "TOKEN_ENGINE", token)
     monkeypatch.setattr(wins_table, "LN_PLACEMENT", placement)
     ms = {"reference": 1.0, "triton": 0.5, "triton_ln_folded": 0.25, "triton_cublas": 0.8}
-    block = {"reference": 2.0, "triton": 1.0, "triton_cublas": 4.0}
     _write_run(tmp_path / "2026-12-01-NVIDIA_H100", [
-        _timing("channel_mixing", ms), _timing("block", block, block="mixer"),
-        _timing("token_mixing", {"reference": 1.0, "triton": 0.5})])
-    rows = wins_table.evidence(tmp_path)
-    by_op = {r["op"]: r["speedup"] for r in rows}
-    assert by_op["channel_mixing"] == want[0] and by_op["token_mixing"] == 2.0
-    # the Mixer block was not timed with the LayerNorm folded: no evidence for it then
-    assert by_op.get("block:mixer", 0.0) == {"fused": {"load": 2.0, "fold": 0.0}, "cublas": {"load": 0.5,
-                                                                                             "fold": 0.5}}[
-        engine][placement]
+        _timing("channel_mixing", ms), _timing("block", {"reference": 2.0, "triton": 1.0, "triton_cublas": 4.0},
+                                               block="mixer"),
+        _timing("token_mixing", {"reference": 1.0, "triton": 0.5, "triton_cublas": 0.25})])
+    by_op = {r["op"]: r["speedup"] for r in wins_table.evidence(tmp_path)}
+    assert (by_op["channel_mixing"], by_op["token_mixing"], by_op.get("block:mixer", 0.0)) == want
 
 
-def test_checks_of_another_engine_are_not_evidence_and_token_checks_always_are(tmp_path, monkeypatch):
+def test_token_mixing_at_resmlp_shapes_follows_the_gemm_engine(tmp_path, monkeypatch):
+    # ResMLP's token linear is a GEMM: matmul.GEMM_ENGINE decides it, not TOKEN_ENGINE
     monkeypatch.setattr(wins_table, "GEMM_ENGINE", "cublas")
+    monkeypatch.setattr(wins_table, "TOKEN_ENGINE", "flash")
+    timing = dict(_timing("token_mixing", {"reference": 1.0, "triton": 0.5, "triton_cublas": 0.25}),
+                  shape="resmlp_24")
+    _write_run(tmp_path / "2026-12-01-NVIDIA_H100", [timing, _timing("block", {"reference": 1.0, "triton": 2.0,
+                                                                               "triton_cublas": 0.5}, block="resmlp")])
+    assert [(r["op"], r["speedup"]) for r in wins_table.evidence(tmp_path)] == [("token_mixing", 4.0),
+                                                                               ("block:resmlp", 2.0)]
+
+
+def test_checks_of_another_engine_are_not_evidence(tmp_path, monkeypatch):
+    monkeypatch.setattr(wins_table, "GEMM_ENGINE", "cublas")
+    monkeypatch.setattr(wins_table, "TOKEN_ENGINE", "flash")
     monkeypatch.setattr(wins_table, "LN_PLACEMENT", "fold")
     check = {"kind": "check", "mode": "forward", "dtype": "bf16", "shape": "mixer_b16", "batch": 4, "ok": False,
              "errors": {"out": [1.0, 0.1]}, "error": None, "sanitizer": None}
     _write_run(tmp_path / "2026-12-01-NVIDIA_H100", [
         dict(check, op="channel_mixing", ln="load", gemm="fused"),  # another engine: not evidence
         dict(check, op="channel_mixing", ln="load", gemm="cublas", dtype="fp16"),  # the shipped engine: a loss
-        dict(check, op="token_mixing", ln="load", gemm="fused", dtype="fp32"),  # no choice there: a loss
+        dict(check, op="token_mixing", ln="load", gemm="fused", dtype="fp32"),  # the flash kernels: a loss
+        dict(check, op="token_mixing", ln="load", gemm="cublas", dtype="fp16"),  # the other token engine
         dict(check, op="spatial_gating", ln="fold", gemm="fused", dtype="fp16"),  # gating's other engine
         dict(check, op="spatial_gating", ln="load", gemm="cublas", dtype="fp32")])  # its engine: a loss
     rows = wins_table.evidence(tmp_path)

@@ -363,9 +363,11 @@ def variants(dtype: str) -> Iterator[Tuple]:
         yield (layer_norm.ln_stats_kernel, f"ln_stats[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
                dict(BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, None, None)
         # dL/dN(x) (g) arrives in the weights' dtype from every launcher
-        yield (layer_norm.ln_backward_kernel, f"ln_backward[C={C}]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
-               dict(HAS_W=True, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, INTERPRETER=False,
-                    BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"g_ptr": _DTYPES[dtype]}, None)
+        for split in (False, True):  # g by rows, or token-major (the cuBLAS engine's token mixing)
+            yield (layer_norm.ln_backward_kernel, f"ln_backward[C={C}{',token_major' if split else ''}]",
+                   f"R{layer_norm.ROWS} C{block_c} w4 s3",
+                   dict(HAS_W=True, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, G_SPLIT=split, INTERPRETER=False,
+                        BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"g_ptr": _DTYPES[dtype]}, None)
     # Every op's backward starts with the residual's (the heaviest forms: layer scale, drop path and a bias,
     # per channel in channel mixing, per token in token mixing); ResMLP's ends with its affine's.
     tiles = f"R{residual.BLOCK_R}x{residual.ROW_GROUP // residual.BLOCK_R} C{residual.BLOCK_C} w4 s3"
@@ -401,7 +403,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
     # gMLP (gmlp_s16: H/2 = 768): the gate's LayerNorm backward through GELU, and dZ_u / dP.
     block_c = layer_norm.gpu_block_c(768)
     yield (layer_norm.ln_backward_kernel, "ln_backward[gate,C=768]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
-           dict(HAS_W=True, HAS_DY=False, GELU_IN=True, APPROX_TANH=False, INTERPRETER=False,
+           dict(HAS_W=True, HAS_DY=False, GELU_IN=True, APPROX_TANH=False, G_SPLIT=False, INTERPRETER=False,
                 BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"g_ptr": _DTYPES[dtype]}, None)
     bm, bh = spatial_gating.GATE_BLOCK
     yield (spatial_gating.gate_grad_kernel, "gate_grad", f"{bm}x{bh} w4 s3",

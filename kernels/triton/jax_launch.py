@@ -161,8 +161,8 @@ def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
         [g, x, dy, mean, rstd, weight if weight is not None else mean, R, S, C, S * C, C, 1,
          S * C, C, 1, S * C, C, 1, S * C, C, 1],
         [_shape(x.shape, x.dtype), _shape((programs, C), F32), _shape((programs, C), F32)],
-        HAS_W=weight is not None, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, INTERPRETER=_launch.INTERPRET,
-        BLOCK_R=ROWS, BLOCK_C=block_c(C))
+        HAS_W=weight is not None, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, G_SPLIT=False,
+        INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
