@@ -284,6 +284,17 @@ def channel_mixing_backward(
 # one GEMM over K = B·C (fp32 accumulation, rounded once, as eager's).
 
 
+def _aligned_rows(w: Tensor) -> Tensor:
+    """``w`` (rows, cols) with a row stride of a multiple of 16 elements: itself, or a view of a zero-padded
+    copy (token_mixing.token_weights' layout). cuBLAS takes the view's stride as the leading dimension; a
+    token weight's S = 196 (392 bytes in bf16) is not 16-byte aligned, which keeps the GEMM off its
+    aligned tensor-core kernels (the copy is D · 208 elements a call against the GEMM's B · C · D · S)."""
+    from .token_mixing import _pad_columns, aligned
+
+    cols = w.shape[1]
+    return _pad_columns(w, aligned(cols))[:, :cols]
+
+
 def token_mixing_forward(
     x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], fc1_weight: Tensor,
     fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor], *,
@@ -297,12 +308,12 @@ def token_mixing_forward(
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
     xn, mean, rstd, _ = norm_apply(x, nw, nb, norm=norm, eps=eps, dtype=fc1_weight.dtype, token_major=True)
-    y = mm(fc1_weight, xn)
+    y = mm(_aligned_rows(fc1_weight), xn)
     del xn
     bias = fc1_bias
     if fc2_weight is not None:
         h = gelu_forward(y, approximate, inplace=True, row_bias=fc1_bias)
-        y = mm(fc2_weight, h)
+        y = mm(_aligned_rows(fc2_weight), h)
         del h
         bias = fc2_bias
     out, branch = residual_add(x, y.view(S, B, C).permute(1, 0, 2), bias=bias, scale=scale,
@@ -331,18 +342,19 @@ def token_mixing_backward(
     # eps is spent: the statistics are given (the affine has none)
     xn = norm_apply(x, nw, nb, norm=norm, eps=0.0, dtype=fc1_weight.dtype, token_major=True,
                     stats=(mean, rstd) if norm == "layernorm" else None)[0]
+    w1 = _aligned_rows(fc1_weight)
     if fc2_weight is None:
         grads["fc1_weight"], grads["fc1_bias"] = mm(do, xn.t()), res.bias
-        g = mm(fc1_weight.t(), do)
+        g = mm(w1.t(), do)
     else:
-        z = mm(fc1_weight, xn)
-        dz, h, grads["fc1_bias"] = gelu_backward(mm(fc2_weight.t(), do), z, approximate=approximate,
+        z = mm(w1, xn)
+        dz, h, grads["fc1_bias"] = gelu_backward(mm(_aligned_rows(fc2_weight).t(), do), z, approximate=approximate,
                                                  bias_grad=fc1_bias is not None, row_bias=fc1_bias)
         del z
         grads["fc2_weight"], grads["fc2_bias"] = mm(do, h.t()), res.bias
         del h
         grads["fc1_weight"] = mm(dz, xn.t())
-        g = mm(fc1_weight.t(), dz)
+        g = mm(w1.t(), dz)
         del dz
     del xn, do, res
     grads["x"], dnw, dnb = norm_backward(g.view(S, B, C).permute(1, 0, 2), x, dout, norm_weight, mean, rstd, norm)
