@@ -139,3 +139,16 @@ def test_bitwise_run_to_run_and_across_processes(triton_backend, cpu_backend):
              and not (k.startswith("torch/triton/") and torch.cuda.is_available())}
     assert {k: v for k, v in other.items() if k in cross} == cross
     assert len(first) == 7, sorted(first)
+
+
+def test_cublas_engine_bitwise_run_to_run(triton_backend, monkeypatch):
+    # The cuBLAS engine (cublas_engine.py): its Triton passes sum their partials in a fixed order and torch's
+    # GEMMs are deterministic on one device and stream, so the "deterministic" claim holds on it too.
+    monkeypatch.setenv("MIXER_FAST_GEMM", "cublas")
+    monkeypatch.setenv("MIXER_FAST_TOKEN", "cublas")
+    first = [_torch_digest("triton", dtype) for dtype in (torch.float32, torch.bfloat16)]
+    _churn()
+    assert [_torch_digest("triton", dtype) for dtype in (torch.float32, torch.bfloat16)] == first
+    monkeypatch.delenv("MIXER_FAST_GEMM")
+    monkeypatch.delenv("MIXER_FAST_TOKEN")
+    assert _torch_digest("triton", torch.float32) != first[0]  # the engine did run: other summation orders
