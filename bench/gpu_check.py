@@ -177,7 +177,10 @@ class CheckCase:
 
     @property
     def uses_gemm(self) -> bool:
-        """Whether the op runs the fused GEMM (Mixer's flash-MLP token kernels do not)."""
+        """Whether the op runs the fused GEMM (Mixer's flash-MLP token kernels do not; on the cuBLAS engine
+        only gMLP's gate does)."""
+        if self.gemm == "cublas":
+            return self.op == "spatial_gating"
         dims = (QUICK_SHAPES if self.quick else SHAPES)[self.shape]
         return self.op != "token_mixing" or dims.family == "resmlp"
 
@@ -748,24 +751,30 @@ def timing_worker(what: str, shape: str, dtype: str, batch: int, peak_tflops: Op
                  else _op_providers(what, dims, dt, batch))
     results = {mode: ({}, {}, {}) for mode in MODES["timing"]}  # mode → (ms, errors, peak_mib)
     # Every other provider in both modes before the triton ones, so that a triton fault spoils nothing else.
+    # After a fault the CUDA context is lost: the triton providers still to come are not run, and say so
+    # ("not run: ..."), rather than fail and have their error taken for their own (wins_table skips them).
     fused = [p for p in providers if p.startswith("triton")]
     order = [(p, m) for p in providers if p not in fused for m in MODES["timing"]]
     order += [(p, m) for p in fused for m in MODES["timing"]]
-    fault = False
+    faulted_by = None
     for provider, mode in order:
         ms, errors, peak = results[mode]
         fn = providers[provider][mode]
-        try:
-            ms[provider] = _measure(fn)
-            if mode == "training" and (provider == "reference" or provider in fused):
-                peak[provider] = _peak_mib(fn)
-        except Exception as e:  # noqa: BLE001 - recorded; the other providers still run
-            errors[provider] = error_text(e)
-            fault = fault or is_device_fault(errors[provider])
+        if faulted_by is not None:
+            errors[provider] = f"not run: the CUDA context was lost when {faulted_by} faulted"
+        else:
+            try:
+                ms[provider] = _measure(fn)
+                if mode == "training" and (provider == "reference" or provider in fused):
+                    peak[provider] = _peak_mib(fn)
+            except Exception as e:  # noqa: BLE001 - recorded; the other providers still run
+                errors[provider] = error_text(e)
+                if is_device_fault(errors[provider]):
+                    faulted_by = f"{provider} ({mode})"
         if provider == fused[-1]:
             emit(timing_record(what, shape, batch, mode, dtype, device_class(), ms, errors,
                                floor_ms(what, dims, batch, mode, peak_tflops), peak))
-    return fault
+    return faulted_by is not None
 
 
 def tiles_worker(shape: str, dtype: str, batch: int) -> bool:

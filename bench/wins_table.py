@@ -128,8 +128,8 @@ def from_check(path: Path) -> Iterator[dict]:
         want = shipped(op, r["shape"])
         provider = PROVIDERS[want] if want is not None else None
         failure = r.get("errors", {}).get(provider)
-        if provider not in r["ms"] and not failure:
-            continue  # not timed as shipped (e.g. a run from before that provider existed)
+        if provider not in r["ms"] and (not failure or failure.startswith("not run")):
+            continue  # not timed as shipped (a run from before that provider existed, or after another faulted)
         yield evidence_row("torch", "triton", r["device_class"], op, r["mode"], r["dtype"], r["shape"], r["batch"],
                            r["ms"]["reference"], r["ms"].get(provider), path, failure=failure)
 
@@ -215,12 +215,13 @@ def evidence(results: Path = RESULTS) -> List[dict]:
 
 
 def run_order(source: str) -> tuple:
-    """When the run that wrote ``source`` happened, for ordering runs: the first date (YYYY-MM-DD) in its
-    folder's path (bench/results/2026-11-27-NVIDIA_H200, cpu-2026-11-23-epyc-zen3), then the folder's name
-    (a second run of a day is named after the first: 2026-11-29b-...)."""
+    """When the run that wrote ``source`` happened, for ordering runs: the date (YYYY-MM-DD) in its folder's
+    name (bench/results/2026-11-27-NVIDIA_H200, cpu-2026-11-23-epyc-zen3; none: oldest), then the name: a
+    second run of a day is named after the first (2026-11-29b-...), as the runbook in bench/NOTES.md says."""
     folder = source.rsplit("/", 1)[0]
-    m = re.search(r"\d{4}-\d{2}-\d{2}", folder)
-    return (m.group(0) if m else "", folder)
+    name = folder.rsplit("/", 1)[-1]
+    m = re.search(r"\d{4}-\d{2}-\d{2}", name)
+    return (m.group(0) if m else "", name, folder)
 
 
 def chosen(rows: List[dict]) -> List[dict]:
@@ -240,7 +241,7 @@ def chosen(rows: List[dict]) -> List[dict]:
         newest = max(runs)
         s = runs[newest]
         if min(s) > 1.0:
-            out.append(dict(zip(names, key), min_speedup=min(s), evidence=len(s), run=newest[1]))
+            out.append(dict(zip(names, key), min_speedup=min(s), evidence=len(s), run=newest[2]))
     return out
 
 

@@ -313,3 +313,35 @@ def test_env_modes_hold_the_engine_through_the_whole_step(monkeypatch):
     assert seen == [("cublas", "cublas", "load")] * 2 + [("fused", "flash", "fold")] * 2
     assert os.environ["MIXER_FAST_GEMM"] == "fused" and "MIXER_FAST_TOKEN" not in os.environ
     assert "MIXER_FAST_LN" not in os.environ
+
+
+def test_after_a_fault_the_remaining_triton_providers_are_not_run(monkeypatch):
+    # A CUDA fault loses the context: what comes after it would fail too, and that failure must not be taken
+    # for its own (the cuBLAS engine's timing is not a loss because the fused kernels faulted).
+    records = []
+
+    def fault():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    providers = {"reference": {"forward": lambda: None, "training": lambda: None},
+                 "triton": {"forward": lambda: None, "training": fault},
+                 gpu_check.CUBLAS_PROVIDER: {"forward": lambda: None, "training": lambda: None}}
+    monkeypatch.setattr(gpu_check, "_op_providers", lambda *args: providers)
+    monkeypatch.setattr(gpu_check, "_measure", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(gpu_check, "_peak_mib", lambda fn: 10.0)
+    monkeypatch.setattr(gpu_check, "device_class", lambda: "sm_90")
+    monkeypatch.setattr(gpu_check, "emit", records.append)
+    assert gpu_check.timing_worker("token_mixing", "mixer_b16", "bf16", 256, None) is True
+    forward, training = records
+    assert "triton" in training["errors"] and gpu_check.is_device_fault(training["errors"]["triton"])
+    assert training["errors"][gpu_check.CUBLAS_PROVIDER] == (
+        "not run: the CUDA context was lost when triton (training) faulted")
+    # triton's forward ran before the fault; the cuBLAS provider comes after triton in both modes
+    assert "triton" in forward["ms"] and gpu_check.CUBLAS_PROVIDER in forward["errors"]
+
+
+def test_cublas_cases_rerun_without_tma_only_where_a_fused_gemm_runs():
+    cases = {(c.op, c.gemm): c for c in gpu_check.check_cases(quick=False) if c.shape != "awkward"}
+    assert not cases[("channel_mixing", "cublas")].uses_gemm and not cases[("token_mixing", "cublas")].uses_gemm
+    assert cases[("spatial_gating", "cublas")].uses_gemm  # the gate's token GEMMs stay fused
+    assert cases[("channel_mixing", "fused")].uses_gemm

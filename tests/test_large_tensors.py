@@ -71,8 +71,12 @@ def test_cpu_backend_past_2_31_elements(request, op):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["fused", "cublas"])
 @pytest.mark.parametrize("op", ["token_mixing", "channel_mixing"])
-def test_triton_past_2_31_elements_forward_and_backward(request, op):
+def test_triton_past_2_31_elements_forward_and_backward(request, monkeypatch, op, engine):
+    # both engines (MIXER_FAST_GEMM / MIXER_FAST_TOKEN): the cuBLAS one's passes grid over B·C too
+    monkeypatch.setenv("MIXER_FAST_GEMM", engine)
+    monkeypatch.setenv("MIXER_FAST_TOKEN", "flash" if engine == "fused" else engine)
     use_backend(request, "triton")
     _run(op, "triton", "cuda", torch.bfloat16)
     # Backward: the gradient of x at the last image (past 2³¹) against that image alone.

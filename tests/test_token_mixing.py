@@ -343,3 +343,15 @@ def test_gelu_passes_with_a_row_bias(triton_backend, approximate):
     assert torch.equal(h2, h)  # the backward's H is the forward's, bit for bit
     torch.testing.assert_close(dz.cpu().double(), dz64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(db.cpu().double(), dz64.sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_gelu_backward_grid_fits_cuda_at_any_batch():
+    # Token mixing hands gelu_backward Z as (D_S, B·C): at Mixer-B/16 and batch 16 384, 98 304 column blocks,
+    # past CUDA's 65 535 on grid axes 1 and 2 (Triton's launcher does not check; the interpreter has no such
+    # limit, so only the plan can be tested here). One axis, which allows 2³¹ − 1.
+    from mixer_fast.kernels.triton.cublas_engine import GELU_BLOCK_D, GELU_ROW_GROUP, gelu_backward_grid
+
+    for M, D in ((384, 16384 * 768), (50176 * 64, 3072), (1, 1)):
+        grid, groups, d_blocks = gelu_backward_grid(M, D)
+        assert len(grid) == 1 and grid[0] == groups * d_blocks < 2 ** 31
+        assert groups * GELU_ROW_GROUP >= M and d_blocks * GELU_BLOCK_D >= D

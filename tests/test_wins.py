@@ -216,3 +216,14 @@ def test_the_newest_run_decides(tmp_path):
     # the fp32 token win of 2026-11-27 is overruled by the later run of the same day 2026-12-01 ("b")
     assert wins_table.run_order("a/2026-12-01b-X/check.jsonl") > wins_table.run_order("a/2026-12-01-X/check.jsonl")
     assert wins_table.run_order("cpu-2026-11-23-zen3/cpu_bench.json")[0] == "2026-11-23"
+
+
+def test_providers_not_run_after_a_fault_are_not_evidence(tmp_path, monkeypatch):
+    monkeypatch.setattr(wins_table, "GEMM_ENGINE", "cublas")
+    monkeypatch.setattr(wins_table, "TOKEN_ENGINE", "cublas")
+    lost = "not run: the CUDA context was lost when triton (training) faulted"
+    _write_run(tmp_path / "2026-12-01-NVIDIA_H100", [
+        _timing("channel_mixing", {"reference": 1.0}, errors={"triton": "AcceleratorError: CUDA error: illegal",
+                                                             "triton_cublas": lost}),
+        _timing("token_mixing", {"reference": 1.0}, errors={"triton_cublas": "RuntimeError: its own failure"})])
+    assert [(r["op"], r["speedup"]) for r in wins_table.evidence(tmp_path)] == [("token_mixing", 0.0)]

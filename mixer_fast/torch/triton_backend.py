@@ -334,6 +334,13 @@ def _check_sample_scale(sample_scale: Optional[Tensor]) -> None:
                                   "and does not differentiate it; pass a tensor that does not require grad")
 
 
+def _vectors(*vectors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The 1-D arguments (norm weights, biases, scales, sample_scale) contiguous: every kernel reads them at
+    unit stride (a strided view, bias[::2], gave wrong values silently). A no-op for parameters; a copy, with
+    its gradient flowing back through it, for a view."""
+    return tuple(None if v is None else v.contiguous() for v in vectors)
+
+
 def _autocast(x: Tensor, *weights: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """Under torch.autocast, the linear layers' weights and biases in the autocast dtype (a differentiable
     cast, as autocast's own F.linear does); x, the norm parameters and the scales stay as they are, so the
@@ -348,6 +355,8 @@ def token_mixing(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc
                  scale, sample_scale, dropout) -> Tensor:
     """The ``triton`` backend's token mixing (arguments as mixer_fast.ops.token_mixing, already checked)."""
     _check_sample_scale(sample_scale)
+    norm_weight, norm_bias, fc1_bias, fc2_bias, scale, sample_scale = _vectors(
+        norm_weight, norm_bias, fc1_bias, fc2_bias, scale, sample_scale)
     store_branch = scale is not None and _needs_grad(scale)
     fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     return token_mixing_fwd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale,
@@ -358,6 +367,8 @@ def channel_mixing(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, 
                    scale, sample_scale, dropout) -> Tensor:
     """The ``triton`` backend's channel mixing (arguments as mixer_fast.ops.channel_mixing, already checked)."""
     _check_sample_scale(sample_scale)
+    norm_weight, norm_bias, fc1_bias, fc2_bias, scale, sample_scale = _vectors(
+        norm_weight, norm_bias, fc1_bias, fc2_bias, scale, sample_scale)
     params = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
     store_branch = scale is not None and _needs_grad(scale)
     fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
@@ -370,6 +381,8 @@ def spatial_gating(x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_we
                    proj_bias, fc2_weight, fc2_bias, *, eps, gate_eps, approximate, sample_scale, dropout) -> Tensor:
     """The ``triton`` backend's gMLP block (arguments as mixer_fast.ops.spatial_gating, already checked)."""
     _check_sample_scale(sample_scale)
+    norm_weight, norm_bias, fc1_bias, gate_norm_weight, gate_norm_bias, proj_bias, fc2_bias, sample_scale = _vectors(
+        norm_weight, norm_bias, fc1_bias, gate_norm_weight, gate_norm_bias, proj_bias, fc2_bias, sample_scale)
     params = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
               proj_bias, fc2_weight, fc2_bias)
     fc1_weight, fc1_bias, proj_weight, proj_bias, fc2_weight, fc2_bias = _autocast(
