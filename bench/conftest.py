@@ -227,4 +227,14 @@ def record(benchmark, op: str, config: str, batch: int, mode: str, provider: str
         op=op, config=config, batch=batch, dtype=DTYPE_NAME, mode=mode, provider=provider, device=device_name(),
         device_class=device_class(), flops=c.flops, min_bytes=c.min_bytes, unfused_bytes=c.unfused_bytes,
         fused_bytes=c.fused_bytes,
-        tflops=c.flops / seconds / 1e12, gbs_min=c.min_bytes / seconds / 1e9, versions=versions())
+        tflops=c.flops / seconds / 1e12, gbs_min=c.min_bytes / seconds / 1e9, versions=versions(),
+        **(triton_engines() if provider == "triton" else {}))
+
+
+def triton_engines() -> dict:
+    """The triton provider's engines in this process (bench/wins_table.py counts a timing only for the
+    engines the backend ships with): GEMM engine, token engine, LayerNorm placement."""
+    from mixer_fast.kernels.triton import matmul, token_mixing
+
+    return dict(gemm_engine=matmul.gemm_engine(), token_engine=token_mixing.token_engine(),
+                ln_placement=matmul.ln_placement())

@@ -80,10 +80,13 @@ PROVIDERS = {(ENGINE_FUSED, LN_ON_LOAD): "triton", (ENGINE_FUSED, LN_FOLDED): "t
              (ENGINE_CUBLAS, LN_ON_LOAD): "triton_cublas"}
 
 
-def engines_on_cublas(op: str, shape: str) -> tuple:
-    """For each engine that changes what ``op`` runs at ``shape``, whether it ships on cuBLAS. Token mixing is
-    ResMLP's token linear at ResMLP shapes (a GEMM: GEMM_ENGINE), else the Mixer MLP (TOKEN_ENGINE)."""
-    gemm, token_mlp = GEMM_ENGINE == GEMM_CUBLAS, TOKEN_ENGINE == TOKEN_CUBLAS
+def engines_on_cublas(op: str, shape: str, gemm_engine: Optional[str] = None,
+                      token_engine: Optional[str] = None) -> tuple:
+    """For each engine that changes what ``op`` runs at ``shape``, whether it is on cuBLAS (the shipped
+    engines, GEMM_ENGINE and TOKEN_ENGINE, unless given). Token mixing is ResMLP's token linear at ResMLP
+    shapes (a GEMM: the GEMM engine), else the Mixer MLP (the token engine)."""
+    gemm = (gemm_engine or GEMM_ENGINE) == GEMM_CUBLAS
+    token_mlp = (token_engine or TOKEN_ENGINE) == TOKEN_CUBLAS
     if op == "token_mixing":
         return (gemm,) if shape.startswith("resmlp") else (token_mlp,)
     if op == "block:mixer":
@@ -93,16 +96,18 @@ def engines_on_cublas(op: str, shape: str) -> tuple:
     return ()
 
 
-def shipped(op: str, shape: str) -> Optional[tuple]:
-    """(engine, LayerNorm placement) the backend runs ``op`` with at ``shape``: (ENGINE_CUBLAS, LN_ON_LOAD) when
-    its engines ship on cuBLAS (the placement then changes nothing), (ENGINE_FUSED, placement) when on the
-    fused kernels; None for a mix, which no provider times."""
-    flags = engines_on_cublas(op, shape)
+def shipped(op: str, shape: str, gemm_engine: Optional[str] = None, token_engine: Optional[str] = None,
+            placement: Optional[str] = None) -> Optional[tuple]:
+    """(engine, LayerNorm placement) the backend runs ``op`` with at ``shape`` (with the shipped engines and
+    placement, unless given): (ENGINE_CUBLAS, LN_ON_LOAD) when its engines are on cuBLAS (the placement then
+    changes nothing), (ENGINE_FUSED, placement) when on the fused kernels; None for a mix, which no
+    provider times."""
+    flags = engines_on_cublas(op, shape, gemm_engine, token_engine)
     if flags and all(flags):
         return ENGINE_CUBLAS, LN_ON_LOAD
     if any(flags):
         return None
-    return ENGINE_FUSED, LN_PLACEMENT if op in LN_OPS else LN_ON_LOAD
+    return ENGINE_FUSED, (placement or LN_PLACEMENT) if op in LN_OPS else LN_ON_LOAD
 
 
 def from_check(path: Path) -> Iterator[dict]:
@@ -178,7 +183,7 @@ def from_pytest_benchmark(path: Path) -> Iterator[dict]:
     """pytest-benchmark files: each fused provider against the reference provider of the same group."""
     data = json.loads(path.read_text())
     groups: Dict[tuple, Dict[str, float]] = {}
-    infos: Dict[tuple, dict] = {}
+    infos: Dict[tuple, dict] = {}  # (key, provider) → its extra_info
     for b in data.get("benchmarks", []):
         info = b.get("extra_info", {})
         if "provider" not in info or info.get("mode") in SKIPPED_MODES:
@@ -188,7 +193,7 @@ def from_pytest_benchmark(path: Path) -> Iterator[dict]:
             continue
         key = (cls, info["op"], info["config"], info["batch"], info["dtype"], info["mode"], info.get("threads"))
         groups.setdefault(key, {})[info["provider"]] = b["stats"]["median"] * 1e3
-        infos[key] = info
+        infos[key, info["provider"]] = info
     for key, times in sorted(groups.items(), key=lambda kv: str(kv[0])):
         cls, op, config, batch, dtype, mode, _threads = key
         for provider, ms in sorted(times.items()):
@@ -198,8 +203,16 @@ def from_pytest_benchmark(path: Path) -> Iterator[dict]:
             ref = times.get(REFERENCE[framework])
             if ref is None:
                 continue
-            yield evidence_row(framework, backend, cls, block_op(config) if op == "block" else op, mode, dtype,
-                               config, batch, ref, ms, path)
+            name = block_op(config) if op == "block" else op
+            if (framework, backend) == ("torch", "triton"):
+                # counted only for the engines the backend ships with (bench/conftest.py records the run's;
+                # files from before the engines existed ran the fused kernels with LayerNorm on load)
+                info = infos[key, provider]
+                ran = shipped(name, config, info.get("gemm_engine", ENGINE_FUSED),
+                              info.get("token_engine", "flash"), info.get("ln_placement", LN_ON_LOAD))
+                if ran is None or ran != shipped(name, config):
+                    continue
+            yield evidence_row(framework, backend, cls, name, mode, dtype, config, batch, ref, ms, path)
 
 
 def evidence(results: Path = RESULTS) -> List[dict]:

@@ -227,3 +227,19 @@ def test_providers_not_run_after_a_fault_are_not_evidence(tmp_path, monkeypatch)
                                                              "triton_cublas": lost}),
         _timing("token_mixing", {"reference": 1.0}, errors={"triton_cublas": "RuntimeError: its own failure"})])
     assert [(r["op"], r["speedup"]) for r in wins_table.evidence(tmp_path)] == [("token_mixing", 0.0)]
+
+
+def test_benchmark_files_count_for_the_engines_they_ran(tmp_path, monkeypatch):
+    # bench/conftest.py records the triton provider's engines; a file counts for the engines that ship
+    info = dict(op="token_mixing", config="mixer_b16", batch=256, dtype="bf16", device_class="sm_90", mode="fwd")
+    bench = {"benchmarks": [
+        {"extra_info": dict(info, provider="eager"), "stats": {"median": 2e-3}},
+        {"extra_info": dict(info, provider="triton", gemm_engine="cublas", token_engine="cublas",
+                            ln_placement="load"), "stats": {"median": 1e-3}}]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    for token, want in (("cublas", [2.0]), ("flash", [])):
+        monkeypatch.setattr(wins_table, "TOKEN_ENGINE", token)
+        assert [r["speedup"] for r in wins_table.evidence(tmp_path)] == want
+    del bench["benchmarks"][1]["extra_info"]["token_engine"]  # an older file: the flash kernels ran
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    assert [r["speedup"] for r in wins_table.evidence(tmp_path)] == [2.0]
