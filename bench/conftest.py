@@ -34,7 +34,11 @@ CONFIGS = ["mixer_s16", "mixer_b16", "mixer_l16", "resmlp_12", "resmlp_24", "res
 BATCHES = [64, 256] if GPU else [1, 4]
 COMPILE_CONFIGS = CONFIGS
 MODES = ["fwd", "bwd", "fwd+bwd"]
-PROVIDERS = ["eager", "compile", "triton", "cpu", "xla", "pallas", "jax-triton"]
+PROVIDERS = ["eager", "compile", "triton", "triton_cublas", "cpu", "xla", "pallas", "jax-triton"]
+# The triton backend's providers and the engines each pins (kernels/triton/cublas_engine.py): the fused
+# kernels, or every GEMM on cuBLAS with the Triton passes around it.
+TRITON_ENGINES = {"triton": {"MIXER_FAST_GEMM": "fused", "MIXER_FAST_TOKEN": "flash"},
+                  "triton_cublas": {"MIXER_FAST_GEMM": "cublas", "MIXER_FAST_TOKEN": "cublas"}}
 ROUNDS = 10 if GPU else 5
 ROTATE = 4  # input copies cycled through
 
@@ -83,9 +87,9 @@ def skip_reason(provider: str, config: str) -> str:
             return f"JAX pallas: no TPU here ({platform}); its interpret mode is for testing, not timing"
         if provider == "jax-triton" and platform != "gpu":
             return f"JAX triton: no GPU here ({platform})"
-    if provider == "triton":
+    if provider in TRITON_ENGINES:
         if not GPU:
-            return "triton: no CUDA device (its interpreter is for testing, not timing)"
+            return f"{provider}: no CUDA device (its interpreter is for testing, not timing)"
         try:
             dispatch.load("triton")
         except dispatch.BackendUnavailable as e:
@@ -124,7 +128,7 @@ def make_block(config: str, provider: str) -> torch.nn.Module:
         block = cls(c.embed_dim, c.seq_len)
     else:
         cls = mixer_fast.MixerBlock if c.kind == "mixer" else mixer_fast.ResMLPBlock
-        block = cls(c.embed_dim, c.seq_len, backend=provider)
+        block = cls(c.embed_dim, c.seq_len, backend="triton" if provider in TRITON_ENGINES else provider)
     return block.to(DEVICE, DTYPE)
 
 
@@ -185,7 +189,7 @@ def params_of(op: str, config: str, provider: str):
 def _op_function(op: str, block: torch.nn.Module, provider: str) -> Callable[[torch.Tensor], torch.Tensor]:
     from mixer_fast import ops
 
-    backend = "reference" if provider in ("eager", "compile") else provider
+    backend = "reference" if provider in ("eager", "compile") else "triton" if provider in TRITON_ENGINES else provider
     resmlp = hasattr(block, "linear_tokens")
     if op == "token_mixing":
         if resmlp:
@@ -215,8 +219,17 @@ def bench_op(benchmark, op: str, config: str, batch: int, mode: str, provider: s
 
         run_jax_benchmark(benchmark, op, config, batch, mode, provider)
         return
-    fn, params = params_of(op, config, provider)
-    run_benchmark(benchmark, op, config, batch, mode, provider, fn, params)
+    saved = {name: os.environ.get(name) for name in TRITON_ENGINES.get(provider, {})}
+    os.environ.update(TRITON_ENGINES.get(provider, {}))  # the engines, for the whole run (backward included)
+    try:
+        fn, params = params_of(op, config, provider)
+        run_benchmark(benchmark, op, config, batch, mode, provider, fn, params)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def record(benchmark, op: str, config: str, batch: int, mode: str, provider: str) -> None:
@@ -228,7 +241,7 @@ def record(benchmark, op: str, config: str, batch: int, mode: str, provider: str
         device_class=device_class(), flops=c.flops, min_bytes=c.min_bytes, unfused_bytes=c.unfused_bytes,
         fused_bytes=c.fused_bytes,
         tflops=c.flops / seconds / 1e12, gbs_min=c.min_bytes / seconds / 1e9, versions=versions(),
-        **(triton_engines() if provider == "triton" else {}))
+        **(triton_engines() if provider in TRITON_ENGINES else {}))
 
 
 def triton_engines() -> dict:

@@ -41,7 +41,8 @@ SKIPPED_MODES = {"bwd"}  # a backward alone: no call runs only that
 # GPUs of results that predate the device_class field.
 GPU_CLASSES = {"NVIDIA H200": "sm_90", "NVIDIA H100 80GB HBM3": "sm_90", "NVIDIA H100": "sm_90"}
 # Fused providers in pytest-benchmark files, and the reference provider they are measured against.
-FUSED = {"triton": ("torch", "triton"), "cpu": ("torch", "cpu"), "pallas": ("jax", "pallas"),
+FUSED = {"triton": ("torch", "triton"), "triton_cublas": ("torch", "triton"), "cpu": ("torch", "cpu"),
+         "pallas": ("jax", "pallas"),
          "jax-triton": ("jax", "triton")}
 REFERENCE = {"torch": "eager", "jax": "xla"}
 
