@@ -371,11 +371,14 @@ def variants(dtype: str) -> Iterator[Tuple]:
     # Every op's backward starts with the residual's (the heaviest forms: layer scale, drop path and a bias,
     # per channel in channel mixing, per token in token mixing); ResMLP's ends with its affine's.
     tiles = f"R{residual.BLOCK_R}x{residual.ROW_GROUP // residual.BLOCK_R} C{residual.BLOCK_C} w4 s3"
-    for bias, where in ((residual.BIAS_PER_CHANNEL, "per_channel"), (residual.BIAS_PER_TOKEN, "per_token")):
+    # (token mixing's dO also token-major, for the cuBLAS engine's token GEMMs)
+    for bias, where, split in ((residual.BIAS_PER_CHANNEL, "per_channel", False),
+                               (residual.BIAS_PER_TOKEN, "per_token", False),
+                               (residual.BIAS_PER_TOKEN, "per_token,token_major", True)):
         yield (residual.residual_grad_kernel, f"residual_grad[{where}]", tiles,
-               dict(HAS_SCALE=True, HAS_SS=True, SCALE_GRAD=True, STORE_DO=True, BIAS=bias, INTERPRETER=False,
-                    ROW_GROUP=residual.ROW_GROUP, BLOCK_R=residual.BLOCK_R, BLOCK_C=residual.BLOCK_C), 4, 3,
-               None, None)
+               dict(HAS_SCALE=True, HAS_SS=True, SCALE_GRAD=True, STORE_DO=True, DO_SPLIT=split, BIAS=bias,
+                    INTERPRETER=False, ROW_GROUP=residual.ROW_GROUP, BLOCK_R=residual.BLOCK_R,
+                    BLOCK_C=residual.BLOCK_C), 4, 3, None, None)
     yield (layer_norm.affine_backward_kernel, "affine_backward",
            f"R{layer_norm.AFFINE_BLOCK_R}x{layer_norm.AFFINE_ROW_GROUP // layer_norm.AFFINE_BLOCK_R} "
            f"C{layer_norm.AFFINE_BLOCK_C} w4 s3",

@@ -43,11 +43,12 @@ def residual_grad_kernel(
     R, S, C, sdb, sds, sdc, sbb, sbs, sbc, sob, sos,
     do_ptr, scale_part_ptr, bias_part_ptr,
     HAS_SCALE: tl.constexpr, HAS_SS: tl.constexpr, SCALE_GRAD: tl.constexpr, STORE_DO: tl.constexpr,
-    BIAS: tl.constexpr, INTERPRETER: tl.constexpr, ROW_GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    DO_SPLIT: tl.constexpr, BIAS: tl.constexpr, INTERPRETER: tl.constexpr, ROW_GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """For tokens pid_r · ROW_GROUP … (rows r → (r // S, r % S)) and channels pid_c · BLOCK_C …: dO into
-    ``do`` (STORE_DO; token (b, s) at b · sob + s · sos, channels contiguous), and partial sums: Σ ss · dout · branch (SCALE_GRAD) into row pid_r
+    ``do`` (STORE_DO; token (b, s) at b · sob + s · sos under DO_SPLIT, e.g. token-major, else row r at
+    r · C: contiguous, and 12 registers fewer, report triton 3.8), and partial sums: Σ ss · dout · branch (SCALE_GRAD) into row pid_r
     of ``scale_part`` (·, C); Σ_tokens dO (BIAS_PER_CHANNEL) into row pid_r of ``bias_part`` (·, C), or
     Σ_channels dO (BIAS_PER_TOKEN) into row pid_c of ``bias_part`` (·, R)."""
     pid_r = tl.program_id(0)
@@ -70,7 +71,10 @@ def residual_grad_kernel(
             scale_acc += tl.sum(d * token_tile(branch_ptr, r64, c64, m, S, sbb, sbs, sbc), axis=0)
         do = d * f[None, :]
         if STORE_DO:
-            out = ((r64 // S) * sob + (r64 % S) * sos)[:, None] + c64[None, :]
+            if DO_SPLIT:
+                out = ((r64 // S) * sob + (r64 % S) * sos)[:, None] + c64[None, :]
+            else:
+                out = r64[:, None] * C + c64[None, :]
             tl.store(do_ptr + out, round_to(do, do_ptr.dtype.element_ty, INTERPRETER), mask=m)
         if BIAS == _BIAS_PER_CHANNEL:
             bias_acc += tl.sum(do, axis=0)
@@ -171,6 +175,7 @@ def residual_grad(dout: Tensor, *, scale: Optional[Tensor], sample_scale: Option
                 scale_part if scale_part is not None else do,
                 bias_part if bias_part is not None else do, HAS_SCALE=scale is not None,
                 HAS_SS=sample_scale is not None, SCALE_GRAD=branch is not None, STORE_DO=store_do,
+                DO_SPLIT=token_major,
                 BIAS=_BIAS_MODES[bias], INTERPRETER=_launch.INTERPRET, ROW_GROUP=ROW_GROUP, BLOCK_R=BLOCK_R,
                 BLOCK_C=BLOCK_C)
     # With no tokens or no channels the partials are empty, and their sums the zeros they should be.
