@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from gpu_check import ENGINE_ENV  # noqa: E402
 from mixer_fast import reference as ref  # noqa: E402
 from mixer_fast.profiler.cost import Shape, cost  # noqa: E402
 
@@ -36,9 +37,8 @@ COMPILE_CONFIGS = CONFIGS
 MODES = ["fwd", "bwd", "fwd+bwd"]
 PROVIDERS = ["eager", "compile", "triton", "triton_cublas", "cpu", "xla", "pallas", "jax-triton"]
 # The triton backend's providers and the engines each pins (kernels/triton/cublas_engine.py): the fused
-# kernels, or every GEMM on cuBLAS with the Triton passes around it.
-TRITON_ENGINES = {"triton": {"MIXER_FAST_GEMM": "fused", "MIXER_FAST_TOKEN": "flash"},
-                  "triton_cublas": {"MIXER_FAST_GEMM": "cublas", "MIXER_FAST_TOKEN": "cublas"}}
+# kernels, or every GEMM on cuBLAS with the Triton passes around it; the variables as gpu_check.py sets them.
+TRITON_ENGINES = {"triton": ENGINE_ENV["fused"], "triton_cublas": ENGINE_ENV["cublas"]}
 ROUNDS = 10 if GPU else 5
 ROTATE = 4  # input copies cycled through
 

@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional
 # the LayerNorm placement and the engines the backend runs
 from mixer_fast.kernels.triton.matmul import GEMM_CUBLAS, GEMM_ENGINE, LN_FOLDED, LN_ON_LOAD, LN_PLACEMENT
 from mixer_fast.kernels.triton.token_mixing import TOKEN_CUBLAS, TOKEN_ENGINE
+from gpu_check import CUBLAS_PROVIDER, FOLDED_PROVIDER  # the providers that time the other choices
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -41,7 +42,7 @@ SKIPPED_MODES = {"bwd"}  # a backward alone: no call runs only that
 # GPUs of results that predate the device_class field.
 GPU_CLASSES = {"NVIDIA H200": "sm_90", "NVIDIA H100 80GB HBM3": "sm_90", "NVIDIA H100": "sm_90"}
 # Fused providers in pytest-benchmark files, and the reference provider they are measured against.
-FUSED = {"triton": ("torch", "triton"), "triton_cublas": ("torch", "triton"), "cpu": ("torch", "cpu"),
+FUSED = {"triton": ("torch", "triton"), CUBLAS_PROVIDER: ("torch", "triton"), "cpu": ("torch", "cpu"),
          "pallas": ("jax", "pallas"),
          "jax-triton": ("jax", "triton")}
 REFERENCE = {"torch": "eager", "jax": "xla"}
@@ -77,8 +78,8 @@ def block_op(config: str) -> str:
 # folded), "triton_cublas" (both engines on cuBLAS); a mix of engines within one block is not timed.
 LN_OPS = frozenset({"channel_mixing", "spatial_gating", "block:mixer", "block:resmlp", "block:gmlp"})
 ENGINE_FUSED, ENGINE_CUBLAS = "fused", "cublas"  # the engines as gpu_check's check records name them ("gemm")
-PROVIDERS = {(ENGINE_FUSED, LN_ON_LOAD): "triton", (ENGINE_FUSED, LN_FOLDED): "triton_ln_folded",
-             (ENGINE_CUBLAS, LN_ON_LOAD): "triton_cublas"}
+PROVIDERS = {(ENGINE_FUSED, LN_ON_LOAD): "triton", (ENGINE_FUSED, LN_FOLDED): FOLDED_PROVIDER,
+             (ENGINE_CUBLAS, LN_ON_LOAD): CUBLAS_PROVIDER}
 
 
 def engines_on_cublas(op: str, shape: str, gemm_engine: Optional[str] = None,

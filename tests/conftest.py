@@ -99,6 +99,28 @@ def grads(module: torch.nn.Module) -> dict:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+@pytest.fixture
+def cublas_engine(monkeypatch):
+    """Every GEMM of channel and token mixing on the cuBLAS engine (MIXER_FAST_GEMM=cublas and
+    MIXER_FAST_TOKEN=cublas; kernels/triton/cublas_engine.py), with the fused GEMM and the flash-MLP kernels
+    made to fail if anything still launches them."""
+    from mixer_fast.kernels.triton import channel_mixing, token_mixing
+
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("a flash-MLP kernel ran on the cuBLAS engine")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused GEMM ran on the cuBLAS engine")
+
+    monkeypatch.setenv("MIXER_FAST_GEMM", "cublas")
+    monkeypatch.setenv("MIXER_FAST_TOKEN", "cublas")
+    for name in ("token_mlp_fwd_kernel", "token_mlp_dx_kernel", "token_mlp_dw_kernel"):
+        monkeypatch.setattr(token_mixing, name, Refuse())
+    for module in (channel_mixing, token_mixing):
+        monkeypatch.setattr(module, "fused_matmul", refuse)
+
+
 def spy_ln_gelu_prologues(monkeypatch, module) -> list:
     """The A prologue (a_pro) of every ln_gelu GEMM that ``module`` (a launcher module: channel_mixing,
     spatial_gating, jax_launch) launches through its ``fused_matmul``, in order: which LayerNorm placement ran."""

@@ -73,14 +73,26 @@ def test_triton_channel_mixing_ln_folded_not_under_autocast(triton_backend, monk
     assert a_pros == [A_LAYERNORM]
 
 
-def test_ln_placement_is_validated(monkeypatch):
-    from mixer_fast.kernels.triton import matmul
+# The per-process choices a GPU measurement makes (_launch.env_choice): (variable, a wrong value, its message,
+# module, reader, default constant)
+CHOICES = [("MIXER_FAST_LN", "folded", "expected load or fold, got 'folded'", "matmul", "ln_placement",
+            "LN_PLACEMENT"),
+           ("MIXER_FAST_GEMM", "cuBLAS", "expected fused or cublas, got 'cuBLAS'", "matmul", "gemm_engine",
+            "GEMM_ENGINE"),
+           ("MIXER_FAST_TOKEN", "fused", "expected flash or cublas, got 'fused'", "token_mixing", "token_engine",
+            "TOKEN_ENGINE")]
 
-    monkeypatch.setenv("MIXER_FAST_LN", "folded")
-    with pytest.raises(ValueError, match="MIXER_FAST_LN: expected load or fold, got 'folded'"):
-        matmul.ln_placement()
-    monkeypatch.delenv("MIXER_FAST_LN")
-    assert matmul.ln_placement() == matmul.LN_PLACEMENT
+
+@pytest.mark.parametrize("env,bad,message,module,reader,default", CHOICES, ids=[c[0] for c in CHOICES])
+def test_per_process_choices_are_validated(monkeypatch, env, bad, message, module, reader, default):
+    import importlib
+
+    mod = importlib.import_module(f"mixer_fast.kernels.triton.{module}")
+    monkeypatch.setenv(env, bad)
+    with pytest.raises(ValueError, match=f"{env}: {message}"):
+        getattr(mod, reader)()
+    monkeypatch.delenv(env)
+    assert getattr(mod, reader)() == getattr(mod, default)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -106,18 +118,6 @@ def test_fold_weight_against_float64(triton_backend, dtype, has_b1):
 # ---------------------------------------------------------------------------------------------------------
 # The GEMMs in torch (cuBLAS on a GPU) with the Triton passes around them (MIXER_FAST_GEMM=cublas;
 # matmul.gemm_engine, cublas_engine.py)
-
-
-@pytest.fixture
-def cublas_engine(monkeypatch):
-    """MIXER_FAST_GEMM=cublas, with the fused GEMM made to fail if anything still launches it."""
-    from mixer_fast.kernels.triton import channel_mixing
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the fused GEMM ran under MIXER_FAST_GEMM=cublas")
-
-    monkeypatch.setenv("MIXER_FAST_GEMM", "cublas")
-    monkeypatch.setattr(channel_mixing, "fused_matmul", refuse)
 
 
 # every dtype and variant: LayerNorm with the residual folded into fc2's GEMM (mixer), drop path and the
@@ -228,16 +228,6 @@ def test_channel_mixing_engines_share_saved_tensors(triton_backend, monkeypatch)
     for engines, got in grads.items():
         for name in want:
             assert max_err(got[name], want[name]) < 1e-4, (engines, name)
-
-
-def test_gemm_engine_is_validated(monkeypatch):
-    from mixer_fast.kernels.triton import matmul
-
-    monkeypatch.setenv("MIXER_FAST_GEMM", "cuBLAS")
-    with pytest.raises(ValueError, match="MIXER_FAST_GEMM: expected fused or cublas, got 'cuBLAS'"):
-        matmul.gemm_engine()
-    monkeypatch.delenv("MIXER_FAST_GEMM")
-    assert matmul.gemm_engine() == matmul.GEMM_ENGINE
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -270,6 +270,16 @@ def test_a_failed_gemm_case_is_rerun_without_tma(tmp_path, monkeypatch):
     assert [e.get("MIXER_FAST_TMA") for e in envs] == [None, "0"]
 
 
+def _time_without_a_gpu(monkeypatch, providers, records) -> None:
+    """timing_worker with ``providers`` as the op's, each call timed as 1 ms (it runs once), its records
+    appended to ``records``."""
+    monkeypatch.setattr(gpu_check, "_op_providers", lambda *args: providers)
+    monkeypatch.setattr(gpu_check, "_measure", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(gpu_check, "_peak_mib", lambda fn: 10.0)
+    monkeypatch.setattr(gpu_check, "device_class", lambda: "sm_90")
+    monkeypatch.setattr(gpu_check, "emit", records.append)
+
+
 def test_timing_worker_runs_the_fused_providers_last_and_emits_one_record_a_mode(monkeypatch):
     # Channel mixing is timed with fc1's LayerNorm on load (triton) and folded (triton_ln_folded): both after
     # every other provider (a fault in them spoils nothing else), both in each mode's one record.
@@ -277,11 +287,7 @@ def test_timing_worker_runs_the_fused_providers_last_and_emits_one_record_a_mode
     providers = {name: {mode: (lambda name=name, mode=mode: calls.append((name, mode)))
                         for mode in ("forward", "training")}
                  for name in ("reference", "cublas", "triton", gpu_check.FOLDED_PROVIDER, gpu_check.CUBLAS_PROVIDER)}
-    monkeypatch.setattr(gpu_check, "_op_providers", lambda *args: providers)
-    monkeypatch.setattr(gpu_check, "_measure", lambda fn: (fn(), 1.0)[1])
-    monkeypatch.setattr(gpu_check, "_peak_mib", lambda fn: 10.0)
-    monkeypatch.setattr(gpu_check, "device_class", lambda: "sm_90")
-    monkeypatch.setattr(gpu_check, "emit", records.append)
+    _time_without_a_gpu(monkeypatch, providers, records)
     assert gpu_check.timing_worker("channel_mixing", "mixer_b16", "bf16", 256, None) is False
     assert [name for name, _ in calls] == ["reference"] * 2 + ["cublas"] * 2 + ["triton"] * 2 + [
         gpu_check.FOLDED_PROVIDER] * 2 + [gpu_check.CUBLAS_PROVIDER] * 2
@@ -326,11 +332,7 @@ def test_after_a_fault_the_remaining_triton_providers_are_not_run(monkeypatch):
     providers = {"reference": {"forward": lambda: None, "training": lambda: None},
                  "triton": {"forward": lambda: None, "training": fault},
                  gpu_check.CUBLAS_PROVIDER: {"forward": lambda: None, "training": lambda: None}}
-    monkeypatch.setattr(gpu_check, "_op_providers", lambda *args: providers)
-    monkeypatch.setattr(gpu_check, "_measure", lambda fn: (fn(), 1.0)[1])
-    monkeypatch.setattr(gpu_check, "_peak_mib", lambda fn: 10.0)
-    monkeypatch.setattr(gpu_check, "device_class", lambda: "sm_90")
-    monkeypatch.setattr(gpu_check, "emit", records.append)
+    _time_without_a_gpu(monkeypatch, providers, records)
     assert gpu_check.timing_worker("token_mixing", "mixer_b16", "bf16", 256, None) is True
     forward, training = records
     assert "triton" in training["errors"] and gpu_check.is_device_fault(training["errors"]["triton"])

@@ -151,25 +151,6 @@ from op_cases import DTYPES, NAMES, check_backend, make_args, run  # noqa: E402
 from tolerances import assert_numerics, max_err  # noqa: E402
 
 
-@pytest.fixture
-def token_cublas(monkeypatch):
-    """Both engines on cuBLAS, with the flash kernels and the fused GEMM made to fail if anything runs them."""
-    from mixer_fast.kernels.triton import token_mixing
-
-    class Refuse:
-        def __getitem__(self, grid):
-            raise AssertionError("a flash-MLP kernel ran on the cuBLAS engine")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the fused GEMM ran on the cuBLAS engine")
-
-    monkeypatch.setenv("MIXER_FAST_TOKEN", "cublas")
-    monkeypatch.setenv("MIXER_FAST_GEMM", "cublas")
-    for name in ("token_mlp_fwd_kernel", "token_mlp_dx_kernel", "token_mlp_dw_kernel"):
-        monkeypatch.setattr(token_mixing, name, Refuse())
-    monkeypatch.setattr(token_mixing, "fused_matmul", refuse)
-
-
 # every dtype × {LayerNorm MLP, + drop path, ResMLP's affine token linear with layer scale and drop path} on
 # the awkward shapes (S 49 / 16 / 196, C 100, D_S 24 / 30 / 98, B 1 and 3)
 TOKEN_CUBLAS_CASES = [(d, s, v) for d in DTYPES for s in SHAPES[:3] for v in ("mixer", "droppath", "resmlp")]
@@ -177,7 +158,7 @@ TOKEN_CUBLAS_CASES = [(d, s, v) for d in DTYPES for s in SHAPES[:3] for v in ("m
 
 @pytest.mark.parametrize("dtype,shape,variant", TOKEN_CUBLAS_CASES,
                          ids=[f"{v}-{'x'.join(map(str, s))}-{d}" for d, s, v in TOKEN_CUBLAS_CASES])
-def test_triton_token_mixing_cublas(triton_backend, token_cublas, dtype, shape, variant):
+def test_triton_token_mixing_cublas(triton_backend, cublas_engine, dtype, shape, variant):
     from conftest import DEVICE
 
     B, S, C, D = shape
@@ -185,7 +166,7 @@ def test_triton_token_mixing_cublas(triton_backend, token_cublas, dtype, shape, 
                   approximate="tanh" if C % 3 else "none", device=DEVICE)
 
 
-def test_triton_token_mixing_cublas_token_linear_with_layernorm(triton_backend, token_cublas):
+def test_triton_token_mixing_cublas_token_linear_with_layernorm(triton_backend, cublas_engine):
     # ResMLP's single token linear with a LayerNorm instead of the affine (no named model; the fused path
     # normalises in torch there): one norm pass on this engine
     from conftest import DEVICE
@@ -210,7 +191,7 @@ def test_triton_token_mixing_cublas_token_linear_with_layernorm(triton_backend, 
 
 
 @pytest.mark.parametrize("variant", ["mixer", "resmlp"])
-def test_triton_token_mixing_cublas_inference_strided_and_empty(triton_backend, token_cublas, variant):
+def test_triton_token_mixing_cublas_inference_strided_and_empty(triton_backend, cublas_engine, variant):
     from conftest import DEVICE
     from mixer_fast import ops
 
@@ -229,7 +210,7 @@ def test_triton_token_mixing_cublas_inference_strided_and_empty(triton_backend, 
     assert out.shape == (0, 16, 64) and empty.grad.shape == (0, 16, 64)
 
 
-def test_triton_token_mixing_cublas_under_autocast(triton_backend, token_cublas):
+def test_triton_token_mixing_cublas_under_autocast(triton_backend, cublas_engine):
     # fp32 activations and parameters, bf16 autocast: the GEMMs in bf16, the norm, GELU's input, the residual
     # in fp32 passes; gradients in the parameters' fp32
     from conftest import DEVICE
@@ -275,16 +256,6 @@ def test_token_engines_share_saved_tensors(triton_backend, monkeypatch, variant)
         out.backward(dout.to(DEVICE, torch.float32))
         for name in want:
             assert max_err(leaves[name].grad.cpu(), want[name]) < 1e-4, (fwd, bwd, name)
-
-
-def test_token_engine_is_validated(monkeypatch):
-    from mixer_fast.kernels.triton import token_mixing
-
-    monkeypatch.setenv("MIXER_FAST_TOKEN", "fused")
-    with pytest.raises(ValueError, match="MIXER_FAST_TOKEN: expected flash or cublas, got 'fused'"):
-        token_mixing.token_engine()
-    monkeypatch.delenv("MIXER_FAST_TOKEN")
-    assert token_mixing.token_engine() == token_mixing.TOKEN_ENGINE
 
 
 def test_token_major_passes_against_float64(triton_backend):

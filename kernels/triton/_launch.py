@@ -50,6 +50,15 @@ def interpreter_problem() -> Optional[str]:
     return None
 
 
+def env_choice(name: str, default: str, choices: tuple) -> str:
+    """The environment variable ``name``, else ``default``: one of ``choices``; any other value is refused by
+    name (the per-process choices a GPU measurement makes: MIXER_FAST_LN, MIXER_FAST_GEMM, MIXER_FAST_TOKEN)."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}: expected {' or '.join(choices)}, got {value!r}")
+    return value
+
+
 def precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """tl.dot input precision: exact fp32 ("ieee") unless TF32 is opted into; irrelevant for 16-bit."""
     import torch

@@ -25,7 +25,7 @@ from . import cublas_engine
 from .matmul import (A_AFFINE, A_LAYERNORM, A_LAYERNORM_FOLDED, A_NONE, B_AFFINE_N, B_GELU, B_LAYERNORM, GEMM_CUBLAS,
                      LN_FOLDED, flat, fused_matmul, gemm_engine, ln_placement, split)
 from .residual import PER_CHANNEL, residual_grad
-from .token_mixing import norm_backward
+from .token_mixing import norm_grads
 from .layer_norm import layer_norm_stats
 
 if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
@@ -204,7 +204,5 @@ def channel_mixing_backward(
     grads["fc1_weight"], grads["fc2_weight"] = dw1, dw2
     grads["fc1_bias"] = db1
     grads["fc2_bias"] = res.bias
-    grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
-    grads["norm_weight"] = dnw if norm_weight is not None else None
-    grads["norm_bias"] = dnb if norm_bias is not None else None
+    grads.update(norm_grads(g, x, dout, norm_weight, norm_bias, mean, rstd, norm))
     return grads

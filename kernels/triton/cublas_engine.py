@@ -17,7 +17,7 @@ forward   norm_apply: x → N(x) in the weights' dtype, the LayerNorm statistics
 backward  residual_grad: dO, scale's and b2's gradients (as the fused engine's)
           dH = dO · W2 (cuBLAS); gelu_backward: dZ = dH ⊙ GELU'(Z) in place, H = GELU(Z), Σ dZ (b1's gradient)
           dW2 = dOᵀ · H; N(x) recomputed from x and the statistics; dW1 = dZᵀ · N(x); g = dZ · W1 (cuBLAS)
-          norm_backward: dx = dout + N's backward of g, and the norm parameters' gradients.
+          norm_grads: dx = dout + N's backward of g, and the norm parameters' gradients.
 Against eager, the forward saves x and Z only (eager: x, N(x), Z, H) and makes no separate bias, scale or
 residual passes; the backward holds Z, dZ and H at its peak (eager: Z, H, dH, dZ).
 
@@ -38,7 +38,7 @@ from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
 from .layer_norm import norm_apply
 from .residual import PER_CHANNEL, PER_TOKEN, residual_add, residual_grad
-from .token_mixing import norm_backward
+from .token_mixing import norm_grads
 
 if TYPE_CHECKING:  # torch loads when a launcher runs
     import torch
@@ -280,9 +280,7 @@ def channel_mixing_backward(
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
     g, grads["fc1_weight"] = fc1_backward(dz, x, nw, nb, fc1_weight, mean, rstd, norm=norm)
     del dz
-    grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
-    grads["norm_weight"] = dnw if norm_weight is not None else None
-    grads["norm_bias"] = dnb if norm_bias is not None else None
+    grads.update(norm_grads(g, x, dout, norm_weight, norm_bias, mean, rstd, norm))
     return grads
 
 
@@ -367,7 +365,5 @@ def token_mixing_backward(
         g = mm(w1.t(), dz)
         del dz
     del xn, do, res
-    grads["x"], dnw, dnb = norm_backward(g.view(S, B, C).permute(1, 0, 2), x, dout, norm_weight, mean, rstd, norm)
-    grads["norm_weight"] = dnw if norm_weight is not None else None
-    grads["norm_bias"] = dnb if norm_bias is not None else None
+    grads.update(norm_grads(g.view(S, B, C).permute(1, 0, 2), x, dout, norm_weight, norm_bias, mean, rstd, norm))
     return grads

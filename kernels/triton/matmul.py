@@ -691,12 +691,7 @@ LN_PLACEMENT = LN_ON_LOAD
 
 def ln_placement() -> str:
     """MIXER_FAST_LN, else LN_PLACEMENT: LN_ON_LOAD or LN_FOLDED; any other value is refused by name."""
-    import os
-
-    value = os.environ.get(LN_ENV, LN_PLACEMENT)
-    if value not in (LN_ON_LOAD, LN_FOLDED):
-        raise ValueError(f"{LN_ENV}: expected {LN_ON_LOAD} or {LN_FOLDED}, got {value!r}")
-    return value
+    return _launch.env_choice(LN_ENV, LN_PLACEMENT, (LN_ON_LOAD, LN_FOLDED))
 
 
 # Which engine runs torch's channel GEMMs (channel mixing, and gMLP's fc1 / fc2; issue 17: where the fused
@@ -717,12 +712,7 @@ GEMM_ENGINE = GEMM_FUSED
 
 def gemm_engine() -> str:
     """MIXER_FAST_GEMM, else GEMM_ENGINE: GEMM_FUSED or GEMM_CUBLAS; any other value is refused by name."""
-    import os
-
-    value = os.environ.get(GEMM_ENV, GEMM_ENGINE)
-    if value not in (GEMM_FUSED, GEMM_CUBLAS):
-        raise ValueError(f"{GEMM_ENV}: expected {GEMM_FUSED} or {GEMM_CUBLAS}, got {value!r}")
-    return value
+    return _launch.env_choice(GEMM_ENV, GEMM_ENGINE, (GEMM_FUSED, GEMM_CUBLAS))
 
 
 # gelu_grad is left out: at 128 × 128 it holds 255 registers with pointer loads already, and with TMA

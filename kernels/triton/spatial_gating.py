@@ -39,7 +39,7 @@ from .layer_norm import layer_norm_backward, layer_norm_stats
 from .matmul import (B_GATE_LAYERNORM, B_LAYERNORM, B_TOKEN_LAYERNORM, GEMM_CUBLAS, flat, fused_matmul, gemm_engine,
                      split)
 from .residual import PER_CHANNEL, residual_grad
-from .token_mixing import norm_backward
+from .token_mixing import norm_grads
 
 if TYPE_CHECKING:  # torch loads when a launcher runs
     import torch
@@ -231,11 +231,11 @@ def spatial_gating_backward(
     # Channel mixing's backward from dZ, with fc2's input Q kept by the forward.
     nw = _launch.vec_or(norm_weight, C, 1.0, x)
     nb = _launch.vec_or(norm_bias, C, 0.0, x)
-    h_axes = (flat(M, H), flat(H, 1))
     if on_cublas:
         g, dw1 = cublas.fc1_backward(dz.view(M, H), x, nw, nb, fc1_weight, mean, rstd, norm="layernorm")
         dw2 = cublas.mm(do.reshape(M, C).t(), q.view(M, Hh))
     else:
+        h_axes = (flat(M, H), flat(H, 1))
         g = _launch.new_output((M, C), x, fc1_weight.dtype)  # as channel mixing's: eager rounds it so too
         fused_matmul(dz, h_axes, fc1_weight, (flat(H, fc1_weight.stride(0)), flat(C, fc1_weight.stride(1))),
                      g, (flat(M, C), flat(C, 1)), M, C, H, variant="plain", allow_tf32=allow_tf32)
@@ -252,7 +252,5 @@ def spatial_gating_backward(
     else:
         grads["fc1_bias"] = None
     grads["fc2_bias"] = res.bias
-    grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, "layernorm")
-    grads["norm_weight"] = dnw if norm_weight is not None else None
-    grads["norm_bias"] = dnb if norm_bias is not None else None
+    grads.update(norm_grads(g, x, dout, norm_weight, norm_bias, mean, rstd, "layernorm"))
     return grads

@@ -637,12 +637,7 @@ TOKEN_ENGINE = TOKEN_FLASH
 
 def token_engine() -> str:
     """MIXER_FAST_TOKEN, else TOKEN_ENGINE: TOKEN_FLASH or TOKEN_CUBLAS; any other value is refused by name."""
-    import os
-
-    value = os.environ.get(TOKEN_ENV, TOKEN_ENGINE)
-    if value not in (TOKEN_FLASH, TOKEN_CUBLAS):
-        raise ValueError(f"{TOKEN_ENV}: expected {TOKEN_FLASH} or {TOKEN_CUBLAS}, got {value!r}")
-    return value
+    return _launch.env_choice(TOKEN_ENV, TOKEN_ENGINE, (TOKEN_FLASH, TOKEN_CUBLAS))
 
 
 def on_cublas(fc2_weight: Optional[Tensor]) -> bool:
@@ -715,13 +710,17 @@ def token_mixing_forward(
     return out, mean, rstd, branch
 
 
-def norm_backward(g: Tensor, x: Tensor, dout: Tensor, norm_weight: Optional[Tensor], mean: Optional[Tensor],
-                  rstd: Optional[Tensor], norm: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dnorm_weight, dnorm_bias) from g = dL/dN(x) (B·S, C; fp32 or the weights' dtype) and the
-    residual's dout; the parameter gradients in fp32."""
+def norm_grads(g: Tensor, x: Tensor, dout: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+               mean: Optional[Tensor], rstd: Optional[Tensor], norm: str) -> Dict[str, Optional[Tensor]]:
+    """Every op's last backward step: {"x": dx, "norm_weight", "norm_bias": fp32, None for an absent
+    parameter} from g = dL/dN(x) ((B·S, C) or a (B, S, C) view; fp32 or the weights' dtype) and the
+    residual's dout."""
     if norm == "layernorm":
-        return layer_norm_backward(g, x, dout, mean, rstd, norm_weight)
-    return affine_backward(g, x, dout, norm_weight)
+        dx, dnw, dnb = layer_norm_backward(g, x, dout, mean, rstd, norm_weight)
+    else:
+        dx, dnw, dnb = affine_backward(g, x, dout, norm_weight)
+    return {"x": dx, "norm_weight": dnw if norm_weight is not None else None,
+            "norm_bias": dnb if norm_bias is not None else None}
 
 
 def token_mixing_backward(
@@ -802,7 +801,5 @@ def token_mixing_backward(
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
         grads["fc2_bias"] = res.bias
-    grads["x"], dnw, dnb = norm_backward(g, x, dout, norm_weight, mean, rstd, norm)
-    grads["norm_weight"] = dnw if norm_weight is not None else None
-    grads["norm_bias"] = dnb if norm_bias is not None else None
+    grads.update(norm_grads(g, x, dout, norm_weight, norm_bias, mean, rstd, norm))
     return grads
