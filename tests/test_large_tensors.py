@@ -93,3 +93,29 @@ def test_triton_past_2_31_elements_forward_and_backward(request, monkeypatch, op
     x1 = tiles[(B - 1) % len(FACTORS)].float()[None].requires_grad_()
     getattr(ops, op)(x1, *(p.detach().float() for p in params), backend="reference").sum().backward()
     assert max_err(gx_last, x1.grad[0]) <= 0.05 * max(1.0, float(x1.grad.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["flash", "cublas"])
+def test_triton_token_mixing_past_65535_images(request, monkeypatch, engine):
+    # CUDA caps grid axes 1 and 2 at 65 535: a launch with the batch there fails on a GPU only (the
+    # interpreter has no limit). 65 537 small images (9 MB in bf16), forward and backward, the first and
+    # last images against the same images alone.
+    monkeypatch.setenv("MIXER_FAST_TOKEN", engine)
+    use_backend(request, "triton")
+    n_images, s, c = 65_537, 16, 32
+    g = torch.Generator().manual_seed(2)
+    r = lambda *shape, std=0.3: (std * torch.randn(*shape, generator=g)).to("cuda", torch.bfloat16)  # noqa: E731
+    params = [(1 + r(c)).requires_grad_(), r(c).requires_grad_(), r(8, s, std=s ** -0.5).requires_grad_(),
+              r(8).requires_grad_(), r(s, 8, std=8 ** -0.5).requires_grad_(), r(s).requires_grad_()]
+    x = r(n_images, s, c, std=1.0).requires_grad_()
+    out = ops.token_mixing(x, *params, backend="triton")
+    dout = r(n_images, s, c, std=1.0)
+    out.backward(dout)
+    ends = [0, n_images - 1]
+    x_ends = x.detach()[ends].float().requires_grad_()
+    want = ops.token_mixing(x_ends, *(p.detach().float() for p in params), backend="reference")
+    want.backward(dout[ends].float())
+    tol = lambda t: 0.05 * max(1.0, float(t.abs().max()))  # noqa: E731
+    assert max_err(out.detach()[ends].float(), want.detach()) <= tol(want)
+    assert max_err(x.grad[ends].float(), x_ends.grad) <= tol(x_ends.grad)

@@ -316,6 +316,19 @@ def test_gelu_passes_with_a_row_bias(triton_backend, approximate):
     torch.testing.assert_close(db.cpu().double(), dz64.sum(1), rtol=1e-5, atol=1e-4)
 
 
+def test_flash_token_grid_fits_cuda_at_any_batch():
+    # token_mlp_fwd / token_mlp_dx put the images on grid axis 0: on axis 1 (as before), batch 65 536 of
+    # small images would not launch on a GPU (CUDA stops axes 1 and 2 at 65 535; Triton's launcher does
+    # not check and the interpreter has no limit, so the plan is what can be tested here).
+    from mixer_fast.kernels.triton.token_mixing import gpu_config
+
+    for kernel in ("token_mlp_fwd", "token_mlp_dx"):
+        plan = gpu_config(kernel, 16, 64)
+        for B, C in ((65_536, 128), (1_000_000, 768), (1, 100), (0, 768)):
+            images, tiles = plan.grid(B, C)
+            assert images == B < 2 ** 31 and tiles * plan.block_c >= C and tiles <= 65_535
+
+
 def test_gelu_backward_grid_fits_cuda_at_any_batch():
     # Token mixing hands gelu_backward Z as (D_S, B·C): at Mixer-B/16 and batch 16 384, 98 304 column blocks,
     # past CUDA's 65 535 on grid axes 1 and 2 (Triton's launcher does not check; the interpreter has no such

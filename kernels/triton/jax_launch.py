@@ -336,7 +336,7 @@ def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1:
     plan = launch_plan("token_mlp_fwd", S, D, w1.dtype.itemsize)
     dummy = nwv
     out, branch = call(
-        token_mlp_fwd_kernel, (triton.cdiv(C, plan.block_c), B),
+        token_mlp_fwd_kernel, plan.grid(B, C),
         [x, mean if mean is not None else nwv, rstd if rstd is not None else nwv, nwv, nbv,
          w1, b1 if b1 is not None else dummy, w2, b2 if b2 is not None else dummy,
          scale if scale is not None else dummy, ss if ss is not None else dummy],
@@ -389,7 +389,7 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
         plan = launch_plan("token_mlp_dx", S, D, w1.dtype.itemsize)
         # g in the weights' dtype, as the torch launcher (and eager) rounds it.
         if B:
-            (g,) = call(token_mlp_dx_kernel, (triton.cdiv(C, plan.block_c), B),
+            (g,) = call(token_mlp_dx_kernel, plan.grid(B, C),
                         [x, do, *stats, nwv, nbv, w1, b1v, w2], [_shape((B * S, C), w1.dtype)],
                         num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **shapes,
                         **plan.constexprs())
