@@ -226,6 +226,59 @@ def test_triton_blocks_forward_backward(triton_backend, fused_cls, ref_cls, bloc
         assert_numerics(gpf[name], gpe[name], gp64[name], f"grad {name}")
 
 
+def test_triton_ops_launch_on_their_input_device(triton_backend, monkeypatch):
+    # Triton launches on the current device whatever device the pointers are on: every custom op makes x's
+    # device current first (two GPUs are needed to see the fault itself; the gpu-marked test below).
+    from conftest import DEVICE
+    from mixer_fast.torch import triton_backend as tb
+
+    entered = []
+    real = tb._on_device
+
+    def recording(t):
+        entered.append(t.device)
+        return real(t)
+
+    monkeypatch.setattr(tb, "_on_device", recording)
+    for cls in (mixer_fast.MixerBlock, mixer_fast.SpatialGatingBlock):
+        block = cls(32, 16, backend="triton").to(DEVICE)
+        x = torch.randn(2, 16, 32, device=DEVICE, requires_grad=True)
+        block(x).sum().backward()
+    # Mixer: token and channel mixing, forward and backward; gMLP: spatial gating, forward and backward
+    assert entered == [torch.device(DEVICE)] * 6
+
+
+def test_on_device_makes_a_cuda_tensors_device_current():
+    from types import SimpleNamespace
+
+    from mixer_fast.torch.triton_backend import _on_device
+
+    guard = _on_device(SimpleNamespace(device=torch.device("cuda", 1)))  # built, not entered: no GPU needed
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with _on_device(torch.zeros(1)):  # a CPU tensor: nothing to switch
+        pass
+
+
+@pytest.mark.gpu
+def test_triton_block_on_a_second_gpu_while_the_first_is_current(triton_backend):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    theirs = perturb_(ref.MixerBlock(64, 49)).train()
+    ours = mixer_fast.MixerBlock(64, 49, backend="triton").to("cuda:1").train()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 49, 64)
+    with torch.cuda.device(0):
+        x1 = x.to("cuda:1").requires_grad_()
+        out = ours(x1)
+        out.sum().backward()
+        torch.cuda.synchronize(1)
+    x0 = x.clone().requires_grad_()
+    want = theirs(x0)
+    want.sum().backward()
+    assert max_err(out.detach().cpu(), want.detach()) < 1e-4
+    assert max_err(x1.grad.cpu(), x0.grad) < 1e-4
+
+
 @pytest.mark.parametrize("fused_cls, ref_cls, block64", PAIRS, ids=["mixer", "resmlp"])
 def test_triton_blocks_under_autocast(triton_backend, fused_cls, ref_cls, block64):
     # fp32 parameters and input, bf16 autocast: the matmuls run in bf16, statistics, epilogues and the

@@ -12,6 +12,7 @@ it cannot. FP32 matmuls are exact (no TF32) unless ``torch.backends.cuda.matmul.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from types import SimpleNamespace
@@ -72,6 +73,14 @@ def device_class(device_index: Optional[int] = None) -> str:
     return wins.cuda_class(torch.cuda.get_device_capability(device_index))
 
 
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Around every launch of an op: t's CUDA device made current. Triton launches on the current device and
+    its stream, whatever device the pointers live on, so an op on cuda:1 called while cuda:0 is current
+    would run on the wrong GPU (an illegal-address fault, or peer reads); torch's own ops, cuBLAS included,
+    follow the tensor. Nothing on a CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _none(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None or t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
 
@@ -129,10 +138,11 @@ def token_mixing_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Option
                      store_branch: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.triton.token_mixing import token_mixing_forward
 
-    out, mean, rstd, branch = token_mixing_forward(
-        x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
-        norm=norm, scale=scale, sample_scale=sample_scale, store_branch=store_branch, allow_tf32=allow_tf32)
-    return out, _or_empty(mean, x, torch.float32), _or_empty(rstd, x, torch.float32), _or_empty(branch, x)
+    with _on_device(x):
+        out, mean, rstd, branch = token_mixing_forward(
+            x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
+            norm=norm, scale=scale, sample_scale=sample_scale, store_branch=store_branch, allow_tf32=allow_tf32)
+        return out, _or_empty(mean, x, torch.float32), _or_empty(rstd, x, torch.float32), _or_empty(branch, x)
 
 
 @token_mixing_fwd.register_fake
@@ -152,11 +162,12 @@ def token_mixing_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], nor
                      allow_tf32: bool) -> List[Tensor]:
     from ..kernels.triton.token_mixing import token_mixing_backward
 
-    g = token_mixing_backward(
-        dout.contiguous(), x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _none(mean),
-        _none(rstd), _none(branch), eps=eps, approximate=approximate, norm=norm, scale=scale,
-        sample_scale=sample_scale, allow_tf32=allow_tf32)
-    return _grads_out(g, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale), x)
+    with _on_device(x):
+        g = token_mixing_backward(
+            dout.contiguous(), x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _none(mean),
+            _none(rstd), _none(branch), eps=eps, approximate=approximate, norm=norm, scale=scale,
+            sample_scale=sample_scale, allow_tf32=allow_tf32)
+        return _grads_out(g, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale), x)
 
 
 @token_mixing_bwd.register_fake
@@ -193,12 +204,13 @@ def channel_mixing_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
                        allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.triton.channel_mixing import channel_mixing_forward
 
-    out, mean, rstd, z, branch = channel_mixing_forward(
-        x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
-        norm=norm, scale=scale, sample_scale=sample_scale, save_hidden=save_hidden, store_branch=store_branch,
-        allow_tf32=allow_tf32)
-    return (out, _or_empty(mean, x, torch.float32), _or_empty(rstd, x, torch.float32), _or_empty(z, x),
-            _or_empty(branch, x))
+    with _on_device(x):
+        out, mean, rstd, z, branch = channel_mixing_forward(
+            x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
+            norm=norm, scale=scale, sample_scale=sample_scale, save_hidden=save_hidden, store_branch=store_branch,
+            allow_tf32=allow_tf32)
+        return (out, _or_empty(mean, x, torch.float32), _or_empty(rstd, x, torch.float32), _or_empty(z, x),
+                _or_empty(branch, x))
 
 
 @channel_mixing_fwd.register_fake
@@ -219,11 +231,12 @@ def channel_mixing_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], n
                        branch: Tensor, approximate: str, norm: str, allow_tf32: bool) -> List[Tensor]:
     from ..kernels.triton.channel_mixing import channel_mixing_backward
 
-    g = channel_mixing_backward(
-        dout.contiguous(), x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _none(mean),
-        _none(rstd), z, _none(branch), approximate=approximate, norm=norm, scale=scale,
-        sample_scale=sample_scale, allow_tf32=allow_tf32)
-    return _grads_out(g, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale), x)
+    with _on_device(x):
+        g = channel_mixing_backward(
+            dout.contiguous(), x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _none(mean),
+            _none(rstd), z, _none(branch), approximate=approximate, norm=norm, scale=scale,
+            sample_scale=sample_scale, allow_tf32=allow_tf32)
+        return _grads_out(g, (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale), x)
 
 
 @channel_mixing_bwd.register_fake
@@ -264,12 +277,13 @@ def spatial_gating_fwd(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
                        allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.triton.spatial_gating import spatial_gating_forward
 
-    out, *rest = spatial_gating_forward(
-        x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
-        fc2_weight, fc2_bias, eps=eps, gate_eps=gate_eps, approximate=approximate, sample_scale=sample_scale,
-        save=save, allow_tf32=allow_tf32)
-    stats, saved = rest[:4], rest[4:]
-    return (out, *stats, *(_or_empty(t, x, fc1_weight.dtype) for t in saved))
+    with _on_device(x):
+        out, *rest = spatial_gating_forward(
+            x, norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight, proj_bias,
+            fc2_weight, fc2_bias, eps=eps, gate_eps=gate_eps, approximate=approximate, sample_scale=sample_scale,
+            save=save, allow_tf32=allow_tf32)
+        stats, saved = rest[:4], rest[4:]
+        return (out, *stats, *(_or_empty(t, x, fc1_weight.dtype) for t in saved))
 
 
 @spatial_gating_fwd.register_fake
@@ -292,11 +306,12 @@ def spatial_gating_bwd(dout: Tensor, x: Tensor, norm_weight: Optional[Tensor], n
                        approximate: str, allow_tf32: bool) -> List[Tensor]:
     from ..kernels.triton.spatial_gating import spatial_gating_backward
 
-    params = (norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
-              proj_bias, fc2_weight, fc2_bias)
-    g = spatial_gating_backward(dout.contiguous(), x, *params, mean, rstd, gate_mean, gate_rstd, z, p, q,
-                                approximate=approximate, sample_scale=sample_scale, allow_tf32=allow_tf32)
-    return _grads_out(g, params, x, _GATING_NAMES)
+    with _on_device(x):
+        params = (norm_weight, norm_bias, fc1_weight, fc1_bias, gate_norm_weight, gate_norm_bias, proj_weight,
+                  proj_bias, fc2_weight, fc2_bias)
+        g = spatial_gating_backward(dout.contiguous(), x, *params, mean, rstd, gate_mean, gate_rstd, z, p, q,
+                                    approximate=approximate, sample_scale=sample_scale, allow_tf32=allow_tf32)
+        return _grads_out(g, params, x, _GATING_NAMES)
 
 
 @spatial_gating_bwd.register_fake
