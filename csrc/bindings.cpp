@@ -148,7 +148,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("reference") = false,
         "out = op(x, ...): each tensor a (data_ptr, dtype, shape, strides) tuple or None; reference=True runs the "
         "plain loops (the test oracle)");
-  m.def("isa", &mixer_cpu::isa, "the micro-kernel family in use: avx512, avx2 or portable");
+  m.def("isa", &mixer_cpu::isa, "the micro-kernel family in use: avx512_bf16, avx512, avx2 or portable");
   m.def("force_isa", &mixer_cpu::force_isa, py::arg("name"),
         "pin a micro-kernel family the CPU supports ('' = automatic); False if unknown or unsupported");
   m.def("native_bf16_matmul", &mixer_cpu::native_bf16_matmul,

@@ -3,6 +3,7 @@
 #include "gemm.h"
 
 #include <atomic>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -130,12 +131,43 @@ __attribute__((target("avx512f,fma"))) void gelu_avx512(float* v, int64_t rows, 
                                                         DType t) {
   bias_gelu_tile<A5_NR>(v, rows, bias, tanh_form, t);
 }
+
+// AVX512-BF16, bf16 data: the AVX-512 tile (12 x 32, 24 accumulators), each step a k pair. VDPBF16PS adds two
+// exact bf16 products to an fp32 lane, twice the multiply-adds of an fp32 FMA in the same issue slot (measured
+// on this Zen 4 EPYC: 234 against 117 GFLOP/s a core), so the product is fp32-accumulated as before, in pairs.
+// Operands with bf16 denormals count as zero (the instruction's DAZ): below 1e-38, past any tolerance here.
+#define MF16_DECL(r) __m512 c##r##a = acc ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps(), \
+                            c##r##b = acc ? _mm512_loadu_ps(C + r * ldc + 16) : _mm512_setzero_ps();
+#define MF16_STEP(r)                                                                            \
+  {                                                                                             \
+    const __m512bh a = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(A[q * A5_MR + r]));          \
+    c##r##a = _mm512_dpbf16_ps(c##r##a, a, b0);                                                  \
+    c##r##b = _mm512_dpbf16_ps(c##r##b, a, b1);                                                  \
+  }
+#define MF16_STORE(r) _mm512_storeu_ps(C + r * ldc, c##r##a); _mm512_storeu_ps(C + r * ldc + 16, c##r##b);
+__attribute__((target("avx512f,avx512bf16,fma"))) void kernel_avx512_bf16(int64_t K, const float* A, const float* B,
+                                                                          float* C, int64_t ldc, bool acc) {
+  MF_ROWS12(MF16_DECL)
+  const int64_t pairs = (K + 1) / 2;
+  _Pragma("GCC unroll 2") for (int64_t q = 0; q < pairs; ++q) {
+    // The slots' bits as they are (a broadcast and a load move bits; no arithmetic touches them as floats).
+    const __m512bh b0 = (__m512bh)_mm512_castps_si512(_mm512_load_ps(B + q * A5_NR));
+    const __m512bh b1 = (__m512bh)_mm512_castps_si512(_mm512_load_ps(B + q * A5_NR + 16));
+    MF_ROWS12(MF16_STEP)
+  }
+  MF_ROWS12(MF16_STORE)
+}
 #endif
 
 const Isa PORTABLE{"portable", P_MR, P_NR, kernel_portable, gelu_portable};
 #ifdef MIXER_X86
 const Isa AVX2{"avx2", A2_MR, A2_NR, kernel_avx2, gelu_avx2};
 const Isa AVX512{"avx512", A5_MR, A5_NR, kernel_avx512, gelu_avx512};
+// The avx512_bf16 family: AVX-512 for fp32 data, dot products in k pairs for bf16 (the pairs need an even MR:
+// a first-GEMM tile's rows are whole pairs of the second GEMM's k).
+static_assert(A5_MR % 2 == 0, "bf16 pairs need an even MR");
+const Isa AVX512_BF16_PAIRS{"avx512_bf16", A5_MR, A5_NR, kernel_avx512_bf16, gelu_avx512, 2};
+const Isa AVX512_BF16{"avx512_bf16", A5_MR, A5_NR, kernel_avx512, gelu_avx512, 1, &AVX512_BF16_PAIRS};
 #endif
 
 bool supported(const std::string& name) {
@@ -144,12 +176,14 @@ bool supported(const std::string& name) {
   __builtin_cpu_init();
   if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (name == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  if (name == "avx512_bf16") return supported("avx512") && __builtin_cpu_supports("avx512bf16");
 #endif
   return false;
 }
 
 const Isa* by_name(const std::string& name) {
 #ifdef MIXER_X86
+  if (name == "avx512_bf16") return &AVX512_BF16;
   if (name == "avx512") return &AVX512;
   if (name == "avx2") return &AVX2;
 #endif
@@ -158,7 +192,7 @@ const Isa* by_name(const std::string& name) {
 }
 
 const Isa* best() {
-  for (const char* name : {"avx512", "avx2", "portable"})
+  for (const char* name : {"avx512_bf16", "avx512", "avx2", "portable"})
     if (supported(name)) return by_name(name);
   return &PORTABLE;
 }
@@ -295,14 +329,46 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void layer_norm_sta
   *rstd = 1.0f / std::sqrt(static_cast<float>(q / n) + eps);
 }
 
-PackedA::PackedA(const void* w, DType t, int64_t M_, int64_t K_, int mr_, int threads)
-    : buf(cdiv(M_, mr_) * K_ * mr_), M(M_), K(K_), mr(mr_) {
+void pack_pairs(float* panel, int64_t K, int NR) {
+  uint32_t lo[64], hi[64];
+  if (NR > 64) throw std::logic_error("pack_pairs: NR " + std::to_string(NR) + " > 64");
+  for (int64_t q = 0; q < (K + 1) / 2; ++q) {
+    // Rows 2q and 2q + 1 are read whole before slot row q (which overlaps row q <= 2q) is written.
+    std::memcpy(lo, panel + 2 * q * NR, NR * sizeof(float));
+    if (2 * q + 1 < K)
+      std::memcpy(hi, panel + (2 * q + 1) * NR, NR * sizeof(float));
+    else
+      std::memset(hi, 0, sizeof(hi));
+    for (int j = 0; j < NR; ++j) lo[j] = (lo[j] >> 16) | (hi[j] & 0xffff0000u);
+    std::memcpy(panel + q * NR, lo, NR * sizeof(float));
+  }
+}
+
+PackedA::PackedA(const void* w, DType t, int64_t M_, int64_t K_, const Isa& isa, int threads)
+    : M(M_), K(K_), mr(isa.mr), kslots(isa.slots(K_)), buf(cdiv(M_, isa.mr) * isa.slots(K_) * isa.mr) {
+  if (isa.kpack == 2 && t != DType::bf16) throw std::logic_error("PackedA: bf16 pairs of non-bf16 data");
   parallel_for(panels(), threads, [&](int64_t p, int) {
     const int64_t rows = std::min<int64_t>(mr, M - p * mr);
-    if (t == DType::f32)
-      pack_panel(mr, static_cast<const float*>(w) + p * mr * K, rows, K, buf.p + p * K * mr);
-    else
-      pack_panel(mr, static_cast<const uint16_t*>(w) + p * mr * K, rows, K, buf.p + p * K * mr);
+    float* dst = buf.p + p * kslots * mr;
+    if (t == DType::f32) {
+      pack_panel(mr, static_cast<const float*>(w) + p * mr * K, rows, K, dst);
+    } else if (isa.kpack == 1) {
+      pack_panel(mr, static_cast<const uint16_t*>(w) + p * mr * K, rows, K, dst);
+    } else {
+      // Slot (q, i) = the raw bf16 bits of w[i, 2q] (low) and w[i, 2q + 1] (high), zero past M and K: on a
+      // little-endian CPU the 32-bit word at w[i, 2q], so an even K copies words.
+      const uint16_t* src = static_cast<const uint16_t*>(w) + p * mr * K;
+      for (int64_t q = 0; q < kslots; ++q)
+        for (int i = 0; i < mr; ++i) {
+          uint32_t v = 0;
+          if (i < rows && 2 * q + 1 < K) {
+            std::memcpy(&v, src + i * K + 2 * q, sizeof(v));
+          } else if (i < rows) {
+            v = src[i * K + 2 * q];
+          }
+          std::memcpy(dst + q * mr + i, &v, sizeof(v));
+        }
+    }
   });
 }
 

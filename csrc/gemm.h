@@ -6,7 +6,11 @@
 //   packed B (activations, K x N):        column panels of NR columns:     Bp[p][k * NR + j]  (zero columns past N)
 //
 // kernel(K, Ap, Bp, C, ldc, accumulate) writes (accumulate: adds) the MR x NR product of K steps to C (row i
-// at C + i * ldc); a K block [k0, k1) of a panel starts at Ap + k0 * MR and Bp + k0 * NR.
+// at C + i * ldc); a K block [k0, k1) of a panel starts at Ap + slot(k0) * MR and Bp + slot(k0) * NR.
+//
+// An ISA with kpack = 2 (AVX512-BF16 dot products, bf16 data only) packs k in pairs: each 32-bit slot of a
+// panel holds the bf16 values of k = 2q (low half) and 2q + 1 (high half), slot q; an odd K ends with a zero
+// high half. Its K blocks start at even k. The values are the bf16 data themselves, so nothing is rounded.
 #pragma once
 
 #include <cstdint>
@@ -28,9 +32,18 @@ struct Isa {
   int mr, nr;
   MicroKernel kernel;
   TileGelu bias_gelu;
+  int kpack = 1;              // k values per 32-bit panel slot: 1 (fp32) or 2 (bf16 pairs)
+  const Isa* bf16 = nullptr;  // the kernels for bf16 data, where they differ (nullptr: these)
+  const Isa& for_dtype(DType t) const { return t == DType::bf16 && bf16 ? *bf16 : *this; }
+  int64_t slot(int64_t k) const { return k / kpack; }
+  int64_t slots(int64_t K) const { return (K + kpack - 1) / kpack; }
 };
 
 const Isa& current();
+
+// Rewrites a packed-B panel of K fp32 rows of NR values (bf16-representable) in place as kpack = 2 slots:
+// cdiv(K, 2) rows of NR slots, an odd K's last high halves zero.
+void pack_pairs(float* panel, int64_t K, int NR);
 
 // LayerNorm statistics of n values, as row_stats (two passes) but in 16 fp32 partial sums that vectorise:
 // row_stats' double accumulation is a serial chain of dependent adds (3 ms of the Mixer-B/16 batch-8 token op).
@@ -54,13 +67,15 @@ struct Buffer {
   size_t bytes_ = 0;
 };
 
-// A row-major M x K matrix of dtype t packed into MR-row panels (fp32): Buffer of cdiv(M, MR) * K * MR floats.
+// A row-major M x K matrix of dtype t packed into MR-row panels for ``isa`` (fp32, or bf16 pairs where
+// isa.kpack = 2): Buffer of cdiv(M, MR) * isa.slots(K) * MR 32-bit slots.
 struct PackedA {
-  Buffer buf;
   int64_t M, K;
   int mr;
-  PackedA(const void* w, DType t, int64_t M, int64_t K, int mr, int threads);
-  const float* panel(int64_t p) const { return buf.p + p * K * mr; }
+  int64_t kslots;
+  Buffer buf;
+  PackedA(const void* w, DType t, int64_t M, int64_t K, const Isa& isa, int threads);
+  const float* panel(int64_t p) const { return buf.p + p * kslots * mr; }
   int64_t panels() const { return cdiv(M, mr); }
 };
 

@@ -42,13 +42,14 @@ void channel_mixing_forward(const MixArgs& a);
 void token_mixing_forward_reference(const MixArgs& a);
 void channel_mixing_forward_reference(const MixArgs& a);
 
-// The micro-kernel family chosen at run time: "avx512", "avx2" or "portable". ``force`` (tests) pins one
-// the CPU supports; "" restores the automatic choice. Returns false for an unknown or unsupported name.
+// The micro-kernel family chosen at run time: "avx512_bf16" (AVX-512, and AVX512-BF16 dot products for bf16
+// data), "avx512", "avx2" or "portable". ``force`` (tests) pins one the CPU supports; "" restores the
+// automatic choice. Returns false for an unknown or unsupported name.
 std::string isa();
 bool force_isa(const std::string& name);
 
-// Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16): there PyTorch's oneDNN bf16 matmuls
-// outrun these kernels, which widen bf16 to fp32 and run fp32 FMAs.
+// Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), as PyTorch's oneDNN bf16 matmuls then
+// do; these kernels use AVX512-BF16 dot products (the avx512_bf16 family) but not AMX tiles.
 bool native_bf16_matmul();
 
 // Bytes of scratch (packed weights, per-thread buffers) kept between calls; free_workspace() returns them.

@@ -11,6 +11,8 @@
 // scale, drop path and the residual when a tile of the second GEMM leaves it. Every output is one thread's
 // sum over the full K in a fixed order, so results do not depend on the thread count or task split.
 #include <algorithm>
+#include <cstring>
+#include <stdexcept>
 #include <memory>
 #include <vector>
 
@@ -96,6 +98,7 @@ struct Mlp {
   // panel passes by; unblocked at K = D_C = 3072 the task's hidden (768 KiB) was re-read from L3 by each
   // weight panel.
   static constexpr int64_t KC = 512;
+  static constexpr int kMaxTile = 12 * 32;  // MR x NR floats of the largest tile (AVX-512)
   const Isa& isa;
   const PackedA& w1;
   const PackedA* w2;
@@ -104,9 +107,13 @@ struct Mlp {
   DType t;
 
   Mlp(const Isa& i, const MixArgs& a, const PackedA& fc1, const PackedA* fc2)
-      : isa(i), w1(fc1), w2(fc2), b1(vec_f32(a.b1, fc1.M, 0, a.dtype)),
+      : isa(check_tile(i)), w1(fc1), w2(fc2), b1(vec_f32(a.b1, fc1.M, 0, a.dtype)),
         b2(fc2 ? vec_f32(a.b2, fc2->M, 0, a.dtype) : std::vector<float>()), tanh_form(a.gelu_tanh), t(a.dtype) {}
 
+  static const Isa& check_tile(const Isa& i) {
+    if (i.mr * i.nr > kMaxTile) throw std::logic_error("Mlp: tile larger than kMaxTile");
+    return i;
+  }
   const PackedA& last() const { return w2 ? *w2 : w1; }
   // Scratch floats per task of n_panels: the hidden, and the second GEMM's accumulator when K is blocked.
   int64_t hidden_floats(int64_t n_panels) const { return w2 ? w1.panels() * isa.mr * n_panels * isa.nr : 1; }
@@ -129,14 +136,24 @@ struct Mlp {
     int64_t in_stride = w1.K * NR;
     if (w2) {
       // H = GELU(W1 . X + b1): the tile rows are rows of the packed-B panel (k = d) of the second GEMM;
-      // the panel holds D rounded up to MR rows, and the padding rows are never read (K = D below).
+      // the panel holds D rounded up to MR rows, and the padding rows are never read (K = D below), except
+      // for bf16 pairs with an odd D: one padding row's half, against a zero half of W2's slot (the row holds
+      // the zero weight rows' products: zero, or NaN only where this column's own inputs were not finite).
+      // With bf16 pairs the tile goes through a local buffer: its MR rows become MR / 2 slot rows, which
+      // another thread's tile would overlap in place.
       const int64_t D = w1.M, hstride = w1.panels() * MR * NR;
       split(w1.panels(), [&](int64_t p0, int64_t p1) {
+        alignas(64) float local[kMaxTile];
         for (int64_t p = p0; p < p1; ++p)
           for (int64_t j = 0; j < n_panels; ++j) {
-            float* h = hp + j * hstride + p * MR * NR;
-            isa.kernel(w1.K, w1.panel(p), xp + j * in_stride, h, NR, false);
-            isa.bias_gelu(h, std::min<int64_t>(MR, D - p * MR), b1.data() + p * MR, tanh_form, t);
+            float* h = hp + j * hstride + isa.slot(p * MR) * NR;
+            float* tile = isa.kpack == 1 ? h : local;
+            isa.kernel(w1.K, w1.panel(p), xp + j * in_stride, tile, NR, false);
+            isa.bias_gelu(tile, std::min<int64_t>(MR, D - p * MR), b1.data() + p * MR, tanh_form, t);
+            if (isa.kpack == 2) {
+              pack_pairs(tile, MR, NR);
+              std::memcpy(h, tile, isa.slots(MR) * NR * sizeof(float));
+            }
           }
       });
       in = hp;
@@ -162,12 +179,14 @@ struct Mlp {
     }
     const int64_t nk = cdiv(a2.K, KC), ld = n_panels * NR;
     split(a2.panels(), [&](int64_t p0, int64_t p1) {
+      // K blocks start on a slot (an even k for bf16 pairs)
+      auto edge = [&](int64_t kb) { return kb == nk ? a2.K : kb * a2.K / nk / isa.kpack * isa.kpack; };
       for (int64_t kb = 0; kb < nk; ++kb) {
-        const int64_t k0 = kb * a2.K / nk, k1 = (kb + 1) * a2.K / nk;
+        const int64_t k0 = edge(kb), k1 = edge(kb + 1);
         for (int64_t p = p0; p < p1; ++p)
           for (int64_t j = 0; j < n_panels; ++j)
-            isa.kernel(k1 - k0, a2.panel(p) + k0 * MR, in + j * in_stride + k0 * NR, acc + p * MR * ld + j * NR,
-                       ld, kb > 0);
+            isa.kernel(k1 - k0, a2.panel(p) + isa.slot(k0) * MR, in + j * in_stride + isa.slot(k0) * NR,
+                       acc + p * MR * ld + j * NR, ld, kb > 0);
       }
       // Whole columns at once: the channel-mixing epilogue then writes each token's outputs in one run
       // (per 6-value tile column it cost 5.5 ns an output, 3 % of the op).
@@ -214,7 +233,12 @@ void run_tasks(const Mlp& mlp, const Tasks& tasks, int threads, int64_t k_in, co
     bufs.push_back(std::make_unique<Scratch>(np * k_in * NR, mlp.hidden_floats(np), mlp.acc_floats(np)));
   auto one = [&](int64_t task, Scratch& sc, int size) {
     const int64_t n_panels = tasks.end(task) - tasks.first(task);
-    parallel_for(size, size, [&](int64_t t, int) { pack(task, sc.xp.p, n_panels * t / size, n_panels * (t + 1) / size); });
+    parallel_for(size, size, [&](int64_t t, int) {
+      const int64_t p0 = n_panels * t / size, p1 = n_panels * (t + 1) / size;
+      pack(task, sc.xp.p, p0, p1);
+      if (mlp.isa.kpack == 2)
+        for (int64_t p = p0; p < p1; ++p) pack_pairs(sc.xp.p + p * k_in * NR, k_in, NR);
+    });
     mlp.run(sc.xp.p, n_panels, sc.hp.p, sc.acc.p,
             [&](int64_t r0, int64_t rows, int64_t j, const float* y, int64_t ld) { put(task, r0, rows, j, y, ld); },
             size);
@@ -228,13 +252,13 @@ void run_tasks(const Mlp& mlp, const Tasks& tasks, int threads, int64_t k_in, co
 }  // namespace
 
 void token_mixing_forward(const MixArgs& a) {
-  const Isa& isa = current();
-  const int MR = isa.mr, NR = isa.nr;
+  const Isa& isa = current().for_dtype(a.dtype);
+  const int NR = isa.nr;
   const int64_t S = a.S, C = a.C;
   if (a.B == 0 || C == 0) return;
-  const PackedA w1(a.w1, a.dtype, a.w2 ? a.D : S, S, MR, a.threads);
+  const PackedA w1(a.w1, a.dtype, a.w2 ? a.D : S, S, isa, a.threads);
   std::unique_ptr<PackedA> w2;
-  if (a.w2) w2 = std::make_unique<PackedA>(a.w2, a.dtype, S, a.D, MR, a.threads);
+  if (a.w2) w2 = std::make_unique<PackedA>(a.w2, a.dtype, S, a.D, isa, a.threads);
   const Mlp mlp(isa, a, w1, w2.get());
   const Norm norm(a);
   const Epilogue epi(a);
@@ -271,11 +295,11 @@ void token_mixing_forward(const MixArgs& a) {
 }
 
 void channel_mixing_forward(const MixArgs& a) {
-  const Isa& isa = current();
-  const int MR = isa.mr, NR = isa.nr;
+  const Isa& isa = current().for_dtype(a.dtype);
+  const int NR = isa.nr;
   const int64_t S = a.S, C = a.C, M = a.B * a.S;
   if (M == 0 || C == 0) return;
-  const PackedA w1(a.w1, a.dtype, a.D, C, MR, a.threads), w2(a.w2, a.dtype, C, a.D, MR, a.threads);
+  const PackedA w1(a.w1, a.dtype, a.D, C, isa, a.threads), w2(a.w2, a.dtype, C, a.D, isa, a.threads);
   const Mlp mlp(isa, a, w1, &w2);
   const Norm norm(a);
   const Epilogue epi(a);

@@ -66,12 +66,14 @@ def cuda_class(capability: Tuple[int, int]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def cpu_class(isa: Optional[str] = None, native_bf16: Optional[bool] = None) -> str:
-    """The CPU's instruction-set class: the C++ kernels' micro-kernel family (``isa``: avx512, avx2,
-    portable; read from /proc/cpuinfo when not given), then what eager's bf16 GEMMs run on, which decides
+    """The CPU's instruction-set class: the C++ kernels' micro-kernel family (``isa``: avx512 or
+    avx512_bf16 → avx512, avx2, portable; read from /proc/cpuinfo when not given), then what eager's bf16 GEMMs run on, which decides
     whether the fused kernels can win: ``_amx`` (AMX tiles), ``_bf16`` (AVX512-BF16 dot products).
     Without /proc/cpuinfo (not Linux) ``native_bf16`` (the C++ extension's own CPUID check) says ``_bf16``;
     AMX is then not told apart."""
     flags = _cpu_flags()
+    # The avx512_bf16 family (bf16 dot products) is AVX-512 too; the class's suffix comes from the flags below.
+    isa = "avx512" if isa == "avx512_bf16" else isa
     if isa is None:
         isa = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "portable"
     if "amx_bf16" in flags:

@@ -65,7 +65,7 @@ def test_fused_against_oracle_and_reference(cpu, op, resmlp, shape, dtype):
     eager = getattr(F, op)(*args, **kw)
     eager_err = (eager.double() - ref64).abs().max().item()
     oracle = backend.forward(op, *args, **kw, reference=True)
-    for isa in ("portable", "avx2", "avx512"):
+    for isa in ("portable", "avx2", "avx512", "avx512_bf16"):
         if not _C.force_isa(isa):
             continue
         got = backend.forward(op, *args, **kw)
@@ -74,6 +74,27 @@ def test_fused_against_oracle_and_reference(cpu, op, resmlp, shape, dtype):
         assert err <= 2 * eager_err + ATOL[dtype] * max(1.0, ref64.abs().max().item()), (isa, err, eager_err)
         assert (got.double() - oracle.double()).abs().max().item() <= (2e-5 if dtype == torch.float32 else 1.6e-2) * max(
             1.0, ref64.abs().max().item()), isa
+
+
+@pytest.mark.parametrize("shape", [(2, 13, 37, 29), (1, 49, 64, 24), (3, 7, 40, 1100), (2, 196, 24, 33)],
+                         ids=["odd", "49x64", "k_blocks", "odd_hidden"])
+@pytest.mark.parametrize("resmlp", [False, True], ids=["mixer", "resmlp"])
+@pytest.mark.parametrize("op", ["token_mixing", "channel_mixing"])
+def test_bf16_dot_products_match_fp32_fmas(cpu, op, resmlp, shape):
+    # The avx512_bf16 family's k-pair dot products against the AVX-512 FMAs: the same exact products summed
+    # in another order, so bf16 outputs agree to within one rounding (the oracle check's 1.6e-2 tolerance
+    # would let a lost k — an odd K's last pair, a K block's edge — through). Odd K, K blocks past 512.
+    backend, _C = cpu
+    if not _C.force_isa("avx512_bf16"):
+        pytest.skip("this CPU has no AVX512-BF16")
+    args, kw = _args(op, *shape, torch.bfloat16, resmlp)
+    pairs = backend.forward(op, *args, **kw).float()
+    assert _C.force_isa("avx512")
+    fmas = backend.forward(op, *args, **kw).float()
+    _C.force_isa("")
+    one_ulp = torch.maximum(pairs.abs(), fmas.abs()).clamp_min(2.0 ** -126) * 2.0 ** -7
+    assert ((pairs - fmas).abs() <= one_ulp).all(), (pairs - fmas).abs().max()
+    assert (pairs != fmas).float().mean() < 0.05
 
 
 # (B, S, C, D): few column tasks (2 threads share each) and many (each thread takes whole tasks).

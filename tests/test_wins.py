@@ -100,6 +100,7 @@ def test_cpu_class(monkeypatch):
     try:
         for flags, isa, want in ((("avx2", "fma"), None, "avx2"), (("avx512f", "avx2", "fma"), None, "avx512"),
                                  (("avx512f", "avx512_bf16"), "avx512", "avx512_bf16"),
+                                 (("avx512f", "avx512_bf16"), "avx512_bf16", "avx512_bf16"),
                                  (("avx512f", "avx512_bf16", "amx_bf16"), "avx512", "avx512_amx"),
                                  ((), None, "portable")):
             monkeypatch.setattr(wins, "_cpu_flags", lambda flags=flags: frozenset(flags))

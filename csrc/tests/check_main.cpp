@@ -134,7 +134,7 @@ int check_parallel_for() {
 int main() {
   std::mt19937 rng(0);
   int failures = check_parallel_for(), cases = 1;
-  for (const char* name : {"portable", "avx2", "avx512"}) {
+  for (const char* name : {"portable", "avx2", "avx512", "avx512_bf16"}) {
     if (!force_isa(name)) continue;
     for (DType t : {DType::f32, DType::bf16})
       for (bool token : {true, false})

@@ -1,7 +1,8 @@
 """The ``cpu`` torch backend: the fused C++ kernels of csrc/ (``mixer_fast._C``) on CPU tensors.
 
 Inference (no input needs a gradient, or grad mode is off): one fused kernel per op (float32 and bfloat16;
-AVX-512 / AVX2 / portable micro-kernels chosen at run time), on ``torch.get_num_threads()`` threads, the GIL
+AVX-512 / AVX2 / portable micro-kernels chosen at run time; bf16 by AVX512-BF16 dot products where the CPU
+has them), on ``torch.get_num_threads()`` threads, the GIL
 released. Results do not depend on the thread count: no sum is split across threads.
 
 Training (a gradient is needed), torch.func transforms and forward-mode AD: the reference ops, so forward
@@ -10,7 +11,8 @@ recomputes the reference forward would cost one forward more than eager.
 
 Chosen automatically only where the table of measured wins (mixer_fast/wins.py) shows it faster than eager
 for that op, mode, dtype and CPU class: on AVX2 CPUs without native bf16 matmuls, bf16 inference (eager's
-bf16 GEMMs are slow there; these kernels widen bf16 to fp32 and run fp32 FMAs).
+bf16 GEMMs are slow there; these kernels widen bf16 to fp32 and run fp32 FMAs). See bench/NOTES.md for the
+AVX512-BF16 class.
 """
 from __future__ import annotations
 
@@ -49,9 +51,10 @@ def load() -> SimpleNamespace:
     chosen = wins.describe(wins.wins_for("torch", "cpu")).get(cls)
     auto = f"chosen automatically on this {cls} CPU for {', '.join(chosen)}" if chosen else (
         f"not chosen automatically on this {cls} CPU: no measured win over the reference")
+    bf16 = "by AVX512-BF16 dot products" if _C.isa() == "avx512_bf16" else "via fp32 FMAs"
     return SimpleNamespace(name="cpu", features=features, device_class=lambda device_index=None: cls,
-                           detail=f"fused C++ kernels ({_C.isa()} micro-kernels, bf16 via fp32 FMAs; training runs "
-                                  f"the reference ops; {auto})",
+                           detail=f"fused C++ kernels ({_C.isa()} micro-kernels, bf16 {bf16}; training runs the "
+                                  f"reference ops; {auto})",
                            token_mixing=token_mixing, channel_mixing=channel_mixing)
 
 
