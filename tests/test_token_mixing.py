@@ -166,6 +166,34 @@ def test_triton_token_mixing_cublas(triton_backend, cublas_engine, dtype, shape,
                   approximate="tanh" if C % 3 else "none", device=DEVICE)
 
 
+@pytest.mark.parametrize("kernel", ["token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"])
+def test_flash_plan_without_room_falls_to_the_cublas_engine(triton_backend, monkeypatch, kernel):
+    # Past the flash plans' shared memory (S > 1024 in 16-bit, > 512 in fp32 on an H100 / H200) Triton
+    # raises OutOfResources when it loads the kernel, which the interpreter never does: a stand-in raises
+    # it here. The op finishes on the cuBLAS engine, and later calls of that shape go there at once.
+    from triton.runtime.errors import OutOfResources
+
+    from conftest import DEVICE
+    from mixer_fast.kernels.triton import token_mixing as tm
+
+    loads = []
+
+    class NoRoom:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                loads.append(grid)
+                raise OutOfResources(344128, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(tm, f"{kernel}_kernel", NoRoom())
+    monkeypatch.setattr(tm, "_NO_ROOM", set())
+    args = make_args("token", 3, 49, 40, 24, variant="mixer", seed=24)
+    check_backend("token", args, torch.bfloat16, "triton", approximate="tanh", device=DEVICE)
+    assert len(loads) == 1 and len(tm._NO_ROOM) == 1
+    check_backend("token", args, torch.bfloat16, "triton", approximate="tanh", device=DEVICE)
+    assert len(loads) == 1  # known not to fit: not tried again
+
+
 def test_triton_token_mixing_cublas_token_linear_with_layernorm(triton_backend, cublas_engine):
     # ResMLP's single token linear with a LayerNorm instead of the affine (no named model; the fused path
     # normalises in torch there): one norm pass on this engine

@@ -114,8 +114,9 @@ def ln_backward_kernel(
         if GELU_IN:
             x = round_to(gelu(z, APPROX_TANH), x_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
         xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-        tl.store(dw_part_ptr + pid * C + cols, tl.sum(g * xhat, axis=0), mask=mask_c)
-        tl.store(db_part_ptr + pid * C + cols, tl.sum(g, axis=0), mask=mask_c)
+        # int64: the partials hold cdiv(R, rows a program) · C values, past 2³¹ from R · C ≈ 2³⁴
+        tl.store(dw_part_ptr + pid.to(tl.int64) * C + c64, tl.sum(g * xhat, axis=0), mask=mask_c)
+        tl.store(db_part_ptr + pid.to(tl.int64) * C + c64, tl.sum(g, axis=0), mask=mask_c)
         if HAS_W:
             g = g * tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])

@@ -648,12 +648,27 @@ def token_engine() -> str:
     return _launch.env_choice(TOKEN_ENV, TOKEN_ENGINE, (TOKEN_FLASH, TOKEN_CUBLAS))
 
 
-def on_cublas(fc2_weight: Optional[Tensor]) -> bool:
-    """Whether this token mixing runs on the cuBLAS engine: the MLP by token_engine(), ResMLP's token linear
-    (no fc2) by matmul.gemm_engine()."""
+# Shapes whose flash plans need more shared memory than their device has: Triton raises OutOfResources
+# when it loads such a kernel, before anything runs, and those token MLPs then run on the cuBLAS engine (the
+# same saved tensors, so a backward follows either forward). The static report (sm_90a, triton 3.6) puts
+# the edge at S = 1024 with 16-bit weights (dW's whole-S tiles: 172 KB, 205 KB under autocast; 344 KB at
+# S = 1025) and at S = 512 in fp32 (169 KB; 337 KB at S = 513), against the 227 KB a block may use on an
+# H100 / H200; other GPUs have less. Keyed by room_key().
+_NO_ROOM: set = set()
+
+
+def room_key(x: Tensor, fc1_weight: Tensor) -> tuple:
+    """(device, S, x's dtype, the weights' dtype): what decides whether a flash plan fits."""
+    return (str(x.device), x.shape[1], x.dtype, fc1_weight.dtype)
+
+
+def on_cublas(fc2_weight: Optional[Tensor], key: Optional[tuple] = None) -> bool:
+    """Whether this token mixing runs on the cuBLAS engine: the MLP by token_engine(), or where its flash
+    plan was found not to fit (``key``, room_key()'s), ResMLP's token linear (no fc2) by
+    matmul.gemm_engine()."""
     if fc2_weight is None:
         return gemm_engine() == GEMM_CUBLAS
-    return token_engine() == TOKEN_CUBLAS
+    return token_engine() == TOKEN_CUBLAS or key in _NO_ROOM
 
 
 def token_mixing_forward(
@@ -668,12 +683,17 @@ def token_mixing_forward(
     backward needs it for the gradient of ``scale``). On the cuBLAS engine (:func:`on_cublas`),
     cublas_engine's (the same outputs)."""
     _launch.check_device(x)
-    if on_cublas(fc2_weight):
+
+    def on_engine():
         from . import cublas_engine
 
         return cublas_engine.token_mixing_forward(
             x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
             norm=norm, scale=scale, sample_scale=sample_scale, store_branch=store_branch, allow_tf32=allow_tf32)
+
+    key = room_key(x, fc1_weight)
+    if on_cublas(fc2_weight, key):
+        return on_engine()
     B, S, C = x.shape
     out = _launch.new_output((B, S, C), x, x.dtype)
     branch = _launch.new_output(out.shape, out) if store_branch else None
@@ -703,7 +723,7 @@ def token_mixing_forward(
     plan = launch_plan("token_mlp_fwd", S, D, fc1_weight.element_size())
     w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
     dummy = nw
-    with _launch.serialized():
+    with _launch.serialized(), _no_room_raises(key):
         token_mlp_fwd_kernel[plan.grid(B, C)](
             x, mean if mean is not None else nw, rstd if rstd is not None else nw, nw, nb,
             w1, fc1_bias if fc1_bias is not None else dummy, w2,
@@ -715,7 +735,21 @@ def token_mixing_forward(
             APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
             INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), **plan.constexprs(),
             num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if key in _NO_ROOM:
+        return on_engine()
     return out, mean, rstd, branch
+
+
+@contextlib.contextmanager
+def _no_room_raises(key: tuple) -> Iterator[None]:
+    """Around a flash launch: Triton's OutOfResources (the plan needs more shared memory than the device
+    has; nothing was launched) records ``key`` in _NO_ROOM instead of raising."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        yield
+    except OutOfResources:
+        _NO_ROOM.add(key)
 
 
 def norm_grads(g: Tensor, x: Tensor, dout: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
@@ -742,12 +776,16 @@ def token_mixing_backward(
     cublas_engine's (either engine's backward follows either's forward)."""
     import torch
 
-    if on_cublas(fc2_weight):
+    def on_engine():
         from . import cublas_engine
 
         return cublas_engine.token_mixing_backward(
             dout, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, rstd, branch, eps=eps,
             approximate=approximate, norm=norm, scale=scale, sample_scale=sample_scale, allow_tf32=allow_tf32)
+
+    key = room_key(x, fc1_weight)
+    if on_cublas(fc2_weight, key):
+        return on_engine()
 
     B, S, C = x.shape
     grads: Dict[str, Optional[Tensor]] = {}
@@ -791,7 +829,7 @@ def token_mixing_backward(
         shapes = shape_constexprs("token_mlp_dx", S, C, D, x.stride(), do.stride(), w1.stride(), w2.stride())
         plan = launch_plan("token_mlp_dx", S, D, fc1_weight.element_size())
         if B:
-            with _launch.serialized():
+            with _launch.serialized(), _no_room_raises(key):
                 token_mlp_dx_kernel[plan.grid(B, C)](
                     x, do, *stats, nw, nb, w1, b1, w2, g, **shapes, **common, **plan.constexprs(),
                     num_warps=plan.num_warps, num_stages=plan.num_stages)
@@ -802,10 +840,14 @@ def token_mixing_backward(
         dw2 = _launch.new_output((splits, S, D), x, torch.float32)
         db1 = _launch.new_output((splits, D), x, torch.float32)
         for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
-            with _launch.serialized():
+            if key in _NO_ROOM:  # dx did not fit: the whole backward on the engine
+                return on_engine()
+            with _launch.serialized(), _no_room_raises(key):
                 token_mlp_dw_kernel[(n_d, splits)](
                     x, do, *stats, nw, nb, w1, b1, w2, B, splits, dw1, dw2, db1, **shapes, **common, PART=part,
                     **plan.constexprs(), num_warps=plan.num_warps, num_stages=plan.num_stages)
+        if key in _NO_ROOM:
+            return on_engine()
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
         grads["fc2_bias"] = res.bias
