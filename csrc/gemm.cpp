@@ -15,6 +15,11 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define MIXER_X86 1
+// The AVX512-BF16 intrinsics (__m512bh, _mm512_dpbf16_ps) arrived in GCC 10 and clang 9; older compilers
+// build the other families only.
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define MIXER_BF16_DOT 1
+#endif
 #endif
 
 namespace mixer_cpu {
@@ -132,6 +137,7 @@ __attribute__((target("avx512f,fma"))) void gelu_avx512(float* v, int64_t rows, 
   bias_gelu_tile<A5_NR>(v, rows, bias, tanh_form, t);
 }
 
+#ifdef MIXER_BF16_DOT
 // AVX512-BF16, bf16 data: the AVX-512 tile (12 x 32, 24 accumulators), each step a k pair. VDPBF16PS adds two
 // exact bf16 products to an fp32 lane, twice the multiply-adds of an fp32 FMA in the same issue slot (measured
 // on this Zen 4 EPYC: 234 against 117 GFLOP/s a core), so the product is fp32-accumulated as before, in pairs.
@@ -157,6 +163,7 @@ __attribute__((target("avx512f,avx512bf16,fma"))) void kernel_avx512_bf16(int64_
   }
   MF_ROWS12(MF16_STORE)
 }
+#endif  // MIXER_BF16_DOT
 #endif
 
 const Isa PORTABLE{"portable", P_MR, P_NR, kernel_portable, gelu_portable};
@@ -165,9 +172,11 @@ const Isa AVX2{"avx2", A2_MR, A2_NR, kernel_avx2, gelu_avx2};
 const Isa AVX512{"avx512", A5_MR, A5_NR, kernel_avx512, gelu_avx512};
 // The avx512_bf16 family: AVX-512 for fp32 data, dot products in k pairs for bf16 (the pairs need an even MR:
 // a first-GEMM tile's rows are whole pairs of the second GEMM's k).
+#ifdef MIXER_BF16_DOT
 static_assert(A5_MR % 2 == 0, "bf16 pairs need an even MR");
 const Isa AVX512_BF16_PAIRS{"avx512_bf16", A5_MR, A5_NR, kernel_avx512_bf16, gelu_avx512, 2};
 const Isa AVX512_BF16{"avx512_bf16", A5_MR, A5_NR, kernel_avx512, gelu_avx512, 1, &AVX512_BF16_PAIRS};
+#endif
 #endif
 
 bool supported(const std::string& name) {
@@ -176,14 +185,18 @@ bool supported(const std::string& name) {
   __builtin_cpu_init();
   if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (name == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+#ifdef MIXER_BF16_DOT
   if (name == "avx512_bf16") return supported("avx512") && __builtin_cpu_supports("avx512bf16");
+#endif
 #endif
   return false;
 }
 
 const Isa* by_name(const std::string& name) {
 #ifdef MIXER_X86
+#ifdef MIXER_BF16_DOT
   if (name == "avx512_bf16") return &AVX512_BF16;
+#endif
   if (name == "avx512") return &AVX512;
   if (name == "avx2") return &AVX2;
 #endif
