@@ -342,18 +342,19 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void layer_norm_sta
   *rstd = 1.0f / std::sqrt(static_cast<float>(q / n) + eps);
 }
 
-void pack_pairs(float* panel, int64_t K, int NR) {
-  uint32_t lo[64], hi[64];
-  if (NR > 64) throw std::logic_error("pack_pairs: NR " + std::to_string(NR) + " > 64");
+void pack_pairs(const float* src, int64_t K, int NR, float* dst) {
   for (int64_t q = 0; q < (K + 1) / 2; ++q) {
-    // Rows 2q and 2q + 1 are read whole before slot row q (which overlaps row q <= 2q) is written.
-    std::memcpy(lo, panel + 2 * q * NR, NR * sizeof(float));
-    if (2 * q + 1 < K)
-      std::memcpy(hi, panel + (2 * q + 1) * NR, NR * sizeof(float));
-    else
-      std::memset(hi, 0, sizeof(hi));
-    for (int j = 0; j < NR; ++j) lo[j] = (lo[j] >> 16) | (hi[j] & 0xffff0000u);
-    std::memcpy(panel + q * NR, lo, NR * sizeof(float));
+    const float* lo = src + 2 * q * NR;
+    const float* hi = 2 * q + 1 < K ? lo + NR : nullptr;
+    // In place (dst == src), slot row q overwrites row q <= 2q: element j only after it and its partner are
+    // read, and rows of later pairs are past it.
+    for (int j = 0; j < NR; ++j) {
+      uint32_t a, b = 0;
+      std::memcpy(&a, lo + j, sizeof(a));
+      if (hi) std::memcpy(&b, hi + j, sizeof(b));
+      const uint32_t v = (a >> 16) | (b & 0xffff0000u);
+      std::memcpy(dst + q * NR + j, &v, sizeof(v));
+    }
   }
 }
 
@@ -371,6 +372,11 @@ PackedA::PackedA(const void* w, DType t, int64_t M_, int64_t K_, const Isa& isa,
       // Slot (q, i) = the raw bf16 bits of w[i, 2q] (low) and w[i, 2q + 1] (high), zero past M and K: on a
       // little-endian CPU the 32-bit word at w[i, 2q], so an even K copies words.
       const uint16_t* src = static_cast<const uint16_t*>(w) + p * mr * K;
+      if (rows == mr && K % 2 == 0) {  // the common case, branch-free: a 32-bit word transpose
+        for (int64_t q = 0; q < kslots; ++q)
+          for (int i = 0; i < mr; ++i) std::memcpy(dst + q * mr + i, src + i * K + 2 * q, sizeof(uint32_t));
+        return;
+      }
       for (int64_t q = 0; q < kslots; ++q)
         for (int i = 0; i < mr; ++i) {
           uint32_t v = 0;

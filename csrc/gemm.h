@@ -41,9 +41,9 @@ struct Isa {
 
 const Isa& current();
 
-// Rewrites a packed-B panel of K fp32 rows of NR values (bf16-representable) in place as kpack = 2 slots:
-// cdiv(K, 2) rows of NR slots, an odd K's last high halves zero.
-void pack_pairs(float* panel, int64_t K, int NR);
+// A packed-B panel of K fp32 rows of NR values (bf16-representable) as kpack = 2 slots at dst: cdiv(K, 2)
+// rows of NR slots, an odd K's last high halves zero. dst may be src (in place).
+void pack_pairs(const float* src, int64_t K, int NR, float* dst);
 
 // LayerNorm statistics of n values, as row_stats (two passes) but in 16 fp32 partial sums that vectorise:
 // row_stats' double accumulation is a serial chain of dependent adds (3 ms of the Mixer-B/16 batch-8 token op).

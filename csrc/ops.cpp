@@ -11,7 +11,6 @@
 // scale, drop path and the residual when a tile of the second GEMM leaves it. Every output is one thread's
 // sum over the full K in a fixed order, so results do not depend on the thread count or task split.
 #include <algorithm>
-#include <cstring>
 #include <stdexcept>
 #include <memory>
 #include <vector>
@@ -150,10 +149,7 @@ struct Mlp {
             float* tile = isa.kpack == 1 ? h : local;
             isa.kernel(w1.K, w1.panel(p), xp + j * in_stride, tile, NR, false);
             isa.bias_gelu(tile, std::min<int64_t>(MR, D - p * MR), b1.data() + p * MR, tanh_form, t);
-            if (isa.kpack == 2) {
-              pack_pairs(tile, MR, NR);
-              std::memcpy(h, tile, isa.slots(MR) * NR * sizeof(float));
-            }
+            if (isa.kpack == 2) pack_pairs(tile, MR, NR, h);
           }
       });
       in = hp;
@@ -237,7 +233,7 @@ void run_tasks(const Mlp& mlp, const Tasks& tasks, int threads, int64_t k_in, co
       const int64_t p0 = n_panels * t / size, p1 = n_panels * (t + 1) / size;
       pack(task, sc.xp.p, p0, p1);
       if (mlp.isa.kpack == 2)
-        for (int64_t p = p0; p < p1; ++p) pack_pairs(sc.xp.p + p * k_in * NR, k_in, NR);
+        for (int64_t p = p0; p < p1; ++p) pack_pairs(sc.xp.p + p * k_in * NR, k_in, NR, sc.xp.p + p * k_in * NR);
     });
     mlp.run(sc.xp.p, n_panels, sc.hp.p, sc.acc.p,
             [&](int64_t r0, int64_t rows, int64_t j, const float* y, int64_t ld) { put(task, r0, rows, j, y, ld); },
