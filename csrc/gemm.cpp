@@ -146,19 +146,25 @@ __attribute__((target("avx512f,fma"))) void gelu_avx512(float* v, int64_t rows, 
                             c##r##b = acc ? _mm512_loadu_ps(C + r * ldc + 16) : _mm512_setzero_ps();
 #define MF16_STEP(r)                                                                            \
   {                                                                                             \
-    const __m512bh a = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(A[q * A5_MR + r]));          \
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(slot_bits(A + q * A5_MR + r));              \
     c##r##a = _mm512_dpbf16_ps(c##r##a, a, b0);                                                  \
     c##r##b = _mm512_dpbf16_ps(c##r##b, a, b1);                                                  \
   }
 #define MF16_STORE(r) _mm512_storeu_ps(C + r * ldc, c##r##a); _mm512_storeu_ps(C + r * ldc + 16, c##r##b);
+// A panel slot's two bf16 halves as one 32-bit word (never read as a float).
+inline uint32_t slot_bits(const float* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
 __attribute__((target("avx512f,avx512bf16,fma"))) void kernel_avx512_bf16(int64_t K, const float* A, const float* B,
                                                                           float* C, int64_t ldc, bool acc) {
   MF_ROWS12(MF16_DECL)
   const int64_t pairs = (K + 1) / 2;
   _Pragma("GCC unroll 2") for (int64_t q = 0; q < pairs; ++q) {
-    // The slots' bits as they are (a broadcast and a load move bits; no arithmetic touches them as floats).
-    const __m512bh b0 = (__m512bh)_mm512_castps_si512(_mm512_load_ps(B + q * A5_NR));
-    const __m512bh b1 = (__m512bh)_mm512_castps_si512(_mm512_load_ps(B + q * A5_NR + 16));
+    // The slots' bits as they are (integer loads: no float operation touches the packed pairs).
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(B + q * A5_NR);
+    const __m512bh b1 = (__m512bh)_mm512_load_si512(B + q * A5_NR + 16);
     MF_ROWS12(MF16_STEP)
   }
   MF_ROWS12(MF16_STORE)
