@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Dict, Iterator, Optional, Sequence, Tuple
 
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from . import _launch
 from .elementwise import gelu, gelu_grad, round_to
@@ -723,33 +724,23 @@ def token_mixing_forward(
     plan = launch_plan("token_mlp_fwd", S, D, fc1_weight.element_size())
     w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
     dummy = nw
-    with _launch.serialized(), _no_room_raises(key):
-        token_mlp_fwd_kernel[plan.grid(B, C)](
-            x, mean if mean is not None else nw, rstd if rstd is not None else nw, nw, nb,
-            w1, fc1_bias if fc1_bias is not None else dummy, w2,
-            fc2_bias if fc2_bias is not None else dummy, scale if scale is not None else dummy,
-            sample_scale if sample_scale is not None else dummy, out, branch if branch is not None else out,
-            **shape_constexprs("token_mlp_fwd", S, C, D, x.stride(), out.stride(), w1.stride(), w2.stride()),
-            NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
-            HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
-            APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
-            INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), **plan.constexprs(),
-            num_warps=plan.num_warps, num_stages=plan.num_stages)
-    if key in _NO_ROOM:
+    try:
+        with _launch.serialized():
+            token_mlp_fwd_kernel[plan.grid(B, C)](
+                x, mean if mean is not None else nw, rstd if rstd is not None else nw, nw, nb,
+                w1, fc1_bias if fc1_bias is not None else dummy, w2,
+                fc2_bias if fc2_bias is not None else dummy, scale if scale is not None else dummy,
+                sample_scale if sample_scale is not None else dummy, out, branch if branch is not None else out,
+                **shape_constexprs("token_mlp_fwd", S, C, D, x.stride(), out.stride(), w1.stride(), w2.stride()),
+                NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
+                HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
+                APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
+                INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), **plan.constexprs(),
+                num_warps=plan.num_warps, num_stages=plan.num_stages)
+    except OutOfResources:  # the plan needs more shared memory than the device has; nothing ran
+        _NO_ROOM.add(key)
         return on_engine()
     return out, mean, rstd, branch
-
-
-@contextlib.contextmanager
-def _no_room_raises(key: tuple) -> Iterator[None]:
-    """Around a flash launch: Triton's OutOfResources (the plan needs more shared memory than the device
-    has; nothing was launched) records ``key`` in _NO_ROOM instead of raising."""
-    from triton.runtime.errors import OutOfResources
-
-    try:
-        yield
-    except OutOfResources:
-        _NO_ROOM.add(key)
 
 
 def norm_grads(g: Tensor, x: Tensor, dout: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
@@ -828,25 +819,25 @@ def token_mixing_backward(
         w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
         shapes = shape_constexprs("token_mlp_dx", S, C, D, x.stride(), do.stride(), w1.stride(), w2.stride())
         plan = launch_plan("token_mlp_dx", S, D, fc1_weight.element_size())
-        if B:
-            with _launch.serialized(), _no_room_raises(key):
-                token_mlp_dx_kernel[plan.grid(B, C)](
-                    x, do, *stats, nw, nb, w1, b1, w2, g, **shapes, **common, **plan.constexprs(),
-                    num_warps=plan.num_warps, num_stages=plan.num_stages)
-        plan = launch_plan("token_mlp_dw", S, D, fc1_weight.element_size())
-        n_d = triton.cdiv(D, plan.block_d)
-        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c), _launch.sm_count(x.device)))
-        dw1 = _launch.new_output((splits, D, S), x, torch.float32)
-        dw2 = _launch.new_output((splits, S, D), x, torch.float32)
-        db1 = _launch.new_output((splits, D), x, torch.float32)
-        for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
-            if key in _NO_ROOM:  # dx did not fit: the whole backward on the engine
-                return on_engine()
-            with _launch.serialized(), _no_room_raises(key):
-                token_mlp_dw_kernel[(n_d, splits)](
-                    x, do, *stats, nw, nb, w1, b1, w2, B, splits, dw1, dw2, db1, **shapes, **common, PART=part,
-                    **plan.constexprs(), num_warps=plan.num_warps, num_stages=plan.num_stages)
-        if key in _NO_ROOM:
+        try:
+            if B:
+                with _launch.serialized():
+                    token_mlp_dx_kernel[plan.grid(B, C)](
+                        x, do, *stats, nw, nb, w1, b1, w2, g, **shapes, **common, **plan.constexprs(),
+                        num_warps=plan.num_warps, num_stages=plan.num_stages)
+            plan = launch_plan("token_mlp_dw", S, D, fc1_weight.element_size())
+            n_d = triton.cdiv(D, plan.block_d)
+            splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c), _launch.sm_count(x.device)))
+            dw1 = _launch.new_output((splits, D, S), x, torch.float32)
+            dw2 = _launch.new_output((splits, S, D), x, torch.float32)
+            db1 = _launch.new_output((splits, D), x, torch.float32)
+            for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
+                with _launch.serialized():
+                    token_mlp_dw_kernel[(n_d, splits)](
+                        x, do, *stats, nw, nb, w1, b1, w2, B, splits, dw1, dw2, db1, **shapes, **common,
+                        PART=part, **plan.constexprs(), num_warps=plan.num_warps, num_stages=plan.num_stages)
+        except OutOfResources:  # a plan needs more shared memory than the device has: the whole backward there
+            _NO_ROOM.add(key)
             return on_engine()
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
         grads["fc1_bias"] = db1.sum(0) if fc1_bias is not None else None
