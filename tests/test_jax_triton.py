@@ -203,3 +203,59 @@ def test_gpu_launch_path_ln_folded(gpu_path, monkeypatch, variant):
     args, kw = args_for("channel", 2, 9, 40, 56, jnp.float32, variant, seed=12)
     check_against_xla("triton", "channel", args, kw, jnp.float32, "none")
     assert ("fold_weight_kernel", False) in gpu_path
+
+
+@pytest.fixture
+def sizes(gpu_path, monkeypatch):
+    """Shared-memory sizing with a stand-in compile: ``sizes.need`` bytes for every sized launch, an H100's
+    227 KB to fit in; the sized kernels' names land in ``sizes.sized``."""
+    from mixer_fast.jax import triton_backend
+    from mixer_fast.kernels.triton import aot, jax_launch
+
+    state = types.SimpleNamespace(need=0, sized=[])
+
+    def measure(fn, operands, constexprs, *, capability, num_warps, num_stages):
+        runtime = [p for p in inspect.signature(fn.fn).parameters.values() if "constexpr" not in str(p.annotation)]
+        assert len(operands) == len(runtime) and capability == 90, fn.__name__
+        state.sized.append(fn.__name__)
+        return state.need
+
+    monkeypatch.setattr(aot, "launch_shared_bytes", measure)
+    monkeypatch.setattr(jax_launch, "max_shared_memory", lambda capability: 232448)
+    monkeypatch.setattr(triton_backend, "_capability", lambda device: 90)
+    triton_backend._flash_fits.cache_clear()
+    yield state
+    triton_backend._flash_fits.cache_clear()
+
+
+@pytest.mark.parametrize("need", [232448, 232449], ids=["fits", "too_big"])
+def test_token_mlp_past_shared_memory_runs_on_xla(gpu_path, sizes, need):
+    # jax-triton would compile a token kernel that needs more shared memory than the GPU has and fail only
+    # when the program runs (large S: 344 KB at S = 1025 in bf16 on sm_90a). The sizes are compiled first,
+    # once per shape, and such a token MLP runs as XLA's, forward and backward.
+    sizes.need = need
+    args, kw = args_for("token", 2, 70, 24, 36, jnp.float32, "mixer", seed=13)
+    check_against_xla("triton", "token", args, kw, jnp.float32, "tanh")
+    assert set(sizes.sized) == {"token_mlp_fwd_kernel", "token_mlp_dx_kernel", "token_mlp_dw_kernel"}
+    assert len(sizes.sized) == 4  # once per shape (dW in two launches): the op ran four times here
+    ran = {name for name, _ in gpu_path}
+    token_kernels = {"token_mlp_fwd_kernel", "token_mlp_dx_kernel", "token_mlp_dw_kernel"}
+    assert ran >= token_kernels if need == 232448 else not ran & token_kernels
+
+
+def test_shared_memory_sizing_compiles_as_the_gpu_would():
+    # The sizing compiled for real (sm_90a, no GPU needed): the edge the torch backend's fallback names.
+    code = """
+import jax, jax.numpy as jnp
+from mixer_fast.jax import triton_backend as tb
+from mixer_fast.kernels.triton import jax_launch
+tb._capability = lambda device: 90
+jax_launch.max_shared_memory = lambda capability: 232448
+for S in (1024, 1025):
+    k = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((2, S, 64), (64,), (64,), (S, 512), (512,), (512, S), (S,))]
+    print(S, tb._flash_fits("token_mixing", 1e-6, "tanh", "layernorm", "bfloat16", tuple(k) + (None, None)))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["1024", "True", "1025", "False"], r.stdout

@@ -18,7 +18,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -124,6 +124,38 @@ def compile_row(fn, name: str, config: str, constexprs: Dict[str, object], *, ar
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return Row(name, config, arch, dtype, regs, spills, int(compiled.metadata.shared), "wgmma.mma_async" in ptx,
                "mma" in ptx, ptxas.version_text, len(sass.hazards_in_cubin(compiled.asm["cubin"])))
+
+
+def launch_shared_bytes(fn, operands: Sequence[Union[str, int, float]], constexprs: Dict[str, object], *,
+                        capability: int, num_warps: int, num_stages: int) -> int:
+    """The shared memory (bytes) a launch of ``fn`` needs on a GPU of compute capability ``capability``
+    (90 for 9.0), compiled as jax-triton compiles it: ``operands`` are the non-constexpr parameters in
+    order, a pointer's element type ("bf16", "fp16", "fp32", "i32") or a scalar's value (jax-triton's
+    specialisation: pointers aligned, integers equal to 1 made constants, no divisibility hints), and
+    ``constexprs`` the rest by name. Assembled by the ptxas the backend uses (toolchain.apply)."""
+    runtime = [p for p in fn.params if not p.is_constexpr]
+    if len(operands) != len(runtime):
+        raise ValueError(f"operands: {fn.__name__} takes {len(runtime)} non-constexpr parameters, got "
+                         f"{len(operands)}")
+    toolchain.apply(capability)
+    given = dict(zip((p.name for p in runtime), operands))
+    sig: Dict[str, str] = {}
+    ints = JaxTritonInts()
+    for p in fn.params:
+        v = given.get(p.name)
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif isinstance(v, str):
+            sig[p.name] = "*" + v
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            ints[p.name] = v
+    sig, constexprs, attrs = specialised(fn, sig, constexprs, ints)
+    compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return int(compiled.metadata.shared)
 
 
 _TOKEN_BWD = dict(NORM=LAYERNORM, HAS_B1=True, APPROX_TANH=False, PRECISION="ieee", INTERPRETER=False, IDX64=False)

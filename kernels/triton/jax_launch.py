@@ -22,7 +22,8 @@ launch runs once per vmapped element (``jax.custom_batching.sequential_vmap``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
+import threading
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,15 @@ def call(kernel, grid, args: Sequence[Any], outs: Sequence[jax.ShapeDtypeStruct]
     """Launch ``kernel``, whose parameters run inputs (arrays and scalars), outputs, constexprs: ``args``
     the inputs in order, one output per ``outs``, ``meta`` the constexprs by name; ``grid`` a tuple or a
     function of the config."""
+    sizing = getattr(_SIZING, "run", None)
+    if sizing is not None:  # a sizing run (launch_shared_memory): compiled for its shared memory, not launched
+        if kernel in sizing.kernels:
+            need = sizing.measure(kernel, [a if isinstance(a, (bool, int, float)) else _TRITON_TYPES[jnp.dtype(a.dtype).name]
+                                          for a in args] + [_TRITON_TYPES[jnp.dtype(o.dtype).name] for o in outs],
+                                  meta, capability=sizing.capability, num_warps=num_warps, num_stages=num_stages)
+            name = kernel.__name__
+            sizing.needs[name] = max(sizing.needs.get(name, 0), need)
+        return tuple(jnp.zeros(o.shape, o.dtype) for o in outs)
     is_array = [not isinstance(a, (bool, int, float)) for a in args]
     arrays = [a for a, arr in zip(args, is_array) if arr]
 
@@ -73,6 +83,35 @@ def call(kernel, grid, args: Sequence[Any], outs: Sequence[jax.ShapeDtypeStruct]
 
 
 _TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32"}
+
+
+class _Sizing(NamedTuple):
+    kernels: frozenset
+    capability: int
+    measure: Callable[..., int]
+    needs: Dict[str, int]
+
+
+_SIZING = threading.local()
+
+
+def launch_shared_memory(traced: Callable[[], Any], kernels: Iterable, capability: int) -> Dict[str, int]:
+    """Trace ``traced`` (which calls the launchers, e.g. under ``jax.eval_shape``) without launching
+    anything: each launch of one of ``kernels`` is compiled for a GPU of compute capability ``capability``
+    as jax-triton would compile it, and the most shared memory (bytes) each kernel's launches need is
+    returned by kernel name. Every launch in the trace returns zeros. jax-triton checks no shared memory
+    when it compiles, so a kernel that needs more than the GPU has fails only when the program runs."""
+    from .aot import launch_shared_bytes
+
+    if getattr(_SIZING, "run", None) is not None:
+        raise RuntimeError("launch_shared_memory: already sizing in this thread")
+    _SIZING.run = _Sizing(frozenset(kernels), int(capability), launch_shared_bytes, {})
+    try:
+        traced()
+        return dict(_SIZING.run.needs)
+    finally:
+        _SIZING.run = None
 
 
 def _interpreted(kernel, grid, args, outs, num_warps, meta):
@@ -201,6 +240,25 @@ def _sm_count() -> int:
     split-K plan (matmul.split_k); _launch.DEFAULT_SMS where it reports none."""
     count = getattr(jax.devices()[0], "core_count", None)
     return count if isinstance(count, int) and count > 0 else _launch.DEFAULT_SMS
+
+
+# The most shared memory a block may use (the opt-in maximum) by compute capability, for when the driver
+# cannot be asked (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability"). Any other
+# capability is assumed to have the least of these.
+SHARED_MEMORY_PER_BLOCK = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+                           103: 232448, 120: 101376, 121: 101376}
+
+
+def max_shared_memory(capability: int) -> int:
+    """The most shared memory (bytes) a block may use on the first JAX GPU, of compute capability
+    ``capability``: the driver's answer (Triton's, torch-free), else SHARED_MEMORY_PER_BLOCK's."""
+    try:
+        from triton.backends.nvidia.driver import CudaUtils
+
+        ordinal = getattr(jax.devices()[0], "local_hardware_id", None) or 0
+        return int(CudaUtils().get_device_properties(ordinal)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - no driver module, no C compiler for it, no CUDA context: the table
+        return SHARED_MEMORY_PER_BLOCK.get(capability, min(SHARED_MEMORY_PER_BLOCK.values()))
 
 
 class GemmOutputs(NamedTuple):

@@ -638,7 +638,7 @@ def dw_splits(n_d_tiles: int, work: int, sms: int = _launch.DEFAULT_SMS) -> int:
 # predecessor at 1.75 ms, 0.58 ms with better tiles, against eager's 0.85-1.08 ms): bench/gpu_check.py times
 # both (the ``triton_cublas`` provider); the faster becomes TOKEN_ENGINE. MIXER_FAST_TOKEN chooses per
 # process. ResMLP's token linear is a GEMM, and follows matmul.gemm_engine(). The JAX path keeps the flash
-# kernels.
+# kernels, but for shapes they do not fit (mixer_fast.jax.triton_backend._flash_fits).
 TOKEN_ENV = "MIXER_FAST_TOKEN"
 TOKEN_FLASH, TOKEN_CUBLAS = "flash", "cublas"
 TOKEN_ENGINE = TOKEN_FLASH

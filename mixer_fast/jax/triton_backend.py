@@ -8,7 +8,8 @@ triton is first imported in the process: ``load()`` does that, or says why it ca
 Forward and backward are the torch backend's kernel launches (kernels/triton/jax_launch.py) under a
 ``jax.custom_vjp``. Arrays of mixed dtypes run in their promoted dtype, which is what the jax.numpy
 reference computes in; fp16, bf16 and fp32 are supported. FP32 matmuls are exact (no TF32).
-Deterministic: no reduction uses atomics.
+Deterministic: no reduction uses atomics. A token MLP whose flash kernels need more shared memory than
+the GPU has (large S) runs as XLA's (``_flash_fits``).
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ def device_class(device_index=None) -> str:
 
 def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *, eps, approximate,
           norm, scale, sample_scale):
+    import jax
     import jax.numpy as jnp
 
     from ..kernels.triton.jax_launch import DTYPES
@@ -96,7 +98,45 @@ def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, 
     if dtype not in DTYPES:
         raise TypeError(f"x: the triton backend computes in float16, bfloat16 or float32; x and the parameters "
                         f"promote to {dtype}")
-    return _op(op, float(eps), approximate, norm, jnp.dtype(dtype).name)(*args)
+    key = (op, float(eps), approximate, norm, jnp.dtype(dtype).name)
+    if op == "token_mixing" and fc2_kernel is not None and not _flash_fits(
+            *key, tuple(None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)):
+        from ..reference import jax_ops
+
+        # XLA's GEMMs, exact in fp32 as the kernels are (no TF32)
+        with jax.default_matmul_precision("float32"):
+            return jax_ops.token_mixing(x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias,
+                                        eps=eps, approximate=approximate, norm=norm, scale=scale,
+                                        sample_scale=sample_scale)
+    return _op(*key)(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_fits(op: str, eps: float, approximate: str, norm: str, dtype: str, avals: tuple) -> bool:
+    """Whether the token MLP's flash kernels, forward and backward, fit the GPU's shared memory for these
+    arguments (``avals``: their shapes and dtypes, None for an absent one). Their tiles span all S tokens:
+    with 16-bit weights the dW kernel needs 172 KB at S = 1024 and 344 KB at S = 1025 (sm_90a), against the
+    227 KB a block may use on an H100 / H200 and less on other GPUs. jax-triton would compile such a kernel
+    and fail only when the program runs, so the sizes are compiled first, once per shape, and a token MLP
+    that does not fit runs as XLA's (as the torch backend sends such shapes to its cuBLAS engine). Always
+    true in Triton's interpreter, which has no shared memory."""
+    import jax
+
+    from ..kernels.triton import _launch, jax_launch, token_mixing
+
+    if _launch.INTERPRET:
+        return True
+    fused = _op(op, eps, approximate, norm, dtype)
+
+    def step(*args):
+        out, pullback = jax.vjp(fused, *args)
+        return pullback(out)
+
+    capability = _capability(jax.devices()[0])
+    kernels = (token_mixing.token_mlp_fwd_kernel, token_mixing.token_mlp_dx_kernel,
+               token_mixing.token_mlp_dw_kernel)
+    needs = jax_launch.launch_shared_memory(lambda: jax.eval_shape(step, *avals), kernels, capability)
+    return max(needs.values(), default=0) <= jax_launch.max_shared_memory(capability)
 
 
 @functools.lru_cache(maxsize=None)
