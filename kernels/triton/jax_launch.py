@@ -245,8 +245,8 @@ def _sm_count() -> int:
 # The most shared memory a block may use (the opt-in maximum) by compute capability, for when the driver
 # cannot be asked (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability"). Any other
 # capability is assumed to have the least of these.
-SHARED_MEMORY_PER_BLOCK = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
-                           103: 232448, 120: 101376, 121: 101376}
+SHARED_MEMORY_PER_BLOCK = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
+                           100: 232448, 103: 232448, 120: 101376, 121: 101376}
 
 
 def max_shared_memory(capability: int) -> int:
