@@ -74,7 +74,8 @@ def _triton_choices_text() -> str:
             f"{matmul.GEMM_CUBLAS}; default {matmul.GEMM_ENGINE}), fc1's LayerNorm {placement} ({matmul.LN_ENV}: "
             f"{matmul.LN_ON_LOAD} or {matmul.LN_FOLDED}; default {matmul.LN_PLACEMENT})\n"
             f"triton token MLP: {token} ({tm.TOKEN_ENV}: {tm.TOKEN_FLASH} or {tm.TOKEN_CUBLAS}; default "
-            f"{tm.TOKEN_ENGINE})")
+            f"{tm.TOKEN_ENGINE}), on the cuBLAS engine past {tm.FLASH_MAX_TOKENS} tokens unless "
+            f"{tm.TOKEN_ENV}={tm.TOKEN_FLASH} is set")
 
 
 def _wins_text() -> str:

@@ -45,7 +45,8 @@ def test_info_lists_every_backend_with_reason():
     # the choices a GPU measurement makes, and how to override them
     assert "triton channel GEMMs and ResMLP's token linear: fused (MIXER_FAST_GEMM: fused or cublas; default fused)" \
         in r.stdout
-    assert "triton token MLP: flash (MIXER_FAST_TOKEN: flash or cublas; default flash)" in r.stdout
+    assert ("triton token MLP: flash (MIXER_FAST_TOKEN: flash or cublas; default flash), on the cuBLAS engine "
+            "past 256 tokens unless MIXER_FAST_TOKEN=flash is set") in r.stdout
 
 
 def test_info_names_the_triton_backends_choices_as_overridden(monkeypatch):

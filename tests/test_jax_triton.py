@@ -243,6 +243,23 @@ def test_token_mlp_past_shared_memory_runs_on_xla(gpu_path, sizes, need):
     assert ran >= token_kernels if need == 232448 else not ran & token_kernels
 
 
+@pytest.mark.parametrize("setting", [None, "flash"], ids=["default", "flash_forced"])
+def test_token_mlp_past_flash_max_tokens_runs_on_xla(gpu_path, sizes, monkeypatch, setting):
+    # As on the torch backend: past token_mixing.FLASH_MAX_TOKENS (S = 260) the token MLP runs as XLA's,
+    # with nothing compiled to size it; MIXER_FAST_TOKEN=flash runs the flash kernels there (sized first).
+    from mixer_fast.kernels.triton import token_mixing as tm
+
+    if setting is None:
+        monkeypatch.delenv(tm.TOKEN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(tm.TOKEN_ENV, setting)
+    sizes.need = 1024
+    args, kw = args_for("token", 2, 260, 24, 20, jnp.float32, "mixer", seed=14)
+    check_against_xla("triton", "token", args, kw, jnp.float32, "tanh")
+    ran = {name for name, _ in gpu_path} & {"token_mlp_fwd_kernel", "token_mlp_dx_kernel", "token_mlp_dw_kernel"}
+    assert (len(ran), bool(sizes.sized)) == ((3, True) if setting == "flash" else (0, False))
+
+
 def test_shared_memory_sizing_compiles_as_the_gpu_would():
     # The sizing compiled for real (sm_90a, no GPU needed): the edge the torch backend's fallback names.
     code = """

@@ -194,6 +194,33 @@ def test_flash_plan_without_room_falls_to_the_cublas_engine(triton_backend, monk
     assert len(loads) == 1  # known not to fit: not tried again
 
 
+@pytest.mark.parametrize("setting", [None, "flash"], ids=["default", "flash_forced"])
+def test_token_mlp_past_flash_max_tokens(triton_backend, monkeypatch, setting):
+    # Past FLASH_MAX_TOKENS (S = 260: 272 aligned) no flash plan is clean in the static report, so the
+    # token MLP runs on the cuBLAS engine; MIXER_FAST_TOKEN=flash runs it on the flash kernels (pieces
+    # 256 + 16) anyway, and both meet the numerics rule, forward and backward.
+    from conftest import DEVICE
+    from mixer_fast.kernels.triton import cublas_engine, token_mixing as tm
+
+    if setting is None:
+        monkeypatch.delenv(tm.TOKEN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(tm.TOKEN_ENV, setting)
+    engine_calls = []
+    for name in ("token_mixing_forward", "token_mixing_backward"):
+        real = getattr(cublas_engine, name)
+        monkeypatch.setattr(cublas_engine, name,
+                            lambda *a, _real=real, _name=name, **k: engine_calls.append(_name) or _real(*a, **k))
+    assert tm.flash_planned(256) and tm.flash_planned(tm.FLASH_MAX_TOKENS)
+    assert tm.flash_planned(260) == (setting == "flash")
+    args = make_args("token", 2, 260, 24, 20, variant="mixer", seed=25)
+    check_backend("token", args, torch.float32, "triton", approximate="tanh", device=DEVICE)
+    if setting is None:
+        assert {"token_mixing_forward", "token_mixing_backward"} <= set(engine_calls)
+    else:
+        assert not engine_calls
+
+
 def test_triton_token_mixing_cublas_token_linear_with_layernorm(triton_backend, cublas_engine):
     # ResMLP's single token linear with a LayerNorm instead of the affine (no named model; the fused path
     # normalises in torch there): one norm pass on this engine

@@ -20,6 +20,7 @@ accumulating dW1, dW2 and db1 in registers; the shares' partials are summed in a
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -536,7 +537,7 @@ def gpu_config(kernel: str, S: int, D: int, mma_bytes: int = 2) -> Launch:
     - S ≤ 64 (the /32 models, S = 49): a 64-wide piece; BLOCK_C 128 on two warpgroups for the forward
       and dx, and one dW launch at BLOCK_C 32 (98-174 registers).
     - S > 256 (no named model): the accumulator row no longer fits at BLOCK_C 64: 16-channel programs on
-      mma.sync (correct, not tuned: the dispatch table picks the reference unless a win is measured).
+      mma.sync, which spill (FLASH_MAX_TOKENS: only MIXER_FAST_TOKEN=flash runs them there).
     - fp32 runs its "ieee" dots on the FMA units (never wgmma) and fits only 16 × 16 tiles; its dW at
       S ≤ 256 runs on the token pieces with 8 warps (spill-free; a 256-wide piece spilled KBs), and its
       forward at S ≤ 64 with 3 stages (2 spilled under triton 3.6 + ptxas 13.5)."""
@@ -638,15 +639,31 @@ def dw_splits(n_d_tiles: int, work: int, sms: int = _launch.DEFAULT_SMS) -> int:
 # predecessor at 1.75 ms, 0.58 ms with better tiles, against eager's 0.85-1.08 ms): bench/gpu_check.py times
 # both (the ``triton_cublas`` provider); the faster becomes TOKEN_ENGINE. MIXER_FAST_TOKEN chooses per
 # process. ResMLP's token linear is a GEMM, and follows matmul.gemm_engine(). The JAX path keeps the flash
-# kernels, but for shapes they do not fit (mixer_fast.jax.triton_backend._flash_fits).
+# kernels (it has no cuBLAS engine), but for shapes past FLASH_MAX_TOKENS or the GPU's shared memory, which
+# run as XLA's (mixer_fast.jax.triton_backend._runs_flash).
 TOKEN_ENV = "MIXER_FAST_TOKEN"
 TOKEN_FLASH, TOKEN_CUBLAS = "flash", "cublas"
 TOKEN_ENGINE = TOKEN_FLASH
+
+# The most tokens (aligned(S)) the flash kernels take unless MIXER_FAST_TOKEN=flash is set. Their plans are
+# tuned, spill-free and on wgmma (16-bit) up to 256 tokens; past that every program holds accumulators
+# across all S tokens, and the static report (sm_90a, triton 3.6 + ptxas 13.5, bf16, D 384; sweep in
+# bench/NOTES.md) finds no clean plan: S = 324 spills 96-1 088 B at the tiles tried, S = 576 1.3-1.6 KB in
+# dW, S = 784 2-25 KB, and fp32 at S = 576 37 KB in dx. Such token MLPs run on the cuBLAS engine, whose
+# GEMMs do not depend on S that way; the explicit setting runs them on the flash kernels to time them.
+# Neither is measured on a GPU at these shapes.
+FLASH_MAX_TOKENS = 256
 
 
 def token_engine() -> str:
     """MIXER_FAST_TOKEN, else TOKEN_ENGINE: TOKEN_FLASH or TOKEN_CUBLAS; any other value is refused by name."""
     return _launch.env_choice(TOKEN_ENV, TOKEN_ENGINE, (TOKEN_FLASH, TOKEN_CUBLAS))
+
+
+def flash_planned(S: int) -> bool:
+    """Whether a token MLP of S tokens may run on the flash kernels: ``aligned(S) ≤ FLASH_MAX_TOKENS``, or
+    any S where MIXER_FAST_TOKEN=flash is set (shared memory permitting)."""
+    return aligned(S) <= FLASH_MAX_TOKENS or os.environ.get(TOKEN_ENV) == TOKEN_FLASH
 
 
 # Shapes whose flash plans need more shared memory than their device has: Triton raises OutOfResources
@@ -663,13 +680,13 @@ def room_key(x: Tensor, fc1_weight: Tensor) -> tuple:
     return (str(x.device), x.shape[1], x.dtype, fc1_weight.dtype)
 
 
-def on_cublas(fc2_weight: Optional[Tensor], key: Optional[tuple] = None) -> bool:
-    """Whether this token mixing runs on the cuBLAS engine: the MLP by token_engine(), or where its flash
-    plan was found not to fit (``key``, room_key()'s), ResMLP's token linear (no fc2) by
-    matmul.gemm_engine()."""
+def on_cublas(fc2_weight: Optional[Tensor], key: tuple) -> bool:
+    """Whether this token mixing runs on the cuBLAS engine: the MLP by token_engine(), past
+    FLASH_MAX_TOKENS (:func:`flash_planned`), or where its flash plan was found not to fit (``key``,
+    room_key()'s); ResMLP's token linear (no fc2) by matmul.gemm_engine()."""
     if fc2_weight is None:
         return gemm_engine() == GEMM_CUBLAS
-    return token_engine() == TOKEN_CUBLAS or key in _NO_ROOM
+    return token_engine() == TOKEN_CUBLAS or not flash_planned(key[1]) or key in _NO_ROOM
 
 
 def token_mixing_forward(

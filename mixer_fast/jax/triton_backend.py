@@ -8,8 +8,8 @@ triton is first imported in the process: ``load()`` does that, or says why it ca
 Forward and backward are the torch backend's kernel launches (kernels/triton/jax_launch.py) under a
 ``jax.custom_vjp``. Arrays of mixed dtypes run in their promoted dtype, which is what the jax.numpy
 reference computes in; fp16, bf16 and fp32 are supported. FP32 matmuls are exact (no TF32).
-Deterministic: no reduction uses atomics. A token MLP whose flash kernels need more shared memory than
-the GPU has (large S) runs as XLA's (``_flash_fits``).
+Deterministic: no reduction uses atomics. A token MLP past token_mixing.FLASH_MAX_TOKENS, or whose flash
+kernels need more shared memory than the GPU has, runs as XLA's (``_runs_flash``).
 """
 from __future__ import annotations
 
@@ -99,8 +99,7 @@ def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, 
         raise TypeError(f"x: the triton backend computes in float16, bfloat16 or float32; x and the parameters "
                         f"promote to {dtype}")
     key = (op, float(eps), approximate, norm, jnp.dtype(dtype).name)
-    if op == "token_mixing" and fc2_kernel is not None and not _flash_fits(
-            *key, tuple(None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)):
+    if op == "token_mixing" and fc2_kernel is not None and not _runs_flash(key, args):
         from ..reference import jax_ops
 
         # XLA's GEMMs, exact in fp32 as the kernels are (no TF32)
@@ -109,6 +108,19 @@ def _call(op: str, x, norm_weight, norm_bias, fc1_kernel, fc1_bias, fc2_kernel, 
                                         eps=eps, approximate=approximate, norm=norm, scale=scale,
                                         sample_scale=sample_scale)
     return _op(*key)(*args)
+
+
+def _runs_flash(key: tuple, args: tuple) -> bool:
+    """Whether a token MLP (``key``: _op's arguments; ``args``: the op's arrays, None for an absent one)
+    runs on the flash kernels: within token_mixing.FLASH_MAX_TOKENS (as on the torch backend), and where
+    they fit the GPU's shared memory (:func:`_flash_fits`). Otherwise it runs as XLA's."""
+    import jax
+
+    from ..kernels.triton import token_mixing
+
+    if not token_mixing.flash_planned(args[0].shape[1]):
+        return False
+    return _flash_fits(*key, tuple(None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args))
 
 
 @functools.lru_cache(maxsize=None)
