@@ -78,3 +78,23 @@ def test_report_arguments_are_checked():
     if not hasattr(matmul.fused_matmul_kernel, "params"):  # this process runs Triton's interpreter (no GPU)
         with pytest.raises(RuntimeError, match="needs triton in compiled mode"):
             aot.report("sm_90a", jobs=2)
+
+
+def test_token_plans_on_ampere_are_spill_free_and_fit_99_kb():
+    # Below Hopper the token kernels run on mma.sync with plans of their own (token_mixing.gpu_config):
+    # compiled for sm_80, every bf16 token row is spill-free and fits the 99 KB a block of sm_86 / sm_89.
+    require("triton")
+    code = """
+import json
+from mixer_fast.kernels.triton import aot
+rows = [aot._compile(v, "sm_80", "bf16").as_dict() for v in aot.variants("bf16", "sm_80") if v[1].startswith("token_mlp")]
+print(json.dumps(rows))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout)
+    assert len(rows) >= 12 and any("autocast" in row["kernel"] for row in rows)
+    bad = [(row["kernel"], row["config"], row["spills"], row["shared_bytes"]) for row in rows
+           if row["spills"] or row["shared_bytes"] > 99 * 1024]
+    assert not bad, bad

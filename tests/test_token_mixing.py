@@ -53,7 +53,7 @@ def test_token_pieces_cover_the_aligned_width():
 @pytest.mark.parametrize("S", [16, 49, 144, 196, 240, 784])
 def test_launch_plans(S):
     from mixer_fast.kernels.triton import _launch
-    from mixer_fast.kernels.triton.token_mixing import DW1, DW2, DW_BOTH, KERNELS, gpu_config, launch_plan
+    from mixer_fast.kernels.triton.token_mixing import DW1, DW2, DW_BOTH, KERNELS, aligned, gpu_config, launch_plan
 
     for kernel in KERNELS:
         for mma_bytes in (2, 4):
@@ -68,6 +68,17 @@ def test_launch_plans(S):
                 assert plan.pieces == gpu.pieces and plan.parts == (DW_BOTH,)
             else:
                 assert plan == gpu
+        # Ampere / Ada (mma.sync) have plans of their own for 16-bit weights at 64 < aligned(S) ≤ 256
+        ampere = gpu_config(kernel, S, 384, 2, 80)
+        assert sum(ampere.pieces) >= S
+        if 64 < aligned(S) <= 256:
+            assert ampere != gpu_config(kernel, S, 384, 2) and ampere.num_warps == 8
+            assert ampere.block_d == (32 if kernel == "token_mlp_dw" else 16)
+        else:
+            assert ampere == gpu_config(kernel, S, 384, 2)
+        assert gpu_config(kernel, S, 384, 4, 80) == gpu_config(kernel, S, 384, 4)
+        if not _launch.INTERPRET:
+            assert launch_plan(kernel, S, 384, 2, 80) == ampere
     with pytest.raises(ValueError, match="kernel: expected one of"):
         gpu_config("token_mlp", S, 384)
 

@@ -113,7 +113,24 @@ def new_output(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -
 
 
 DEFAULT_SMS = 132  # H100 SXM and H200: the SMs planned for where the device cannot be asked
+DEFAULT_CAPABILITY = 90  # and their compute capability (9.0)
 _SM_COUNTS: dict = {}
+
+
+_CAPABILITIES: dict = {}
+
+
+def capability(device: torch.device) -> int:
+    """CUDA ``device``'s compute capability as an integer (90 for 9.0), or DEFAULT_CAPABILITY off CUDA
+    (the interpreter, which plans with no GPU's tiles)."""
+    if device.type != "cuda":
+        return DEFAULT_CAPABILITY
+    if device not in _CAPABILITIES:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(device)
+        _CAPABILITIES[device] = major * 10 + minor
+    return _CAPABILITIES[device]
 
 
 def sm_count(device: torch.device) -> int:

@@ -301,9 +301,10 @@ def _site_flags(label: str, dtype: str) -> Dict[str, object]:
     return flags
 
 
-def variants(dtype: str) -> Iterator[Tuple]:
+def variants(dtype: str, arch: str = "sm_90a") -> Iterator[Tuple]:
     """(fn, kernel name, config label, constexprs, num_warps, num_stages, ptr dtypes, ints) for every
-    kernel variant and GPU config the launchers use on a GPU, at the named models' shapes; ``ints``: the
+    kernel variant and GPU config the launchers use on an ``arch`` GPU (the token kernels' plans depend on
+    it), at the named models' shapes; ``ints``: the
     integer arguments to specialise on as a launch does (the token kernels), or None."""
     from . import channel_mixing, cublas_engine as cublas, layer_norm, matmul, residual, spatial_gating, token_mixing
 
@@ -350,7 +351,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
                    dict(_site_flags(label, dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                         EPI_SUBTILE=matmul.epi_subtile(bn)), warps, stages, dict(mixed, **{side: "fp32"}),
                    gemm_ints(label))
-        plan = token_mixing.gpu_config("token_mlp_fwd", 196, 512)
+        plan = token_mixing.gpu_config("token_mlp_fwd", 196, 512, 2, ARCHS[arch])
         yield (token_mixing.token_mlp_fwd_kernel, "token_mlp_fwd[S=196,autocast]", plan.label(),
                dict(_TOKEN_FWD, **plan.constexprs()), plan.num_warps, plan.num_stages, mixed,
                token_ints(196, 1024, 512))
@@ -358,7 +359,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
         for kname, fn in (("token_mlp_fwd", token_mixing.token_mlp_fwd_kernel),
                           ("token_mlp_dx", token_mixing.token_mlp_dx_kernel),
                           ("token_mlp_dw", token_mixing.token_mlp_dw_kernel)):
-            plan = token_mixing.gpu_config(kname, S, D, 4 if dtype == "fp32" else 2)
+            plan = token_mixing.gpu_config(kname, S, D, 4 if dtype == "fp32" else 2, ARCHS[arch])
             cfg = dict(_TOKEN_FWD if kname == "token_mlp_fwd" else _TOKEN_BWD, **plan.constexprs())
             parts = plan.parts if kname == "token_mlp_dw" else (None,)
             for part in parts:
@@ -382,7 +383,7 @@ def variants(dtype: str) -> Iterator[Tuple]:
         yield (matmul.fused_matmul_kernel, f"fused_matmul[{label},jax]", f"{bm}x{bn}x{bk} w{warps} s{stages}",
                dict(_site_flags(label, dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SCALED16=mask,
                     EPI_SUBTILE=matmul.epi_subtile(bn)), warps, stages, None, ints)
-    plan = token_mixing.gpu_config("token_mlp_dw", 196, 384, 4 if dtype == "fp32" else 2)
+    plan = token_mixing.gpu_config("token_mlp_dw", 196, 384, 4 if dtype == "fp32" else 2, ARCHS[arch])
     shapes = {q.name: v for q in token_mixing.token_mlp_dw_kernel.params if q.is_constexpr
               for k, v in token_ints(196, 768, 384).items() if k == q.name}
     yield (token_mixing.token_mlp_dw_kernel, "token_mlp_dw[S=196,jax]", plan.label() + f" part{plan.parts[0]}",
@@ -453,14 +454,14 @@ def _compile(variant: Tuple, arch: str, dtype: str) -> Row:
 
 
 @functools.lru_cache(maxsize=None)
-def _variant_list(dtype: str) -> Tuple[Tuple, ...]:
-    return tuple(variants(dtype))
+def _variant_list(dtype: str, arch: str) -> Tuple[Tuple, ...]:
+    return tuple(variants(dtype, arch))
 
 
 def _compile_variant(arch: str, dtype: str, index: int) -> Row:
     """Row ``index`` of :func:`variants`, in a worker process: Triton's JIT functions do not pickle, so each
     worker builds the list of variants itself, once."""
-    return _compile(_variant_list(dtype)[index], arch, dtype)
+    return _compile(_variant_list(dtype, arch)[index], arch, dtype)
 
 
 def report(arch: str, dtype: str = "bf16", jobs: int = 1) -> List[Row]:
@@ -479,7 +480,7 @@ def report(arch: str, dtype: str = "bf16", jobs: int = 1) -> List[Row]:
         raise RuntimeError("the static report needs triton in compiled mode, but this process imported it "
                            "with TRITON_INTERPRET=1; run `mixer-fast report` (it starts a clean process) or "
                            "set TRITON_INTERPRET=0 before importing triton")
-    rows = list(variants(dtype))
+    rows = list(variants(dtype, arch))
     if jobs == 1:
         return [_compile(v, arch, dtype) for v in rows]
     # spawn, not fork: the parent may hold Triton's and the ptxas subprocesses' state from other threads

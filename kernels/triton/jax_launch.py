@@ -235,6 +235,16 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
                  EPI_SUBTILE=epi_subtile(bn)))
 
 
+def _capability() -> int:
+    """The first JAX GPU's compute capability as an integer (90 for 9.0); _launch.DEFAULT_CAPABILITY where
+    it reports none (no GPU: a test's stand-in)."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if capability is None:
+        return _launch.DEFAULT_CAPABILITY
+    major, minor = str(capability).split(".")[:2]
+    return int(major) * 10 + int(minor)
+
+
 def _sm_count() -> int:
     """The GPU's streaming multiprocessors as JAX reports them (a GPU device's ``core_count``), for the
     split-K plan (matmul.split_k); _launch.DEFAULT_SMS where it reports none."""
@@ -391,7 +401,7 @@ def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1:
         return out, mean, rstd, branch
     D = k1.shape[1]
     w1, w2 = token_weights(k1.T, k2.T, _pad_columns)  # (D, S), (S, D): the torch layout, aligned rows
-    plan = launch_plan("token_mlp_fwd", S, D, w1.dtype.itemsize)
+    plan = launch_plan("token_mlp_fwd", S, D, w1.dtype.itemsize, _capability())
     dummy = nwv
     out, branch = call(
         token_mlp_fwd_kernel, plan.grid(B, C),
@@ -444,7 +454,7 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
         common = dict(NORM=NORMS[norm], HAS_B1=b1 is not None, APPROX_TANH=approximate == "tanh",
                       PRECISION=precision, INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x))
         shapes = shape_constexprs("token_mlp_dx", S, C, D, _strides(x), _strides(x), _strides(w1), _strides(w2))
-        plan = launch_plan("token_mlp_dx", S, D, w1.dtype.itemsize)
+        plan = launch_plan("token_mlp_dx", S, D, w1.dtype.itemsize, _capability())
         # g in the weights' dtype, as the torch launcher (and eager) rounds it.
         if B:
             (g,) = call(token_mlp_dx_kernel, plan.grid(B, C),
@@ -453,7 +463,7 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
                         **plan.constexprs())
         else:
             g = jnp.zeros((0, C), w1.dtype)
-        plan = launch_plan("token_mlp_dw", S, D, w1.dtype.itemsize)
+        plan = launch_plan("token_mlp_dw", S, D, w1.dtype.itemsize, _capability())
         n_d = triton.cdiv(D, plan.block_d)
         splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c), _sm_count()))
         dw1 = jnp.zeros((splits, D, S), F32)

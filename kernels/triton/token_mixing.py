@@ -514,10 +514,13 @@ class Launch:
                 f"w{self.num_warps} s{self.num_stages}")
 
 
-def gpu_config(kernel: str, S: int, D: int, mma_bytes: int = 2) -> Launch:
-    """The launch of ``kernel`` (one of KERNELS) on a GPU for S tokens and D hidden units, with weights
-    (the MMA operands) of ``mma_bytes`` bytes an element (2: bf16 / fp16, with activations of that
-    dtype or fp32 under torch.autocast; 4: fp32).
+WGMMA_CAPABILITY = 90  # Hopper's: 16-bit dots on wgmma, which the plans below are tuned for; below it mma.sync
+
+
+def gpu_config(kernel: str, S: int, D: int, mma_bytes: int = 2, capability: int = WGMMA_CAPABILITY) -> Launch:
+    """The launch of ``kernel`` (one of KERNELS) on a GPU of compute capability ``capability`` (90 for
+    9.0) for S tokens and D hidden units, with weights (the MMA operands) of ``mma_bytes`` bytes an
+    element (2: bf16 / fp16, with activations of that dtype or fp32 under torch.autocast; 4: fp32).
 
     Chosen with the static report (``mixer-fast report``, compiled as a launch specialises: pointers and
     16-divisible strides marked, so that the loads pipeline), triton 3.6 with CUDA 13's ptxas and triton
@@ -544,6 +547,14 @@ def gpu_config(kernel: str, S: int, D: int, mma_bytes: int = 2) -> Launch:
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     pieces, width = s_pieces(S), aligned(S)
+    if capability < WGMMA_CAPABILITY and mma_bytes == 2 and 64 < width <= 256:
+        # Ampere / Ada (mma.sync): the Hopper plans spilled 128 B (fwd), 856 B (dx) and 764-2 508 B (dW) at
+        # S = 196 (report --arch sm_80, triton 3.6); these are clean at S = 100-256 in bf16 and fp16 under
+        # triton 3.6 and 3.8 (sweep in bench/NOTES.md; dx spilled 8-56 B at 2 stages under 3.8, so it runs
+        # unpipelined), and fit sm_86 / sm_89's 99 KB a block (at most 80 KB). Not timed on a GPU.
+        if kernel == "token_mlp_dw":
+            return Launch((_launch.pow2(S), 0, 0), 16, 32, 8, 2, (DW1, DW2))
+        return Launch(pieces, 64, 16, 8, 2 if kernel == "token_mlp_fwd" else 1)
     if mma_bytes > 2 and width <= 256 and kernel == "token_mlp_dw":
         # fp32 dW on the token pieces, 8 warps: one 256-wide piece spilled 3.3-4.3 KB at 4 warps and
         # 284-336 B at 8 (report --dtype fp32); three pieces at 4 warps 648-1204 B; at S ≤ 64 4 warps
@@ -587,10 +598,10 @@ def override_plan(kernel: str, launch: Launch) -> Iterator[None]:
             _OVERRIDES[kernel] = previous
 
 
-def launch_plan(kernel: str, S: int, D: int, mma_bytes: int) -> Launch:
-    """The launch of ``kernel``: an :func:`override_plan`'s, gpu_config's, or in Triton's interpreter the
-    same token pieces (so that CI runs the GPU's piece plan) with small tiles and the dW gradients in one
-    launch."""
+def launch_plan(kernel: str, S: int, D: int, mma_bytes: int, capability: int = WGMMA_CAPABILITY) -> Launch:
+    """The launch of ``kernel`` on a GPU of compute capability ``capability``: an :func:`override_plan`'s,
+    gpu_config's, or in Triton's interpreter the same token pieces (so that CI runs the GPU's piece plan)
+    with small tiles and the dW gradients in one launch."""
     if kernel in _OVERRIDES:
         launch = _OVERRIDES[kernel]
         if sum(launch.pieces) < S:
@@ -599,7 +610,7 @@ def launch_plan(kernel: str, S: int, D: int, mma_bytes: int) -> Launch:
     if _launch.INTERPRET:
         pieces = gpu_config(kernel, S, D, mma_bytes).pieces
         return Launch(pieces, 16 if kernel == "token_mlp_dw" else 32, 16, 4, 1)
-    return gpu_config(kernel, S, D, mma_bytes)
+    return gpu_config(kernel, S, D, mma_bytes, capability)
 
 
 def token_weights(w1, w2, pad_columns):
@@ -741,7 +752,7 @@ def token_mixing_forward(
             approximate=approximate, allow_tf32=allow_tf32)
         return out, mean, rstd, branch
     D = fc1_weight.shape[0]
-    plan = launch_plan("token_mlp_fwd", S, D, fc1_weight.element_size())
+    plan = launch_plan("token_mlp_fwd", S, D, fc1_weight.element_size(), _launch.capability(x.device))
     w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
     dummy = nw
     try:
@@ -838,14 +849,14 @@ def token_mixing_backward(
         b1 = fc1_bias if fc1_bias is not None else nw
         w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
         shapes = shape_constexprs("token_mlp_dx", S, C, D, x.stride(), do.stride(), w1.stride(), w2.stride())
-        plan = launch_plan("token_mlp_dx", S, D, fc1_weight.element_size())
+        plan = launch_plan("token_mlp_dx", S, D, fc1_weight.element_size(), _launch.capability(x.device))
         try:
             if B:
                 with _launch.serialized():
                     token_mlp_dx_kernel[plan.grid(B, C)](
                         x, do, *stats, nw, nb, w1, b1, w2, g, **shapes, **common, **plan.constexprs(),
                         num_warps=plan.num_warps, num_stages=plan.num_stages)
-            plan = launch_plan("token_mlp_dw", S, D, fc1_weight.element_size())
+            plan = launch_plan("token_mlp_dw", S, D, fc1_weight.element_size(), _launch.capability(x.device))
             n_d = triton.cdiv(D, plan.block_d)
             splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c), _launch.sm_count(x.device)))
             dw1 = _launch.new_output((splits, D, S), x, torch.float32)
