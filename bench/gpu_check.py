@@ -235,8 +235,8 @@ TILE_GROUPS = (TimingGroup("tiles", "mixer_b16", "bf16", 60), TimingGroup("tiles
 
 
 def tile_candidates() -> Dict[str, List[Any]]:
-    """kernel → the token_mixing.Launch candidates timed by ``--parts tiles`` at S = 196, the planned one
-    first. Spill-free in the static report (triton 3.6 with CUDA 13's ptxas, sm_90a, bf16) except where
+    """kernel → the token_mixing.Launch candidates timed by ``--parts tiles`` at S = 196, Hopper's planned
+    one first (the tiles part is for an H100 / H200: below Hopper, and on sm_120, the plans differ). Spill-free in the static report (triton 3.6 with CUDA 13's ptxas, sm_90a, bf16) except where
     marked; bench/NOTES.md has the sweep they come from."""
     from mixer_fast.kernels.triton.token_mixing import DW1, DW2, Launch, s_pieces
 

@@ -243,6 +243,21 @@ def test_token_mlp_past_shared_memory_runs_on_xla(gpu_path, sizes, need):
     assert ran >= token_kernels if need == 232448 else not ran & token_kernels
 
 
+def test_token_mlp_that_cannot_be_sized_warns_and_runs_on_xla(gpu_path, sizes, monkeypatch):
+    # The sizing guards speed, never correctness: a compile that fails there (a toolchain problem) warns
+    # and leaves the shape to XLA instead of failing the op.
+    from mixer_fast.kernels.triton import aot
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Could not create or locate cache dir")
+
+    monkeypatch.setattr(aot, "launch_shared_bytes", broken)
+    args, kw = args_for("token", 2, 70, 24, 36, jnp.float32, "mixer", seed=15)
+    with pytest.warns(RuntimeWarning, match="could not be sized .*cache dir.* runs as XLA's"):
+        check_against_xla("triton", "token", args, kw, jnp.float32, "tanh")
+    assert not {name for name, _ in gpu_path} & {"token_mlp_fwd_kernel", "token_mlp_dx_kernel", "token_mlp_dw_kernel"}
+
+
 @pytest.mark.parametrize("setting", [None, "flash"], ids=["default", "flash_forced"])
 def test_token_mlp_past_flash_max_tokens_runs_on_xla(gpu_path, sizes, monkeypatch, setting):
     # As on the torch backend: past token_mixing.FLASH_MAX_TOKENS (S = 260) the token MLP runs as XLA's,
@@ -262,7 +277,10 @@ def test_token_mlp_past_flash_max_tokens_runs_on_xla(gpu_path, sizes, monkeypatc
 
 def test_shared_memory_sizing_compiles_as_the_gpu_would():
     # The sizing compiled for real (sm_90a, no GPU needed): the edge the torch backend's fallback names.
+    # TRITON_CACHE_DIR="" as jax-triton 0.3.1 leaves it once imported (Triton then has no cache directory
+    # unless the sizing gives it one); a failed sizing would warn, which is an error here.
     code = """
+import warnings; warnings.simplefilter("error", RuntimeWarning)
 import jax, jax.numpy as jnp
 from mixer_fast.jax import triton_backend as tb
 from mixer_fast.kernels.triton import jax_launch
@@ -272,7 +290,7 @@ for S in (1024, 1025):
     k = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((2, S, 64), (64,), (64,), (S, 512), (512,), (512, S), (S,))]
     print(S, tb._flash_fits("token_mixing", 1e-6, "tanh", "layernorm", "bfloat16", tuple(k) + (None, None)))
 """
-    env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, TRITON_INTERPRET="0", JAX_PLATFORMS="cpu", TRITON_CACHE_DIR="")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["1024", "True", "1025", "False"], r.stdout

@@ -77,6 +77,9 @@ def test_launch_plans(S):
         else:
             assert ampere == gpu_config(kernel, S, 384, 2)
         assert gpu_config(kernel, S, 384, 4, 80) == gpu_config(kernel, S, 384, 4)
+        # consumer Blackwell (sm_120) has mma.sync and 99 KB a block too; datacenter Blackwell keeps Hopper's
+        assert gpu_config(kernel, S, 384, 2, 120) == ampere and gpu_config(kernel, S, 384, 2, 100) == gpu_config(
+            kernel, S, 384, 2)
         if not _launch.INTERPRET:
             assert launch_plan(kernel, S, 384, 2, 80) == ampere
     with pytest.raises(ValueError, match="kernel: expected one of"):

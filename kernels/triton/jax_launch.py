@@ -22,8 +22,10 @@ launch runs once per vmapped element (``jax.custom_batching.sequential_vmap``).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
-from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -108,10 +110,27 @@ def launch_shared_memory(traced: Callable[[], Any], kernels: Iterable, capabilit
         raise RuntimeError("launch_shared_memory: already sizing in this thread")
     _SIZING.run = _Sizing(frozenset(kernels), int(capability), launch_shared_bytes, {})
     try:
-        traced()
+        with triton_cache():
+            traced()
         return dict(_SIZING.run.needs)
     finally:
         _SIZING.run = None
+
+
+@contextlib.contextmanager
+def triton_cache() -> Iterator[None]:
+    """A cache directory for Triton's own compiles (triton.compile, its driver utilities) in this block:
+    jax-triton 0.3.1 sets TRITON_CACHE_DIR to "" when imported (it compiles without Triton's cache), after
+    which Triton (3.4 and later: ``triton.knobs``) finds no directory and raises. Triton's default one,
+    unless a directory is in force."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:  # older Triton reads an empty TRITON_CACHE_DIR as its default directory
+        yield
+        return
+    with knobs.cache.scope():
+        if not knobs.cache.dir:
+            knobs.cache.dir = os.path.join(knobs.cache.home_dir, ".triton", "cache")
+        yield
 
 
 def _interpreted(kernel, grid, args, outs, num_warps, meta):
@@ -218,7 +237,7 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
     split = p.split_k > 1
     if _launch.INTERPRET:
         return fused_matmul_kernel, p.grid, dict(num_warps=p.num_warps, num_stages=p.num_stages)
-    capability = getattr(jax.devices()[0], "compute_capability", None)  # None: no GPU (a test's stand-in)
+    capability = getattr(jax.local_devices()[0], "compute_capability", None)  # None: no GPU (a test's stand-in)
     configs = site_configs(variant, split, fp32=fp32)
     cfg = None
     if capability is not None:
@@ -238,7 +257,7 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
 def _capability() -> int:
     """The first JAX GPU's compute capability as an integer (90 for 9.0); _launch.DEFAULT_CAPABILITY where
     it reports none (no GPU: a test's stand-in)."""
-    capability = getattr(jax.devices()[0], "compute_capability", None)
+    capability = getattr(jax.local_devices()[0], "compute_capability", None)
     if capability is None:
         return _launch.DEFAULT_CAPABILITY
     major, minor = str(capability).split(".")[:2]
@@ -248,7 +267,7 @@ def _capability() -> int:
 def _sm_count() -> int:
     """The GPU's streaming multiprocessors as JAX reports them (a GPU device's ``core_count``), for the
     split-K plan (matmul.split_k); _launch.DEFAULT_SMS where it reports none."""
-    count = getattr(jax.devices()[0], "core_count", None)
+    count = getattr(jax.local_devices()[0], "core_count", None)
     return count if isinstance(count, int) and count > 0 else _launch.DEFAULT_SMS
 
 
@@ -265,8 +284,9 @@ def max_shared_memory(capability: int) -> int:
     try:
         from triton.backends.nvidia.driver import CudaUtils
 
-        ordinal = getattr(jax.devices()[0], "local_hardware_id", None) or 0
-        return int(CudaUtils().get_device_properties(ordinal)["max_shared_mem"])
+        ordinal = getattr(jax.local_devices()[0], "local_hardware_id", None) or 0
+        with triton_cache():  # CudaUtils builds its C module there
+            return int(CudaUtils().get_device_properties(ordinal)["max_shared_mem"])
     except Exception:  # noqa: BLE001 - no driver module, no C compiler for it, no CUDA context: the table
         return SHARED_MEMORY_PER_BLOCK.get(capability, min(SHARED_MEMORY_PER_BLOCK.values()))
 

@@ -514,7 +514,15 @@ class Launch:
                 f"w{self.num_warps} s{self.num_stages}")
 
 
-WGMMA_CAPABILITY = 90  # Hopper's: 16-bit dots on wgmma, which the plans below are tuned for; below it mma.sync
+WGMMA_CAPABILITY = 90  # Hopper's: 16-bit dots on wgmma, which the plans below are tuned for
+CONSUMER_BLACKWELL = 120  # sm_120 / sm_121: mma.sync again, and 99 KB a block
+
+
+def mma_sync_plans(capability: int) -> bool:
+    """Whether a GPU of compute capability ``capability`` takes the mma.sync plans: Ampere and Ada (8.x)
+    and consumer Blackwell (12.x), which have no wgmma and 99-163 KB a block. At S = 196 in bf16 the Hopper
+    dW plan needs 102 528 B compiled for sm_120, past its 101 376."""
+    return capability < WGMMA_CAPABILITY or capability >= CONSUMER_BLACKWELL
 
 
 def gpu_config(kernel: str, S: int, D: int, mma_bytes: int = 2, capability: int = WGMMA_CAPABILITY) -> Launch:
@@ -547,7 +555,7 @@ def gpu_config(kernel: str, S: int, D: int, mma_bytes: int = 2, capability: int 
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     pieces, width = s_pieces(S), aligned(S)
-    if capability < WGMMA_CAPABILITY and mma_bytes == 2 and 64 < width <= 256:
+    if mma_sync_plans(capability) and mma_bytes == 2 and 64 < width <= 256:
         # Ampere / Ada (mma.sync): the Hopper plans spilled 128 B (fwd), 856 B (dx) and 764-2 508 B (dW) at
         # S = 196 (report --arch sm_80, triton 3.6); these are clean at S = 100-256 in bf16 and fp16 under
         # triton 3.6 and 3.8 (sweep in bench/NOTES.md; dx spilled 8-56 B at 2 stages under 3.8, so it runs
