@@ -177,7 +177,17 @@ def gpu_path(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax_triton", types.SimpleNamespace(triton_call=triton_call))
     monkeypatch.setattr(_launch, "INTERPRET", False)
     monkeypatch.setattr(jax_launch, "_tuned", {})
-    return calls
+    # The token MLP's shared-memory sizing (triton_backend._flash_fits) as on an H100: every launch fits
+    # (the ``sizes`` fixture varies that); the real compile is test_shared_memory_sizing_compiles_as_the_gpu_would's.
+    from mixer_fast.jax import triton_backend
+    from mixer_fast.kernels.triton import aot
+
+    monkeypatch.setattr(aot, "launch_shared_bytes", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(jax_launch, "max_shared_memory", lambda capability: 232448)
+    monkeypatch.setattr(triton_backend, "_capability", lambda device: 90)
+    triton_backend._flash_fits.cache_clear()
+    yield calls
+    triton_backend._flash_fits.cache_clear()
 
 
 @pytest.mark.parametrize("variant", ["mixer", "resmlp"])
@@ -208,9 +218,8 @@ def test_gpu_launch_path_ln_folded(gpu_path, monkeypatch, variant):
 @pytest.fixture
 def sizes(gpu_path, monkeypatch):
     """Shared-memory sizing with a stand-in compile: ``sizes.need`` bytes for every sized launch, an H100's
-    227 KB to fit in; the sized kernels' names land in ``sizes.sized``."""
-    from mixer_fast.jax import triton_backend
-    from mixer_fast.kernels.triton import aot, jax_launch
+    227 KB to fit in (gpu_path's); the sized kernels' names land in ``sizes.sized``."""
+    from mixer_fast.kernels.triton import aot
 
     state = types.SimpleNamespace(need=0, sized=[])
 
@@ -221,11 +230,7 @@ def sizes(gpu_path, monkeypatch):
         return state.need
 
     monkeypatch.setattr(aot, "launch_shared_bytes", measure)
-    monkeypatch.setattr(jax_launch, "max_shared_memory", lambda capability: 232448)
-    monkeypatch.setattr(triton_backend, "_capability", lambda device: 90)
-    triton_backend._flash_fits.cache_clear()
-    yield state
-    triton_backend._flash_fits.cache_clear()
+    return state
 
 
 @pytest.mark.parametrize("need", [232448, 232449], ids=["fits", "too_big"])
@@ -305,3 +310,22 @@ def test_max_shared_memory_without_the_driver(monkeypatch):
     assert jax_launch.max_shared_memory(90) == 232448
     assert jax_launch.max_shared_memory(80) == 166912
     assert jax_launch.max_shared_memory(60) == min(jax_launch.SHARED_MEMORY_PER_BLOCK.values()) == 65536
+
+
+def test_importing_jax_triton_keeps_tritons_cache_directory(tmp_path, monkeypatch):
+    # jax-triton 0.3.1 sets TRITON_CACHE_DIR to "" on import, which leaves every later Triton compile in the
+    # process (torch's launches too) without a cache directory; the backend's import puts it back. A
+    # stand-in module does what jax-triton's import does.
+    from mixer_fast.jax import triton_backend
+
+    (tmp_path / "jax_triton.py").write_text('import os\nos.environ["TRITON_CACHE_DIR"] = ""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "jax_triton", None)  # restored (absent, or as it was) afterwards
+    for before in ("/somewhere/triton-cache", None):
+        del sys.modules["jax_triton"]
+        if before is None:
+            monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_CACHE_DIR", before)
+        assert triton_backend._import_jax_triton().__file__ == str(tmp_path / "jax_triton.py")
+        assert os.environ.get("TRITON_CACHE_DIR") == before

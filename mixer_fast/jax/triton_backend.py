@@ -51,7 +51,7 @@ def load() -> SimpleNamespace:
         raise BackendUnavailable(problem)
     if on_gpu and not _launch.INTERPRET:
         try:
-            import jax_triton  # noqa: F401
+            _import_jax_triton()
         except ImportError as e:
             raise BackendUnavailable(f"jax-triton is not importable ({e}); `pip install jax-triton`") from None
         device = jax.local_devices()[0]
@@ -67,6 +67,25 @@ def load() -> SimpleNamespace:
                            device_class=device_class,
                            token_mixing=functools.partial(_call, "token_mixing"),
                            channel_mixing=functools.partial(_call, "channel_mixing"))
+
+
+def _import_jax_triton():
+    """``import jax_triton``, keeping TRITON_CACHE_DIR as it was: jax-triton 0.3.1 sets it to "" when first
+    imported (its own compiles bypass Triton's cache), after which Triton 3.4 and later find no cache
+    directory and every other compile in the process raises, torch's Triton launches included (0.4.0
+    deletes it instead, jax-ml/jax-triton#351, which loses a user's setting). An empty value is dropped
+    (Triton's default directory then)."""
+    saved = os.environ.get(_CACHE_ENV)
+    import jax_triton
+
+    if saved:
+        os.environ[_CACHE_ENV] = saved
+    else:
+        os.environ.pop(_CACHE_ENV, None)
+    return jax_triton
+
+
+_CACHE_ENV = "TRITON_CACHE_DIR"
 
 
 def _capability(device) -> int:
@@ -119,8 +138,12 @@ def _runs_flash(key: tuple, args: tuple) -> bool:
 
     from ..kernels.triton import token_mixing
 
+    from ..kernels.triton import _launch
+
     if not token_mixing.flash_planned(args[0].shape[1]):
         return False
+    if _launch.INTERPRET:  # Triton's interpreter has no shared memory to run out of
+        return True
     return _flash_fits(*key, tuple(None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args))
 
 
@@ -131,14 +154,11 @@ def _flash_fits(op: str, eps: float, approximate: str, norm: str, dtype: str, av
     with 16-bit weights the dW kernel needs 172 KB at S = 1024 and 344 KB at S = 1025 (sm_90a), against the
     227 KB a block may use on an H100 / H200 and less on other GPUs. jax-triton would compile such a kernel
     and fail only when the program runs, so the sizes are compiled first, once per shape, and a token MLP
-    that does not fit runs as XLA's (as the torch backend sends such shapes to its cuBLAS engine). Always
-    true in Triton's interpreter, which has no shared memory."""
+    that does not fit runs as XLA's (as the torch backend sends such shapes to its cuBLAS engine)."""
     import jax
 
-    from ..kernels.triton import _launch, jax_launch, token_mixing
+    from ..kernels.triton import jax_launch, token_mixing
 
-    if _launch.INTERPRET:
-        return True
     fused = _op(op, eps, approximate, norm, dtype)
 
     def step(*args):
