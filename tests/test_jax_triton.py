@@ -329,3 +329,55 @@ def test_importing_jax_triton_keeps_tritons_cache_directory(tmp_path, monkeypatc
             monkeypatch.setenv("TRITON_CACHE_DIR", before)
         assert triton_backend._import_jax_triton().__file__ == str(tmp_path / "jax_triton.py")
         assert os.environ.get("TRITON_CACHE_DIR") == before
+
+
+def test_autotuned_gemm_launches_are_cached_by_jax_triton(gpu_path):
+    # jax-triton caches its launch primitive on its parameters, the grid and the kernel among them: the
+    # fused GEMM's grid compares by value (a closure per call made every un-jitted call lower and compile
+    # again), and its cached autotuner keeps no early_config_prune, which jax-triton 0.3.1 wraps in one
+    # more closure at every lowering (~940 lowerings overflowed the stack in a reviewer's emulation).
+    from mixer_fast.kernels.triton import jax_launch, matmul
+
+    flags = dict(a_pro=matmul.A_NONE, b_pro=matmul.B_NONE, has_bias=False, bias_on_m=False, epi_gelu=False,
+                 epi_gelu_grad=False, store_branch=False, has_scale=False, has_ss=False, ss_on_n=False,
+                 has_res=False, approximate="none", precision="ieee", idx64=False)
+    axes = [(matmul.flat(96, 64), matmul.flat(64, 1)), (matmul.flat(64, 80), matmul.flat(80, 1)),
+            (matmul.flat(96, 80), matmul.flat(80, 1))]
+    grids = [matmul.plan(96, 80, 64, *axes, None, None, **flags).grid for _ in range(2)]
+    assert grids[0] == grids[1] and hash(grids[0]) == hash(grids[1]) and grids[0] is not grids[1]
+    assert grids[0]({"BLOCK_M": 64, "BLOCK_N": 32}) == (2 * 3, 1)
+    tuner = matmul.autotuned(matmul.fused_matmul_kernel, "plain", jax_launch._tuned)
+    assert tuner is matmul.autotuned(matmul.fused_matmul_kernel, "plain", jax_launch._tuned)
+    for _ in range(2000):  # what each jax-triton 0.3.1 lowering does to the autotuner it is given
+        previous = tuner.early_config_prune
+        tuner.early_config_prune = lambda configs, named_args, _p=previous, **kw: _p(configs, named_args) if _p else configs
+    assert tuner.early_config_prune is None
+    tuner.nargs = {}
+    assert len(tuner.prune_configs({})) == len(matmul.site_configs("plain", False))
+
+
+def test_shard_map_gradient_needs_check_vma_false():
+    # Inside jax.shard_map with its default check_vma the gradients would have to carry the mesh axes their
+    # arguments vary over, which the kernel calls' results do not: the backend says what to do instead of
+    # JAX's bare type error; with check_vma=False the gradient is the unsharded one (a one-device mesh).
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:
+        from jax.experimental.shard_map import shard_map
+    mesh = jax.make_mesh((1,), ("batch",))
+    args, _ = args_for("token", 2, 49, 24, 20, jnp.float32, "mixer", seed=3)
+    x = jax.device_put(args[0], NamedSharding(mesh, P("batch")))
+    rest = tuple(jax.device_put(a, NamedSharding(mesh, P())) for a in args[1:])
+
+    def loss(x, *rest):
+        return jnp.sum(mfj.token_mixing(x, *rest, backend="triton") ** 2)
+
+    def sharded(check_vma):
+        return shard_map(lambda x, *r: jax.lax.psum(loss(x, *r), "batch"), mesh=mesh,
+                         in_specs=(P("batch"),) + (P(),) * len(rest), out_specs=P(), check_vma=check_vma)
+
+    with pytest.raises(NotImplementedError, match="pass check_vma=False to jax.shard_map, or use backend='xla'"):
+        jax.grad(sharded(True))(x, *rest)
+    got, want = jax.grad(sharded(False))(x, *rest), jax.grad(loss)(args[0], *args[1:])
+    assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))

@@ -59,8 +59,12 @@ def load() -> SimpleNamespace:
             ptxas = toolchain.apply(_capability(device))
         except toolchain.ToolchainProblem as e:
             raise BackendUnavailable(f"on {device.device_kind}: {e}") from None
-        detail = (f"compiled Triton kernels through jax-triton on {device.device_kind}; ptxas {ptxas.version_text} "
-                  f"({ptxas.source})")
+        # jax-triton hands jaxlib PTX, which XLA assembles with a ptxas of its own finding (jaxlib's
+        # triton_kernels.cc ignores TRITON_PTXAS_PATH): the guard's ptxas assembles only Triton's own
+        # compiles here (the shared-memory sizing). Which one XLA uses is not yet checked on a GPU.
+        detail = (f"compiled Triton kernels through jax-triton on {device.device_kind}; PTX assembled by XLA's "
+                  f"ptxas (not chosen by mixer_fast; Triton's own compiles: ptxas {ptxas.version_text}, "
+                  f"{ptxas.source})")
     else:
         detail = "Triton's interpreter through jax.pure_callback (no GPU; for testing, slow)"
     return SimpleNamespace(name="triton", features=frozenset({"deterministic"}), detail=detail,
@@ -205,6 +209,12 @@ def _op(op: str, eps: float, approximate: str, norm: str, dtype: str):
 
     def bwd(saved, g):
         args, res = saved
+        if any(a is not None and jax.typeof(a).mat.varying for a in (*args, g)):
+            # Inside jax.shard_map with check_vma (its default) each gradient must vary over the mesh axes its
+            # argument does; the kernel calls' results carry none, and JAX's own error names no remedy.
+            raise NotImplementedError("jax.shard_map: the triton backend's gradient runs inside shard_map with "
+                                      "check_vma=False only (its kernel calls do not track varying mesh axes); "
+                                      "pass check_vma=False to jax.shard_map, or use backend='xla'")
         x, nw, nb, k1, b1, k2, b2, scale, ss = cast(args)
         g = g.astype(dtype)
         if token:
