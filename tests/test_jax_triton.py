@@ -356,28 +356,68 @@ def test_autotuned_gemm_launches_are_cached_by_jax_triton(gpu_path):
     assert len(tuner.prune_configs({})) == len(matmul.site_configs("plain", False))
 
 
-def test_shard_map_gradient_needs_check_vma_false():
-    # Inside jax.shard_map with its default check_vma the gradients would have to carry the mesh axes their
-    # arguments vary over, which the kernel calls' results do not: the backend says what to do instead of
-    # JAX's bare type error; with check_vma=False the gradient is the unsharded one (a one-device mesh).
-    from jax.sharding import NamedSharding, PartitionSpec as P
+@pytest.mark.parametrize("op,variant", [("token", "mixer"), ("channel", "mixer"), ("token", "resmlp")])
+def test_shard_map_gradients_with_and_without_check_vma(op, variant):
+    # Inside jax.shard_map with its default check_vma every result must carry the mesh axes its operands
+    # vary over, and a replicated argument's gradient is the psum of the per-device ones (jax_launch.
+    # varying_like, triton_backend._summed_like); JAX refused the gradient before. Both settings give the
+    # unsharded gradient (a one-device mesh: the typing is what is checked; the sums are psum's).
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     shard_map = getattr(jax, "shard_map", None)
     if shard_map is None:
         from jax.experimental.shard_map import shard_map
-    mesh = jax.make_mesh((1,), ("batch",))
-    args, _ = args_for("token", 2, 49, 24, 20, jnp.float32, "mixer", seed=3)
-    x = jax.device_put(args[0], NamedSharding(mesh, P("batch")))
-    rest = tuple(jax.device_put(a, NamedSharding(mesh, P())) for a in args[1:])
+    mesh = Mesh(jax.devices()[:1], ("batch",))
+    args, kw = args_for(op, 2, 49, 24, 20, jnp.float32, variant, seed=3)
+    fn = mfj.token_mixing if op == "token" else mfj.channel_mixing
+    ss = kw.pop("sample_scale", None)  # per image: sharded with x
+    argnums = tuple(i for i, a in enumerate(args) if a is not None)
 
-    def loss(x, *rest):
-        return jnp.sum(mfj.token_mixing(x, *rest, backend="triton") ** 2)
+    def loss(*a):
+        *a, ss = a
+        return jnp.sum(fn(*a, **kw, sample_scale=ss, backend="triton") ** 2)
 
-    def sharded(check_vma):
-        return shard_map(lambda x, *r: jax.lax.psum(loss(x, *r), "batch"), mesh=mesh,
-                         in_specs=(P("batch"),) + (P(),) * len(rest), out_specs=P(), check_vma=check_vma)
+    full = (*args, ss)
+    specs = tuple(P("batch") if i in (0, len(args)) else P() for i in range(len(full)))
+    placed = [None if a is None else jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip(full, specs)]
+    want = jax.grad(loss, argnums=argnums)(*full)
+    for check_vma in (True, False):
+        sharded = shard_map(lambda *a: jax.lax.psum(loss(*a), "batch"), mesh=mesh, in_specs=specs, out_specs=P(),
+                            check_vma=check_vma)
+        got = jax.grad(sharded, argnums=argnums)(*placed)
+        for g, w in zip(got, want):
+            assert float(jnp.max(jnp.abs(g - w))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(w)))), check_vma
 
-    with pytest.raises(NotImplementedError, match="pass check_vma=False to jax.shard_map, or use backend='xla'"):
-        jax.grad(sharded(True))(x, *rest)
-    got, want = jax.grad(sharded(False))(x, *rest), jax.grad(loss)(args[0], *args[1:])
-    assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
+
+def test_shard_map_over_two_devices_sums_parameter_gradients():
+    # Two host devices, the batch split between them, check_vma on: each device runs the kernels on its
+    # image, and the replicated parameters' gradients are psum'd in the backward rule: the gradients of the
+    # whole batch, to float32 association.
+    code = """
+import sys; sys.path.insert(0, "tests")
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from mixer_fast import dispatch, jax as mfj
+from jax_cases import args_for
+dispatch.load("triton", "jax")
+shard_map = getattr(jax, "shard_map", None) or __import__("jax.experimental.shard_map", fromlist=["x"]).shard_map
+assert len(jax.devices()) == 2, jax.devices()
+mesh = Mesh(jax.devices(), ("batch",))
+for op in ("token", "channel"):
+    args, _ = args_for(op, 2, 49, 24, 20, jnp.float32, "mixer", seed=4)
+    fn = mfj.token_mixing if op == "token" else mfj.channel_mixing
+    loss = lambda *a: jnp.sum(fn(*a, backend="triton") ** 2)
+    argnums = tuple(range(len(args)))
+    specs = (P("batch"),) + (P(),) * (len(args) - 1)
+    placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+    sharded = shard_map(lambda *a: jax.lax.psum(loss(*a), "batch"), mesh=mesh, in_specs=specs, out_specs=P())
+    got, want = jax.grad(sharded, argnums=argnums)(*placed), jax.grad(loss, argnums=argnums)(*args)
+    print(max(float(jnp.max(jnp.abs(g - w))) / max(1.0, float(jnp.max(jnp.abs(w)))) for g, w in zip(got, want)))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    errors = [float(v) for v in r.stdout.split()]
+    assert len(errors) == 2 and max(errors) <= 1e-5, errors

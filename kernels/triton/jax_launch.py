@@ -81,7 +81,19 @@ def call(kernel, grid, args: Sequence[Any], outs: Sequence[jax.ShapeDtypeStruct]
         return tuple(jax_triton.triton_call(*full, kernel=kernel, out_shape=list(outs), grid=grid,
                                             num_warps=num_warps, num_stages=num_stages, **meta))
 
-    return jax.custom_batching.sequential_vmap(launch)(*arrays)
+    return varying_like(jax.custom_batching.sequential_vmap(launch)(*arrays), arrays)
+
+
+def varying_like(outs: Sequence[Array], arrays: Sequence[Array]) -> Tuple[Array, ...]:
+    """``outs`` made to vary over every mesh axis one of ``arrays`` varies over: inside jax.shard_map with
+    check_vma (its default) a kernel call's results carry no varying axes of their own, where every
+    jax.numpy result carries its operands'; JAX then refuses them (e.g. as a gradient)."""
+    axes = frozenset().union(*(jax.typeof(a).mat.varying for a in arrays))
+    out = []
+    for o in outs:
+        missing = axes - jax.typeof(o).mat.varying
+        out.append(jax.lax.pcast(o, tuple(sorted(missing)), to="varying") if missing else o)
+    return tuple(out)
 
 
 _TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}

@@ -73,6 +73,16 @@ def load() -> SimpleNamespace:
                            channel_mixing=functools.partial(_call, "channel_mixing"))
 
 
+def _summed_like(grad, primal):
+    """``grad`` summed over the mesh axes it varies over and ``primal`` does not: inside jax.shard_map with
+    check_vma a replicated argument's gradient is the psum of the per-device ones (what JAX's transpose of
+    the implicit broadcast gives jax.numpy code), and a custom_vjp rule must return it typed so."""
+    import jax
+
+    extra = jax.typeof(grad).mat.varying - jax.typeof(primal).mat.varying
+    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
+
+
 def _import_jax_triton():
     """``import jax_triton``, keeping TRITON_CACHE_DIR as it was: jax-triton 0.3.1 sets it to "" when first
     imported (its own compiles bypass Triton's cache), after which Triton 3.4 and later find no cache
@@ -209,12 +219,6 @@ def _op(op: str, eps: float, approximate: str, norm: str, dtype: str):
 
     def bwd(saved, g):
         args, res = saved
-        if any(a is not None and jax.typeof(a).mat.varying for a in (*args, g)):
-            # Inside jax.shard_map with check_vma (its default) each gradient must vary over the mesh axes its
-            # argument does; the kernel calls' results carry none, and JAX's own error names no remedy.
-            raise NotImplementedError("jax.shard_map: the triton backend's gradient runs inside shard_map with "
-                                      "check_vma=False only (its kernel calls do not track varying mesh axes); "
-                                      "pass check_vma=False to jax.shard_map, or use backend='xla'")
         x, nw, nb, k1, b1, k2, b2, scale, ss = cast(args)
         g = g.astype(dtype)
         if token:
@@ -226,7 +230,7 @@ def _op(op: str, eps: float, approximate: str, norm: str, dtype: str):
             kw_b = {k: v for k, v in kw.items() if k != "eps"}
             grads = jax_launch.channel_mixing_backward(g, x, nw, nb, k1, b1, k2, b2, mean, rstd, z, branch,
                                                        scale=scale, ss=ss, **kw_b)
-        return tuple(None if a is None else grads[name].astype(a.dtype) for name, a in zip(_ARGS, args))
+        return tuple(None if a is None else _summed_like(grads[name].astype(a.dtype), a) for name, a in zip(_ARGS, args))
 
     fused.defvjp(fwd, bwd)
     return fused
