@@ -249,12 +249,11 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
     split = p.split_k > 1
     if _launch.INTERPRET:
         return fused_matmul_kernel, p.grid, dict(num_warps=p.num_warps, num_stages=p.num_stages)
-    capability = getattr(jax.local_devices()[0], "compute_capability", None)  # None: no GPU (a test's stand-in)
+    capability = device_capability(jax.local_devices()[0])  # None: no GPU (a test's stand-in)
     configs = site_configs(variant, split, fp32=fp32)
     cfg = None
     if capability is not None:
-        major, minor = str(capability).split(".")[:2]
-        cfg = TUNER.shipped(f"sm_{major}{minor}", "jax:" + tune_key(variant + (",fp32" if fp32 else ""), M, N, K,
+        cfg = TUNER.shipped(f"sm_{capability}", "jax:" + tune_key(variant + (",fp32" if fp32 else ""), M, N, K,
                                                                  p.meta), configs)
     if cfg is None and no_tuning():  # MIXER_FAST_AUTOTUNE=none: untimed, as the torch launcher (no TMA here)
         cfg = untuned_choice(configs)
@@ -266,14 +265,21 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
                  EPI_SUBTILE=epi_subtile(bn)))
 
 
-def _capability() -> int:
-    """The first JAX GPU's compute capability as an integer (90 for 9.0); _launch.DEFAULT_CAPABILITY where
-    it reports none (no GPU: a test's stand-in)."""
-    capability = getattr(jax.local_devices()[0], "compute_capability", None)
+def device_capability(device) -> Optional[int]:
+    """A JAX device's compute capability as an integer (90 for "9.0"), or None where it reports none (a
+    CPU device)."""
+    capability = getattr(device, "compute_capability", None)
     if capability is None:
-        return _launch.DEFAULT_CAPABILITY
+        return None
     major, minor = str(capability).split(".")[:2]
     return int(major) * 10 + int(minor)
+
+
+def _capability() -> int:
+    """The first local JAX GPU's compute capability (:func:`device_capability`); _launch.DEFAULT_CAPABILITY
+    where it reports none (no GPU: a test's stand-in)."""
+    capability = device_capability(jax.local_devices()[0])
+    return _launch.DEFAULT_CAPABILITY if capability is None else capability
 
 
 def _sm_count() -> int:
@@ -486,7 +492,8 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
         common = dict(NORM=NORMS[norm], HAS_B1=b1 is not None, APPROX_TANH=approximate == "tanh",
                       PRECISION=precision, INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x))
         shapes = shape_constexprs("token_mlp_dx", S, C, D, _strides(x), _strides(x), _strides(w1), _strides(w2))
-        plan = launch_plan("token_mlp_dx", S, D, w1.dtype.itemsize, _capability())
+        capability = _capability()
+        plan = launch_plan("token_mlp_dx", S, D, w1.dtype.itemsize, capability)
         # g in the weights' dtype, as the torch launcher (and eager) rounds it.
         if B:
             (g,) = call(token_mlp_dx_kernel, plan.grid(B, C),
@@ -495,7 +502,7 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
                         **plan.constexprs())
         else:
             g = jnp.zeros((0, C), w1.dtype)
-        plan = launch_plan("token_mlp_dw", S, D, w1.dtype.itemsize, _capability())
+        plan = launch_plan("token_mlp_dw", S, D, w1.dtype.itemsize, capability)
         n_d = triton.cdiv(D, plan.block_d)
         splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c), _sm_count()))
         dw1 = jnp.zeros((splits, D, S), F32)

@@ -857,14 +857,15 @@ def token_mixing_backward(
         b1 = fc1_bias if fc1_bias is not None else nw
         w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
         shapes = shape_constexprs("token_mlp_dx", S, C, D, x.stride(), do.stride(), w1.stride(), w2.stride())
-        plan = launch_plan("token_mlp_dx", S, D, fc1_weight.element_size(), _launch.capability(x.device))
+        capability = _launch.capability(x.device)
+        plan = launch_plan("token_mlp_dx", S, D, fc1_weight.element_size(), capability)
         try:
             if B:
                 with _launch.serialized():
                     token_mlp_dx_kernel[plan.grid(B, C)](
                         x, do, *stats, nw, nb, w1, b1, w2, g, **shapes, **common, **plan.constexprs(),
                         num_warps=plan.num_warps, num_stages=plan.num_stages)
-            plan = launch_plan("token_mlp_dw", S, D, fc1_weight.element_size(), _launch.capability(x.device))
+            plan = launch_plan("token_mlp_dw", S, D, fc1_weight.element_size(), capability)
             n_d = triton.cdiv(D, plan.block_d)
             splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c), _launch.sm_count(x.device)))
             dw1 = _launch.new_output((splits, D, S), x, torch.float32)

@@ -103,9 +103,10 @@ _CACHE_ENV = "TRITON_CACHE_DIR"
 
 
 def _capability(device) -> int:
-    """Compute capability as an integer (90 for "9.0")."""
-    major, minor = str(device.compute_capability).split(".")[:2]
-    return int(major) * 10 + int(minor)
+    """A GPU device's compute capability as an integer (90 for "9.0")."""
+    from ..kernels.triton.jax_launch import device_capability
+
+    return device_capability(device)
 
 
 def device_class(device_index=None) -> str:
