@@ -39,8 +39,8 @@ from .matmul import (A_AFFINE, A_LAYERNORM, A_LAYERNORM_FOLDED, A_NONE, B_AFFINE
                      B_NONE, B_TOKEN_LAYERNORM, LN_FOLDED, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
                      fused_matmul_kernel, ln_placement, no_tuning, plan, site_configs, split, tune_key,
                      untuned_choice)
-from .token_mixing import (DW1, DW2, DW_BOTH, NORMS, dw_splits, launch_plan, shape_constexprs, token_mlp_dw_kernel,
-                           token_mlp_dx_kernel, token_mlp_fwd_kernel, token_weights)
+from .token_mixing import (DW1, DW2, DW_BOTH, Features, bwd_inputs, fwd_inputs, launch_constexprs, launch_plan,
+                           token_mlp_dw_kernel, token_mlp_dx_kernel, token_mlp_fwd_kernel, token_weights)
 
 Array = jax.Array
 F32 = jnp.float32
@@ -440,18 +440,14 @@ def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1:
     D = k1.shape[1]
     w1, w2 = token_weights(k1.T, k2.T, _pad_columns)  # (D, S), (S, D): the torch layout, aligned rows
     plan = launch_plan("token_mlp_fwd", S, D, w1.dtype.itemsize, _capability())
-    dummy = nwv
+    features = Features(norm, b1 is not None, approximate, precision, _idx64(x), b2 is not None, scale is not None,
+                        ss is not None, store_branch)
     out, branch = call(
-        token_mlp_fwd_kernel, plan.grid(B, C),
-        [x, mean if mean is not None else nwv, rstd if rstd is not None else nwv, nwv, nbv,
-         w1, b1 if b1 is not None else dummy, w2, b2 if b2 is not None else dummy,
-         scale if scale is not None else dummy, ss if ss is not None else dummy],
+        token_mlp_fwd_kernel, plan.grid(B, C), fwd_inputs(x, mean, rstd, nwv, nbv, w1, b1, w2, b2, scale, ss),
         [_shape(x.shape, x.dtype), _shape(x.shape if store_branch else (1,), x.dtype)],
         num_warps=plan.num_warps, num_stages=plan.num_stages,
-        **shape_constexprs("token_mlp_fwd", S, C, D, _strides(x), _strides(x), _strides(w1), _strides(w2)),
-        NORM=NORMS[norm], HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_SCALE=scale is not None,
-        HAS_SS=ss is not None, STORE_BRANCH=store_branch, APPROX_TANH=approximate == "tanh", PRECISION=precision,
-        INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x), **plan.constexprs())
+        **launch_constexprs("token_mlp_fwd", plan, features, S, C, D, _strides(x), _strides(x), _strides(w1),
+                            _strides(w2), _launch.INTERPRET))
     return out, mean, rstd, (branch if store_branch else None)
 
 
@@ -487,34 +483,30 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
     else:
         D = k1.shape[1]
         w1, w2 = token_weights(k1.T, k2.T, _pad_columns)  # (D, S), (S, D): the torch layout, aligned rows
-        stats = [mean, rstd] if mean is not None else [nwv, nwv]
-        b1v = b1 if b1 is not None else nwv
-        common = dict(NORM=NORMS[norm], HAS_B1=b1 is not None, APPROX_TANH=approximate == "tanh",
-                      PRECISION=precision, INTERPRETER=_launch.INTERPRET, IDX64=_idx64(x))
-        shapes = shape_constexprs("token_mlp_dx", S, C, D, _strides(x), _strides(x), _strides(w1), _strides(w2))
+        features = Features(norm, b1 is not None, approximate, precision, _idx64(x))
+        inputs = bwd_inputs(x, do, mean, rstd, nwv, nbv, w1, b1, w2)
+        strides = (_strides(x), _strides(x), _strides(w1), _strides(w2))
         capability = _capability()
         plan = launch_plan("token_mlp_dx", S, D, w1.dtype.itemsize, capability)
         # g in the weights' dtype, as the torch launcher (and eager) rounds it.
         if B:
-            (g,) = call(token_mlp_dx_kernel, plan.grid(B, C),
-                        [x, do, *stats, nwv, nbv, w1, b1v, w2], [_shape((B * S, C), w1.dtype)],
-                        num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **shapes,
-                        **plan.constexprs())
+            (g,) = call(token_mlp_dx_kernel, plan.grid(B, C), inputs, [_shape((B * S, C), w1.dtype)],
+                        num_warps=plan.num_warps, num_stages=plan.num_stages,
+                        **launch_constexprs("token_mlp_dx", plan, features, S, C, D, *strides, _launch.INTERPRET))
         else:
             g = jnp.zeros((0, C), w1.dtype)
         plan = launch_plan("token_mlp_dw", S, D, w1.dtype.itemsize, capability)
-        n_d = triton.cdiv(D, plan.block_d)
-        splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c), _sm_count()))
+        grid = plan.dw_grid(B, C, D, _sm_count())
+        splits = grid[1]
         dw1 = jnp.zeros((splits, D, S), F32)
         dw2 = jnp.zeros((splits, S, D), F32)
         db1 = jnp.zeros((splits, D), F32)
+        meta = launch_constexprs("token_mlp_dw", plan, features, S, C, D, *strides, _launch.INTERPRET)
         for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
             p1, p2, pb = call(
-                token_mlp_dw_kernel, (n_d, splits),
-                [x, do, *stats, nwv, nbv, w1, b1v, w2, B, splits],
+                token_mlp_dw_kernel, grid, [*inputs, B, splits],
                 [_shape(dw1.shape, F32), _shape(dw2.shape, F32), _shape(db1.shape, F32)],
-                num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **shapes, PART=part,
-                **plan.constexprs())
+                num_warps=plan.num_warps, num_stages=plan.num_stages, **meta, PART=part)
             # DW1 writes dW1 and db1, DW2 dW2; DW_BOTH all three.
             dw1, db1 = (p1, pb) if part in (DW_BOTH, DW1) else (dw1, db1)
             dw2 = p2 if part in (DW_BOTH, DW2) else dw2

@@ -466,6 +466,64 @@ def shape_constexprs(kernel: str, S: int, C: int, D: int, x_strides: Sequence[in
                 sw1d=w1_strides[0], sw1s=w1_strides[1], sw2s=w2_strides[0], sw2d=w2_strides[1])
 
 
+@dataclass(frozen=True)
+class Features:
+    """What a token MLP launch computes besides its shapes and tiles, as the kernels' constexprs: one
+    description for the torch and the JAX launchers and the static report, so that the three compile the
+    same kernel. ``norm`` "layernorm" or "affine"; ``approximate`` the GELU ("none" or "tanh");
+    ``precision`` the dots' (_launch.precision); ``idx64`` 64-bit offsets (a tensor past 2³¹ elements).
+    The last four are the forward's only (token_mlp_fwd_kernel's b2, layer scale, drop path, branch)."""
+
+    norm: str = "layernorm"
+    has_b1: bool = True
+    approximate: str = "none"
+    precision: str = "ieee"
+    idx64: bool = False
+    has_b2: bool = True
+    has_scale: bool = False
+    has_ss: bool = False
+    store_branch: bool = False
+
+    def constexprs(self, kernel: str, interpreter: bool) -> Dict[str, object]:
+        """The flags of ``kernel`` (one of KERNELS); ``interpreter``: launched in Triton's interpreter."""
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+        flags: Dict[str, object] = dict(NORM=NORMS[self.norm], HAS_B1=self.has_b1,
+                                        APPROX_TANH=self.approximate == "tanh", PRECISION=self.precision,
+                                        INTERPRETER=interpreter, IDX64=self.idx64)
+        if kernel == "token_mlp_fwd":
+            flags.update(HAS_B2=self.has_b2, HAS_SCALE=self.has_scale, HAS_SS=self.has_ss,
+                         STORE_BRANCH=self.store_branch)
+        return flags
+
+
+def launch_constexprs(kernel: str, plan: "Launch", features: Features, S: int, C: int, D: int,
+                      x_strides: Sequence[int], y_strides: Sequence[int], w1_strides: Sequence[int],
+                      w2_strides: Sequence[int], interpreter: bool) -> Dict[str, object]:
+    """Every constexpr of a ``kernel`` launch (dW's PART aside): shapes and strides (shape_constexprs, its
+    arguments), ``features``' flags and ``plan``'s tiles."""
+    return {**shape_constexprs(kernel, S, C, D, x_strides, y_strides, w1_strides, w2_strides),
+            **features.constexprs(kernel, interpreter), **plan.constexprs()}
+
+
+def fwd_inputs(x, mean, rstd, nw, nb, w1, b1, w2, b2, scale, ss) -> list:
+    """token_mlp_fwd_kernel's inputs in order, for torch tensors and jax arrays alike: x (B, S, C), mean and
+    rstd (B·S,) or None (affine), nw / nb (C,) (the launchers' vec_or: never None), w1 / w2 the aligned
+    copies (token_weights), b1 (D,), b2 (S,), scale (C,), ss (B,) or None. An absent one is passed as nw,
+    which the kernel then does not read (its HAS_* flag is off)."""
+    return [x, _or(mean, nw), _or(rstd, nw), nw, nb, w1, _or(b1, nw), w2, _or(b2, nw), _or(scale, nw), _or(ss, nw)]
+
+
+def bwd_inputs(x, do, mean, rstd, nw, nb, w1, b1, w2) -> list:
+    """token_mlp_dx_kernel's inputs, and the first nine of token_mlp_dw_kernel's (B and SPLITS follow): as
+    :func:`fwd_inputs`, with do = dL/d(branch) (B, S, C) after the scale."""
+    return [x, do, _or(mean, nw), _or(rstd, nw), nw, nb, w1, _or(b1, nw), w2]
+
+
+def _or(t, placeholder):
+    return placeholder if t is None else t
+
+
 def aligned(n: int) -> int:
     """``n`` rounded up to a multiple of GRANULE (196 → 208)."""
     return -(-int(n) // GRANULE) * GRANULE
@@ -508,6 +566,12 @@ class Launch:
         so the order costs no locality (and no index division, which the one-axis form measured +2 to +5
         registers for in the static report)."""
         return (B, triton.cdiv(C, self.block_c))
+
+    def dw_grid(self, B: int, C: int, D: int, sms: int) -> Tuple[int, int]:
+        """token_mlp_dw's grid (hidden slices, SPLITS) on a GPU of ``sms`` SMs: every slice's partials over
+        :func:`dw_splits` shares of the B · cdiv(C, BLOCK_C) work items."""
+        n_d = triton.cdiv(D, self.block_d)
+        return n_d, max(1, dw_splits(n_d, B * triton.cdiv(C, self.block_c), sms))
 
     def label(self) -> str:
         return (f"S {'+'.join(str(p) for p in self.pieces if p)} C{self.block_c} D{self.block_d} "
@@ -762,19 +826,16 @@ def token_mixing_forward(
     D = fc1_weight.shape[0]
     plan = launch_plan("token_mlp_fwd", S, D, fc1_weight.element_size(), _launch.capability(x.device))
     w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
-    dummy = nw
+    features = Features(norm, fc1_bias is not None, approximate, _launch.precision(fc1_weight.dtype, allow_tf32),
+                        _launch.needs_int64(x, out), fc2_bias is not None, scale is not None,
+                        sample_scale is not None, store_branch)
     try:
         with _launch.serialized():
             token_mlp_fwd_kernel[plan.grid(B, C)](
-                x, mean if mean is not None else nw, rstd if rstd is not None else nw, nw, nb,
-                w1, fc1_bias if fc1_bias is not None else dummy, w2,
-                fc2_bias if fc2_bias is not None else dummy, scale if scale is not None else dummy,
-                sample_scale if sample_scale is not None else dummy, out, branch if branch is not None else out,
-                **shape_constexprs("token_mlp_fwd", S, C, D, x.stride(), out.stride(), w1.stride(), w2.stride()),
-                NORM=NORMS[norm], HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
-                HAS_SCALE=scale is not None, HAS_SS=sample_scale is not None, STORE_BRANCH=store_branch,
-                APPROX_TANH=approximate == "tanh", PRECISION=_launch.precision(fc1_weight.dtype, allow_tf32),
-                INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, out), **plan.constexprs(),
+                *fwd_inputs(x, mean, rstd, nw, nb, w1, fc1_bias, w2, fc2_bias, scale, sample_scale),
+                out, branch if branch is not None else out,
+                **launch_constexprs("token_mlp_fwd", plan, features, S, C, D, x.stride(), out.stride(),
+                                    w1.stride(), w2.stride(), _launch.INTERPRET),
                 num_warps=plan.num_warps, num_stages=plan.num_stages)
     except OutOfResources:  # the plan needs more shared memory than the device has; nothing ran
         _NO_ROOM.add(key)
@@ -851,31 +912,30 @@ def token_mixing_backward(
         # dL/dN(x) rounded to the weights' dtype, as eager's autograd hands it to the norm's backward (a
         # 16-bit tensor there too): half the bytes of fp32 to write and read back, and to hold.
         g = _launch.new_output((B * S, C), x, fc1_weight.dtype)
-        stats = (mean, rstd) if mean is not None else (nw, nw)
-        common = dict(NORM=NORMS[norm], HAS_B1=fc1_bias is not None, APPROX_TANH=approximate == "tanh",
-                      PRECISION=prec, INTERPRETER=_launch.INTERPRET, IDX64=_launch.needs_int64(x, do, g))
-        b1 = fc1_bias if fc1_bias is not None else nw
+        features = Features(norm, fc1_bias is not None, approximate, prec, _launch.needs_int64(x, do, g))
         w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
-        shapes = shape_constexprs("token_mlp_dx", S, C, D, x.stride(), do.stride(), w1.stride(), w2.stride())
+        inputs = bwd_inputs(x, do, mean, rstd, nw, nb, w1, fc1_bias, w2)
+        strides = (x.stride(), do.stride(), w1.stride(), w2.stride())
         capability = _launch.capability(x.device)
         plan = launch_plan("token_mlp_dx", S, D, fc1_weight.element_size(), capability)
         try:
             if B:
                 with _launch.serialized():
                     token_mlp_dx_kernel[plan.grid(B, C)](
-                        x, do, *stats, nw, nb, w1, b1, w2, g, **shapes, **common, **plan.constexprs(),
+                        *inputs, g, **launch_constexprs("token_mlp_dx", plan, features, S, C, D, *strides,
+                                                        _launch.INTERPRET),
                         num_warps=plan.num_warps, num_stages=plan.num_stages)
             plan = launch_plan("token_mlp_dw", S, D, fc1_weight.element_size(), capability)
-            n_d = triton.cdiv(D, plan.block_d)
-            splits = max(1, dw_splits(n_d, B * triton.cdiv(C, plan.block_c), _launch.sm_count(x.device)))
+            grid = plan.dw_grid(B, C, D, _launch.sm_count(x.device))
+            splits = grid[1]
             dw1 = _launch.new_output((splits, D, S), x, torch.float32)
             dw2 = _launch.new_output((splits, S, D), x, torch.float32)
             db1 = _launch.new_output((splits, D), x, torch.float32)
+            meta = launch_constexprs("token_mlp_dw", plan, features, S, C, D, *strides, _launch.INTERPRET)
             for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
                 with _launch.serialized():
-                    token_mlp_dw_kernel[(n_d, splits)](
-                        x, do, *stats, nw, nb, w1, b1, w2, B, splits, dw1, dw2, db1, **shapes, **common,
-                        PART=part, **plan.constexprs(), num_warps=plan.num_warps, num_stages=plan.num_stages)
+                    token_mlp_dw_kernel[grid](*inputs, B, splits, dw1, dw2, db1, **meta, PART=part,
+                                              num_warps=plan.num_warps, num_stages=plan.num_stages)
         except OutOfResources:  # a plan needs more shared memory than the device has: the whole backward there
             _NO_ROOM.add(key)
             return on_engine()
