@@ -342,9 +342,7 @@ def variants(dtype: str, arch: str = "sm_90a") -> Iterator[Tuple]:
             yield fn, name.replace("]", ",folded]"), config, cfg, warps, stages, ptrs, ints
     # and the pass that makes its weight (launched with Triton's defaults, 4 warps and 3 stages)
     yield (channel_mixing.fold_weight_kernel, "fold_weight", f"{channel_mixing.FOLD_BLOCK_N}x"
-           f"{channel_mixing.FOLD_BLOCK_K} w4 s3", dict(HAS_B1=True, INTERPRETER=False,
-                                                        BLOCK_N=channel_mixing.FOLD_BLOCK_N,
-                                                        BLOCK_K=channel_mixing.FOLD_BLOCK_K), 4, 3,
+           f"{channel_mixing.FOLD_BLOCK_K} w4 s3", channel_mixing.fold_launch(3072, True, interpreter=False)[1], 4, 3,
            {"u_ptr": "fp32", "v_ptr": "fp32"}, None)
     # torch.autocast: fp32 activations meet bf16 weights in the same kernels.
     if dtype != "fp32":
@@ -404,7 +402,8 @@ def variants(dtype: str, arch: str = "sm_90a") -> Iterator[Tuple]:
         for split in (False, True):  # g by rows, or token-major (the cuBLAS engine's token mixing)
             yield (layer_norm.ln_backward_kernel, f"ln_backward[C={C}{',token_major' if split else ''}]",
                    f"R{layer_norm.ROWS} C{block_c} w4 s3",
-                   dict(HAS_W=True, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, G_SPLIT=split, INTERPRETER=False,
+                   dict(layer_norm.ln_backward_flags(has_w=True, has_dy=True, gelu_in=None, g_split=split,
+                                                     interpreter=False),
                         BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"g_ptr": _DTYPES[dtype]}, None)
     # Every op's backward starts with the residual's (the heaviest forms: layer scale, drop path and a bias,
     # per channel in channel mixing, per token in token mixing); ResMLP's ends with its affine's.
@@ -444,7 +443,8 @@ def variants(dtype: str, arch: str = "sm_90a") -> Iterator[Tuple]:
     # gMLP (gmlp_s16: H/2 = 768): the gate's LayerNorm backward through GELU, and dZ_u / dP.
     block_c = layer_norm.gpu_block_c(768)
     yield (layer_norm.ln_backward_kernel, "ln_backward[gate,C=768]", f"R{layer_norm.ROWS} C{block_c} w4 s3",
-           dict(HAS_W=True, HAS_DY=False, GELU_IN=True, APPROX_TANH=False, G_SPLIT=False, INTERPRETER=False,
+           dict(layer_norm.ln_backward_flags(has_w=True, has_dy=False, gelu_in="none", g_split=False,
+                                             interpreter=False),
                 BLOCK_R=layer_norm.ROWS, BLOCK_C=block_c), 4, 3, {"g_ptr": _DTYPES[dtype]}, None)
     bm, bh = spatial_gating.GATE_BLOCK
     yield (spatial_gating.gate_grad_kernel, "gate_grad", f"{bm}x{bh} w4 s3",

@@ -73,6 +73,12 @@ def fold_weight_kernel(
 FOLD_BLOCK_N, FOLD_BLOCK_K = 16, 128  # 16 weight rows a program (Mixer-B/16's fc1: 192 programs)
 
 
+def fold_launch(N: int, has_b1: bool, interpreter: bool) -> Tuple[Tuple[int], Dict[str, object]]:
+    """(grid, constexprs) of fold_weight_kernel for a weight of N rows, for the torch and the JAX launchers."""
+    return (triton.cdiv(N, FOLD_BLOCK_N),), dict(HAS_B1=has_b1, INTERPRETER=interpreter, BLOCK_N=FOLD_BLOCK_N,
+                                                 BLOCK_K=FOLD_BLOCK_K)
+
+
 def fold_weight(w: Tensor, nw: Tensor, nb: Tensor, b1: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """(W' (N, K) in w's dtype, u (N,) fp32, v (N,) fp32) of fold_weight_kernel for a weight w (N, K)."""
     import torch
@@ -83,9 +89,8 @@ def fold_weight(w: Tensor, nw: Tensor, nb: Tensor, b1: Optional[Tensor]) -> Tupl
     v = _launch.new_output((N,), w, torch.float32)
     if N:
         with _launch.serialized():
-            fold_weight_kernel[(triton.cdiv(N, FOLD_BLOCK_N),)](
-                w, nw, nb, b1 if b1 is not None else nw, N, K, *w.stride(), folded, u, v, HAS_B1=b1 is not None,
-                INTERPRETER=_launch.INTERPRET, BLOCK_N=FOLD_BLOCK_N, BLOCK_K=FOLD_BLOCK_K)
+            grid, meta = fold_launch(N, b1 is not None, _launch.INTERPRET)
+            fold_weight_kernel[grid](w, nw, nb, b1 if b1 is not None else nw, N, K, *w.stride(), folded, u, v, **meta)
     return folded, u, v
 
 

@@ -33,8 +33,8 @@ import numpy as np
 import triton
 
 from . import _launch
-from .channel_mixing import FOLD_BLOCK_K, FOLD_BLOCK_N, fold_weight_kernel
-from .layer_norm import ROWS, block_c, ln_backward_kernel, ln_stats_kernel
+from .channel_mixing import fold_launch, fold_weight_kernel
+from .layer_norm import ln_backward_flags, ln_backward_kernel, ln_stats_kernel, rows_launch
 from .matmul import (A_AFFINE, A_LAYERNORM, A_LAYERNORM_FOLDED, A_NONE, B_AFFINE_K, B_AFFINE_N, B_GELU, B_LAYERNORM,
                      B_NONE, B_TOKEN_LAYERNORM, LN_FOLDED, TUNER, Axis, autotuned, col_sum_rows, epi_subtile, flat,
                      fused_matmul_kernel, ln_placement, no_tuning, plan, site_configs, split, tune_key,
@@ -213,8 +213,8 @@ def layer_norm_stats(x: Array, eps: float) -> Tuple[Array, Array]:
     R = B * S
     if R == 0:
         return jnp.zeros((0,), F32), jnp.zeros((0,), F32)
-    return call(ln_stats_kernel, (triton.cdiv(R, ROWS),), [x, R, S, C, float(eps), S * C, C, 1],
-                [_shape((R,), F32)] * 2, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+    grid, tiles = rows_launch(R, C)
+    return call(ln_stats_kernel, grid, [x, R, S, C, float(eps), S * C, C, 1], [_shape((R,), F32)] * 2, **tiles)
 
 
 def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
@@ -225,14 +225,15 @@ def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
     R = B * S
     if R == 0:
         return dy.astype(x.dtype), jnp.zeros((C,), F32), jnp.zeros((C,), F32)
-    programs = triton.cdiv(R, ROWS)
+    grid, tiles = rows_launch(R, C)
+    programs = grid[0]
     dx, dw_part, db_part = call(
-        ln_backward_kernel, (programs,),
+        ln_backward_kernel, grid,
         [g, x, dy, mean, rstd, weight if weight is not None else mean, R, S, C, S * C, C, 1,
          S * C, C, 1, S * C, C, 1, S * C, C, 1],
         [_shape(x.shape, x.dtype), _shape((programs, C), F32), _shape((programs, C), F32)],
-        HAS_W=weight is not None, HAS_DY=True, GELU_IN=False, APPROX_TANH=False, G_SPLIT=False,
-        INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+        **ln_backward_flags(has_w=weight is not None, has_dy=True, gelu_in=None, g_split=False,
+                            interpreter=_launch.INTERPRET), **tiles)
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
@@ -531,11 +532,9 @@ def _fc1_operands(x: Array, k1: Array, b1, nwv: Array, nbv: Array, stats) -> Tup
         return k1, dict(a_pro=A_LAYERNORM if stats is not None else A_AFFINE, a_stats=stats, a_vec=(nwv, nbv),
                         bias=b1)
     C, D = k1.shape
-    folded, u, v = call(fold_weight_kernel, (triton.cdiv(D, FOLD_BLOCK_N),),
-                        [k1, nwv, nbv, b1 if b1 is not None else nwv, D, C, 1, D],
-                        [_shape((D, C), k1.dtype), _shape((D,), F32), _shape((D,), F32)],
-                        HAS_B1=b1 is not None, INTERPRETER=_launch.INTERPRET, BLOCK_N=FOLD_BLOCK_N,
-                        BLOCK_K=FOLD_BLOCK_K)
+    grid, meta = fold_launch(D, b1 is not None, _launch.INTERPRET)
+    folded, u, v = call(fold_weight_kernel, grid, [k1, nwv, nbv, b1 if b1 is not None else nwv, D, C, 1, D],
+                        [_shape((D, C), k1.dtype), _shape((D,), F32), _shape((D,), F32)], **meta)
     if stats is None:
         return folded, dict(a_pro=A_NONE, bias=v)
     return folded, dict(a_pro=A_LAYERNORM_FOLDED, a_stats=stats, a_vec=(u, u), bias=v)

@@ -8,7 +8,7 @@ Tokens are addressed as row r → (r // S, r % S) of a (B, S, C) tensor with arb
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import triton
 import triton.language as tl
@@ -255,6 +255,20 @@ def block_c(C: int) -> int:
     return min(_launch.pow2(C), 128) if _launch.INTERPRET else gpu_block_c(C)
 
 
+def rows_launch(R: int, C: int) -> Tuple[Tuple[int], Dict[str, int]]:
+    """(grid, tile constexprs) of the row kernels (ln_stats, norm_apply, ln_backward) over R token rows of C
+    channels, for the torch and the JAX launchers alike: ROWS rows a program."""
+    return (triton.cdiv(R, ROWS),), dict(BLOCK_R=ROWS, BLOCK_C=block_c(C))
+
+
+def ln_backward_flags(*, has_w: bool, has_dy: bool, gelu_in: Optional[str], g_split: bool,
+                      interpreter: bool) -> Dict[str, object]:
+    """ln_backward_kernel's flags, for both launchers: a norm weight, a residual gradient dy, the input
+    through GELU (``gelu_in`` "none" / "tanh", gMLP's gate; None: plain x), g token-major (``g_split``)."""
+    return dict(HAS_W=has_w, HAS_DY=has_dy, GELU_IN=gelu_in is not None, G_SPLIT=g_split,
+                APPROX_TANH=gelu_in == "tanh", INTERPRETER=interpreter)
+
+
 def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token mean and 1/std over C of x (B, S, C), each fp32 (B·S,)."""
     import torch
@@ -264,9 +278,9 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.T
     mean = _launch.new_output((R,), x, torch.float32)
     rstd = _launch.new_output((R,), x, torch.float32)
     if R:
+        grid, tiles = rows_launch(R, C)
         with _launch.serialized():
-            ln_stats_kernel[(triton.cdiv(R, ROWS),)](
-                x, R, S, C, eps, *x.stride(), mean, rstd, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+            ln_stats_kernel[grid](x, R, S, C, eps, *x.stride(), mean, rstd, **tiles)
     return mean, rstd
 
 
@@ -296,13 +310,14 @@ def norm_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, nor
         mean, rstd = stats if stats is not None else (_launch.new_output((R,), x, torch.float32),
                                                       _launch.new_output((R,), x, torch.float32))
     if R and C:
+        grid, tiles = rows_launch(R, C)
         with _launch.serialized():
-            norm_apply_kernel[(triton.cdiv(R, ROWS),)](
+            norm_apply_kernel[grid](
                 x, weight, bias, res_bias if res_bias is not None else weight,
                 res_scale if res_scale is not None else weight, R, S, C, eps, *x.stride(), snb, sns,
                 mean if mean is not None else xn, rstd if rstd is not None else xn, xn, r if r is not None else xn,
                 LAYERNORM=layernorm, STATS_GIVEN=stats is not None, STORE_R=r is not None,
-                HAS_RS=res_scale is not None, INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+                HAS_RS=res_scale is not None, INTERPRETER=_launch.INTERPRET, **tiles)
     return xn, mean, rstd, r
 
 
@@ -326,7 +341,8 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Ten
 
     B, S, C = x.shape
     R = B * S
-    programs = triton.cdiv(R, ROWS)
+    grid, tiles = rows_launch(R, C)
+    programs = grid[0]
     g_strides = token_strides(g, S)
     if dx is None:
         dx = _launch.new_output((B, S, C), x, x.dtype)
@@ -334,12 +350,12 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Ten
     db_part = _launch.new_output((programs, C), x, torch.float32)
     if R:
         with _launch.serialized():
-            ln_backward_kernel[(programs,)](
+            ln_backward_kernel[grid](
                 g, x, dy if dy is not None else x, mean, rstd, weight if weight is not None else mean, R, S, C,
                 *g_strides, *x.stride(), *(dy if dy is not None else x).stride(), *dx.stride(), dx, dw_part, db_part,
-                HAS_W=weight is not None, HAS_DY=dy is not None, GELU_IN=gelu_in is not None,
-                G_SPLIT=g_strides[0] != S * g_strides[1],
-                APPROX_TANH=gelu_in == "tanh", INTERPRETER=_launch.INTERPRET, BLOCK_R=ROWS, BLOCK_C=block_c(C))
+                **ln_backward_flags(has_w=weight is not None, has_dy=dy is not None, gelu_in=gelu_in,
+                                    g_split=g_strides[0] != S * g_strides[1], interpreter=_launch.INTERPRET),
+                **tiles)
     return dx, dw_part.sum(0), db_part.sum(0)
 
 

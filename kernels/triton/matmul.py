@@ -536,8 +536,6 @@ class Tuner:
     def shipped(self, device_class: str, key: str, candidates) -> Optional[Tuple]:
         """The table's config for ``key`` on ``device_class`` if it is one of ``candidates`` (a config
         pruned since the table was written is not used) and MIXER_FAST_AUTOTUNE is not 1; else None."""
-        import os
-
         if autotune_mode() == AUTOTUNE_RETUNE:
             return None
         table = self.table().get(device_class, {})

@@ -195,7 +195,6 @@ def _flash_fits(op: str, eps: float, approximate: str, norm: str, dtype: str, av
 @functools.lru_cache(maxsize=None)
 def _op(op: str, eps: float, approximate: str, norm: str, dtype: str):
     import jax
-    import jax.numpy as jnp
 
     from ..kernels.triton import jax_launch
 
