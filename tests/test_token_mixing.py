@@ -414,8 +414,8 @@ def test_one_launch_description_sets_every_constexpr_of_each_token_kernel():
     # absent operands are passed as the norm weight (never read: their flags are off)
     assert tm.fwd_inputs("x", None, None, "nw", "nb", "w1", None, "w2", None, None, None) == \
         ["x", "nw", "nw", "nw", "nb", "w1", "nw", "w2", "nw", "nw", "nw"]
-    flags = tm.Features("affine", False, "tanh", "tf32", True, False, True, True, True).constexprs(
-        "token_mlp_fwd", interpreter=True)
+    flags = tm.Features(norm="affine", has_b1=False, approximate="tanh", precision="tf32", idx64=True, has_b2=False,
+                        has_scale=True, has_ss=True, store_branch=True).constexprs("token_mlp_fwd", interpreter=True)
     assert flags == dict(NORM=tm.AFFINE, HAS_B1=False, APPROX_TANH=True, PRECISION="tf32", INTERPRETER=True,
                          IDX64=True, HAS_B2=False, HAS_SCALE=True, HAS_SS=True, STORE_BRANCH=True)
     assert "HAS_B2" not in tm.Features().constexprs("token_mlp_dx", interpreter=False)

@@ -340,7 +340,8 @@ def variants(dtype: str, arch: str = "sm_90a") -> Iterator[Tuple]:
     if dtype != "fp32":
         for fn, name, config, cfg, warps, stages, ptrs, ints in _tma_rows("ln_gelu", folded, _DTYPES[dtype], False):
             yield fn, name.replace("]", ",folded]"), config, cfg, warps, stages, ptrs, ints
-    # and the pass that makes its weight (launched with Triton's defaults, 4 warps and 3 stages)
+    # and the pass that makes its weight (launched with Triton's defaults, 4 warps and 3 stages; fc1's N rows
+    # set only the grid)
     yield (channel_mixing.fold_weight_kernel, "fold_weight", f"{channel_mixing.FOLD_BLOCK_N}x"
            f"{channel_mixing.FOLD_BLOCK_K} w4 s3", channel_mixing.fold_launch(3072, True, interpreter=False)[1], 4, 3,
            {"u_ptr": "fp32", "v_ptr": "fp32"}, None)

@@ -441,8 +441,9 @@ def token_mixing_forward(x: Array, nw: Optional[Array], nb: Optional[Array], k1:
     D = k1.shape[1]
     w1, w2 = token_weights(k1.T, k2.T, _pad_columns)  # (D, S), (S, D): the torch layout, aligned rows
     plan = launch_plan("token_mlp_fwd", S, D, w1.dtype.itemsize, _capability())
-    features = Features(norm, b1 is not None, approximate, precision, _idx64(x), b2 is not None, scale is not None,
-                        ss is not None, store_branch)
+    features = Features(norm=norm, has_b1=b1 is not None, approximate=approximate, precision=precision,
+                        idx64=_idx64(x), has_b2=b2 is not None, has_scale=scale is not None, has_ss=ss is not None,
+                        store_branch=store_branch)
     out, branch = call(
         token_mlp_fwd_kernel, plan.grid(B, C), fwd_inputs(x, mean, rstd, nwv, nbv, w1, b1, w2, b2, scale, ss),
         [_shape(x.shape, x.dtype), _shape(x.shape if store_branch else (1,), x.dtype)],
@@ -484,7 +485,8 @@ def token_mixing_backward(dout: Array, x: Array, nw, nb, k1: Array, b1, k2: Opti
     else:
         D = k1.shape[1]
         w1, w2 = token_weights(k1.T, k2.T, _pad_columns)  # (D, S), (S, D): the torch layout, aligned rows
-        features = Features(norm, b1 is not None, approximate, precision, _idx64(x))
+        features = Features(norm=norm, has_b1=b1 is not None, approximate=approximate, precision=precision,
+                            idx64=_idx64(x))
         inputs = bwd_inputs(x, do, mean, rstd, nwv, nbv, w1, b1, w2)
         strides = (_strides(x), _strides(x), _strides(w1), _strides(w2))
         capability = _capability()

@@ -826,9 +826,10 @@ def token_mixing_forward(
     D = fc1_weight.shape[0]
     plan = launch_plan("token_mlp_fwd", S, D, fc1_weight.element_size(), _launch.capability(x.device))
     w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
-    features = Features(norm, fc1_bias is not None, approximate, _launch.precision(fc1_weight.dtype, allow_tf32),
-                        _launch.needs_int64(x, out), fc2_bias is not None, scale is not None,
-                        sample_scale is not None, store_branch)
+    features = Features(norm=norm, has_b1=fc1_bias is not None, approximate=approximate,
+                        precision=_launch.precision(fc1_weight.dtype, allow_tf32), idx64=_launch.needs_int64(x, out),
+                        has_b2=fc2_bias is not None, has_scale=scale is not None, has_ss=sample_scale is not None,
+                        store_branch=store_branch)
     try:
         with _launch.serialized():
             token_mlp_fwd_kernel[plan.grid(B, C)](
@@ -912,7 +913,8 @@ def token_mixing_backward(
         # dL/dN(x) rounded to the weights' dtype, as eager's autograd hands it to the norm's backward (a
         # 16-bit tensor there too): half the bytes of fp32 to write and read back, and to hold.
         g = _launch.new_output((B * S, C), x, fc1_weight.dtype)
-        features = Features(norm, fc1_bias is not None, approximate, prec, _launch.needs_int64(x, do, g))
+        features = Features(norm=norm, has_b1=fc1_bias is not None, approximate=approximate, precision=prec,
+                            idx64=_launch.needs_int64(x, do, g))
         w1, w2 = token_weights(fc1_weight, fc2_weight, _pad_columns)
         inputs = bwd_inputs(x, do, mean, rstd, nw, nb, w1, fc1_bias, w2)
         strides = (x.stride(), do.stride(), w1.stride(), w2.stride())
