@@ -45,13 +45,27 @@ def _assert_same_outputs_and_grads(a, b, x, what):
         assert_rel_close(g_a[name], g_b[name], what=f"{what} grad {name}")
 
 
+# The largest named models are checked forward only: their blocks are the smaller configs' at other widths
+# and depths (gradients are compared on those), and forward plus backward of the three took 90 s of the
+# suite's time on a 2-core CI machine.
+FORWARD_ONLY = {"mixer_l16", "mixer_l32", "resmlp_big_24"}
+
+
 @pytest.mark.parametrize("name", sorted(ref.CONFIGS))
 def test_reference_matches_timm(timm, name):
     cfg = ref.get_config(name)
     theirs = perturb_(timm.create_model(cfg.timm_name, pretrained=False), seed=3).eval()
-    ours = ref.create_model(name).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    _assert_same_outputs_and_grads(ours, theirs, _images(), name)
+    # Built without initialising (timm's weights replace every parameter; strict loading checks the names
+    # and shapes), and loaded as copies so the two models share no storage.
+    ours = ref.create_model(name, device="meta").eval()
+    ours.load_state_dict({k: v.clone() for k, v in theirs.state_dict().items()}, strict=True, assign=True)
+    assert not any(p.is_meta for p in ours.parameters()) and not any(b.is_meta for b in ours.buffers())
+    if name not in FORWARD_ONLY:
+        _assert_same_outputs_and_grads(ours, theirs, _images(), name)
+        return
+    x = _images()
+    with torch.no_grad():
+        assert_rel_close(ours(x), theirs(x), what=f"{name} logits")
 
 
 @pytest.mark.parametrize("name", ["mixer_s32_224", "resmlp_12_224"])
