@@ -173,4 +173,7 @@ if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) == 2 else ""
     if mode not in ("threads", "process"):
         sys.exit(f"usage: {sys.argv[0]} threads|process (started by the tests, not by hand)")
+    import triton_interpreter  # this file's folder is on sys.path when it runs as a script
+
+    triton_interpreter.patch_language_once_per_launch()
     print(json.dumps(_threads() if mode == "threads" else _process()))

@@ -1,5 +1,5 @@
-"""The test suite's shortcut in Triton's interpreter (conftest._patch_language_once_per_launch): in place where
-it is meant to be, and a kernel calling @triton.jit helpers computes the same with it as without."""
+"""The test suite's shortcut in Triton's interpreter (triton_interpreter.py): in place where it is meant to be,
+and a kernel calling @triton.jit helpers computes the same with it as without."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from conftest import IN_CI, _REPATCHING_INTERPRETERS, require
+from conftest import IN_CI, require
+from triton_interpreter import REPATCHING_INTERPRETERS
 
 triton = require("triton")
 tl = require("triton.language")
@@ -39,12 +40,12 @@ def test_shortcut_is_installed_on_the_interpreters_it_was_checked_on():
     from triton.runtime import interpreter
 
     installed = getattr(interpreter._patch_lang, "__name__", "") == "patch_lang_unless_patched"
-    if triton.__version__.startswith(_REPATCHING_INTERPRETERS):
+    if triton.__version__.startswith(REPATCHING_INTERPRETERS):
         assert installed
     elif IN_CI:
         pytest.fail(f"triton {triton.__version__}: check whether its interpreter still re-patches "
                     f"triton.language on each helper call, then add the version to conftest's "
-                    f"_REPATCHING_INTERPRETERS (the suite's time depends on it) or remove the shortcut")
+                    f"REPATCHING_INTERPRETERS (the suite's time depends on it) or remove the shortcut")
     else:
         assert not installed
 

@@ -395,6 +395,7 @@ def test_shard_map_over_two_devices_sums_parameter_gradients():
     # whole batch, to float32 association.
     code = """
 import sys; sys.path.insert(0, "tests")
+import triton_interpreter; triton_interpreter.patch_language_once_per_launch()
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mixer_fast import dispatch, jax as mfj
