@@ -175,5 +175,5 @@ if __name__ == "__main__":
         sys.exit(f"usage: {sys.argv[0]} threads|process (started by the tests, not by hand)")
     import triton_interpreter  # this file's folder is on sys.path when it runs as a script
 
-    triton_interpreter.patch_language_once_per_launch()
+    triton_interpreter.set_up()
     print(json.dumps(_threads() if mode == "threads" else _process()))

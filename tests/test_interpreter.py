@@ -1,5 +1,6 @@
-"""The test suite's shortcut in Triton's interpreter (triton_interpreter.py): in place where it is meant to be,
-and a kernel calling @triton.jit helpers computes the same with it as without."""
+"""Triton's interpreter as the suite runs it (triton_interpreter.py): the once-per-launch patch is in place where
+it is meant to be, and a kernel calling @triton.jit helpers computes the same with it as without; the int32
+overflow check is off unless asked for, fails on an overflow when on, and every kernel runs under it."""
 from __future__ import annotations
 
 import os
@@ -68,3 +69,66 @@ def test_language_is_restored_after_a_launch():
     # builtins and the next launch patches afresh (the shortcut then applies inside it again).
     _run()
     assert tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.arange)
+
+
+@triton.jit
+def _overflowing_kernel(y_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(y_ptr + offsets, (offsets + 1) * 1_500_000_000 // 1_000_000)
+
+
+def test_int32_overflow_check_is_off_by_default_and_on_when_asked():
+    from triton_interpreter import int32_overflow_checked
+
+    y = torch.empty(4, dtype=torch.int32)
+    _overflowing_kernel[(1,)](y, 4)  # wraps, as a compiled kernel (without debug) would
+    with int32_overflow_checked():
+        with pytest.raises(Exception, match="overflow"):
+            _overflowing_kernel[(1,)](y, 4)
+    _overflowing_kernel[(1,)](y, 4)
+
+
+# Every kernel's index arithmetic under the overflow check at least once: the three blocks, training with
+# drop path, on each engine and LayerNorm placement (the per-process choices of kernels/triton).
+ENGINES = [{}, {"MIXER_FAST_GEMM": "cublas", "MIXER_FAST_TOKEN": "cublas"}, {"MIXER_FAST_LN": "fold"}]
+
+
+@pytest.mark.int32_overflow_checked
+def test_every_kernel_runs_under_the_int32_overflow_check(triton_backend, monkeypatch):
+    import importlib
+    import pkgutil
+
+    import mixer_fast
+    from mixer_fast import kernels
+    from triton.runtime import interpreter
+
+    kernel_names = set()
+    for info in pkgutil.iter_modules(importlib.import_module("mixer_fast.kernels.triton").__path__):
+        module = importlib.import_module(f"{kernels.__name__}.triton.{info.name}")
+        kernel_names |= {name for name, obj in vars(module).items() if name.endswith("_kernel") and hasattr(obj, "fn")}
+    assert len(kernel_names) >= 14, kernel_names
+
+    launched = set()
+    run_grid = interpreter.GridExecutor.__call__
+
+    def recording(self, *args, **kwargs):
+        options = interpreter.interpreter_builder.options
+        assert options.sanitize_overflow and options.debug
+        launched.add(self.fn.__name__)
+        return run_grid(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", recording)
+    B, S, C = 2, 16, 32
+    for env in ENGINES:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for cls in (mixer_fast.MixerBlock, mixer_fast.ResMLPBlock, mixer_fast.SpatialGatingBlock):
+            torch.manual_seed(0)
+            block = cls(C, S, drop_path=0.5, backend="triton").train()
+            x = torch.randn(B, S, C, requires_grad=True)
+            out = block(x)
+            out.square().sum().backward()
+            assert torch.isfinite(out).all() and torch.isfinite(x.grad).all(), (cls.__name__, env)
+        for name in env:
+            monkeypatch.delenv(name)
+    assert launched >= kernel_names, sorted(kernel_names - launched)

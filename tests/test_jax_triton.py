@@ -395,7 +395,7 @@ def test_shard_map_over_two_devices_sums_parameter_gradients():
     # whole batch, to float32 association.
     code = """
 import sys; sys.path.insert(0, "tests")
-import triton_interpreter; triton_interpreter.patch_language_once_per_launch()
+import triton_interpreter; triton_interpreter.set_up()
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mixer_fast import dispatch, jax as mfj
@@ -422,3 +422,12 @@ for op in ("token", "channel"):
     assert r.returncode == 0, r.stderr[-3000:]
     errors = [float(v) for v in r.stdout.split()]
     assert len(errors) == 2 and max(errors) <= 1e-5, errors
+
+
+def test_a_device_without_a_compute_capability_is_refused_by_name():
+    # A JAX GPU that is not NVIDIA's reports no compute capability: the backend says so instead of planning
+    # for "sm_None".
+    from mixer_fast.jax import triton_backend
+
+    with pytest.raises(dispatch.BackendUnavailable, match="'cpu' reports no CUDA compute capability"):
+        triton_backend._capability(jax.devices("cpu")[0])

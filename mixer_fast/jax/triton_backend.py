@@ -103,10 +103,15 @@ _CACHE_ENV = "TRITON_CACHE_DIR"
 
 
 def _capability(device) -> int:
-    """A GPU device's compute capability as an integer (90 for "9.0")."""
+    """A GPU device's compute capability as an integer (90 for "9.0"); BackendUnavailable for a device that
+    reports none (the kernels, their plans and the ptxas guard are for NVIDIA GPUs)."""
     from ..kernels.triton.jax_launch import device_capability
 
-    return device_capability(device)
+    capability = device_capability(device)
+    if capability is None:
+        raise BackendUnavailable(f"device {device.device_kind!r} reports no CUDA compute capability: the triton "
+                                 "backend's kernels and plans are for NVIDIA GPUs")
+    return capability
 
 
 def device_class(device_index=None) -> str:
