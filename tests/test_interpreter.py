@@ -45,7 +45,7 @@ def test_shortcut_is_installed_on_the_interpreters_it_was_checked_on():
         assert installed
     elif IN_CI:
         pytest.fail(f"triton {triton.__version__}: check whether its interpreter still re-patches "
-                    f"triton.language on each helper call, then add the version to conftest's "
+                    f"triton.language on each helper call, then add the version to triton_interpreter's "
                     f"REPATCHING_INTERPRETERS (the suite's time depends on it) or remove the shortcut")
     else:
         assert not installed
@@ -99,12 +99,12 @@ def test_every_kernel_runs_under_the_int32_overflow_check(triton_backend, monkey
     import pkgutil
 
     import mixer_fast
-    from mixer_fast import kernels
+    from mixer_fast.kernels import triton as package
     from triton.runtime import interpreter
 
     kernel_names = set()
-    for info in pkgutil.iter_modules(importlib.import_module("mixer_fast.kernels.triton").__path__):
-        module = importlib.import_module(f"{kernels.__name__}.triton.{info.name}")
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
         kernel_names |= {name for name, obj in vars(module).items() if name.endswith("_kernel") and hasattr(obj, "fn")}
     assert len(kernel_names) >= 14, kernel_names
 
