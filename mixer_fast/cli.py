@@ -117,7 +117,15 @@ def _ptxas_text() -> str:
         chosen = toolchain.choose(arch)
     except toolchain.ToolchainProblem as e:
         return f"\nptxas for {where}: none usable: {e}"
-    return f"\nptxas for {where}: {chosen.version_text} at {chosen.path}\n  {chosen.source}: {chosen.why}"
+    lines = [f"\nptxas for {where}: {chosen.version_text} at {chosen.path}", f"  {chosen.source}: {chosen.why}"]
+    # The JAX triton backend's PTX is written for the chosen ptxas's release, but XLA assembles it with a
+    # ptxas of its own finding, which rejects a newer PTX ISA ("Unsupported .version"): list the others.
+    for path, version, source in toolchain.others(chosen, arch):
+        lines.append(f"  also here: {toolchain.version_text(version) if version else 'does not run'} at {path} "
+                     f"({source})")
+    lines.append(f"  jax-triton's kernels are written as PTX for ptxas {chosen.version_text} and assembled by XLA's "
+                 f"ptxas, which must be at least as new")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -84,6 +84,26 @@ def test_known_bad_bundled_ptxas_is_replaced_by_the_newest_cuda13_one(tc, tmp_pa
         tc.choose(90)
 
 
+def test_the_other_ptxas_binaries_are_listed_once_each(tc, tmp_path):
+    # mixer-fast info lists them: XLA assembles jax-triton's PTX with a ptxas of its own finding, which must
+    # be at least as new as the one Triton wrote the PTX for.
+    c130 = fake_ptxas(tmp_path / "c130", "13.0.88")
+    c135 = fake_ptxas(tmp_path / "c135", "13.5.37")
+    (tmp_path / "link").mkdir()
+    os.symlink(c130, tmp_path / "link" / "ptxas")
+    tc.state["others"] = [(c135, "the nvidia-cuda-nvcc wheel (mixer_fast[gpu])"),
+                          (c130, "the CUDA toolkit in /usr/local/cuda"),
+                          (str(tmp_path / "link" / "ptxas"), "PATH")]
+    chosen = tc.choose(90)
+    assert chosen.path == c135
+    assert tc.others(chosen, 90) == [(tc.state["bundled"], (12, 8, 93), "bundled with triton"),
+                                     (c130, (13, 0, 88), "the CUDA toolkit in /usr/local/cuda")]
+    tc.state["bundled"] = fake_ptxas(tmp_path / "b129", "12.9.86")
+    chosen = tc.choose(90)
+    assert chosen.source == "bundled with triton"
+    assert [p for p, _, _ in tc.others(chosen, 90)] == [c135, c130]
+
+
 def test_a_missing_bundled_ptxas_is_replaced_too(tc, tmp_path):
     # Some builds of triton ship without one: the other ptxas binaries are tried as for a known-bad one.
     tc.state["bundled"] = str(tmp_path / "no-ptxas")

@@ -176,6 +176,21 @@ def choose(arch: int) -> Ptxas:
     return Ptxas(path, v, source, f"replaces Triton's bundled ptxas ({bundled_text}), which {bad}")
 
 
+def others(chosen: Ptxas, arch: int) -> List[Tuple[str, Optional[Version], str]]:
+    """(path, version or None, source) of every ptxas on this machine other than ``chosen``: Triton's bundled
+    one, then :func:`candidates`. jax-triton's kernels are assembled by XLA with a ptxas of XLA's own finding
+    (among these, or one inside jaxlib), while Triton writes their PTX for ``chosen``'s release: XLA's must be
+    at least as new, so ``mixer-fast info`` lists them."""
+    seen = {os.path.realpath(chosen.path)}
+    out = []
+    for path, source in [(bundled_path(arch), "bundled with triton")] + candidates():
+        real = os.path.realpath(path)
+        if real not in seen and os.path.isfile(path):
+            seen.add(real)
+            out.append((path, version_of(path), source))
+    return out
+
+
 def apply(arch: int) -> Ptxas:
     """Choose the ptxas for ``arch`` and make Triton use it in this process (``TRITON_PTXAS_PATH``).
 
