@@ -49,8 +49,9 @@ def check_against_xla(backend: str, op: str, args, kw, dtype, approximate: str) 
         return jax.jit(lambda a, k: fn(*a, **k, **static, approximate=approximate, backend=backend))
 
     arrays = {k: v for k, v in kw.items() if k not in static}
-    ref32 = run("xla")(tuple(map(f64, args)), {k: f64(v) for k, v in arrays.items()})
-    eager = run("xla")(args, arrays)
+    xla = run("xla")  # one jitted function for both: in fp32 the reference and eager share one compile
+    ref32 = xla(tuple(map(f64, args)), {k: f64(v) for k, v in arrays.items()})
+    eager = xla(args, arrays)
     fused = run(backend)(args, arrays)
     assert fused.dtype == eager.dtype
     ref32 = _np32(ref32)
