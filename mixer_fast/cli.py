@@ -118,13 +118,17 @@ def _ptxas_text() -> str:
     except toolchain.ToolchainProblem as e:
         return f"\nptxas for {where}: none usable: {e}"
     lines = [f"\nptxas for {where}: {chosen.version_text} at {chosen.path}", f"  {chosen.source}: {chosen.why}"]
-    # The JAX triton backend's PTX is written for the chosen ptxas's release, but XLA assembles it with a
-    # ptxas of its own finding, which rejects a newer PTX ISA ("Unsupported .version"): list the others.
     for path, version, source in toolchain.others(chosen, arch):
         lines.append(f"  also here: {toolchain.version_text(version) if version else 'does not run'} at {path} "
                      f"({source})")
-    lines.append(f"  jax-triton's kernels are written as PTX for ptxas {chosen.version_text} and assembled by XLA's "
-                 f"ptxas, which must be at least as new")
+    # The JAX triton backend's kernels are assembled by XLA, with a ptxas of XLA's finding.
+    try:
+        triton_ptxas, xla = toolchain.choose_for_jax(arch)
+    except toolchain.ToolchainProblem as e:
+        lines.append(f"  jax-triton's kernels: none usable: {e}")
+    else:
+        lines.append(f"  jax-triton's kernels: assembled by XLA with ptxas {xla.version_text} at {xla.path} "
+                     f"({xla.source}); Triton writes their PTX for ptxas {triton_ptxas.version_text}")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,131 @@ def test_a_new_assembler_means_new_cache_entries(tc, tmp_path):
         os.environ.pop(tc.ENV_VAR, None)
         nvidia.get_ptxas_version.cache_clear()
     assert bad != good and "13.5" in good
+
+
+@pytest.fixture
+def xla(tc, monkeypatch, tmp_path):
+    """tc, with XLA's search for the ptxas that assembles jax-triton's kernels confined to tmp_path: the working
+    directory, PATH (``xla.path``: folders, first first), the CUDA roots and no jaxlib plugin."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tc, "XLA_CUDA_ROOTS", (str(tmp_path / "usr-local-cuda"),))
+    monkeypatch.setattr(tc, "XLA_PLUGINS", ())
+    folders = []
+
+    def set_path(*paths):
+        folders[:] = [os.path.dirname(p) for p in paths]
+        monkeypatch.setenv("PATH", os.pathsep.join(folders + [str(tmp_path / "empty")]))
+
+    set_path()
+    tc.set_xla_path = set_path
+    yield tc
+    del tc.set_xla_path
+
+
+def test_xla_finds_its_ptxas_as_xla_does(xla, tmp_path, monkeypatch):
+    # jaxlib's CUDA plugins assemble jax-triton's PTX with stream_executor's FindCudaExecutable: ./bin/ptxas,
+    # then PATH, then the CUDA roots and the nvidia-cuda-nvcc wheel beside the plugin; the first with a
+    # release >= 11.8 that is not 12.3.103 wins (not the newest, unlike the torch backend's choice).
+    assert xla.xla_ptxas() is None
+    root = fake_ptxas(tmp_path / "usr-local-cuda" / "bin", "13.5.37")
+    xla.version_of.cache_clear()  # it remembers that nothing ran there
+    assert xla.xla_ptxas().path == root
+    old, excluded = fake_ptxas(tmp_path / "p117", "11.7.99"), fake_ptxas(tmp_path / "p123", "12.3.103")
+    on_path = fake_ptxas(tmp_path / "p130", "13.0.88")
+    xla.set_xla_path(old, excluded, on_path)
+    found = xla.xla_ptxas()
+    assert (found.path, found.version, found.source) == (on_path, (13, 0, 88), "PATH")
+    fake_ptxas(tmp_path / "work" / "bin", "12.9.86")
+    xla.version_of.cache_clear()
+    assert xla.xla_ptxas().source == "bin/ptxas under the working directory"
+    # The wheel beside jaxlib's plugin: site-packages/nvidia/cu13/bin/ptxas for jax_cuda13_plugin.
+    site = tmp_path / "site"
+    (site / "fake_cuda13_plugin").mkdir(parents=True)
+    (site / "fake_cuda13_plugin" / "__init__.py").write_text("")
+    wheel = fake_ptxas(site / "nvidia" / "cu13" / "bin", "13.5.37")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(xla, "XLA_PLUGINS", (("fake_cuda13_plugin", "cu13"),))
+    assert (wheel, f"{site / 'nvidia' / 'cu13'}, beside fake_cuda13_plugin") in xla.xla_search_paths()
+    assert xla.xla_search_paths().index((on_path, "PATH")) < len(xla.xla_search_paths()) - 5
+
+
+def test_jax_triton_ptx_is_written_for_xlas_ptxas(xla, tmp_path, monkeypatch):
+    # Triton writes PTX for its ptxas's release (13.5: PTX ISA 9.5); XLA's 13.0 would reject it
+    # ("Unsupported .version"), so for the JAX backend Triton takes XLA's ptxas. The torch backend, loaded in
+    # the same process afterwards, keeps that choice (it passed the known-bad check).
+    wheel = fake_ptxas(tmp_path / "c135", "13.5.37")
+    xla.state["others"] = [(wheel, "the nvidia-cuda-nvcc wheel (mixer_fast[gpu])")]
+    assert xla.choose(90).path == wheel
+    on_path = fake_ptxas(tmp_path / "p130", "13.0.88")
+    xla.set_xla_path(on_path)
+    triton_ptxas, xla_ptxas = xla.choose_for_jax(90)
+    assert xla_ptxas.path == on_path and triton_ptxas.path == on_path and triton_ptxas.version == (13, 0, 88)
+    assert triton_ptxas.source == "XLA's ptxas (PATH)"
+    assert "ptxas 13.5.37, the nvidia-cuda-nvcc wheel (mixer_fast[gpu]), would write PTX XLA's cannot read" \
+        in triton_ptxas.why
+    monkeypatch.setenv(xla.ENV_VAR, "")  # restored by monkeypatch after apply_for_jax() sets it
+    monkeypatch.delenv(xla.ENV_VAR)
+    assert xla.apply_for_jax(90) == (triton_ptxas, xla_ptxas) and os.environ[xla.ENV_VAR] == on_path
+    assert xla.choose(90) == triton_ptxas and xla.apply(90) == triton_ptxas
+    # After the torch backend chose the wheel's 13.5 in this process, the JAX backend still switches.
+    monkeypatch.setattr(xla, "_applied", {})
+    monkeypatch.delenv(xla.ENV_VAR)
+    assert xla.apply(90).path == wheel and os.environ[xla.ENV_VAR] == wheel
+    assert xla.apply_for_jax(90)[0].path == on_path and os.environ[xla.ENV_VAR] == on_path
+    # XLA's as new as Triton's: nothing changes.
+    monkeypatch.setattr(xla, "_applied", {})
+    monkeypatch.delenv(xla.ENV_VAR)
+    xla.set_xla_path(fake_ptxas(tmp_path / "p135", "13.5.37"))
+    assert xla.choose_for_jax(90)[0].path == wheel
+
+
+def test_jax_triton_refuses_what_xla_cannot_assemble_safely(xla, tmp_path, monkeypatch):
+    xla.state["bundled"] = fake_ptxas(tmp_path / "b129", "12.9.86")
+    with pytest.raises(xla.ToolchainProblem, match=r"XLA finds no ptxas to assemble jax-triton's kernels .*"
+                                                   r"pip install \"mixer_fast\[gpu\]\""):
+        xla.choose_for_jax(90)
+    # XLA's first ptxas is the one that miscompiles the token kernels: XLA would assemble them with it.
+    bad = fake_ptxas(tmp_path / "p128", "12.8.93")
+    xla.set_xla_path(bad, fake_ptxas(tmp_path / "p135", "13.5.37"))
+    with pytest.raises(xla.ToolchainProblem, match=rf"first ptxas it finds, 12\.8\.93 at {bad} \(PATH\), which "
+                                                   r"builds wgmma .* first on PATH"):
+        xla.choose_for_jax(90)
+    assert xla.choose_for_jax(80)[1].path == bad  # only known bad on Hopper
+    # A TRITON_PTXAS_PATH the user set is never overridden: newer than XLA's, the JAX backend refuses.
+    xla.set_xla_path(fake_ptxas(tmp_path / "p130", "13.0.88"))
+    user = fake_ptxas(tmp_path / "u135", "13.5.37")
+    monkeypatch.setenv(xla.ENV_VAR, user)
+    with pytest.raises(xla.ToolchainProblem, match=r"TRITON_PTXAS_PATH points to ptxas 13\.5\.37, so Triton writes "
+                                                   r"PTX for that release, which XLA's ptxas \(13\.0\.88 .*unset it"):
+        xla.choose_for_jax(90)
+    monkeypatch.setenv(xla.ENV_VAR, fake_ptxas(tmp_path / "u129", "12.9.86"))
+    assert xla.apply_for_jax(90)[0].source == "TRITON_PTXAS_PATH (set by the user)"
+
+
+def test_jax_backend_refuses_to_load_where_xla_would_miscompile(xla, tmp_path, monkeypatch):
+    # On a Hopper GPU whose first ptxas on PATH is 12.8 (simulated: no GPU here), the JAX triton backend does
+    # not load, and says why and how to fix it; with a good one it names both assemblers.
+    jax = require("jax")
+    require("torch")
+    from mixer_fast import dispatch
+    from mixer_fast.jax import triton_backend
+    from mixer_fast.kernels.triton import _launch
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "local_devices", lambda: [types.SimpleNamespace(device_kind="NVIDIA H200")])
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    monkeypatch.setattr(triton_backend, "_import_jax_triton", lambda: None)
+    monkeypatch.setattr(triton_backend, "_capability", lambda device: 90)
+    xla.set_xla_path(fake_ptxas(tmp_path / "p128", "12.8.93"))
+    with pytest.raises(dispatch.BackendUnavailable, match=r"on NVIDIA H200: XLA assembles jax-triton's kernels with "
+                                                          r"the first ptxas it finds, 12\.8\.93"):
+        triton_backend.load()
+    monkeypatch.setenv(xla.ENV_VAR, "")
+    monkeypatch.delenv(xla.ENV_VAR)
+    xla.state["others"] = [(fake_ptxas(tmp_path / "c135", "13.5.37"), "wheel")]
+    xla.set_xla_path(fake_ptxas(tmp_path / "p130", "13.0.88"))
+    detail = triton_backend.load().detail
+    assert f"PTX written for ptxas 13.0.88 (XLA's ptxas (PATH)), assembled by XLA's ptxas 13.0.88 at " \
+           f"{tmp_path / 'p130' / 'ptxas'} (PATH)" in detail, detail

@@ -12,6 +12,10 @@ crash. With no good ptxas at all the backend does not load, and says how to get 
 
 Triton keys its on-disk kernel cache on the ptxas version (``backend.hash()``), so cubins assembled by the
 bad ptxas are not reused once another one is chosen; its in-process memo of that version is cleared here.
+
+The JAX triton backend's kernels are assembled elsewhere: jax-triton hands jaxlib PTX, and XLA assembles it
+with the first ptxas it finds (:func:`xla_ptxas`), ignoring ``TRITON_PTXAS_PATH``. :func:`apply_for_jax`
+refuses a known-bad one there, and has Triton write PTX that it can read (:func:`choose_for_jax`).
 """
 from __future__ import annotations
 
@@ -196,10 +200,15 @@ def apply(arch: int) -> Ptxas:
 
     Call before the first kernel compiles. Triton memoises the ptxas version that keys its kernel cache;
     that memo is cleared so the cache key follows the new assembler."""
-    chosen = choose(arch)
+    return _use(choose(arch), arch)
+
+
+def _use(chosen: Ptxas, arch: int) -> Ptxas:
+    """Make Triton assemble ``arch``'s kernels with ``chosen`` in this process."""
     # Already in force: the user's path or an earlier apply() (the variable names it), or Triton's default.
     if (os.environ.get(env_var_for(arch)) == chosen.path
-            or os.path.realpath(chosen.path) == os.path.realpath(bundled_path(arch))):
+            or (env_var_for(arch) not in os.environ
+                and os.path.realpath(chosen.path) == os.path.realpath(bundled_path(arch)))):
         return chosen
     os.environ[env_var_for(arch)] = chosen.path
     _applied[arch] = chosen
@@ -214,3 +223,94 @@ def apply(arch: int) -> Ptxas:
     except ImportError:  # a triton without the NVIDIA backend: nothing compiles for CUDA anyway
         pass
     return chosen
+
+
+# How XLA picks the ptxas that assembles jax-triton's PTX: jaxlib's triton_kernels.cc calls stream_executor's
+# CompileGpuAsm with no preferred CUDA directory, and jaxlib's CUDA plugins are built without libnvptxcompiler
+# (jax-cuda13-plugin 0.11.2's _triton.so says "XLA was built without libnvptxcompiler support"), so
+# FindCudaExecutable runs: "bin/ptxas" under the working directory, then PATH, then the CUDA roots, taking
+# the first that answers --version with a release of at least 11.8 and not 12.3.103 (XLA's own exclusion).
+XLA_MIN_VERSION: Version = (11, 8, 0)
+XLA_EXCLUDED_VERSIONS: Tuple[Version, ...] = ((12, 3, 103),)
+XLA_CUDA_ROOTS: Tuple[str, ...] = ("/usr/local/cuda", "/opt/cuda")
+# The CUDA roots XLA derives from the plugin library it lives in: the nvidia-cuda-nvcc wheel beside it
+# (CUDA 13 wheels install into nvidia/cu13, CUDA 12 ones into nvidia/cuda_nvcc), in the order jax tries them.
+XLA_PLUGINS: Tuple[Tuple[str, str], ...] = (("jax_cuda13_plugin", "cu13"), ("jax_cuda12_plugin", "cuda_nvcc"))
+
+
+def xla_search_paths() -> List[Tuple[str, str]]:
+    """(path, source) of every place XLA looks for the ptxas that assembles jax-triton's kernels, in its order
+    (paths relative to the working directory are XLA's: it resolves them there when it compiles)."""
+    out = [(os.path.join("bin", "ptxas"), "bin/ptxas under the working directory")]
+    out += [(os.path.join(d, "ptxas"), "PATH") for d in os.environ.get("PATH", "").split(os.pathsep)]
+    out += [(os.path.join(root, "bin", "ptxas"), root) for root in XLA_CUDA_ROOTS]
+    for plugin, nvcc_dir in XLA_PLUGINS:
+        try:
+            spec = importlib.util.find_spec(plugin)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        here = list(spec.submodule_search_locations)[0]
+        for rel in (os.path.join("..", "nvidia", nvcc_dir), os.path.join("..", "..", "nvidia", nvcc_dir), "cuda",
+                    os.path.join("..", "..", "..", ".."), os.path.join("..", "..", "..", "..", "..")):
+            root = os.path.normpath(os.path.join(here, rel))
+            out.append((os.path.join(root, "bin", "ptxas"), f"{root}, beside {plugin}"))
+        break
+    return out
+
+
+def xla_ptxas() -> Optional[Ptxas]:
+    """The ptxas XLA would assemble jax-triton's kernels with, found as XLA finds it; None if XLA finds none."""
+    for path, source in xla_search_paths():
+        version = version_of(path)
+        if version is None or version < XLA_MIN_VERSION or version in XLA_EXCLUDED_VERSIONS:
+            continue
+        return Ptxas(path, version, source, "XLA's first ptxas (it assembles jax-triton's kernels)")
+    return None
+
+
+def choose_for_jax(arch: int) -> Tuple[Ptxas, Ptxas]:
+    """(Triton's ptxas, XLA's ptxas) for the JAX triton backend on ``arch``, or :class:`ToolchainProblem`.
+
+    XLA's ptxas assembles the kernels, so it must not be known bad for ``arch``. Triton writes the PTX for
+    the release of its own ptxas (13.5 writes PTX ISA 9.5), which an older ptxas rejects ("Unsupported
+    .version"): where :func:`choose` would take a newer release than XLA's, Triton takes XLA's instead.
+    A ``TRITON_PTXAS_PATH`` the user set is never overridden: if it is newer than XLA's, this refuses."""
+    xla = xla_ptxas()
+    if xla is None:
+        raise ToolchainProblem("XLA finds no ptxas to assemble jax-triton's kernels (it looks in ./bin, PATH, "
+                               f"{', '.join(XLA_CUDA_ROOTS)} and the nvidia-cuda-nvcc wheel beside jaxlib's CUDA "
+                               f"plugin); pip install \"mixer_fast[gpu]\" (its nvidia-cuda-nvcc wheel installs "
+                               f"there), or put a CUDA >= 13.0 ptxas on PATH")
+    bad = known_bad(xla.version, arch)
+    if bad:
+        raise ToolchainProblem(f"XLA assembles jax-triton's kernels with the first ptxas it finds, "
+                               f"{xla.version_text} at {xla.path} ({xla.source}), which {bad}; put the folder of "
+                               f"a CUDA >= 13.0 ptxas first on PATH")
+    triton_ptxas = choose(arch)
+    if triton_ptxas.version[:2] <= xla.version[:2]:
+        return triton_ptxas, xla
+    if _set_by_user(arch):
+        raise ToolchainProblem(f"{env_var_for(arch)} points to ptxas {triton_ptxas.version_text}, so Triton "
+                               f"writes PTX for that release, which XLA's ptxas ({xla.version_text} at {xla.path}, "
+                               f"{xla.source}) cannot read, and XLA assembles jax-triton's kernels; unset it "
+                               f"(mixer_fast then has Triton write PTX for XLA's ptxas) or put a ptxas >= "
+                               f"{triton_ptxas.version_text} first on PATH")
+    why = (f"XLA's own, which assembles jax-triton's kernels: Triton writes their PTX for its release "
+           f"(ptxas {triton_ptxas.version_text}, {triton_ptxas.source}, would write PTX XLA's cannot read)")
+    return Ptxas(os.path.abspath(xla.path), xla.version, f"XLA's ptxas ({xla.source})", why), xla
+
+
+def _set_by_user(arch: int) -> bool:
+    """Whether the variable through which Triton takes ``arch``'s ptxas was set by the user, not by us."""
+    value = os.environ.get(env_var_for(arch))
+    return bool(value) and all(p.path != value for p in _applied.values())
+
+
+def apply_for_jax(arch: int) -> Tuple[Ptxas, Ptxas]:
+    """:func:`choose_for_jax`, and make Triton use its choice in this process (as :func:`apply` does).
+    The torch triton backend, if also used in the process, then assembles with that ptxas too: it is XLA's,
+    which passed the known-bad check."""
+    triton_ptxas, xla = choose_for_jax(arch)
+    return _use(triton_ptxas, arch), xla

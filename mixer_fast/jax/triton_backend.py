@@ -55,16 +55,16 @@ def load() -> SimpleNamespace:
         except ImportError as e:
             raise BackendUnavailable(f"jax-triton is not importable ({e}); `pip install jax-triton`") from None
         device = jax.local_devices()[0]
-        try:  # before any kernel compiles: never a ptxas known to miscompile them (toolchain.py)
-            ptxas = toolchain.apply(_capability(device))
+        # Before any kernel compiles. jax-triton hands jaxlib PTX, which XLA assembles with the first ptxas
+        # it finds (it ignores TRITON_PTXAS_PATH): that one must not be known to miscompile these kernels,
+        # and Triton must write PTX no newer than it reads (toolchain.choose_for_jax).
+        try:
+            ptxas, xla_ptxas = toolchain.apply_for_jax(_capability(device))
         except toolchain.ToolchainProblem as e:
             raise BackendUnavailable(f"on {device.device_kind}: {e}") from None
-        # jax-triton hands jaxlib PTX, which XLA assembles with a ptxas of its own finding (jaxlib's
-        # triton_kernels.cc ignores TRITON_PTXAS_PATH): the guard's ptxas assembles only Triton's own
-        # compiles here (the shared-memory sizing). Which one XLA uses is not yet checked on a GPU.
-        detail = (f"compiled Triton kernels through jax-triton on {device.device_kind}; PTX assembled by XLA's "
-                  f"ptxas (not chosen by mixer_fast; Triton's own compiles: ptxas {ptxas.version_text}, "
-                  f"{ptxas.source})")
+        detail = (f"compiled Triton kernels through jax-triton on {device.device_kind}: PTX written for ptxas "
+                  f"{ptxas.version_text} ({ptxas.source}), assembled by XLA's ptxas {xla_ptxas.version_text} at "
+                  f"{xla_ptxas.path} ({xla_ptxas.source})")
     else:
         detail = "Triton's interpreter through jax.pure_callback (no GPU; for testing, slow)"
     return SimpleNamespace(name="triton", features=frozenset({"deterministic"}), detail=detail,
