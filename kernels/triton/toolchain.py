@@ -242,7 +242,8 @@ def xla_search_paths() -> List[Tuple[str, str]]:
     """(path, source) of every place XLA looks for the ptxas that assembles jax-triton's kernels, in its order
     (paths relative to the working directory are XLA's: it resolves them there when it compiles)."""
     out = [(os.path.join("bin", "ptxas"), "bin/ptxas under the working directory")]
-    out += [(os.path.join(d, "ptxas"), "PATH") for d in os.environ.get("PATH", "").split(os.pathsep)]
+    # An empty PATH entry is skipped: there XLA runs a bare "ptxas", which exec resolves through PATH anyway.
+    out += [(os.path.join(d, "ptxas"), "PATH") for d in os.environ.get("PATH", "").split(os.pathsep) if d]
     out += [(os.path.join(root, "bin", "ptxas"), root) for root in XLA_CUDA_ROOTS]
     for plugin, nvcc_dir in XLA_PLUGINS:
         try:
