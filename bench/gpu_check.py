@@ -2,7 +2,7 @@
 """One prepared command for a lent GPU: the triton backend's correctness, a CUDA graph and timings, as JSON lines.
 
     python bench/gpu_check.py check --out DIR [--quick] [--jobs 6] [--budget 225] [--check-budget 150]
-                                    [--parts checks,graph,timings,tiles] [--only REGEX] [--max-sanitize 4]
+                                    [--parts checks,graph,timings,tiles,jax] [--only REGEX] [--max-sanitize 4]
     python bench/gpu_check.py tests --out DIR [--jobs 12] [--budget 260]
 
 GPU time is scarce (DESIGN.md, "Checking on a GPU"), so ``check`` fits one device call of at most 4 minutes:
@@ -46,6 +46,11 @@ graph and timings are then skipped, and named so in the summary.
    and Mixer-L/16: the forward for token_mlp_fwd's, a training step for token_mlp_dx's and _dw's (the
    other kernels at their planned launches). The fastest spill-free one belongs in gpu_config.
 
+5. JAX (only when ``--parts`` names it; bench/gpu_check_jax.py, whose docstring has its records): the JAX
+   triton backend through jax-triton, its ops and the Flax MixerBlock against XLA under the same rule, each
+   case in its own process after the torch checks, and its timings against XLA (with and without the
+   integer hints the fused GEMM is given) as timing groups after the torch ones.
+
 Within 4 minutes the correctness part (about 2 minutes with a cold Triton cache) leaves time for the first
 timing groups only; ``check --parts timings --budget 540`` in a second device call times all of them, and
 ``check --parts tiles --budget 300`` the tiles.
@@ -84,6 +89,9 @@ FAULT_EXIT = 3  # a worker's exit status after it caught a CUDA fault (its conte
 DEVICE_FAULT = re.compile(r"CUDA error|Triton Error \[CUDA\]|illegal memory access|unspecified launch failure|"
                           r"misaligned address|device-side assert|illegal instruction")
 MODES = {"check": ("forward", "backward"), "timing": ("forward", "training")}
+CHECK_KINDS = ("check", "jax_check")  # the JAX records: bench/gpu_check_jax.py
+TIMING_KINDS = ("timing", "jax_timing")
+JAX_TIMING_WHAT = ("jax", "jax_no_hints")
 # Correctness processes: kernel faults reported at the launch that made them, and outputs filled with NaN
 # before each launch (the test suite's MIXER_FAST_POISON), so that an element a kernel never writes shows;
 # no GEMM tuning (MIXER_FAST_AUTOTUNE=none: the shipped table's config, else the site's first TMA config,
@@ -807,10 +815,16 @@ def tiles_worker(shape: str, dtype: str, batch: int) -> bool:
 
 def worker_main(task: Dict[str, Any]) -> int:
     """Runs one task (the JSON the parent passed) and returns the process's exit status."""
-    _setup_worker()
     kind = task.pop("task")
-    handler = {"check": check_worker, "graph": graph_worker, "peak": peak_worker, "timing": timing_worker,
-               "tiles": tiles_worker}[kind]
+    if kind.startswith("jax_"):
+        import gpu_check_jax as gj
+
+        gj.setup_worker()
+        handler = {"jax_check": gj.jax_check_worker, "jax_timing": gj.jax_timing_worker}[kind]
+    else:
+        _setup_worker()
+        handler = {"check": check_worker, "graph": graph_worker, "peak": peak_worker, "timing": timing_worker,
+                   "tiles": tiles_worker}[kind]
     return FAULT_EXIT if handler(**task) else 0
 
 
@@ -890,7 +904,7 @@ class Report:
 
     def log_run(self, name: str, run: WorkerRun) -> None:
         status = "killed at its timeout" if run.rc is None else f"exit {run.rc}"
-        failed = run.rc != 0 or any(r.get("ok") is False or (r["kind"] == "timing" and "errors" in r)
+        failed = run.rc != 0 or any(r.get("ok") is False or (r["kind"] in TIMING_KINDS and "errors" in r)
                                     for r in run.records)
         self.log(f"{name}: {status}, {run.seconds:.1f} s, {len(run.records)} record(s)"
                  + (f"\n{run.tail()}" if failed else ""))
@@ -1024,6 +1038,10 @@ def run_timings(groups: Sequence[TimingGroup], report: Report, budget: Budget) -
             task: Dict[str, Any] = {"task": "peak"}
         elif group.what == "tiles":
             task = {"task": "tiles", "shape": group.shape, "dtype": group.dtype, "batch": TIMING_BATCH}
+        elif group.what in JAX_TIMING_WHAT:
+            import gpu_check_jax as gj
+
+            task = gj.timing_task(group, state["peak_tflops"])
         else:
             task = {"task": "timing", "what": group.what, "shape": group.shape, "dtype": group.dtype,
                     "batch": TIMING_BATCH, "peak_tflops": state["peak_tflops"]}
@@ -1037,6 +1055,10 @@ def run_timings(groups: Sequence[TimingGroup], report: Report, budget: Budget) -
                 report.record(r)
         expected = {"peak": 1, "tiles": sum(map(len, tile_candidates().values()))}.get(group.what,
                                                                                      len(MODES["timing"]))
+        if group.what in JAX_TIMING_WHAT:
+            import gpu_check_jax as gj
+
+            expected = gj.expected_records(group)
         if len(result.records) < expected:
             skipped.append(f"{group.name}: {len(result.records)} of {expected} record(s); {result.failure()}")
 
@@ -1093,7 +1115,8 @@ def env_record() -> Dict[str, Any]:
 
 
 def check_name(record: Dict[str, Any]) -> str:
-    return f"{record['op']} {record['mode']} {record['shape']} {record['dtype']}"
+    return (("jax " if record["kind"] == "jax_check" else "")
+            + f"{record['op']} {record['mode']} {record['shape']} {record['dtype']}")
 
 
 def _ms(value: Optional[float]) -> str:
@@ -1102,7 +1125,7 @@ def _ms(value: Optional[float]) -> str:
 
 def format_summary(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> str:
     """The short human summary: check counts, what failed, and a timing table with triton / reference."""
-    checks = [r for r in records if r["kind"] == "check"]
+    checks = [r for r in records if r["kind"] in CHECK_KINDS]
     graph = next((r for r in records if r["kind"] == "graph"), None)
     lines = [f"checks: {len(checks) - len(summary['failed'])} of {len(checks)} passed"
              + (f"; faulted: {', '.join(summary['faulted'])}" if summary["faulted"] else "")]
@@ -1125,6 +1148,10 @@ def format_summary(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -
                          f"{_ms(ms.get(FOLDED_PROVIDER)):>9}{_ms(ms.get(CUBLAS_PROVIDER)):>9}{_ms(r['floor_ms']):>8}"
                          f"{ratio:>8}")
             lines += [f"    {p} failed: {e.splitlines()[0][:150]}" for p, e in r.get("errors", {}).items()]
+    if any(r["kind"] == "jax_timing" for r in records):
+        import gpu_check_jax as gj
+
+        lines += gj.format_records(records)
     for r in (r for r in records if r["kind"] == "tiles"):
         lines.append(f"tiles {r['shape']:<10} {r['kernel']:<14} {r['plan']:<40} {r['mode']:<9} {_ms(r['ms']):>8}"
                      + (f"  failed: {r['error'].splitlines()[0][:100]}" if r["error"] else ""))
@@ -1139,10 +1166,28 @@ def _selected(items: Iterable[Any], only: Optional[str]) -> List[Any]:
     return [item for item in items if pattern is None or pattern.search(item.name)]
 
 
-def timing_groups(only: Optional[str]) -> List[TimingGroup]:
-    """The timing groups ``only`` selects, with the peak measurement in front when any is (floors need it)."""
-    chosen = [g for g in _selected(TIMING_GROUPS, only) if g.what != "peak"]
+def timing_groups(only: Optional[str], jax: bool = False, torch: bool = True) -> List[TimingGroup]:
+    """The timing groups ``only`` selects, torch's (TIMING_GROUPS) and with ``jax`` the JAX ones
+    (gpu_check_jax.JAX_TIMING_GROUPS) after them, with the peak measurement in front when any is (floors
+    need it)."""
+    groups = [g for g in TIMING_GROUPS if g.what != "peak"] if torch else []
+    if jax:
+        import gpu_check_jax as gj
+
+        groups += gj.JAX_TIMING_GROUPS
+    chosen = _selected(groups, only)
     return [g for g in TIMING_GROUPS if g.what == "peak"] + chosen if chosen else []
+
+
+def run_jax_checks(opts: argparse.Namespace, phase: CheckPhase) -> None:
+    """``--parts jax``'s correctness processes (bench/gpu_check_jax.py), ``--jobs`` at once."""
+    import gpu_check_jax as gj
+
+    cases = _selected(gj.jax_cases(opts.quick), opts.only)
+    phase.report.log(f"{len(cases)} JAX correctness process(es), {opts.jobs} at a time")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        for f in [pool.submit(gj.run_jax_check, case, phase) for case in cases]:
+            f.result()
 
 
 def check_stage(opts: argparse.Namespace) -> int:
@@ -1164,18 +1209,23 @@ def check_stage(opts: argparse.Namespace) -> int:
     why_not = "no CUDA device" if not gpu else "--quick" if opts.quick else None
     if why_not:
         phase.skipped += [f"{part}: {why_not}" for part in ("graph", "timings", "tiles") if part in parts]
+        phase.skipped += [f"jax timings: {why_not}"] if "jax" in parts else []
     cases = _selected(check_cases(opts.quick), opts.only) if "checks" in parts else []
     report.log(f"{len(cases)} correctness process(es), {opts.jobs} at a time, none started after "
                f"{phase.checks_budget.left():.0f} s; {opts.budget:.0f} s in all")
     run_checks(cases, "graph" in parts and not why_not, opts.jobs, phase)
+    if "jax" in parts:
+        run_jax_checks(opts, phase)
     skipped = phase.skipped
-    if "timings" in parts and not why_not:
-        skipped += run_timings(timing_groups(opts.only), report, total)
+    if ("timings" in parts or "jax" in parts) and not why_not:
+        groups = timing_groups(opts.only, jax="jax" in parts, torch="timings" in parts)
+        skipped += run_timings(groups, report, total)
     if "tiles" in parts and not why_not:
         skipped += run_timings(_selected(TILE_GROUPS, opts.only), report, total)
-    summary = {"kind": "summary", "checks": sum(r["kind"] == "check" for r in report.records),
-               "failed": [check_name(r) for r in report.records if r["kind"] == "check" and not r["ok"]],
-               "faulted": sorted(phase.faulted), "timings": sum(r["kind"] == "timing" for r in report.records),
+    summary = {"kind": "summary", "checks": sum(r["kind"] in CHECK_KINDS for r in report.records),
+               "failed": [check_name(r) for r in report.records if r["kind"] in CHECK_KINDS and not r["ok"]],
+               "faulted": sorted(phase.faulted),
+               "timings": sum(r["kind"] in TIMING_KINDS for r in report.records),
                "skipped": skipped, "seconds": round(time.monotonic() - started, 1)}
     report.record(summary)
     report.close()
@@ -1246,7 +1296,7 @@ def tests_stage(opts: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 
-PARTS = ("checks", "graph", "timings", "tiles")
+PARTS = ("checks", "graph", "timings", "tiles", "jax")
 DEFAULT_PARTS = ("checks", "graph", "timings")
 
 
@@ -1293,4 +1343,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("gpu_check", sys.modules["__main__"])  # one module for gpu_check_jax's import
     sys.exit(main())

@@ -9,7 +9,9 @@
 # against eager / torch.compile / cuBLAS, as JSON lines (check.jsonl, check.log, sanitizer.txt); CHECK_ARGS
 # passes options, e.g. CHECK_ARGS="--parts timings --budget 540" for a second call that only times. The fused
 # GEMM also times TMA-loaded tiles on sm_90+ (never run on a GPU before): a failed case is rerun once with
-# MIXER_FAST_TMA=0, and its records say how that went ("without_tma").
+# MIXER_FAST_TMA=0, and its records say how that went ("without_tma"). `--parts jax` adds the JAX triton
+# backend's checks and timings against XLA (bench/gpu_check_jax.py; jax-triton from wheels/), e.g.
+#     CHECK_ARGS="--parts jax,timings --only jax|block.mixer_b16 --budget 330" bash bench/gpu_suite.sh check
 # `tune` (bench/tune_table.py run, TUNE_BATCHES default 256,128,64) times every fused-GEMM config at the named
 # models' shapes and writes tuned.json: merge it into the shipped table with `python bench/tune_table.py write DIR`.
 # `gputests` (bench/gpu_check.py tests, about 5 minutes: GPUTESTS_BUDGET seconds, default 260) runs the triton

@@ -4,7 +4,8 @@
     python bench/wins_table.py --write   rewrite mixer_fast/measured_wins.json
 
 Evidence is every committed timing of a fused backend next to the reference at one op or block, mode,
-dtype and device class: ``check.jsonl`` of bench/gpu_check.py ("timing" records), pytest-benchmark files
+dtype and device class: ``check.jsonl`` of bench/gpu_check.py ("timing" records, and "jax_timing" ones of
+its JAX part against XLA), pytest-benchmark files
 (``bench.json`` of bench/gpu_suite.sh, ``cpu_bench*.json`` of bench/test_cpu.py) and the 2026-11-27 H200
 ``measurements.jsonl``. The rule: a backend is chosen for (op, mode, dtype, device class) when it has
 evidence there and every piece of it is faster than the reference (reference time / backend time > 1,
@@ -129,6 +130,9 @@ def from_check(path: Path) -> Iterator[dict]:
             if not r.get("ok") and device_class and not str(r.get("error")).startswith("not run"):
                 yield evidence_row("torch", "triton", device_class, r["op"], r["mode"], r["dtype"], r["shape"],
                                    r["batch"], None, None, path, failure=r.get("error") or "outside the numerics rule")
+        if r.get("kind") in ("jax_check", "jax_timing"):
+            yield from _from_jax_record(r, device_class, path)
+            continue
         if r.get("kind") != "timing" or "reference" not in r.get("ms", {}):
             continue
         op = f"block:{r['block']}" if r["op"] == "block" else r["op"]
@@ -139,6 +143,24 @@ def from_check(path: Path) -> Iterator[dict]:
             continue  # not timed as shipped (a run from before that provider existed, or after another faulted)
         yield evidence_row("torch", "triton", r["device_class"], op, r["mode"], r["dtype"], r["shape"], r["batch"],
                            r["ms"]["reference"], r["ms"].get(provider), path, failure=failure)
+
+
+def _from_jax_record(r: dict, device_class: Optional[str], path: Path) -> Iterator[dict]:
+    """A record of gpu_check's JAX part (bench/gpu_check_jax.py) as evidence for JAX's triton backend against
+    XLA: a "jax_timing" one with the integer hints the backend ships with, or a failed "jax_check" (a loss).
+    The JAX backend has no cuBLAS engine and no LayerNorm placement choice: every record is what it runs."""
+    op = "block:mixer" if r["op"] == "block" else r["op"]
+    if r["kind"] == "jax_check":
+        if not r.get("ok") and device_class and not str(r.get("error")).startswith("not run"):
+            yield evidence_row("jax", "triton", device_class, op, r["mode"], r["dtype"], r["shape"], r["batch"],
+                               None, None, path, failure=r.get("error") or "outside the numerics rule")
+        return
+    failure = r.get("errors", {}).get("jax-triton")
+    if not r.get("hints") or "xla" not in r["ms"] or (
+            "jax-triton" not in r["ms"] and (not failure or failure.startswith("not run"))):
+        return
+    yield evidence_row("jax", "triton", r["device_class"], op, r["mode"], r["dtype"], r["shape"], r["batch"],
+                       r["ms"]["xla"], r["ms"].get("jax-triton"), path, failure=failure)
 
 
 def from_h200_measurements(path: Path) -> Iterator[dict]:

@@ -82,6 +82,35 @@ def test_gpu_check_timings_are_evidence(tmp_path):
         ("channel_mixing", "training", "bf16")}
 
 
+def test_gpu_check_jax_records_are_evidence_for_jax(tmp_path):
+    # bench/gpu_check_jax.py's records: timings of the backend as shipped (with the integer hints) against
+    # XLA, and failed checks as losses; the timing without hints is an experiment, not what runs.
+    folder = tmp_path / "2026-12-01-NVIDIA_H100"
+    folder.mkdir()
+    timing = dict(kind="jax_timing", block=None, shape="mixer_b16", batch=256, dtype="bf16", device_class="sm_90",
+                  floor_ms=0.1)
+    lines = [{"kind": "env", "device_class": "sm_90"},
+             dict(timing, op="channel_mixing", mode="forward", hints=True, ms={"xla": 1.5, "jax-triton": 1.0}),
+             dict(timing, op="channel_mixing", mode="forward", hints=False, ms={"jax-triton": 0.5}),
+             dict(timing, op="block", block="mixer", mode="training", hints=True, ms={"xla": 6.0},
+                  errors={"jax-triton": "fault"}),
+             dict(timing, op="token_mixing", mode="training", hints=True, ms={"xla": 2.0},
+                  errors={"jax-triton": "not run: the CUDA context was lost"}),
+             {"kind": "jax_check", "op": "token_mixing", "mode": "backward", "dtype": "fp16", "shape": "mixer_b16",
+              "batch": 4, "ok": False, "errors": {"x": [1.0, 0.1]}, "error": None},
+             {"kind": "jax_check", "op": "block", "mode": "forward", "dtype": "bf16", "shape": "mixer_b16",
+              "batch": 4, "ok": False, "errors": {}, "error": "not run: correctness budget spent"}]
+    (folder / "check.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    rows = wins_table.evidence(tmp_path)
+    assert [(r["framework"], r["backend"], r["op"], r["mode"], r["dtype"], r["speedup"]) for r in rows] == [
+        ("jax", "triton", "channel_mixing", "forward", "bf16", 1.5), ("jax", "triton", "block:mixer", "training",
+                                                                      "bf16", 0.0),
+        ("jax", "triton", "token_mixing", "training", "fp16", 0.0)]
+    assert rows[1]["failure"] == "fault" and rows[2]["failure"] == "outside the numerics rule"
+    assert {(r["framework"], r["op"], r["mode"]) for r in wins_table.chosen(rows)} == {
+        ("jax", "channel_mixing", "forward")}
+
+
 def test_backward_only_benchmarks_are_not_evidence_and_unknown_modes_are_errors(tmp_path):
     info = dict(op="channel_mixing", config="mixer_b16", batch=256, dtype="bf16", device_class="sm_90")
     bench = {"benchmarks": [{"extra_info": dict(info, mode=mode, provider=p), "stats": {"median": t}}
