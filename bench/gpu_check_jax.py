@@ -91,10 +91,17 @@ def check_record(case: Dict[str, Any], mode: str, errors=None, error: Optional[s
 # ---------------------------------------------------------------------------------------------------------
 # Worker side.
 
+# Why this worker process cannot run its task (set by setup_worker), or None.
+_unavailable: Optional[str] = None
+
+
 def setup_worker() -> None:
     """JAX's triton backend loaded as on a GPU, or in Triton's interpreter without one (chosen before triton
     is imported); tests/ first on sys.path (tolerances, jax_cases). Not the torch backend: its ptxas choice
-    is not the JAX one's (kernels/triton/toolchain.choose_for_jax)."""
+    is not the JAX one's (kernels/triton/toolchain.choose_for_jax). A backend that refuses to load is not a
+    kernel's failure: the worker's records then say "not run" and why."""
+    global _unavailable
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # processes share the GPU
     import jax
 
     if jax.default_backend() != "gpu":
@@ -102,7 +109,22 @@ def setup_worker() -> None:
     sys.path.insert(0, str(gc.ROOT / "tests"))
     from mixer_fast import dispatch
 
-    dispatch.load("triton", framework="jax")
+    try:
+        dispatch.load("triton", framework="jax")
+    except dispatch.BackendUnavailable as e:
+        _unavailable = f"not run: the JAX triton backend did not load: {e}"
+
+
+def not_run_reason(quick: bool) -> Optional[str]:
+    """Why the JAX kernels cannot be run here ("not run: ..."), or None: the backend did not load, or (outside
+    --quick) JAX has no GPU, so full-size cases would crawl through the interpreter."""
+    import jax
+
+    if _unavailable:
+        return _unavailable
+    if not quick and jax.default_backend() != "gpu":
+        return f"not run: JAX has no GPU in this process (its default backend is {jax.default_backend()!r})"
+    return None
 
 
 def _dtype(name: str):
@@ -130,11 +152,13 @@ def _problem(dims: gc.Dims, op: str, batch: int, dtype) -> Tuple[Callable[..., A
         params = block("xla").init(jax.random.PRNGKey(1), x)
         leaves = jax.tree_util.tree_map(lambda a: a.astype(dtype), {"params": params, "x": x})
         return lambda v, backend: block(backend).apply(v["params"], v["x"]), leaves
-    from jax_cases import args_for
+    from jax_cases import args_for, sample_scales
 
     variant = "resmlp" if dims.family == "resmlp" else "mixer"
     hidden = dims.token_hidden if op == "token_mixing" else dims.channel_hidden
     args, kw = args_for(op.split("_")[0], batch, dims.seq_len, dims.dim, hidden, dtype, variant, seed=3)
+    if dims.drop_path:  # the awkward shape with drop path, as the torch checks run it
+        kw["sample_scale"] = sample_scales(batch, dtype)
     names = ("x", "norm_weight", "norm_bias", "fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
     leaves = {n: a for n, a in zip(names, args) if a is not None}
     if "scale" in kw:
@@ -171,9 +195,12 @@ def jax_check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool) -
     from tolerances import bound, max_err
 
     case = {"op": op, "shape": shape, "dtype": dtype, "batch": batch}
+    reason = not_run_reason(quick)
+    if reason:
+        for mode in gc.MODES["check"]:
+            gc.emit(check_record(case, mode, error=reason))
+        return False
     dims, dt = (gc.QUICK_SHAPES if quick else gc.SHAPES)[shape], _dtype(dtype)
-    call, leaves = _problem(dims, op, batch, dt)
-    dout = jax.random.normal(jax.random.PRNGKey(2), leaves["x"].shape, jnp.float32)
 
     def forward(backend):
         return jax.jit(lambda v: call(v, backend))
@@ -181,10 +208,18 @@ def jax_check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool) -
     def backward(backend):
         return jax.jit(lambda v, g: jax.vjp(lambda w: call(w, backend), v)[1](g.astype(v["x"].dtype))[0])
 
-    f32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), leaves)
-    with jax.default_matmul_precision("highest"):
-        ref_out, ref_grads = forward("xla")(f32), _named(backward("xla")(f32, dout))
-    eager_out, eager_grads = forward("xla")(leaves), _named(backward("xla")(leaves, dout))
+    try:  # the references: a failure here says nothing about the kernels
+        call, leaves = _problem(dims, op, batch, dt)
+        # one cotangent for all three, rounded to the case's dtype as the fused and eager runs see it
+        dout = jax.random.normal(jax.random.PRNGKey(2), leaves["x"].shape, jnp.float32).astype(dt)
+        f32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), leaves)
+        with jax.default_matmul_precision("highest"):
+            ref_out, ref_grads = forward("xla")(f32), _named(backward("xla")(f32, dout))
+        eager_out, eager_grads = forward("xla")(leaves), _named(backward("xla")(leaves, dout))
+    except Exception as e:  # noqa: BLE001 - recorded as not run, with the reason
+        for mode in gc.MODES["check"]:
+            gc.emit(check_record(case, mode, error=f"not run: the XLA reference failed: {gc.error_text(e)}"))
+        return gc.is_device_fault(gc.error_text(e))
     torch_dt = gc._torch_dtype(dtype)
 
     def errors(pairs):
@@ -238,10 +273,13 @@ def jax_timing_worker(shape: str, dtype: str, batch: int, peak_tflops: Optional[
 
     from mixer_fast.kernels.triton import matmul
 
+    from mixer_fast.jax.triton_backend import device_class
+
     if not hints:  # before anything compiles: every launch plan of this process passes its integers as they are
         matmul.scaled16 = lambda scalars: (list(scalars), 0)
     dims, dt = gc.SHAPES[shape], _dtype(dtype)
     providers = ("xla", "jax-triton") if hints else ("jax-triton",)
+    reason = not_run_reason(quick=False)
     faulted_by = None
     for op in ("token_mixing", "channel_mixing", "block") if hints else ("channel_mixing",):
         call, leaves = _problem(dims, op, batch, dt)
@@ -256,6 +294,9 @@ def jax_timing_worker(shape: str, dtype: str, batch: int, peak_tflops: Optional[
                 else:
                     jitted = jax.jit(lambda v, g, b=backend: jax.vjp(lambda w: call(w, b), v)[1](g))
                     fn = lambda j=jitted: j(leaves, dout)  # noqa: E731
+                if reason and (provider == "jax-triton" or jax.default_backend() != "gpu"):
+                    errors[provider] = reason
+                    continue
                 if faulted_by is not None:
                     errors[provider] = f"not run: the CUDA context was lost when {faulted_by} faulted"
                     continue
@@ -266,7 +307,7 @@ def jax_timing_worker(shape: str, dtype: str, batch: int, peak_tflops: Optional[
                     if gc.is_device_fault(errors[provider]):
                         faulted_by = f"{provider} {op} ({mode})"
             record = {"kind": "jax_timing", "op": op, "block": "mixer" if op == "block" else None, "shape": shape,
-                      "batch": batch, "mode": mode, "dtype": dtype, "device_class": gc.device_class(),
+                      "batch": batch, "mode": mode, "dtype": dtype, "device_class": device_class(),
                       "hints": hints, "ms": ms, "floor_ms": gc.floor_ms(op, dims, batch, mode, peak_tflops)}
             if errors:
                 record["errors"] = errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import platform
 import sys
@@ -121,7 +122,10 @@ def _ptxas_text() -> str:
     for path, version, source in toolchain.others(chosen, arch):
         lines.append(f"  also here: {toolchain.version_text(version) if version else 'does not run'} at {path} "
                      f"({source})")
-    # The JAX triton backend's kernels are assembled by XLA, with a ptxas of XLA's finding.
+    # The JAX triton backend's kernels are assembled by XLA, with a ptxas of XLA's finding (looked for only
+    # where jax-triton is installed: XLA's search runs ./bin/ptxas, relative to the working directory).
+    if importlib.util.find_spec("jax_triton") is None:
+        return "\n".join(lines)
     try:
         triton_ptxas, xla = toolchain.choose_for_jax(arch)
     except toolchain.ToolchainProblem as e:

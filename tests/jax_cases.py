@@ -28,9 +28,13 @@ def args_for(op, B, S, C, D, dtype, variant, seed=0):
         weights = (r(S, S, std=S ** -0.5), r(S), None, None)
     else:
         weights = (r(n, D, std=n ** -0.5), r(D), r(D, n, std=D ** -0.5), r(n))
-    kw = dict(norm="affine", scale=r(C), sample_scale=jnp.array([0.0, 1.5, 2.0][:B], dtype)) \
-        if variant == "resmlp" else {}
+    kw = dict(norm="affine", scale=r(C), sample_scale=sample_scales(B, dtype)) if variant == "resmlp" else {}
     return (x, nw, nb, *weights), kw
+
+
+def sample_scales(B, dtype):
+    """Per-sample drop-path factors (B,): one dropped sample, then kept ones rescaled (0, 1.5, 2, 0, ...)."""
+    return jnp.asarray(np.resize(np.array([0.0, 1.5, 2.0], np.float32), B).astype(dtype))
 
 
 def _np32(a) -> np.ndarray:

@@ -84,6 +84,7 @@ def test_jax_timing_worker_records(monkeypatch):
     records, plans = [], []
     monkeypatch.setattr(gj.gc, "emit", records.append)
     monkeypatch.setattr(gj, "measure", lambda fn: 1.0)
+    monkeypatch.setattr(gj, "not_run_reason", lambda quick: None)  # as on a GPU
     assert gj.jax_timing_worker("mixer_b16", "bf16", 2, 700.0, hints=True) is False
     assert [(r["op"], r["mode"]) for r in records] == [(op, mode) for op in ("token_mixing", "channel_mixing", "block")
                                                        for mode in ("forward", "training")]
@@ -132,3 +133,27 @@ def test_jax_groups_and_cases():
     assert gc.check_name(record) == "jax block backward mixer_b16 bf16"
     with pytest.raises(SystemExit):
         gc.parse_args(["check", "--out", "x", "--parts", "jaxx"])
+
+
+def test_what_cannot_run_is_recorded_as_not_run(monkeypatch):
+    # A backend that did not load, or a JAX without a GPU outside --quick: "not run" records with the reason
+    # (wins_table does not count them as losses); a reference that fails likewise.
+    jax = require("jax")
+    records = []
+    monkeypatch.setattr(gj.gc, "emit", records.append)
+    assert gj.jax_check_worker("token_mixing", "awkward", "bf16", 3, quick=False) is False
+    if jax.default_backend() != "gpu":
+        assert [r["error"] for r in records] == ["not run: JAX has no GPU in this process (its default backend is "
+                                                 "'cpu')"] * 2
+    records.clear()
+    monkeypatch.setattr(gj, "_unavailable", "not run: the JAX triton backend did not load: no ptxas")
+    monkeypatch.setattr(gj.gc, "SHAPES", gj.gc.QUICK_SHAPES)
+    assert gj.jax_timing_worker("mixer_b16", "bf16", 2, None, hints=False) is False
+    assert [r["errors"] for r in records] == [{"jax-triton": "not run: the JAX triton backend did not load: "
+                                                             "no ptxas"}] * 2
+    records.clear()
+    monkeypatch.setattr(gj, "_unavailable", None)
+    monkeypatch.setattr(gj, "_problem", lambda *a: 1 / 0)
+    assert gj.jax_check_worker("token_mixing", "awkward", "bf16", 3, quick=True) is False
+    assert [r["error"] for r in records] == ["not run: the XLA reference failed: ZeroDivisionError: division by "
+                                             "zero"] * 2

@@ -305,3 +305,18 @@ def test_jax_backend_refuses_to_load_where_xla_would_miscompile(xla, tmp_path, m
     detail = triton_backend.load().detail
     assert f"PTX written for ptxas 13.0.88 (XLA's ptxas (PATH)), assembled by XLA's ptxas 13.0.88 at " \
            f"{tmp_path / 'p130' / 'ptxas'} (PATH)" in detail, detail
+
+
+def test_jax_triton_takes_xlas_ptxas_where_triton_finds_no_replacement(xla, tmp_path, monkeypatch):
+    # Bundled 12.8 on Hopper and no CUDA 13 ptxas among the torch backend's candidates, but XLA finds a safe
+    # one (in a place only XLA looks, say): XLA's assembles the kernels, so Triton writes PTX for it.
+    xla.set_xla_path(fake_ptxas(tmp_path / "p129", "12.9.86"))
+    with pytest.raises(xla.ToolchainProblem):
+        xla.choose(90)
+    triton_ptxas, xla_ptxas = xla.choose_for_jax(90)
+    assert triton_ptxas.path == xla_ptxas.path and triton_ptxas.version == (12, 9, 86)
+    assert "no other ptxas safe for these kernels was found" in triton_ptxas.why
+    # A user's known-bad TRITON_PTXAS_PATH still refuses.
+    monkeypatch.setenv(xla.ENV_VAR, fake_ptxas(tmp_path / "u128", "12.8.93"))
+    with pytest.raises(xla.ToolchainProblem, match="TRITON_PTXAS_PATH points to ptxas 12.8.93"):
+        xla.choose_for_jax(90)

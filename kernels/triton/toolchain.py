@@ -182,9 +182,8 @@ def choose(arch: int) -> Ptxas:
 
 def others(chosen: Ptxas, arch: int) -> List[Tuple[str, Optional[Version], str]]:
     """(path, version or None, source) of every ptxas on this machine other than ``chosen``: Triton's bundled
-    one, then :func:`candidates`. jax-triton's kernels are assembled by XLA with a ptxas of XLA's own finding
-    (among these, or one inside jaxlib), while Triton writes their PTX for ``chosen``'s release: XLA's must be
-    at least as new, so ``mixer-fast info`` lists them."""
+    one, then :func:`candidates` (``mixer-fast info`` lists them; the one XLA assembles jax-triton's kernels
+    with is :func:`xla_ptxas`)."""
     seen = {os.path.realpath(chosen.path)}
     out = []
     for path, source in [(bundled_path(arch), "bundled with triton")] + candidates():
@@ -289,7 +288,14 @@ def choose_for_jax(arch: int) -> Tuple[Ptxas, Ptxas]:
         raise ToolchainProblem(f"XLA assembles jax-triton's kernels with the first ptxas it finds, "
                                f"{xla.version_text} at {xla.path} ({xla.source}), which {bad}; put the folder of "
                                f"a CUDA >= 13.0 ptxas first on PATH")
-    triton_ptxas = choose(arch)
+    try:
+        triton_ptxas = choose(arch)
+    except ToolchainProblem:
+        if _set_by_user(arch):  # the user's ptxas is known bad, or does not run
+            raise
+        # No replacement found for a known-bad bundled ptxas, but XLA's passed the check above, and here it
+        # is the assembler that matters: Triton's only sets the PTX version (and sizes kernels).
+        return _xla_for_triton(xla, "no other ptxas safe for these kernels was found"), xla
     if triton_ptxas.version[:2] <= xla.version[:2]:
         return triton_ptxas, xla
     if _set_by_user(arch):
@@ -298,9 +304,14 @@ def choose_for_jax(arch: int) -> Tuple[Ptxas, Ptxas]:
                                f"{xla.source}) cannot read, and XLA assembles jax-triton's kernels; unset it "
                                f"(mixer_fast then has Triton write PTX for XLA's ptxas) or put a ptxas >= "
                                f"{triton_ptxas.version_text} first on PATH")
-    why = (f"XLA's own, which assembles jax-triton's kernels: Triton writes their PTX for its release "
-           f"(ptxas {triton_ptxas.version_text}, {triton_ptxas.source}, would write PTX XLA's cannot read)")
-    return Ptxas(os.path.abspath(xla.path), xla.version, f"XLA's ptxas ({xla.source})", why), xla
+    return _xla_for_triton(xla, f"ptxas {triton_ptxas.version_text}, {triton_ptxas.source}, would write PTX "
+                                f"XLA's cannot read"), xla
+
+
+def _xla_for_triton(xla: Ptxas, reason: str) -> Ptxas:
+    """XLA's ptxas as the one Triton uses (absolute: XLA's own search may have found it relative)."""
+    why = f"XLA's own, which assembles jax-triton's kernels: Triton writes their PTX for its release ({reason})"
+    return Ptxas(os.path.abspath(xla.path), xla.version, f"XLA's ptxas ({xla.source})", why)
 
 
 def _set_by_user(arch: int) -> bool:
