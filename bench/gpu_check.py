@@ -244,8 +244,9 @@ TILE_GROUPS = (TimingGroup("tiles", "mixer_b16", "bf16", 60), TimingGroup("tiles
 
 def tile_candidates() -> Dict[str, List[Any]]:
     """kernel → the token_mixing.Launch candidates timed by ``--parts tiles`` at S = 196, Hopper's planned
-    one first (the tiles part is for an H100 / H200: below Hopper, and on sm_120, the plans differ). Spill-free in the static report (triton 3.6 with CUDA 13's ptxas, sm_90a, bf16) except where
-    marked; bench/NOTES.md has the sweep they come from."""
+    one first (the tiles part is for an H100 / H200: below Hopper, and on sm_120, the plans differ).
+    Spill-free in the static report (triton 3.6 with CUDA 13's ptxas, sm_90a, bf16) except where marked;
+    bench/NOTES.md has the sweep they come from."""
     from mixer_fast.kernels.triton.token_mixing import DW1, DW2, Launch, s_pieces
 
     p, wide, both = s_pieces(196), (256, 0, 0), (DW1, DW2)
@@ -494,8 +495,8 @@ def _check_record(case: Dict[str, Any], mode: str, errors=None, problems=(), err
     problem_text = "; ".join(problems) or None
     ok = error is None and problem_text is None and all(err <= lim for err, lim in errors.values())
     return {"kind": "check", "op": case["op"], "mode": mode, "dtype": case["dtype"], "shape": case["shape"],
-            "batch": case["batch"], "ln": case["ln"], "gemm": case["gemm"], "ok": ok, "errors": errors, "error": error or problem_text,
-            "sanitizer": None, "without_tma": None}
+            "batch": case["batch"], "ln": case["ln"], "gemm": case["gemm"], "ok": ok, "errors": errors,
+            "error": error or problem_text, "sanitizer": None, "without_tma": None}
 
 
 def check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool, ln: str = "load",

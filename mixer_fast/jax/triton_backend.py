@@ -235,7 +235,8 @@ def _op(op: str, eps: float, approximate: str, norm: str, dtype: str):
             kw_b = {k: v for k, v in kw.items() if k != "eps"}
             grads = jax_launch.channel_mixing_backward(g, x, nw, nb, k1, b1, k2, b2, mean, rstd, z, branch,
                                                        scale=scale, ss=ss, **kw_b)
-        return tuple(None if a is None else _summed_like(grads[name].astype(a.dtype), a) for name, a in zip(_ARGS, args))
+        return tuple(None if a is None else _summed_like(grads[name].astype(a.dtype), a)
+                     for name, a in zip(_ARGS, args))
 
     fused.defvjp(fwd, bwd)
     return fused
