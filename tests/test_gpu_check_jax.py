@@ -34,6 +34,16 @@ gj = _load("gpu_check_jax")
 JAX_CHECK_KEYS = {"kind", "op", "mode", "dtype", "shape", "batch", "ok", "errors", "error"}
 
 
+@pytest.fixture(autouse=True)
+def _scaled16_restored(monkeypatch):
+    """The timing worker without hints replaces matmul.scaled16 for its whole process; here, for one test."""
+    try:
+        from mixer_fast.kernels.triton import matmul
+    except ImportError:  # no triton: the tests that need it say so
+        return
+    monkeypatch.setattr(matmul, "scaled16", matmul.scaled16)
+
+
 def test_quick_jax_part_passes_and_writes_its_records(tmp_path):
     require("jax")
     done = subprocess.run([sys.executable, str(SCRIPT), "check", "--out", str(tmp_path), "--quick", "--parts", "jax",
@@ -80,7 +90,6 @@ def test_jax_timing_worker_records(monkeypatch):
     from mixer_fast.kernels.triton import matmul
 
     monkeypatch.setattr(gj.gc, "SHAPES", gj.gc.QUICK_SHAPES)
-    monkeypatch.setattr(matmul, "scaled16", matmul.scaled16)  # restored after the worker replaces it
     records, plans = [], []
     monkeypatch.setattr(gj.gc, "emit", records.append)
     monkeypatch.setattr(gj, "measure", lambda fn: 1.0)
