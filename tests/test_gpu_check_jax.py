@@ -131,8 +131,11 @@ def test_jax_groups_and_cases():
     assert ("block", "mixer_b16", "bf16") in {(c.op, c.shape, c.dtype) for c in cases}
     assert all(c.task()["task"] == "jax_check" and c.name.startswith("jax ") for c in cases)
     assert all(c.quick for c in gj.jax_cases(quick=True))
-    # with a selection that names it, the torch block to compare with runs beside the JAX groups, peak first
-    names = [g.name for g in gc.timing_groups("jax|block mixer_b16", jax=True)]
+    # the runbook's selection (item 6; no spaces: gpu_suite.sh splits CHECK_ARGS on them): every JAX case, and
+    # the torch block to compare with beside the JAX groups, peak first
+    opts = gc.parse_args(["check", "--out", "x", "--parts", "jax,timings", "--only", "jax|block.mixer_b16"])
+    assert len(gc._selected(gj.jax_cases(quick=False), opts.only)) == 11
+    names = [g.name for g in gc.timing_groups(opts.only, jax=True)]
     assert names == ["timing peak", "timing block mixer_b16 bf16", "timing jax mixer_b16 bf16",
                      "timing jax_no_hints mixer_b16 bf16"]
     assert [g.name for g in gc.timing_groups("jax mixer", jax=True, torch=False)] == [
