@@ -950,11 +950,26 @@ class CheckPhase:
             return True
 
 
-def _complete(case: CheckCase, run: WorkerRun) -> List[Dict[str, Any]]:
-    """The case's records, one per mode: those the worker emitted, the failure for any it did not."""
-    by_mode = {r["mode"]: r for r in run.records if r["kind"] == "check"}
-    base = asdict(case)
-    return [by_mode.get(mode) or _check_record(base, mode, error=run.failure()) for mode in MODES["check"]]
+def _complete(run: WorkerRun, kind: str, record_for: Callable[[str, str], Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """A correctness process's records of ``kind``, one per mode: those the worker emitted, and
+    ``record_for(mode, error)`` with the process's failure for any it did not."""
+    by_mode = {r["mode"]: r for r in run.records if r["kind"] == kind}
+    return [by_mode.get(mode) or record_for(mode, run.failure()) for mode in MODES["check"]]
+
+
+def not_started(name: str, phase: "CheckPhase", record_for: Callable[[str, str], Dict[str, Any]]) -> bool:
+    """Whether the correctness budget was spent before case ``name`` started; if so it is recorded as not run
+    (``record_for(mode, error)``, one record a mode) and named as skipped."""
+    if phase.checks_budget.left() > 0:
+        return False
+    phase.skipped.append(f"check {name}: the correctness budget was spent before it started")
+    for mode in MODES["check"]:
+        phase.report.record(record_for(mode, "not run: correctness budget spent"))
+    return True
+
+
+def _torch_record_for(case: CheckCase) -> Callable[[str, str], Dict[str, Any]]:
+    return lambda mode, error: _check_record(asdict(case), mode, error=error)
 
 
 def _sanitize(case: CheckCase, phase: CheckPhase) -> str:
@@ -981,20 +996,18 @@ def _without_tma(case: CheckCase, phase: CheckPhase) -> Dict[str, str]:
         return {mode: "not run: the correctness budget was spent" for mode in MODES["check"]}
     run = run_worker(case.task(), min(CASE_TIMEOUT, phase.total.left()), dict(CHECK_ENV, MIXER_FAST_TMA="0"))
     phase.report.log_run(f"{case.name} with MIXER_FAST_TMA=0", run)
-    return {r["mode"]: "ok" if r["ok"] else r["error"] or f"errors {r['errors']}" for r in _complete(case, run)}
+    return {r["mode"]: "ok" if r["ok"] else r["error"] or f"errors {r['errors']}"
+            for r in _complete(run, "check", _torch_record_for(case))}
 
 
 def _run_check(case: CheckCase, phase: CheckPhase) -> None:
     """One correctness process (its sanitizer rerun when it faults, and a rerun without TMA loads when it
     fails); writes the case's records."""
-    if phase.checks_budget.left() <= 0:
-        phase.skipped.append(f"check {case.name}: the correctness budget was spent before it started")
-        for mode in MODES["check"]:
-            phase.report.record(_check_record(asdict(case), mode, error="not run: correctness budget spent"))
+    if not_started(case.name, phase, _torch_record_for(case)):
         return
     run = run_worker(case.task(), min(CASE_TIMEOUT, phase.total.left()), CHECK_ENV)
     phase.report.log_run(case.name, run)
-    records = _complete(case, run)
+    records = _complete(run, "check", _torch_record_for(case))
     if run.faulted:
         with phase.lock:
             phase.faulted.append(case.name)
@@ -1124,6 +1137,12 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def ratio_text(ms: Dict[str, Any], numerator: str, denominator: str) -> str:
+    """ms[numerator] / ms[denominator] to two decimals, or "-" where either was not timed."""
+    a, b = ms.get(numerator), ms.get(denominator)
+    return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) else "-"
+
+
 def format_summary(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> str:
     """The short human summary: check counts, what failed, and a timing table with triton / reference."""
     checks = [r for r in records if r["kind"] in CHECK_KINDS]
@@ -1140,9 +1159,7 @@ def format_summary(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -
         lines.append(f"{'what':<15}{'shape':<11}{'dtype':<6}{'mode':<10}{'reference':>10}{'compile':>9}"
                      f"{'cublas':>9}{'triton':>9}{'ln fold':>9}{'+cuBLAS':>9}{'floor':>8}{'tri/ref':>8}")
         for r in timings:
-            ms = r["ms"]
-            ratio = (f"{ms['triton'] / ms['reference']:.2f}" if isinstance(ms.get("triton"), float)
-                     and isinstance(ms.get("reference"), float) else "-")
+            ms, ratio = r["ms"], ratio_text(r["ms"], "triton", "reference")
             what = r["block"] + " block" if r["op"] == "block" else r["op"]
             lines.append(f"{what:<15}{r['shape']:<11}{r['dtype']:<6}{r['mode']:<10}{_ms(ms.get('reference')):>10}"
                          f"{_ms(ms.get('compile')):>9}{_ms(ms.get('cublas')):>9}{_ms(ms.get('triton')):>9}"

@@ -81,8 +81,11 @@ def jax_cases(quick: bool) -> List[JaxCase]:
     return [JaxCase(op, shape, dtype, gc.CHECK_BATCH[shape]) for op, shape, dtype in JAX_CASES]
 
 
-def check_record(case: Dict[str, Any], mode: str, errors=None, error: Optional[str] = None) -> Dict[str, Any]:
+def check_record(case: Dict[str, Any], mode: str, errors=None, problems=(), error: Optional[str] = None
+                 ) -> Dict[str, Any]:
+    """A "jax_check" record; ``errors`` and ``problems`` as gpu_check._compare returns them."""
     errors = errors or {}
+    error = error or "; ".join(problems) or None
     ok = error is None and all(err <= lim for err, lim in errors.values())
     return {"kind": "jax_check", "op": case["op"], "mode": mode, "dtype": case["dtype"], "shape": case["shape"],
             "batch": case["batch"], "ok": ok, "errors": errors, "error": error}
@@ -181,10 +184,11 @@ def _named(tree) -> Dict[str, Any]:
 
 
 def _as_torch(a):
+    """A JAX array as a CPU torch tensor of the same dtype (through fp32, which holds every fp16/bf16 value)."""
     import numpy as np
     import torch
 
-    return torch.from_numpy(np.array(a, dtype=np.float32)).double()
+    return torch.from_numpy(np.array(a, dtype=np.float32)).to(getattr(torch, a.dtype.name))
 
 
 def jax_check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool) -> bool:
@@ -192,7 +196,6 @@ def jax_check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool) -
     dtype at default precision); emits one record per mode. Returns whether a CUDA fault was caught."""
     import jax
     import jax.numpy as jnp
-    from tolerances import bound, max_err
 
     case = {"op": op, "shape": shape, "dtype": dtype, "batch": batch}
     reason = not_run_reason(quick)
@@ -220,24 +223,17 @@ def jax_check_worker(op: str, shape: str, dtype: str, batch: int, quick: bool) -
         for mode in gc.MODES["check"]:
             gc.emit(check_record(case, mode, error=f"not run: the XLA reference failed: {gc.error_text(e)}"))
         return gc.is_device_fault(gc.error_text(e))
-    torch_dt = gc._torch_dtype(dtype)
-
-    def errors(pairs):
-        out = {}
-        for name, (fused, eager, ref) in pairs.items():
-            if fused.dtype != eager.dtype or fused.shape != ref.shape:
-                raise TypeError(f"{name}: {fused.dtype} {fused.shape}, expected {eager.dtype} {ref.shape}")
-            ref64 = _as_torch(ref)
-            out[name] = [max_err(_as_torch(fused), ref64), bound(_as_torch(eager), ref64, torch_dt)]
-        return out
+    def compare(pairs):  # the torch checks' comparison, on the arrays as torch tensors (the reference in fp64)
+        return gc._compare({name: (_as_torch(fused), _as_torch(eager), _as_torch(ref).double())
+                            for name, (fused, eager, ref) in pairs.items()}, gc._torch_dtype(dtype))
 
     mode = "forward"
     try:
         out = forward("triton")(leaves)
-        gc.emit(check_record(case, mode, errors({"out": (out, eager_out, ref_out)})))
+        gc.emit(check_record(case, mode, *compare({"out": (out, eager_out, ref_out)})))
         mode = "backward"
         grads = _named(backward("triton")(leaves, dout))
-        gc.emit(check_record(case, mode, errors({n: (grads[n], eager_grads[n], ref_grads[n]) for n in ref_grads})))
+        gc.emit(check_record(case, mode, *compare({n: (grads[n], eager_grads[n], ref_grads[n]) for n in ref_grads})))
     except Exception as e:  # noqa: BLE001 - any failure of the fused op is the finding, recorded as such
         gc.emit(check_record(case, mode, error=gc.error_text(e)))
         if mode == "forward":
@@ -326,19 +322,18 @@ def expected_records(group: gc.TimingGroup) -> int:
 def run_jax_check(case: JaxCase, phase: "gc.CheckPhase") -> None:
     """One JAX correctness process (no sanitizer rerun: compute-sanitizer and XLA's allocator are not
     known to get along; a fault is named in the records); writes the case's records."""
-    if phase.checks_budget.left() <= 0:
-        phase.skipped.append(f"check {case.name}: the correctness budget was spent before it started")
-        for mode in gc.MODES["check"]:
-            phase.report.record(check_record(asdict(case), mode, error="not run: correctness budget spent"))
+    def record_for(mode: str, error: str) -> Dict[str, Any]:
+        return check_record(asdict(case), mode, error=error)
+
+    if gc.not_started(case.name, phase, record_for):
         return
     run = gc.run_worker(case.task(), min(gc.CASE_TIMEOUT, phase.total.left()), JAX_ENV)
     phase.report.log_run(case.name, run)
-    by_mode = {r["mode"]: r for r in run.records if r["kind"] == "jax_check"}
     if run.faulted:
         with phase.lock:
             phase.faulted.append(case.name)
-    for mode in gc.MODES["check"]:
-        phase.report.record(by_mode.get(mode) or check_record(asdict(case), mode, error=run.failure()))
+    for record in gc._complete(run, "jax_check", record_for):
+        phase.report.record(record)
 
 
 def timing_task(group: gc.TimingGroup, peak_tflops: Optional[float]) -> Dict[str, Any]:
@@ -354,9 +349,7 @@ def format_records(records) -> List[str]:
         lines.append(f"{'jax':<15}{'shape':<11}{'dtype':<6}{'mode':<10}{'hints':<7}{'xla':>9}{'jax-tri':>9}"
                      f"{'floor':>8}{'xla/tri':>8}")
     for r in timings:
-        ms = r["ms"]
-        ratio = (f"{ms['xla'] / ms['jax-triton']:.2f}" if isinstance(ms.get("xla"), float)
-                 and isinstance(ms.get("jax-triton"), float) else "-")
+        ms, ratio = r["ms"], gc.ratio_text(r["ms"], "xla", "jax-triton")
         what = "mixer block" if r["op"] == "block" else r["op"]
         lines.append(f"{what:<15}{r['shape']:<11}{r['dtype']:<6}{r['mode']:<10}{'yes' if r['hints'] else 'no':<7}"
                      f"{gc._ms(ms.get('xla')):>9}{gc._ms(ms.get('jax-triton')):>9}{gc._ms(r['floor_ms']):>8}"
