@@ -127,9 +127,7 @@ def from_check(path: Path) -> Iterator[dict]:
             if want is None or r.get("gemm", ENGINE_FUSED) != want[0] or (
                     want[0] == ENGINE_FUSED and r.get("ln", LN_ON_LOAD) != want[1]):
                 continue
-            if not r.get("ok") and device_class and not str(r.get("error")).startswith("not run"):
-                yield evidence_row("torch", "triton", device_class, r["op"], r["mode"], r["dtype"], r["shape"],
-                                   r["batch"], None, None, path, failure=r.get("error") or "outside the numerics rule")
+            yield from _check_loss("torch", r["op"], r, device_class, path)
         if r.get("kind") in ("jax_check", "jax_timing"):
             yield from _from_jax_record(r, device_class, path)
             continue
@@ -139,7 +137,7 @@ def from_check(path: Path) -> Iterator[dict]:
         want = shipped(op, r["shape"])
         provider = PROVIDERS[want] if want is not None else None
         failure = r.get("errors", {}).get(provider)
-        if provider not in r["ms"] and (not failure or failure.startswith("not run")):
+        if not _timed_or_failed(r, provider):
             continue  # not timed as shipped (a run from before that provider existed, or after another faulted)
         yield evidence_row("torch", "triton", r["device_class"], op, r["mode"], r["dtype"], r["shape"], r["batch"],
                            r["ms"]["reference"], r["ms"].get(provider), path, failure=failure)
@@ -151,16 +149,24 @@ def _from_jax_record(r: dict, device_class: Optional[str], path: Path) -> Iterat
     The JAX backend has no cuBLAS engine and no LayerNorm placement choice: every record is what it runs."""
     op = "block:mixer" if r["op"] == "block" else r["op"]
     if r["kind"] == "jax_check":
-        if not r.get("ok") and device_class and not str(r.get("error")).startswith("not run"):
-            yield evidence_row("jax", "triton", device_class, op, r["mode"], r["dtype"], r["shape"], r["batch"],
-                               None, None, path, failure=r.get("error") or "outside the numerics rule")
-        return
-    failure = r.get("errors", {}).get("jax-triton")
-    if not r.get("hints") or "xla" not in r["ms"] or (
-            "jax-triton" not in r["ms"] and (not failure or failure.startswith("not run"))):
-        return
-    yield evidence_row("jax", "triton", r["device_class"], op, r["mode"], r["dtype"], r["shape"], r["batch"],
-                       r["ms"]["xla"], r["ms"].get("jax-triton"), path, failure=failure)
+        yield from _check_loss("jax", op, r, device_class, path)
+    elif r.get("hints") and "xla" in r["ms"] and _timed_or_failed(r, "jax-triton"):
+        failure = r.get("errors", {}).get("jax-triton")
+        yield evidence_row("jax", "triton", r["device_class"], op, r["mode"], r["dtype"], r["shape"], r["batch"],
+                           r["ms"]["xla"], r["ms"].get("jax-triton"), path, failure=failure)
+
+
+def _check_loss(framework: str, op: str, r: dict, device_class: Optional[str], path: Path) -> Iterator[dict]:
+    """A correctness check of gpu_check.py that failed (not one that was not run) as a loss for ``op``."""
+    if not r.get("ok") and device_class and not str(r.get("error")).startswith("not run"):
+        yield evidence_row(framework, "triton", device_class, op, r["mode"], r["dtype"], r["shape"], r["batch"],
+                           None, None, path, failure=r.get("error") or "outside the numerics rule")
+
+
+def _timed_or_failed(r: dict, provider: str) -> bool:
+    """Whether a timing record holds ``provider``'s time or its own failure (not a "not run" after another's)."""
+    failure = r.get("errors", {}).get(provider)
+    return provider in r["ms"] or bool(failure and not failure.startswith("not run"))
 
 
 def from_h200_measurements(path: Path) -> Iterator[dict]:
