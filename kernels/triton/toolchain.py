@@ -151,9 +151,9 @@ def choose(arch: int) -> Ptxas:
     :class:`ToolchainProblem` saying why there is none that is safe."""
     env_var = env_var_for(arch)
     user = os.environ.get(env_var)
-    ours = [p for p in _applied.values() if p.path == user]
-    if user and ours:  # set by apply() in this process: report it as chosen, not as the user's
-        return ours[0]
+    ours = _ours(arch)
+    if ours:  # set by apply() in this process: report it as chosen, not as the user's
+        return ours
     if user:
         version = version_of(user)
         if version is None:
@@ -314,10 +314,16 @@ def _xla_for_triton(xla: Ptxas, reason: str) -> Ptxas:
     return Ptxas(os.path.abspath(xla.path), xla.version, f"XLA's ptxas ({xla.source})", why)
 
 
+def _ours(arch: int) -> Optional[Ptxas]:
+    """What an apply() of this process set the variable through which Triton takes ``arch``'s ptxas to, if
+    the variable still names it."""
+    value = os.environ.get(env_var_for(arch))
+    return next((p for p in _applied.values() if value and p.path == value), None)
+
+
 def _set_by_user(arch: int) -> bool:
     """Whether the variable through which Triton takes ``arch``'s ptxas was set by the user, not by us."""
-    value = os.environ.get(env_var_for(arch))
-    return bool(value) and all(p.path != value for p in _applied.values())
+    return bool(os.environ.get(env_var_for(arch))) and _ours(arch) is None
 
 
 def apply_for_jax(arch: int) -> Tuple[Ptxas, Ptxas]:
