@@ -32,7 +32,9 @@ LN_PLACEMENTS = {"channel_mixing": ("load", "fold"), "spatial_gating": ("load", 
 
 def run(out: Path, batches: List[int], dtypes: List[str]) -> int:
     os.environ["MIXER_FAST_AUTOTUNE"] = "1"
-    sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
+    # tests/ first, as gpu_check's workers have it: test_gmlp (the gMLP case's inputs) imports tests/'s
+    # conftest, which bench/'s would shadow (the gMLP case failed so, 2026-11-29: tests/fake_cuda.py found it)
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
     import torch
 
     import gpu_check

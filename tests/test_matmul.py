@@ -1,9 +1,19 @@
 """kernels/triton/matmul.py's deterministic split-K: the weight gradients of the S × S token linears (ResMLP,
 gMLP's gate) have 4 output tiles over K = B·C; they are split over K into fp32 partial products summed in a
-fixed order (no atomics). The choice of split, and the split path against float64, in Triton's interpreter."""
+fixed order (no atomics). The choice of split, and the split path against float64, in Triton's interpreter.
+Also the tuner (its table, keys and timing loop) and the tune stage; where they compile, in compiled mode for
+a stand-in sm_90 (tests/fake_cuda.py): a tuning launch compiles its candidates at once, in a thread pool."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+from conftest import require
 
 
 def test_split_choice(monkeypatch):
@@ -231,6 +241,40 @@ def test_tune_table_merge():
     assert table["sm_90"] == {"a": [1, 2, 3, 4, 5]}  # not modified in place
 
 
+def test_tune_stage_runs_every_op_on_a_stand_in_gpu(tmp_path):
+    """``bench/tune_table.py run`` (gpu_suite.sh's tune stage) on a stand-in sm_90 (tests/fake_cuda.py), one
+    config a site (no TMA) so that it compiles little: every case, gMLP's included, runs and writes its keys. Its
+    gMLP case once failed on an import (bench/'s conftest shadowed tests/'s), which only a GPU would have
+    shown."""
+    require("triton")
+    code = f"""
+import json, sys
+from pathlib import Path
+import fake_cuda
+fake_cuda.install(90)
+sys.path.insert(0, {str(Path(__file__).parent.parent / "bench")!r})
+import triton.testing
+import gpu_check, tune_table
+from mixer_fast.kernels.triton import matmul
+leaves = gpu_check._leaves
+gpu_check._leaves = lambda args, dtype, device: leaves(args, dtype, "cpu")  # the stand-in's tensors
+every = matmul.site_configs
+matmul.site_configs = lambda variant, split, fp32=False: every(variant, split, fp32)[:1]
+matmul.tma_configs = lambda variant, configs: configs
+triton.testing.do_bench = lambda fn, **kw: (fn(), 1.0)[1]
+tune_table.CASES = (("channel_mixing", "awkward"), ("token_mixing", "resmlp_24"), ("spatial_gating", "gmlp_s16"))
+sys.exit(tune_table.run(Path({str(tmp_path)!r}), [2], ["bf16"]))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    keys = json.loads((tmp_path / "tuned.json").read_text())["sm_90"]
+    sites = {key.split("|")[0] for key in keys}
+    assert {"ln_gelu", "residual", "token_linear", "gate_proj", "gate_b"} <= sites, sorted(sites)
+    assert "tuned spatial_gating gmlp_s16 bf16 batch 2" in r.stdout
+
+
 def test_tuner_times_each_config_once_per_key(monkeypatch):
     import triton.testing
 
@@ -253,6 +297,111 @@ def test_tuner_times_each_config_once_per_key(monkeypatch):
     assert tuner.config("sm_90", key, candidates, ran.append) == fastest and len(ran) == len(candidates)
     assert tuner.timed == {"sm_90": {key: fastest}} == tuner.chosen
     assert tuner.times == {"sm_90": {key: {"x".join(map(str, c)): 1.0 if c == fastest else 2.0 for c in candidates}}}
+
+
+def test_tuner_compiles_the_candidates_before_timing(monkeypatch):
+    """Tuning, every candidate is compiled (``warm``) before the first is timed, each once."""
+    import triton.testing
+
+    from mixer_fast.kernels.triton import _launch, matmul
+
+    tuner = matmul.Tuner()
+    tuner._table = {}
+    candidates = matmul.site_configs("plain", False)
+    events = []
+    monkeypatch.setattr(_launch, "compile_concurrently", lambda warmups: events.append("compile") or
+                        [w() for w in warmups])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    key = _key(matmul, variant="plain", B_PRO=0)
+    tuner.config("sm_90", key, candidates, lambda cfg: events.append(("run", cfg)),
+                 warm=lambda cfg: events.append(("warm", cfg)))
+    assert events == ["compile", *(("warm", c) for c in candidates), *(("run", c) for c in candidates)]
+    # a chosen key neither compiles nor times again
+    tuner.config("sm_90", key, candidates, lambda cfg: events.append(("run", cfg)),
+                 warm=lambda cfg: events.append(("warm", cfg)))
+    assert len(events) == 1 + 2 * len(candidates)
+
+
+def test_compile_concurrently_uses_a_pool_only_where_it_can(monkeypatch):
+    """The warm-ups run in the caller's thread with Triton's AsyncCompileMode active (their compiles go to
+    the pool); one by one, with none active, where there is one CPU or one warm-up; not at all in the
+    interpreter; into the caller's own AsyncCompileMode where one is active."""
+    import concurrent.futures
+    import threading
+
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode
+
+    from mixer_fast.kernels.triton import _launch
+
+    seen = []
+
+    def warm():
+        seen.append((threading.current_thread() is threading.main_thread(), active_mode.get()))
+
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    assert _launch.compile_concurrently([warm] * 3, workers=4) == 3
+    assert len(seen) == 3 and all(main and mode is not None for main, mode in seen)
+    assert active_mode.get() is None
+    seen.clear()
+    assert _launch.compile_concurrently([warm] * 3, workers=1) == 0
+    assert _launch.compile_concurrently([warm], workers=4) == 0
+    assert seen == [(True, None)] * 4
+    seen.clear()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool, AsyncCompileMode(pool) as outer:
+        assert _launch.compile_concurrently([warm] * 2, workers=4) == 0
+    assert seen == [(True, outer)] * 2
+    seen.clear()
+    monkeypatch.setattr(_launch, "INTERPRET", True)
+    assert _launch.compile_concurrently([warm] * 2, workers=4) == 0 and seen == []
+
+
+def test_tuning_compiles_each_candidate_once_in_the_pool_as_it_launches():
+    """A real fused-GEMM launch with no table entry, compiled for sm_90 on a stand-in device
+    (tests/fake_cuda.py): every candidate config, TMA ones included, compiles once, in the compile pool's
+    threads, under the key its timed launch then finds (nothing compiles while timing), and the fastest
+    is chosen."""
+    require("triton")
+    from mixer_fast.kernels.triton import matmul
+
+    code = """
+import json, threading
+import fake_cuda
+fake_cuda.install(90)
+import torch, triton.compiler, triton.testing
+from mixer_fast.kernels.triton import _launch, matmul
+_launch.compile_workers = lambda: 4
+threads, timed = [], []
+compile = triton.compiler.compile
+def counted(*a, **k):
+    threads.append(threading.current_thread().name)
+    return compile(*a, **k)
+triton.compiler.compile = counted
+def bench(fn, **kw):
+    before = len(threads)
+    fn()
+    timed.append(len(threads) - before)
+    return 1.0 if len(timed) == 2 else 2.0
+triton.testing.do_bench = bench
+M, N, K = 512, 256, 128
+a, b = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(K, N, dtype=torch.bfloat16)
+out = torch.empty(M, N, dtype=torch.bfloat16)
+flat = matmul.flat
+matmul.fused_matmul(a, (flat(M, K), flat(K, 1)), b, (flat(K, N), flat(N, 1)), out, (flat(M, N), flat(N, 1)),
+                    M, N, K, variant="plain")
+candidates = matmul.tma_configs("plain", matmul.site_configs("plain", False))
+print(json.dumps(dict(threads=threads, timed=timed, launches=len(fake_cuda.LAUNCHES),
+                      candidates=[list(c) for c in candidates], chosen=list(*matmul.TUNER.chosen["sm_90"].values()))))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0", MIXER_FAST_AUTOTUNE="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.splitlines()[-1])
+    n = len(got["candidates"])
+    assert any(c[5:] == [matmul.TMA] for c in got["candidates"]), "the stand-in sm_90 device offers TMA configs"
+    assert len(got["threads"]) == n and all(t.startswith("triton-compile") for t in got["threads"]), got["threads"]
+    assert got["timed"] == [0] * n and got["launches"] == n + 1
+    assert got["chosen"] == got["candidates"][1]
 
 
 def test_autotune_none_never_times(monkeypatch):

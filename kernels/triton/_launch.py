@@ -6,11 +6,12 @@ be switched per call. mixer_fast.torch.triton_backend sets it on machines withou
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import re
 import threading
-from typing import TYPE_CHECKING, ContextManager, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Sequence
 
 if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
     import torch
@@ -29,6 +30,43 @@ def serialized(autotuned: bool = False) -> ContextManager:
     the shared kernel object while it benchmarks, and two threads tuning one kernel crash
     (triton-lang/triton#11494, open); a warm launch holds the lock for microseconds."""
     return _LAUNCH_LOCK if (INTERPRET or autotuned) else contextlib.nullcontext()
+
+
+def compile_workers() -> int:
+    """Threads for :func:`compile_concurrently`: the CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def compile_concurrently(warmups: Sequence[Callable[[], object]], workers: Optional[int] = None) -> int:
+    """Call ``warmups`` (each a Triton launch with ``warmup=True``: specialised and compiled, not run) with
+    their compiles in a pool of ``workers`` threads (default :func:`compile_workers`), through Triton's
+    AsyncCompileMode: the compiled kernels land in each JIT function's cache under the keys their real
+    launches look up. A tuner's candidates otherwise compile one by one at their first timed launch, ~1-4 s
+    each for the fused GEMM on sm_90a, which made compiling, not timing, the cost of a tuning run; Triton's
+    passes and ptxas drop the GIL, so threads overlap them (6 fused-GEMM configs: 12.4 s serial, 6.8 s in
+    two threads on two cores, 2026-11-29). Compile errors are not raised here: a failed config's launch
+    meets the error again when it runs. Returns the threads used, or 0: in Triton's interpreter (nothing to
+    compile: no warm-up runs), and where the warm-ups ran one by one (one warm-up or one CPU, a Triton
+    without AsyncCompileMode) or went to an AsyncCompileMode already active (its pool compiles them)."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode, active_mode
+    except ImportError:  # Triton before AsyncCompileMode: each compiles at its first launch
+        AsyncCompileMode = active_mode = None
+    workers = min(len(warmups), workers or compile_workers())
+    if INTERPRET:
+        return 0
+    if AsyncCompileMode is None or active_mode.get() is not None or workers < 2:
+        for warm in warmups:
+            warm()
+        return 0
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="triton-compile") as pool, \
+            AsyncCompileMode(pool, ignore_errors=True):
+        for warm in warmups:
+            warm()
+    return workers
 
 
 def _version(text: str) -> tuple:

@@ -544,8 +544,10 @@ class Tuner:
             entry = _nearest(table, key)
         return tuple(entry) if entry is not None and tuple(entry) in candidates else None
 
-    def config(self, device_class: str, key: str, candidates, run) -> Tuple:
-        """The config for ``key``; ``run(config)`` launches with one (timed when tuning)."""
+    def config(self, device_class: str, key: str, candidates, run, warm=None) -> Tuple:
+        """The config for ``key``; ``run(config)`` launches with one (timed when tuning), ``warm(config)``
+        compiles it without launching: when tuning, every candidate is compiled at once first
+        (:func:`_launch.compile_concurrently`), so that the timing loop meets compiled kernels."""
         known = self.chosen.setdefault(device_class, {})
         if key in known:
             return known[key]
@@ -558,6 +560,8 @@ class Tuner:
             return known[key]
         from triton.testing import do_bench
 
+        if warm is not None:
+            _launch.compile_concurrently([functools.partial(warm, cfg) for cfg in candidates])
         times = {}
         for cfg in candidates:
             try:
@@ -968,7 +972,7 @@ def fused_matmul(
     a_tma = tma_layout(a, a_axes[0], a_axes[1], K)
     b_tma = tma_layout(b, b_axes[1], b_axes[0], K)
 
-    def launch(grid, meta: Dict[str, object], tma: bool, **options) -> None:
+    def launch(grid, meta: Dict[str, object], tma: bool, warmup: bool = False, **options) -> None:
         a_arg, b_arg = a, b
         if tma:  # descriptors' blocks are the config's
             meta = dict(meta, A_TMA=a_tma, B_TMA=b_tma)
@@ -976,13 +980,16 @@ def fused_matmul(
                 a_arg = _descriptor(a, a_tma, M, K, a_axes[0], a_axes[1], meta["BLOCK_M"], meta["BLOCK_K"])
             if b_tma != TMA_NONE:
                 b_arg = _descriptor(b, b_tma, N, K, b_axes[1], b_axes[0], meta["BLOCK_N"], meta["BLOCK_K"])
-        fused_matmul_kernel[grid](a_arg, b_arg, *rest, **meta, **options)
+        if warmup:  # compiled as the launch would be, not run (the tuner's concurrent compiles)
+            fused_matmul_kernel.warmup(a_arg, b_arg, *rest, grid=grid, **meta, **options)
+        else:
+            fused_matmul_kernel[grid](a_arg, b_arg, *rest, **meta, **options)
 
-    def run(cfg: Tuple) -> None:
+    def run(cfg: Tuple, warmup: bool = False) -> None:
         bm, bn, bk, warps, stages = cfg[:5]
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), p.split_k)
         meta = dict(p.meta, EPI_SUBTILE=epi_subtile(bn), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
-        launch(grid, meta, cfg[5:] == (TMA,), num_warps=warps, num_stages=stages)
+        launch(grid, meta, cfg[5:] == (TMA,), warmup, num_warps=warps, num_stages=stages)
 
     with _launch.serialized():
         if _launch.INTERPRET:
@@ -990,12 +997,12 @@ def fused_matmul(
             # where they do not: split axes, unaligned strides)
             launch(p.grid, p.meta, True, num_warps=p.num_warps, num_stages=p.num_stages)
         else:
-            major, minor = torch.cuda.get_device_capability(out.device)
+            cap = _launch.capability(out.device)
             candidates = site_configs(variant, p.split_k > 1, fp32=fp32)
-            if major >= 9 and not fp32 and (a_tma, b_tma) != (TMA_NONE, TMA_NONE):
+            if cap >= 90 and not fp32 and (a_tma, b_tma) != (TMA_NONE, TMA_NONE):
                 candidates = tma_configs(variant, candidates)
-            run(TUNER.config(f"sm_{major}{minor}", tune_key(variant + (",fp32" if fp32 else ""), M, N, K, p.meta),
-                             candidates, run))
+            run(TUNER.config(f"sm_{cap}", tune_key(variant + (",fp32" if fp32 else ""), M, N, K, p.meta),
+                             candidates, run, warm=functools.partial(run, warmup=True)))
     if p.split_k > 1:
         torch.sum(target, 0, out=out)
     if col_sum is not None:
