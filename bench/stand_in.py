@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""The GPU check's cases on a stand-in GPU, before a session has a real one.
+
+    python bench/stand_in.py [--arch 90] [--only REGEX]
+
+Every correctness case of ``gpu_check.py check`` (op × shape × dtype, fc1's LayerNorm folded, the cuBLAS
+engine) and every block it times, forward and backward on the triton backend, launched in compiled mode
+for a GPU of compute capability ``--arch`` that is not there (tests/fake_cuda.py): each kernel is
+specialised and compiled as its launch on that GPU would be, with the ptxas the backend would use, and
+none runs. What fails here (a launcher's compiled-mode branch, which Triton's interpreter never takes; a
+kernel that does not compile at a real launch's specialisation; an import) would fail on the GPU too, and
+costs no device time. Nothing is checked against a reference: nothing is computed (outputs are whatever
+memory held). GEMM configs come from the shipped table, else each site's first (MIXER_FAST_AUTOTUNE=none):
+the tuner's other candidates compile in the tune stage, whose path tests/test_matmul.py runs the same way.
+
+One JSON line per case ({"case", "compiles", "seconds", "error"}), then a summary line; exit status 1 if a
+case failed. Needs a fresh process (it sets TRITON_INTERPRET=0 before triton loads); a minute or two on two
+cores with a cold Triton cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK_SHAPES = ("mixer_b16", "resmlp_24", "gmlp_s16")  # the blocks gpu_check.py times
+BLOCK_BATCH = 2
+
+
+_installed: Optional[int] = None
+
+
+def _setup(arch: int) -> None:
+    """The stand-in ``arch`` GPU for this process (once; a second call must name the same arch)."""
+    global _installed
+    if _installed is not None:
+        if _installed != arch:
+            raise RuntimeError(f"arch: this process has a stand-in sm_{_installed} already, got {arch}")
+        return
+    os.environ["TRITON_INTERPRET"] = "0"
+    # block pointers still compile to wgmma on sm_90a (pyproject.toml's filter, for pytest, says why)
+    warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
+    os.environ["MIXER_FAST_AUTOTUNE"] = "none"  # the stand-in cannot time a config
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]  # tests/ first: its conftest, not bench/'s
+    import fake_cuda
+
+    fake_cuda.install(arch)
+    _installed = arch
+
+
+def cases() -> Iterator[Tuple[str, Dict[str, str], Callable[[], object]]]:
+    """(name, environment, build) per case, gpu_check.py's names; ``build()`` returns a function that runs
+    the forward and the backward."""
+    import torch
+
+    import gpu_check
+
+    for case in gpu_check.check_cases(False):
+        def build(case=case):
+            dims = gpu_check.SHAPES[case.shape]
+            args, call = gpu_check._op_inputs(case.op, dims, case.batch, drop_path=dims.drop_path)
+            leaves = gpu_check._leaves(args, gpu_check._torch_dtype(case.dtype), "cpu")
+            return lambda: call(leaves, "triton").backward(torch.randn_like(leaves["x"]))
+
+        yield case.name, {"MIXER_FAST_LN": case.ln, **gpu_check.ENGINE_ENV[case.gemm]}, build
+    for shape in BLOCK_SHAPES:
+        def build_block(shape=shape):
+            dims = gpu_check.SHAPES[shape]
+            reference = gpu_check._reference_block(dims)
+            block = gpu_check._fused_block(dims, reference.state_dict()).to(torch.bfloat16)
+            x = torch.randn(BLOCK_BATCH, dims.seq_len, dims.dim, dtype=torch.bfloat16, requires_grad=True)
+            return lambda: block(x).backward(torch.randn_like(x))
+
+        yield f"block {shape} bf16", dict(gpu_check.ENGINE_ENV["fused"], MIXER_FAST_LN="load"), build_block
+
+
+def run(only: Optional[str] = None) -> List[Dict[str, object]]:
+    """Runs the cases ``only`` selects (a regular expression searched in their names; all without it) and
+    prints and returns a record per case."""
+    import triton.compiler
+
+    compiled = []
+    compile_ = triton.compiler.compile
+
+    def counted(*args, **kwargs):
+        compiled.append(1)
+        return compile_(*args, **kwargs)
+
+    triton.compiler.compile = counted  # Triton's JIT looks it up when it first compiles a kernel
+    pattern = re.compile(only) if only else None
+    records = []
+    for name, env, build in cases():
+        if pattern is not None and not pattern.search(name):
+            continue
+        os.environ.update(env)
+        before, start, error = len(compiled), time.perf_counter(), None
+        try:
+            build()()
+        except Exception as e:  # noqa: BLE001 - the finding, recorded; the other cases still run
+            error = "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:]
+        record = {"case": name, "compiles": len(compiled) - before,
+                  "seconds": round(time.perf_counter() - start, 1), "error": error}
+        print(json.dumps(record), flush=True)
+        records.append(record)
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (default 90)")
+    parser.add_argument("--only", default=None, help="a regular expression: the cases whose names match")
+    opts = parser.parse_args(argv)
+    _setup(opts.arch)
+    start = time.perf_counter()
+    records = run(opts.only)
+    failed = [r["case"] for r in records if r["error"]]
+    print(json.dumps({"arch": opts.arch, "cases": len(records), "failed": failed,
+                      "compiles": sum(r["compiles"] for r in records),
+                      "seconds": round(time.perf_counter() - start, 1)}))
+    if not records:
+        print(f"--only {opts.only!r} selects no case", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

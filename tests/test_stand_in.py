@@ -1,0 +1,74 @@
+"""bench/stand_in.py: the GPU check's cases launched in compiled mode on a stand-in GPU (tests/fake_cuda.py),
+every kernel specialised and compiled as it would launch there. CI runs a sample (each op once on sm_90, and
+sm_80's token plans); `python bench/stand_in.py` runs all 34 cases (189 s on two cores with a cold Triton
+cache, 2026-11-29), as a GPU session's preparation should."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import require
+
+STAND_IN = Path(__file__).resolve().parent.parent / "bench" / "stand_in.py"
+# Each op once (the flash token kernels, the fused GEMM with the affine norm in fp32, gMLP's block with its
+# gate), a case compiling ~7 kernels cold: ~35 s in CI. The rest compile the same launchers' other branches.
+HOPPER_SAMPLE = "^(token_mixing mixer_b16 bf16|channel_mixing resmlp_24 fp32|block gmlp_s16 bf16)$"
+
+
+def _run(args, code=None, timeout=900):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    command = [sys.executable, "-c", code] if code else [sys.executable, str(STAND_IN), *args]
+    r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=STAND_IN.parent)
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return r, lines[:-1], lines[-1] if lines else None
+
+
+def test_a_sample_of_the_check_launches_compiled_for_hopper():
+    require("triton")
+    r, records, summary = _run(["--only", HOPPER_SAMPLE])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert [rec["case"] for rec in records] == ["token_mixing mixer_b16 bf16", "channel_mixing resmlp_24 fp32",
+                                                "block gmlp_s16 bf16"]
+    assert all(rec["error"] is None for rec in records), records
+    assert summary["arch"] == 90 and summary["failed"] == [] and summary["cases"] == 3
+    # the first case compiles its kernels (a cold case compiles 7); later ones may find them compiled
+    assert records[0]["compiles"] > 0 and summary["compiles"] >= records[0]["compiles"]
+
+
+def test_ampere_token_plans_launch():
+    """Below Hopper the token kernels have plans of their own (no wgmma, 99 KB of shared memory on sm_86/89)."""
+    require("triton")
+    r, records, summary = _run(["--arch", "80", "--only", "^token_mixing awkward bf16$"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert summary["arch"] == 80 and summary["cases"] == 1 and summary["failed"] == []
+    assert records[0]["compiles"] > 0
+
+
+def test_a_failing_case_is_named_and_fails_the_run():
+    """A case that raises is recorded with its error, and the cases after it still run (both launchers are
+    broken here, so that nothing needs compiling)."""
+    require("triton")
+    code = """
+import sys
+import stand_in
+stand_in._setup(90)
+from mixer_fast.kernels.triton import channel_mixing, token_mixing
+def broken(*args, **kwargs):
+    raise RuntimeError("the launcher broke")
+token_mixing.token_mixing_forward = channel_mixing.channel_mixing_forward = broken
+sys.exit(stand_in.main(["--only", "^token_mixing awkward bf16$|^channel_mixing awkward bf16$"]))
+"""
+    r, records, summary = _run([], code=code)
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    assert summary["failed"] == ["token_mixing awkward bf16", "channel_mixing awkward bf16"]
+    assert all("RuntimeError: the launcher broke" in rec["error"] for rec in records)
+
+
+def test_an_empty_selection_is_refused():
+    require("triton")
+    r, records, summary = _run(["--only", "no such case"], timeout=300)
+    assert r.returncode == 2 and records == [] and summary["cases"] == 0
+    assert "--only 'no such case' selects no case" in r.stderr
