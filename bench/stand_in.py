@@ -10,7 +10,8 @@ specialised and compiled as its launch on that GPU would be, with the ptxas the 
 none runs. What fails here (a launcher's compiled-mode branch, which Triton's interpreter never takes; a
 kernel that does not compile at a real launch's specialisation; an import) would fail on the GPU too, and
 costs no device time. Nothing is checked against a reference: nothing is computed (outputs are whatever
-memory held). GEMM configs come from the shipped table, else each site's first (MIXER_FAST_AUTOTUNE=none):
+memory held). Every other MIXER_FAST_ variable is cleared: mixer_fast's defaults, as the check's processes
+have them. GEMM configs come from the shipped table, else each site's first (MIXER_FAST_AUTOTUNE=none):
 the tuner's other candidates compile in the tune stage, whose path tests/test_matmul.py runs the same way.
 
 One JSON line per case ({"case", "compiles", "seconds", "error"}), then a summary line; exit status 1 if a
@@ -46,6 +47,9 @@ def _setup(arch: int) -> None:
             raise RuntimeError(f"arch: this process has a stand-in sm_{_installed} already, got {arch}")
         return
     os.environ["TRITON_INTERPRET"] = "0"
+    # the GPU check's processes run with mixer_fast's defaults; each case sets its own LN, GEMM and TOKEN
+    for name in [n for n in os.environ if n.startswith("MIXER_FAST_")]:
+        del os.environ[name]
     # block pointers still compile to wgmma on sm_90a (pyproject.toml's filter, for pytest, says why)
     warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
     os.environ["MIXER_FAST_AUTOTUNE"] = "none"  # the stand-in cannot time a config

@@ -304,12 +304,12 @@ for S in (1024, 1025):
 def test_max_shared_memory_without_the_driver(monkeypatch):
     # Where Triton's driver module cannot answer, the opt-in maximum comes from the table; a capability it
     # does not know gets the least of its values (a token MLP then runs as XLA's rather than fail).
-    from mixer_fast.kernels.triton import jax_launch
+    from mixer_fast.kernels.triton import _launch, jax_launch
 
     monkeypatch.setitem(sys.modules, "triton.backends.nvidia.driver", None)  # importing it raises ImportError
     assert jax_launch.max_shared_memory(90) == 232448
     assert jax_launch.max_shared_memory(80) == 166912
-    assert jax_launch.max_shared_memory(60) == min(jax_launch.SHARED_MEMORY_PER_BLOCK.values()) == 65536
+    assert jax_launch.max_shared_memory(60) == min(_launch.SHARED_MEMORY_PER_BLOCK.values()) == 65536
 
 
 def test_importing_jax_triton_keeps_tritons_cache_directory(tmp_path, monkeypatch):

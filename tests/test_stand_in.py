@@ -1,7 +1,7 @@
 """bench/stand_in.py: the GPU check's cases launched in compiled mode on a stand-in GPU (tests/fake_cuda.py),
 every kernel specialised and compiled as it would launch there. CI runs a sample (each op once on sm_90, and
-sm_80's token plans); `python bench/stand_in.py` runs all 34 cases (189 s on two cores with a cold Triton
-cache, 2026-11-29), as a GPU session's preparation should."""
+sm_80's token plans); `python bench/stand_in.py` runs all 34 (31 check cases and 3 blocks: 189 s on two
+cores with a cold Triton cache, 2026-11-29), as a GPU session's preparation should."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ HOPPER_SAMPLE = "^(token_mixing mixer_b16 bf16|channel_mixing resmlp_24 fp32|blo
 
 
 def _run(args, code=None, timeout=900):
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    env = dict(os.environ, TRITON_INTERPRET="0")  # stand_in.py clears the MIXER_FAST_ variables itself
     command = [sys.executable, "-c", code] if code else [sys.executable, str(STAND_IN), *args]
     r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=STAND_IN.parent)
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -39,12 +39,33 @@ def test_a_sample_of_the_check_launches_compiled_for_hopper():
 
 
 def test_ampere_token_plans_launch():
-    """Below Hopper the token kernels have plans of their own (no wgmma, 99 KB of shared memory on sm_86/89)."""
+    """Below Hopper the token kernels have plans of their own (mma.sync, no wgmma; 163 KB of shared memory a
+    block on sm_80): on a stand-in sm_80 the launchers plan for capability 80, and those plans, which differ
+    from Hopper's at Mixer-B/16, compile and launch."""
     require("triton")
-    r, records, summary = _run(["--arch", "80", "--only", "^token_mixing awkward bf16$"])
+    code = """
+import json, sys
+import stand_in
+stand_in._setup(80)
+from mixer_fast.kernels.triton import token_mixing
+planned = []
+plan = token_mixing.gpu_config
+def spy(kernel, S, D, mma_bytes=2, capability=token_mixing.WGMMA_CAPABILITY):
+    launch = plan(kernel, S, D, mma_bytes, capability)
+    planned.append([kernel, capability, launch != plan(kernel, S, D, mma_bytes, 90)])
+    return launch
+token_mixing.gpu_config = spy
+status = stand_in.main(["--arch", "80", "--only", "^token_mixing mixer_b16 bf16$"])
+print(json.dumps({"planned": planned}))
+sys.exit(status)
+"""
+    r, records, last = _run([], code=code)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    summary = records[-1]
     assert summary["arch"] == 80 and summary["cases"] == 1 and summary["failed"] == []
-    assert records[0]["compiles"] > 0
+    assert {k for k, _, _ in last["planned"]} == {"token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"}
+    assert all(capability == 80 for _, capability, _ in last["planned"]), last["planned"]
+    assert any(differs for _, _, differs in last["planned"]), "sm_80's plans are Hopper's"
 
 
 def test_a_failing_case_is_named_and_fails_the_run():

@@ -42,30 +42,38 @@ def compile_workers() -> int:
 
 def compile_concurrently(warmups: Sequence[Callable[[], object]], workers: Optional[int] = None) -> int:
     """Call ``warmups`` (each a Triton launch with ``warmup=True``: specialised and compiled, not run) with
-    their compiles in a pool of ``workers`` threads (default :func:`compile_workers`), through Triton's
-    AsyncCompileMode: the compiled kernels land in each JIT function's cache under the keys their real
-    launches look up. A tuner's candidates otherwise compile one by one at their first timed launch, ~1-4 s
-    each for the fused GEMM on sm_90a, which made compiling, not timing, the cost of a tuning run; Triton's
-    passes and ptxas drop the GIL, so threads overlap them (6 fused-GEMM configs: 12.4 s serial, 6.8 s in
-    two threads on two cores, 2026-11-29). Compile errors are not raised here: a failed config's launch
-    meets the error again when it runs. Returns the threads used, or 0: in Triton's interpreter (nothing to
-    compile: no warm-up runs), and where the warm-ups ran one by one (one warm-up or one CPU, a Triton
-    without AsyncCompileMode) or went to an AsyncCompileMode already active (its pool compiles them)."""
+    their compiles in a pool of up to ``workers`` threads (default :func:`compile_workers`), through
+    Triton's AsyncCompileMode: the compiled kernels land in each JIT function's cache under the keys their
+    real launches look up. A tuner's candidates otherwise compile one by one at their first timed launch,
+    ~1 s each for the fused GEMM on sm_90a here, which made compiling, not timing, the cost of a tuning run;
+    Triton's passes and ptxas drop the GIL, so threads overlap them (6 fused-GEMM configs: 12.4 s serially,
+    6.8 s in two threads on two cores, 2026-11-29). Compile errors are not raised here: the config's launch
+    meets its error when it runs (triton 3.8 keeps the failed compile in the kernel cache and raises its
+    error again at each launch of that config; 3.6 compiles again). Returns the threads used, or 0 where
+    nothing is gained and no warm-up runs (Triton's interpreter, one warm-up or one CPU, a Triton before
+    AsyncCompileMode), or where one is already active: the warm-ups then go to its pool."""
     try:
         from triton.runtime._async_compile import AsyncCompileMode, active_mode
-    except ImportError:  # Triton before AsyncCompileMode: each compiles at its first launch
-        AsyncCompileMode = active_mode = None
-    workers = min(len(warmups), workers or compile_workers())
+    except ImportError:  # Triton before 3.4: each config compiles at its first launch
+        return 0
     if INTERPRET:
         return 0
-    if AsyncCompileMode is None or active_mode.get() is not None or workers < 2:
+    if active_mode.get() is not None:
         for warm in warmups:
             warm()
         return 0
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="triton-compile") as pool, \
-            AsyncCompileMode(pool, ignore_errors=True):
-        for warm in warmups:
-            warm()
+    workers = min(len(warmups), workers or compile_workers())
+    if workers < 2:
+        return 0
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="triton-compile") as pool, \
+                AsyncCompileMode(pool, ignore_errors=True):
+            for warm in warmups:
+                warm()
+    finally:
+        # triton 3.6 clears the mode only after its last compile: an interrupt there would leave it set,
+        # with its pool shut down, and every later compile in this thread failing
+        active_mode.set(None)
     return workers
 
 
@@ -148,6 +156,18 @@ def new_output(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -
 
     t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
     return t.fill_(float("nan")) if POISON else t
+
+
+# The most shared memory a block may use (the opt-in maximum) by compute capability, for when the driver
+# cannot be asked (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability"). Any other
+# capability is assumed to have the least of these.
+SHARED_MEMORY_PER_BLOCK = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
+                           100: 232448, 103: 232448, 120: 101376, 121: 101376}
+
+
+def shared_memory_per_block(capability: int) -> int:
+    """SHARED_MEMORY_PER_BLOCK's bytes for ``capability`` (an integer, 90 for 9.0), else the least of them."""
+    return SHARED_MEMORY_PER_BLOCK.get(capability, min(SHARED_MEMORY_PER_BLOCK.values()))
 
 
 DEFAULT_SMS = 132  # H100 SXM and H200: the SMs planned for where the device cannot be asked

@@ -290,16 +290,9 @@ def _sm_count() -> int:
     return count if isinstance(count, int) and count > 0 else _launch.DEFAULT_SMS
 
 
-# The most shared memory a block may use (the opt-in maximum) by compute capability, for when the driver
-# cannot be asked (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability"). Any other
-# capability is assumed to have the least of these.
-SHARED_MEMORY_PER_BLOCK = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
-                           100: 232448, 103: 232448, 120: 101376, 121: 101376}
-
-
 def max_shared_memory(capability: int) -> int:
     """The most shared memory (bytes) a block may use on the first JAX GPU, of compute capability
-    ``capability``: the driver's answer (Triton's, torch-free), else SHARED_MEMORY_PER_BLOCK's."""
+    ``capability``: the driver's answer (Triton's, torch-free), else _launch.SHARED_MEMORY_PER_BLOCK's."""
     try:
         from triton.backends.nvidia.driver import CudaUtils
 
@@ -307,7 +300,7 @@ def max_shared_memory(capability: int) -> int:
         with triton_cache():  # CudaUtils builds its C module there
             return int(CudaUtils().get_device_properties(ordinal)["max_shared_mem"])
     except Exception:  # noqa: BLE001 - no driver module, no C compiler for it, no CUDA context: the table
-        return SHARED_MEMORY_PER_BLOCK.get(capability, min(SHARED_MEMORY_PER_BLOCK.values()))
+        return _launch.shared_memory_per_block(capability)
 
 
 class GemmOutputs(NamedTuple):
