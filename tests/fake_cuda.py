@@ -4,7 +4,7 @@
 9.0), so that a real launch of a @triton.jit kernel is specialised and compiled for that GPU (the ptxas the
 triton backend would use, as the static report does) and then launches nothing: ``LAUNCHES`` records each
 launch's kernel name. Tensors stay on the CPU; torch's CUDA queries, and the launchers' own
-(``_launch.capability``, ``_launch.sm_count``: they answer for CPU tensors too), answer as one such
+(``_launch.capability``, ``sm_count``, ``max_shared_memory``: they answer for CPU tensors too), answer as one such
 device: its capability, the SMs of a representative GPU (``SMS``) and its shared memory per block
 (``_launch.SHARED_MEMORY_PER_BLOCK``, so a plan too big for it fails as it would there). The launchers'
 device check accepts CPU tensors (its dtype check is skipped: the ops check dtypes before it).
@@ -89,6 +89,7 @@ def install(arch: int = 90) -> FakeDriver:
     torch.cuda.synchronize = lambda *a: None
     _launch.capability = lambda device: arch
     _launch.sm_count = lambda device: sms(arch)
+    _launch.max_shared_memory = lambda device: _launch.shared_memory_per_block(arch)
     _launch.check_device = lambda t: None
     toolchain.apply(arch)
     return driver

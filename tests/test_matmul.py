@@ -444,6 +444,18 @@ def test_autotune_none_never_times(monkeypatch):
     tuner = matmul.Tuner()
     tuner._table = {"sm_90": {key: list(plain[2])}}
     assert tuner.config("sm_90", key, with_tma, lambda cfg: None) == plain[2]
+    # where the GPU's shared memory is smaller (99 KB on sm_86 / sm_89 / sm_120): the first that fits, TMA
+    # ones first; none fits: the first, whose launch then says what it needs
+    tuner = matmul.Tuner()
+    tuner._table = {}
+    tma = [c for c in with_tma if c[5:] == (matmul.TMA,)]
+    asked = []
+    assert tuner.config("sm_86", key, with_tma, lambda cfg: None,
+                        fits=lambda cfg: asked.append(cfg) or cfg == plain[1]) == plain[1]
+    assert asked == [*tma, plain[0], plain[1]]
+    assert matmul.untuned_choice(with_tma, lambda cfg: cfg == tma[1]) == tma[1]
+    assert matmul.untuned_choice(with_tma, lambda cfg: False) == tma[0]
+    assert tuner.timed == {}
     monkeypatch.setenv(matmul.AUTOTUNE_ENV, "yes")
     with pytest.raises(ValueError, match="MIXER_FAST_AUTOTUNE: expected 0, 1 or none, got 'yes'"):
         matmul.Tuner().config("sm_90", key, plain, lambda cfg: None)

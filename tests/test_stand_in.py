@@ -68,6 +68,16 @@ sys.exit(status)
     assert any(differs for _, _, differs in last["planned"]), "sm_80's plans are Hopper's"
 
 
+def test_untuned_gemm_configs_fit_a_99_kb_gpu():
+    """sm_86 / sm_89 / sm_120 give a block 99 KB of shared memory; the fused GEMM's first configs, sized for
+    Hopper, need more (115 KB at ln_gelu). Untimed (MIXER_FAST_AUTOTUNE=none), a site takes the first that
+    fits: channel mixing launches there (it failed with OutOfResources before)."""
+    require("triton")
+    r, records, summary = _run(["--arch", "86", "--only", "^channel_mixing mixer_b16 bf16$"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert summary["arch"] == 86 and summary["failed"] == [] and records[0]["compiles"] > 0
+
+
 def test_a_failing_case_is_named_and_fails_the_run():
     """A case that raises is recorded with its error, and the cases after it still run (both launchers are
     broken here, so that nothing needs compiling)."""

@@ -170,6 +170,22 @@ def shared_memory_per_block(capability: int) -> int:
     return SHARED_MEMORY_PER_BLOCK.get(capability, min(SHARED_MEMORY_PER_BLOCK.values()))
 
 
+_SHARED: dict = {}
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """The most shared memory (bytes) a block may use on CUDA ``device`` (the opt-in maximum), or Hopper's
+    off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return shared_memory_per_block(DEFAULT_CAPABILITY)
+    if device not in _SHARED:
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        _SHARED[device] = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+    return _SHARED[device]
+
+
 DEFAULT_SMS = 132  # H100 SXM and H200: the SMs planned for where the device cannot be asked
 DEFAULT_CAPABILITY = 90  # and their compute capability (9.0)
 _SM_COUNTS: dict = {}

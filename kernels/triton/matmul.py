@@ -474,7 +474,7 @@ AUTOTUNE_KEY = ["M", "N", "K", *TUNE_FLAGS]  # the JAX path's triton.autotune, w
 # two: a new batch size reuses its bucket's choice instead of tuning again. MIXER_FAST_AUTOTUNE=1 ignores
 # the table and times every config of the launch site once per key and process; MIXER_FAST_AUTOTUNE=none
 # never times: where the table has no entry, a site's first TMA config where one is offered, else its
-# first config (untuned_choice). For runs that check rather than time: bench/gpu_check.py's correctness
+# first config, skipping those too big for the GPU's shared memory (untuned_choice). For runs that check rather than time: bench/gpu_check.py's correctness
 # processes, which with a cold table compiled and timed every config of every site (some 40 compiles an
 # op), and which this way check the TMA path, never run on a GPU before, first.
 TUNED_FILE = "tuned_gemm.json"
@@ -544,10 +544,12 @@ class Tuner:
             entry = _nearest(table, key)
         return tuple(entry) if entry is not None and tuple(entry) in candidates else None
 
-    def config(self, device_class: str, key: str, candidates, run, warm=None) -> Tuple:
+    def config(self, device_class: str, key: str, candidates, run, warm=None, fits=None) -> Tuple:
         """The config for ``key``; ``run(config)`` launches with one (timed when tuning), ``warm(config)``
         compiles it without launching: when tuning, every candidate is compiled at once first
-        (:func:`_launch.compile_concurrently`), so that the timing loop meets compiled kernels."""
+        (:func:`_launch.compile_concurrently`), so that the timing loop meets compiled kernels.
+        ``fits(config)``: whether it fits the GPU (untimed choices skip those that do not; timing skips
+        them by their launch's OutOfResources)."""
         known = self.chosen.setdefault(device_class, {})
         if key in known:
             return known[key]
@@ -556,7 +558,7 @@ class Tuner:
             known[key] = shipped
             return shipped
         if no_tuning():
-            known[key] = untuned_choice(candidates)
+            known[key] = untuned_choice(candidates, fits)
             return known[key]
         from triton.testing import do_bench
 
@@ -596,9 +598,16 @@ def no_tuning() -> bool:
     return autotune_mode() == AUTOTUNE_NONE
 
 
-def untuned_choice(candidates) -> Tuple:
-    """A launch site's config without timing: its first TMA one where TMA is offered, else its first."""
-    return next((c for c in candidates if c[5:] == (TMA,)), candidates[0])
+def untuned_choice(candidates, fits=None) -> Tuple:
+    """A launch site's config without timing: its first TMA one where TMA is offered, else its first; with
+    ``fits(config)``, the first of those (in that order) that fits the GPU. The first configs are sized for
+    Hopper's 227 KB of shared memory a block; sm_86 / sm_89 / sm_120 have 99 KB, where the first needs more
+    (115 KB at ln_gelu: bench/stand_in.py --arch 86 failed so, 2026-11-29). Where none fits, the first:
+    its launch then says what it needs."""
+    order = sorted(candidates, key=lambda c: c[5:] != (TMA,))  # stable: TMA ones first, in the site's order
+    if fits is not None:
+        return next((c for c in order if fits(c)), order[0])
+    return order[0]
 
 
 def autotuned(kernel, variant: str, cache: Dict[str, object], split: bool = False, fp32: bool = False):
@@ -972,7 +981,7 @@ def fused_matmul(
     a_tma = tma_layout(a, a_axes[0], a_axes[1], K)
     b_tma = tma_layout(b, b_axes[1], b_axes[0], K)
 
-    def launch(grid, meta: Dict[str, object], tma: bool, warmup: bool = False, **options) -> None:
+    def launch(grid, meta: Dict[str, object], tma: bool, warmup: bool = False, **options):
         a_arg, b_arg = a, b
         if tma:  # descriptors' blocks are the config's
             meta = dict(meta, A_TMA=a_tma, B_TMA=b_tma)
@@ -981,15 +990,17 @@ def fused_matmul(
             if b_tma != TMA_NONE:
                 b_arg = _descriptor(b, b_tma, N, K, b_axes[1], b_axes[0], meta["BLOCK_N"], meta["BLOCK_K"])
         if warmup:  # compiled as the launch would be, not run (the tuner's concurrent compiles)
-            fused_matmul_kernel.warmup(a_arg, b_arg, *rest, grid=grid, **meta, **options)
-        else:
-            fused_matmul_kernel[grid](a_arg, b_arg, *rest, **meta, **options)
+            return fused_matmul_kernel.warmup(a_arg, b_arg, *rest, grid=grid, **meta, **options)
+        return fused_matmul_kernel[grid](a_arg, b_arg, *rest, **meta, **options)
 
-    def run(cfg: Tuple, warmup: bool = False) -> None:
+    def run(cfg: Tuple, warmup: bool = False):
         bm, bn, bk, warps, stages = cfg[:5]
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), p.split_k)
         meta = dict(p.meta, EPI_SUBTILE=epi_subtile(bn), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
-        launch(grid, meta, cfg[5:] == (TMA,), warmup, num_warps=warps, num_stages=stages)
+        return launch(grid, meta, cfg[5:] == (TMA,), warmup, num_warps=warps, num_stages=stages)
+
+    def fits(cfg: Tuple) -> bool:
+        return run(cfg, warmup=True).metadata.shared <= _launch.max_shared_memory(out.device)
 
     with _launch.serialized():
         if _launch.INTERPRET:
@@ -1002,7 +1013,7 @@ def fused_matmul(
             if cap >= 90 and not fp32 and (a_tma, b_tma) != (TMA_NONE, TMA_NONE):
                 candidates = tma_configs(variant, candidates)
             run(TUNER.config(f"sm_{cap}", tune_key(variant + (",fp32" if fp32 else ""), M, N, K, p.meta),
-                             candidates, run, warm=functools.partial(run, warmup=True)))
+                             candidates, run, warm=functools.partial(run, warmup=True), fits=fits))
     if p.split_k > 1:
         torch.sum(target, 0, out=out)
     if col_sum is not None:
