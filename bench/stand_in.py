@@ -11,12 +11,13 @@ none runs. What fails here (a launcher's compiled-mode branch, which Triton's in
 kernel that does not compile at a real launch's specialisation; an import) would fail on the GPU too, and
 costs no device time. Nothing is checked against a reference: nothing is computed (outputs are whatever
 memory held). Every other MIXER_FAST_ variable is cleared: mixer_fast's defaults, as the check's processes
-have them. GEMM configs come from the shipped table, else each site's first (MIXER_FAST_AUTOTUNE=none):
+have them. GEMM configs come from the shipped table, else each site's first that fits the stand-in's shared
+memory (MIXER_FAST_AUTOTUNE=none):
 the tuner's other candidates compile in the tune stage, whose path tests/test_matmul.py runs the same way.
 
 One JSON line per case ({"case", "compiles", "seconds", "error"}), then a summary line; exit status 1 if a
-case failed. Needs a fresh process (it sets TRITON_INTERPRET=0 before triton loads); a minute or two on two
-cores with a cold Triton cache.
+case failed. Needs a fresh process (it sets TRITON_INTERPRET=0 before triton loads); about 3.5 minutes on
+two cores with a cold Triton cache.
 """
 from __future__ import annotations
 

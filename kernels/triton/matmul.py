@@ -474,9 +474,10 @@ AUTOTUNE_KEY = ["M", "N", "K", *TUNE_FLAGS]  # the JAX path's triton.autotune, w
 # two: a new batch size reuses its bucket's choice instead of tuning again. MIXER_FAST_AUTOTUNE=1 ignores
 # the table and times every config of the launch site once per key and process; MIXER_FAST_AUTOTUNE=none
 # never times: where the table has no entry, a site's first TMA config where one is offered, else its
-# first config, skipping those too big for the GPU's shared memory (untuned_choice). For runs that check rather than time: bench/gpu_check.py's correctness
-# processes, which with a cold table compiled and timed every config of every site (some 40 compiles an
-# op), and which this way check the TMA path, never run on a GPU before, first.
+# first config, skipping those too big for the GPU's shared memory (untuned_choice). For runs that check
+# rather than time: bench/gpu_check.py's correctness processes, which with a cold table compiled and timed
+# every config of every site (some 40 compiles an op), and which this way check the TMA path, never run on
+# a GPU before, first.
 TUNED_FILE = "tuned_gemm.json"
 AUTOTUNE_ENV = "MIXER_FAST_AUTOTUNE"
 AUTOTUNE_RETUNE, AUTOTUNE_NONE = "1", "none"
@@ -1000,7 +1001,9 @@ def fused_matmul(
         return launch(grid, meta, cfg[5:] == (TMA,), warmup, num_warps=warps, num_stages=stages)
 
     def fits(cfg: Tuple) -> bool:
-        return run(cfg, warmup=True).metadata.shared <= _launch.max_shared_memory(out.device)
+        kernel = run(cfg, warmup=True)
+        kernel = kernel.result() if hasattr(kernel, "result") else kernel  # a caller's AsyncCompileMode
+        return kernel.metadata.shared <= _launch.max_shared_memory(out.device)
 
     with _launch.serialized():
         if _launch.INTERPRET:
