@@ -9,6 +9,7 @@ interpreting it. On a lent GPU the same tests run the compiled kernels through j
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -310,6 +311,50 @@ def test_max_shared_memory_without_the_driver(monkeypatch):
     assert jax_launch.max_shared_memory(90) == 232448
     assert jax_launch.max_shared_memory(80) == 166912
     assert jax_launch.max_shared_memory(60) == min(_launch.SHARED_MEMORY_PER_BLOCK.values()) == 65536
+
+
+def test_untimed_gemm_configs_fit_a_99_kb_gpu():
+    """MIXER_FAST_AUTOTUNE=none on a GPU with 99 KB of shared memory a block (sm_86 / sm_89 / sm_120): each
+    fused-GEMM site takes its first config that fits, compiled as jax-triton compiles it (the first, sized
+    for Hopper, needs 115 KB at fc1); on Hopper the first, with nothing compiled to choose it. Channel
+    mixing's forward at Mixer-B/16 traced (launch_shared_memory: nothing launches), in compiled mode."""
+    code = """
+import json
+import jax, jax.numpy as jnp
+from mixer_fast.kernels.triton import aot, jax_launch, matmul
+chosen, compiled = [], []
+tuned = jax_launch._tuned_launch
+def record(variant, *args, **kwargs):
+    kernel, grid, launch = tuned(variant, *args, **kwargs)
+    chosen.append([variant, [launch[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")]])
+    return kernel, grid, launch
+jax_launch._tuned_launch = record
+measure = aot.launch_shared_bytes
+aot.launch_shared_bytes = lambda *a, **k: compiled.append(measure(*a, **k)) or compiled[-1]
+x = jnp.zeros((2, 196, 768), jnp.bfloat16)
+w = lambda *shape: jnp.zeros(shape, jnp.bfloat16)
+for capability in (86, 90):
+    jax_launch.device_capability = lambda device, c=capability: c
+    jax_launch.max_shared_memory = lambda c: matmul._launch.shared_memory_per_block(c)
+    before = len(compiled)
+    jax_launch.launch_shared_memory(lambda: jax_launch.channel_mixing_forward(
+        x, w(768), w(768), w(768, 3072), w(3072), w(3072, 768), w(768), eps=1e-6, approximate="none",
+        norm="layernorm", scale=None, ss=None, store_branch=False, precision="ieee"), [], capability)
+    print(json.dumps({"capability": capability, "chosen": chosen, "compiled": compiled[before:]}))
+    chosen.clear()
+"""
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("MIXER_FAST_")}, TRITON_INTERPRET="0",
+               JAX_PLATFORMS="cpu", MIXER_FAST_AUTOTUNE="none")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from mixer_fast.kernels.triton import matmul
+
+    at86, at90 = (json.loads(line) for line in r.stdout.splitlines()[-2:])
+    first = {variant: list(matmul.site_configs(variant, False)[0]) for variant, _ in at90["chosen"]}
+    assert at90["compiled"] == [] and all(cfg == first[v] for v, cfg in at90["chosen"]), at90
+    assert at86["compiled"] and max(at86["compiled"]) > 101376, "the first config needs more than 99 KB"
+    assert any(cfg != first[v] for v, cfg in at86["chosen"]), at86
+    assert at86["compiled"][-1] <= 101376  # the last compiled: the chosen one of the last site
 
 
 def test_importing_jax_triton_keeps_tritons_cache_directory(tmp_path, monkeypatch):

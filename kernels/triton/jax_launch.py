@@ -59,9 +59,8 @@ def call(kernel, grid, args: Sequence[Any], outs: Sequence[jax.ShapeDtypeStruct]
     sizing = getattr(_SIZING, "run", None)
     if sizing is not None:  # a sizing run (launch_shared_memory): compiled for its shared memory, not launched
         if kernel in sizing.kernels:
-            need = sizing.measure(kernel, [a if isinstance(a, (bool, int, float)) else _TRITON_TYPES[jnp.dtype(a.dtype).name]
-                                          for a in args] + [_TRITON_TYPES[jnp.dtype(o.dtype).name] for o in outs],
-                                  meta, capability=sizing.capability, num_warps=num_warps, num_stages=num_stages)
+            need = sizing.measure(kernel, _operand_types(args, outs), meta, capability=sizing.capability,
+                                  num_warps=num_warps, num_stages=num_stages)
             name = kernel.__name__
             sizing.needs[name] = max(sizing.needs.get(name, 0), need)
         return tuple(jnp.zeros(o.shape, o.dtype) for o in outs)
@@ -82,6 +81,13 @@ def call(kernel, grid, args: Sequence[Any], outs: Sequence[jax.ShapeDtypeStruct]
                                             num_warps=num_warps, num_stages=num_stages, **meta))
 
     return varying_like(jax.custom_batching.sequential_vmap(launch)(*arrays), arrays)
+
+
+def _operand_types(args: Sequence[Any], outs: Sequence[jax.ShapeDtypeStruct]) -> list:
+    """A launch's non-constexpr operands as aot.launch_shared_bytes takes them: scalars as they are, arrays
+    and outputs by their Triton element type."""
+    return ([a if isinstance(a, (bool, int, float)) else _TRITON_TYPES[jnp.dtype(a.dtype).name] for a in args]
+            + [_TRITON_TYPES[jnp.dtype(o.dtype).name] for o in outs])
 
 
 def varying_like(outs: Sequence[Array], arrays: Sequence[Array]) -> Tuple[Array, ...]:
@@ -243,10 +249,12 @@ def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
 _tuned: Dict[str, object] = {}
 
 
-def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
+def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False, operands: Sequence[Any] = ()):
     """(kernel, grid, num_warps / num_stages) for a fused GEMM launch: the shipped table's config for this
     GPU where it has one (matmul.TUNER, as the torch launcher), else triton.autotune over the site's configs
-    (jax-triton runs Triton's autotuner itself), or the plan's in the interpreter."""
+    (jax-triton runs Triton's autotuner itself), or the plan's in the interpreter. ``operands``
+    (:func:`_operand_types`): what MIXER_FAST_AUTOTUNE=none compiles a config with, where the GPU has less
+    shared memory than Hopper, to take the first that fits (as the torch launcher does)."""
     split = p.split_k > 1
     if _launch.INTERPRET:
         return fused_matmul_kernel, p.grid, dict(num_warps=p.num_warps, num_stages=p.num_stages)
@@ -257,13 +265,35 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False):
         cfg = TUNER.shipped(f"sm_{capability}", "jax:" + tune_key(variant + (",fp32" if fp32 else ""), M, N, K,
                                                                  p.meta), configs)
     if cfg is None and no_tuning():  # MIXER_FAST_AUTOTUNE=none: untimed, as the torch launcher (no TMA here)
-        cfg = untuned_choice(configs)
+        cfg = untuned_choice(configs, _fits(p, operands, capability))
     if cfg is None:
         return autotuned(fused_matmul_kernel, variant, _tuned, split, fp32), p.grid, {}
     bm, bn, bk, warps, stages = cfg
     return (fused_matmul_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn), p.split_k),
             dict(num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                  EPI_SUBTILE=epi_subtile(bn)))
+
+
+def _fits(p, operands: Sequence[Any], capability: Optional[int]) -> Optional[Callable[[Tuple], bool]]:
+    """Whether a fused-GEMM config fits the GPU's shared memory (compiled as jax-triton compiles it), or None
+    where every config does: the site configs are sized for Hopper's 227 KB (the static report), and a GPU
+    with as much needs no compile to choose (nor one of unknown capability: a test's stand-in)."""
+    if capability is None:
+        return None
+    limit = max_shared_memory(capability)
+    if limit >= _launch.shared_memory_per_block(_launch.DEFAULT_CAPABILITY):
+        return None
+    from .aot import launch_shared_bytes
+
+    def fits(cfg: Tuple) -> bool:
+        bm, bn, bk, warps, stages = cfg
+        constexprs = dict(p.meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SUBTILE=epi_subtile(bn))
+        with triton_cache():
+            need = launch_shared_bytes(fused_matmul_kernel, list(operands), constexprs, capability=capability,
+                                       num_warps=warps, num_stages=stages)
+        return need <= limit
+
+    return fits
 
 
 def device_capability(device) -> Optional[int]:
@@ -346,18 +376,18 @@ def fused_matmul(
              allow_split=np.dtype(out_dtype) == np.float32, out_numel=int(np.prod(out_shape)), scale_scalars=True,
              col_sum_rows=sum_rows, sms=_sm_count())
     split = p.split_k > 1  # fp32 partial products over K ranges, summed in a fixed order (matmul.split_k)
-    kernel, grid, launch = _tuned_launch(variant, M, N, K, p, fp32=fp32)
     inputs = [a, b, aux if aux is not None else dummy, res if res is not None else dummy,
               a_mean, a_rstd, a_w, a_b, b_mean, b_rstd, b_w, b_b,
               bias if bias is not None else dummy, scale if scale is not None else dummy,
               ss if ss is not None else dummy, *p.scalars]
     main = (p.split_k, *out_shape) if split else out_shape
+    outs = [_shape(main, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype),
+            _shape((triton.cdiv(M, sum_rows), N) if col_sum else (1,), F32)]
+    kernel, grid, launch = _tuned_launch(variant, M, N, K, p, fp32=fp32, operands=_operand_types(inputs, outs))
     meta = {**p.meta, **launch}
     if isinstance(kernel, triton.runtime.Autotuner):
         del meta["EPI_SUBTILE"]  # each config carries its own (matmul.autotuned)
-    out, aux_out, partials = call(kernel, grid, inputs,
-                                  [_shape(main, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype),
-                                   _shape((triton.cdiv(M, sum_rows), N) if col_sum else (1,), F32)], **meta)
+    out, aux_out, partials = call(kernel, grid, inputs, outs, **meta)
     return GemmOutputs(out.sum(0) if split else out, aux_out if store_branch else None,
                        partials.sum(0) if col_sum else None)
 
