@@ -249,10 +249,11 @@ def layer_norm_backward(g: Array, x: Array, dy: Array, mean: Array, rstd: Array,
 _tuned: Dict[str, object] = {}
 
 
-def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False, operands: Sequence[Any] = ()):
+def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False,
+                  operands: Callable[[], Sequence[Any]] = tuple):
     """(kernel, grid, num_warps / num_stages) for a fused GEMM launch: the shipped table's config for this
     GPU where it has one (matmul.TUNER, as the torch launcher), else triton.autotune over the site's configs
-    (jax-triton runs Triton's autotuner itself), or the plan's in the interpreter. ``operands``
+    (jax-triton runs Triton's autotuner itself), or the plan's in the interpreter. ``operands()``
     (:func:`_operand_types`): what MIXER_FAST_AUTOTUNE=none compiles a config with, where the GPU has less
     shared memory than Hopper, to take the first that fits (as the torch launcher does)."""
     split = p.split_k > 1
@@ -274,7 +275,7 @@ def _tuned_launch(variant: str, M: int, N: int, K: int, p, fp32: bool = False, o
                  EPI_SUBTILE=epi_subtile(bn)))
 
 
-def _fits(p, operands: Sequence[Any], capability: Optional[int]) -> Optional[Callable[[Tuple], bool]]:
+def _fits(p, operands: Callable[[], Sequence[Any]], capability: Optional[int]) -> Optional[Callable[[Tuple], bool]]:
     """Whether a fused-GEMM config fits the GPU's shared memory (compiled as jax-triton compiles it), or None
     where every config does: the site configs are sized for Hopper's 227 KB (the static report), and a GPU
     with as much needs no compile to choose (nor one of unknown capability: a test's stand-in)."""
@@ -289,7 +290,7 @@ def _fits(p, operands: Sequence[Any], capability: Optional[int]) -> Optional[Cal
         bm, bn, bk, warps, stages = cfg
         constexprs = dict(p.meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SUBTILE=epi_subtile(bn))
         with triton_cache():
-            need = launch_shared_bytes(fused_matmul_kernel, list(operands), constexprs, capability=capability,
+            need = launch_shared_bytes(fused_matmul_kernel, list(operands()), constexprs, capability=capability,
                                        num_warps=warps, num_stages=stages)
         return need <= limit
 
@@ -383,7 +384,8 @@ def fused_matmul(
     main = (p.split_k, *out_shape) if split else out_shape
     outs = [_shape(main, out_dtype), _shape(out_shape if store_branch else (1,), out_dtype),
             _shape((triton.cdiv(M, sum_rows), N) if col_sum else (1,), F32)]
-    kernel, grid, launch = _tuned_launch(variant, M, N, K, p, fp32=fp32, operands=_operand_types(inputs, outs))
+    kernel, grid, launch = _tuned_launch(variant, M, N, K, p, fp32=fp32,
+                                         operands=lambda: _operand_types(inputs, outs))
     meta = {**p.meta, **launch}
     if isinstance(kernel, triton.runtime.Autotuner):
         del meta["EPI_SUBTILE"]  # each config carries its own (matmul.autotuned)
