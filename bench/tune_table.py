@@ -30,11 +30,16 @@ CASES = (("channel_mixing", "mixer_b16"), ("channel_mixing", "mixer_l16"), ("cha
 LN_PLACEMENTS = {"channel_mixing": ("load", "fold"), "spatial_gating": ("load", "fold")}
 
 
+def import_paths() -> None:
+    """gpu_check and the tests' input makers importable: tests/ first, as gpu_check's workers have it, since
+    test_gmlp (the gMLP case's inputs) imports tests/'s conftest, which bench/'s would shadow (the gMLP case
+    failed so, found on a stand-in GPU on 2026-11-29: bench/NOTES.md)."""
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
+
+
 def run(out: Path, batches: List[int], dtypes: List[str]) -> int:
     os.environ["MIXER_FAST_AUTOTUNE"] = "1"
-    # tests/ first, as gpu_check's workers have it: test_gmlp (the gMLP case's inputs) imports tests/'s
-    # conftest, which bench/'s would shadow (the gMLP case failed so, 2026-11-29: tests/fake_cuda.py found it)
-    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
+    import_paths()
     import torch
 
     import gpu_check

@@ -1,6 +1,6 @@
 """bench/stand_in.py: the GPU check's cases launched in compiled mode on a stand-in GPU (tests/fake_cuda.py),
-every kernel specialised and compiled as it would launch there. CI runs a sample (each op once on sm_90, and
-sm_80's token plans); `python bench/stand_in.py` runs all 34 (31 check cases and 3 blocks: 189 s on two
+every kernel specialised and compiled as it would launch there. CI runs a sample (each op once on sm_90; token and
+channel mixing on sm_86, 99 KB of shared memory a block); `python bench/stand_in.py` runs all 34 (31 check cases and 3 blocks: 189 s on two
 cores with a cold Triton cache, 2026-11-29), as a GPU session's preparation should."""
 from __future__ import annotations
 
@@ -38,15 +38,17 @@ def test_a_sample_of_the_check_launches_compiled_for_hopper():
     assert records[0]["compiles"] > 0 and summary["compiles"] >= records[0]["compiles"]
 
 
-def test_ampere_token_plans_launch():
-    """Below Hopper the token kernels have plans of their own (mma.sync, no wgmma; 163 KB of shared memory a
-    block on sm_80): on a stand-in sm_80 the launchers plan for capability 80, and those plans, which differ
-    from Hopper's at Mixer-B/16, compile and launch."""
+def test_a_99_kb_ampere_gpu_gets_plans_and_configs_of_its_own():
+    """Below Hopper the token kernels have plans of their own (mma.sync, no wgmma), and sm_86 / sm_89 /
+    sm_120 give a block 99 KB of shared memory, where the fused GEMM's first configs, sized for Hopper,
+    need more (115 KB at fc1): untimed (MIXER_FAST_AUTOTUNE=none), a site takes the first that fits. On a
+    stand-in sm_86 the token launchers plan for capability 86 (not Hopper's plans), and token and channel
+    mixing at Mixer-B/16 compile and launch (channel mixing failed with OutOfResources before)."""
     require("triton")
     code = """
 import json, sys
 import stand_in
-stand_in._setup(80)
+stand_in._setup(86)
 from mixer_fast.kernels.triton import token_mixing
 planned = []
 plan = token_mixing.gpu_config
@@ -55,27 +57,17 @@ def spy(kernel, S, D, mma_bytes=2, capability=token_mixing.WGMMA_CAPABILITY):
     planned.append([kernel, capability, launch != plan(kernel, S, D, mma_bytes, 90)])
     return launch
 token_mixing.gpu_config = spy
-status = stand_in.main(["--arch", "80", "--only", "^token_mixing mixer_b16 bf16$"])
+status = stand_in.main(["--arch", "86", "--only", "^(token|channel)_mixing mixer_b16 bf16$"])
 print(json.dumps({"planned": planned}))
 sys.exit(status)
 """
     r, records, last = _run([], code=code)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     summary = records[-1]
-    assert summary["arch"] == 80 and summary["cases"] == 1 and summary["failed"] == []
+    assert summary["arch"] == 86 and summary["cases"] == 2 and summary["failed"] == []
     assert {k for k, _, _ in last["planned"]} == {"token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"}
-    assert all(capability == 80 for _, capability, _ in last["planned"]), last["planned"]
-    assert any(differs for _, _, differs in last["planned"]), "sm_80's plans are Hopper's"
-
-
-def test_untuned_gemm_configs_fit_a_99_kb_gpu():
-    """sm_86 / sm_89 / sm_120 give a block 99 KB of shared memory; the fused GEMM's first configs, sized for
-    Hopper, need more (115 KB at ln_gelu). Untimed (MIXER_FAST_AUTOTUNE=none), a site takes the first that
-    fits: channel mixing launches there (it failed with OutOfResources before)."""
-    require("triton")
-    r, records, summary = _run(["--arch", "86", "--only", "^channel_mixing mixer_b16 bf16$"])
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert summary["arch"] == 86 and summary["failed"] == [] and records[0]["compiles"] > 0
+    assert all(capability == 86 for _, capability, _ in last["planned"]), last["planned"]
+    assert any(differs for _, _, differs in last["planned"]), "sm_86's plans are Hopper's"
 
 
 def test_a_failing_case_is_named_and_fails_the_run():
