@@ -54,7 +54,10 @@ def _setup(arch: int) -> None:
     # block pointers still compile to wgmma on sm_90a (pyproject.toml's filter, for pytest, says why)
     warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
     os.environ["MIXER_FAST_AUTOTUNE"] = "none"  # the stand-in cannot time a config
-    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]  # tests/ first: its conftest, not bench/'s
+    sys.path.insert(0, str(ROOT / "bench"))
+    import tune_table
+
+    tune_table.import_paths()  # tests/ first, as gpu_check's workers have it (its conftest, not bench/'s)
     import fake_cuda
 
     fake_cuda.install(arch)

@@ -53,6 +53,12 @@ def require(module: str):
         pytest.skip(f"{module} not installed: {e}")
 
 
+def env_without_mixer_fast() -> dict:
+    """This process's environment without mixer_fast's variables, for a subprocess that must see mixer_fast's
+    defaults (MIXER_FAST_TMA=0 inherited would drop the TMA configs a test counts)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MIXER_FAST_")}
+
+
 @pytest.fixture
 def timm():
     return require("timm")

@@ -17,7 +17,7 @@ import types
 
 import pytest
 
-from conftest import require
+from conftest import env_without_mixer_fast, require
 
 jax = require("jax")
 jnp = require("jax.numpy")
@@ -343,7 +343,7 @@ for capability in (86, 90):
     print(json.dumps({"capability": capability, "chosen": chosen, "compiled": compiled[before:]}))
     chosen.clear()
 """
-    env = dict({k: v for k, v in os.environ.items() if not k.startswith("MIXER_FAST_")}, TRITON_INTERPRET="0",
+    env = dict(env_without_mixer_fast(), TRITON_INTERPRET="0",
                JAX_PLATFORMS="cpu", MIXER_FAST_AUTOTUNE="none")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

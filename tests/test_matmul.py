@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
+from conftest import env_without_mixer_fast, require
 
 
 def test_split_choice(monkeypatch):
@@ -241,12 +241,6 @@ def test_tune_table_merge():
     assert table["sm_90"] == {"a": [1, 2, 3, 4, 5]}  # not modified in place
 
 
-def _clean_env():
-    """This process's environment without mixer_fast's variables (MIXER_FAST_TMA=0 would drop the TMA
-    configs a test counts)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("MIXER_FAST_")}
-
-
 def test_tune_stage_makes_every_case_s_inputs():
     """``bench/tune_table.py run`` (gpu_suite.sh's tune stage) imports the tests' input makers as gpu_check's
     workers do: its gMLP case once failed on an import (bench/'s conftest shadowed tests/'s), found by
@@ -262,8 +256,8 @@ for op, shape in tune_table.CASES:
     gpu_check._op_inputs(op, gpu_check.SHAPES[shape], 1, drop_path=False)
 print("ok", len(tune_table.CASES))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(), timeout=300,
-                       cwd=Path(__file__).parent.parent / "bench")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_without_mixer_fast(),
+                       timeout=300, cwd=Path(__file__).parent.parent / "bench")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert r.stdout.split() == ["ok", "5"]
 
@@ -395,7 +389,7 @@ candidates = matmul.tma_configs("plain", matmul.site_configs("plain", False))
 print(json.dumps(dict(threads=threads, timed=timed, launches=len(fake_cuda.LAUNCHES),
                       candidates=[list(c) for c in candidates], chosen=list(*matmul.TUNER.chosen["sm_90"].values()))))
 """
-    env = dict(_clean_env(), TRITON_INTERPRET="0", MIXER_FAST_AUTOTUNE="1",
+    env = dict(env_without_mixer_fast(), TRITON_INTERPRET="0", MIXER_FAST_AUTOTUNE="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

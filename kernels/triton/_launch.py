@@ -170,7 +170,18 @@ def shared_memory_per_block(capability: int) -> int:
     return SHARED_MEMORY_PER_BLOCK.get(capability, min(SHARED_MEMORY_PER_BLOCK.values()))
 
 
-_SHARED: dict = {}
+DEFAULT_SMS = 132  # H100 SXM and H200: the SMs planned for where the device cannot be asked
+DEFAULT_CAPABILITY = 90  # and their compute capability (9.0)
+_PROPERTIES: dict = {}
+
+
+def _properties(device: torch.device):
+    """torch's properties of CUDA ``device``, asked once per device."""
+    if device not in _PROPERTIES:
+        import torch
+
+        _PROPERTIES[device] = torch.cuda.get_device_properties(device)
+    return _PROPERTIES[device]
 
 
 def max_shared_memory(device: torch.device) -> int:
@@ -178,20 +189,8 @@ def max_shared_memory(device: torch.device) -> int:
     off CUDA (the interpreter)."""
     if device.type != "cuda":
         return shared_memory_per_block(DEFAULT_CAPABILITY)
-    if device not in _SHARED:
-        import torch
-
-        props = torch.cuda.get_device_properties(device)
-        _SHARED[device] = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
-    return _SHARED[device]
-
-
-DEFAULT_SMS = 132  # H100 SXM and H200: the SMs planned for where the device cannot be asked
-DEFAULT_CAPABILITY = 90  # and their compute capability (9.0)
-_SM_COUNTS: dict = {}
-
-
-_CAPABILITIES: dict = {}
+    props = _properties(device)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
 
 
 def capability(device: torch.device) -> int:
@@ -199,12 +198,8 @@ def capability(device: torch.device) -> int:
     (the interpreter, which plans with no GPU's tiles)."""
     if device.type != "cuda":
         return DEFAULT_CAPABILITY
-    if device not in _CAPABILITIES:
-        import torch
-
-        major, minor = torch.cuda.get_device_capability(device)
-        _CAPABILITIES[device] = major * 10 + minor
-    return _CAPABILITIES[device]
+    props = _properties(device)
+    return props.major * 10 + props.minor
 
 
 def sm_count(device: torch.device) -> int:
@@ -212,8 +207,4 @@ def sm_count(device: torch.device) -> int:
     token_mixing.dw_splits), or DEFAULT_SMS off CUDA (the interpreter, which plans no waves)."""
     if device.type != "cuda":
         return DEFAULT_SMS
-    if device not in _SM_COUNTS:
-        import torch
-
-        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNTS[device]
+    return _properties(device).multi_processor_count
