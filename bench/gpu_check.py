@@ -34,7 +34,9 @@ something faulted). Record schema, one JSON object a line (non-finite floats wri
     {"kind": "graph", "ok", "max_diff", "error"}
     {"kind": "timing", "op", "block", "shape", "batch", "mode": "forward" | "training", "dtype", "device_class",
      "ms": {provider: ms}, "errors": {provider: str} (only when one failed), "floor_ms", "peak_mib" (training)}
-    {"kind": "tiles", "kernel", "plan", "shape", "batch", "mode", "dtype", "ms": float | null, "error": str | null}
+    {"kind": "tiles", "kernel", "plan", "shape", "batch", "mode", "dtype", "ms": float | null, "error": str | null,
+     "compile_threads", "compile_s" (the process's warm_tiles: compile threads, 0 where it compiled nothing
+     ahead; its seconds, the two planned runs that compile everything else included)}
     {"kind": "summary", "checks", "failed", "faulted", "timings", "skipped", "seconds"}
 
 The exit status is non-zero when a check failed, faulted or was not run, or the graph check failed. Without
@@ -44,7 +46,10 @@ graph and timings are then skipped, and named so in the summary.
 4. Tiles (only when ``--parts`` names it): the token kernels' candidate launches (tile_candidates; the first of
    each is the one token_mixing.gpu_config plans), each timed in token mixing at batch 256, bf16, Mixer-B/16
    and Mixer-L/16: the forward for token_mlp_fwd's, a training step for token_mlp_dx's and _dw's (the
-   other kernels at their planned launches). The fastest spill-free one belongs in gpu_config.
+   other kernels at their planned launches), on the flash kernels whatever TOKEN_ENGINE ships. Every
+   candidate compiles first, at once (warm_tiles); a candidate that does not fit the GPU's shared memory is
+   recorded with its error, never timed on the cuBLAS engine in its place. The fastest spill-free one
+   belongs in gpu_config.
 
 5. JAX (only when ``--parts`` names it; bench/gpu_check_jax.py, whose docstring has its records): the JAX
    triton backend through jax-triton, its ops and the Flax MixerBlock against XLA under the same rule, each
@@ -67,6 +72,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import functools
 import json
 import math
 import os
@@ -678,12 +684,14 @@ ENGINE_ENV = {"fused": {"MIXER_FAST_GEMM": "fused", "MIXER_FAST_TOKEN": "flash"}
 def _env_modes(modes: Dict[str, Callable[[], Any]], engine: str, ln: str) -> Dict[str, Callable[[], Any]]:
     """Each of ``modes`` run whole (forward and backward) with ``engine``'s variables (ENGINE_ENV) and
     MIXER_FAST_LN=``ln``, so that a provider times one engine and placement whatever the process's defaults."""
-    def pinned(fn):
-        for name, value in (("MIXER_FAST_LN", ln), *ENGINE_ENV[engine].items()):
-            fn = _with_env(fn, name, value)
-        return fn
+    return {mode: _pinned(fn, engine, ln) for mode, fn in modes.items()}
 
-    return {mode: pinned(fn) for mode, fn in modes.items()}
+
+def _pinned(fn: Callable[[], Any], engine: str, ln: str) -> Callable[[], Any]:
+    """``fn`` run with ``engine``'s variables (ENGINE_ENV) and MIXER_FAST_LN=``ln``."""
+    for name, value in (("MIXER_FAST_LN", ln), *ENGINE_ENV[engine].items()):
+        fn = _with_env(fn, name, value)
+    return fn
 
 
 def _with_env(fn: Callable[[], Any], name: str, value: str) -> Callable[[], Any]:
@@ -788,21 +796,20 @@ def timing_worker(what: str, shape: str, dtype: str, batch: int, peak_tflops: Op
 
 def tiles_worker(shape: str, dtype: str, batch: int) -> bool:
     """Times token mixing with each of tile_candidates() in turn; emits one "tiles" record per candidate.
-    Returns whether a CUDA fault was caught (the process then stops)."""
-    import torch
-
+    Every candidate compiles first, at once (warm_tiles). Returns whether a CUDA fault was caught (the
+    process then stops)."""
     from mixer_fast.kernels.triton import token_mixing
 
-    dims = SHAPES[shape]
-    args, call = _op_inputs("token_mixing", dims, batch, drop_path=False)
-    leaves = _leaves(args, _torch_dtype(dtype), _device())
-    modes = _modes(lambda: call(leaves, "triton"), leaves.values(), torch.randn_like(leaves["x"]))
-    for kernel, launches in tile_candidates().items():
+    modes, candidates = tile_modes(shape, dtype, batch, _device()), tile_candidates()
+    started = time.monotonic()
+    threads = warm_tiles(modes, candidates)
+    warmed = {"compile_threads": threads, "compile_s": round(time.monotonic() - started, 2)}
+    for kernel, launches in candidates.items():
         mode = "forward" if kernel == "token_mlp_fwd" else "training"
         for launch in launches:
             record = {"kind": "tiles", "kernel": kernel, "plan": launch.label() + (
                 f" parts {','.join(map(str, launch.parts))}" if kernel == "token_mlp_dw" else ""),
-                "shape": shape, "batch": batch, "mode": mode, "dtype": dtype, "ms": None, "error": None}
+                "shape": shape, "batch": batch, "mode": mode, "dtype": dtype, "ms": None, "error": None, **warmed}
             try:
                 with token_mixing.override_plan(kernel, launch):
                     record["ms"] = _measure(modes[mode])
@@ -812,6 +819,70 @@ def tiles_worker(shape: str, dtype: str, batch: int) -> bool:
             if record["error"] and is_device_fault(record["error"]):
                 return True
     return False
+
+
+def tile_modes(shape: str, dtype: str, batch: int, device: str) -> Dict[str, Callable[[], Any]]:
+    """The calls the tiles part times: token mixing's forward and training step (_modes) on the flash kernels
+    whatever TOKEN_ENGINE ships (the candidates are theirs)."""
+    import torch
+
+    args, call = _op_inputs("token_mixing", SHAPES[shape], batch, drop_path=False)
+    leaves = _leaves(args, _torch_dtype(dtype), device)
+    return _env_modes(_modes(lambda: call(leaves, "triton"), leaves.values(), torch.randn_like(leaves["x"])),
+                      "fused", "load")
+
+
+# kernel → (the mode its candidates are timed in, the token_mixing launcher that launches it)
+TILE_LAUNCHERS = {"token_mlp_fwd": ("forward", "token_mixing_forward"),
+                  "token_mlp_dx": ("training", "token_mixing_backward"),
+                  "token_mlp_dw": ("training", "token_mixing_backward")}
+
+
+def warm_tiles(modes: Dict[str, Callable[[], Any]], candidates: Dict[str, List[Any]]) -> int:
+    """Compiles every tile candidate before any is timed, their compiles at once (_launch.compile_concurrently),
+    instead of one after another at each candidate's first timed call: ~2 s each on the CPU of a device
+    machine, 15 candidates a shape. Runs each of ``modes`` once (planned launches: compiled and run) and
+    records the token launcher calls they make (TILE_LAUNCHERS); each candidate's warm-up is its kernel's
+    launcher called again with those arguments under its override_plan and _launch.compile_only (its
+    kernel compiled as the timed call will launch it, nothing of it run), in this thread (the backward of
+    a CUDA tensor runs in autograd's own thread, where neither the override nor Triton's compile mode
+    would be seen). A warm-up that fails is passed over: its candidate meets the error when timed.
+    Returns the compile threads used (0: compiled one by one at first call, as before)."""
+    from mixer_fast.kernels.triton import _launch, token_mixing
+
+    calls: Dict[str, Tuple[Callable[..., Any], tuple, dict]] = {}
+    names = {name for _, name in TILE_LAUNCHERS.values()}
+    originals = {name: getattr(token_mixing, name) for name in names}
+    for mode in sorted({mode for mode, _ in TILE_LAUNCHERS.values()}):
+        def recorder(name, mode=mode):
+            def record(*a, **k):
+                calls.setdefault(f"{mode}:{name}", (originals[name], a, k))
+                return originals[name](*a, **k)
+            return record
+        try:
+            for name in names:
+                setattr(token_mixing, name, recorder(name))
+            modes[mode]()
+        finally:
+            for name, fn in originals.items():
+                setattr(token_mixing, name, fn)
+    _sync()
+
+    def warm(kernel, launch, fn, a, k):
+        try:
+            with token_mixing.override_plan(kernel, launch), _launch.compile_only():
+                fn(*a, **k)
+        except Exception:  # noqa: BLE001 - the timed call meets it again and records it
+            pass
+
+    warmups = []
+    for kernel, launches in candidates.items():
+        mode, name = TILE_LAUNCHERS[kernel]
+        if f"{mode}:{name}" not in calls:
+            continue  # the op did not reach this launcher (another engine); nothing to warm
+        warmups += [_pinned(functools.partial(warm, kernel, launch, *calls[f"{mode}:{name}"]), "fused", "load")
+                    for launch in launches]
+    return _launch.compile_concurrently(warmups)
 
 
 def worker_main(task: Dict[str, Any]) -> int:

@@ -4,7 +4,8 @@
     python bench/stand_in.py [--arch 90] [--only REGEX]
 
 Every correctness case of ``gpu_check.py check`` (op × shape × dtype, fc1's LayerNorm folded, the cuBLAS
-engine) and every block it times, forward and backward on the triton backend, launched in compiled mode
+engine), every block it times, and on sm_90 its tiles part (every token-tile candidate warmed up at once,
+then each launched once: none may compile again), forward and backward on the triton backend, launched in compiled mode
 for a GPU of compute capability ``--arch`` that is not there (tests/fake_cuda.py): each kernel is
 specialised and compiled as its launch on that GPU would be, with the ptxas the backend would use, and
 none runs. What fails here (a launcher's compiled-mode branch, which Triton's interpreter never takes; a
@@ -35,9 +36,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK_SHAPES = ("mixer_b16", "resmlp_24", "gmlp_s16")  # the blocks gpu_check.py times
 BLOCK_BATCH = 2
+# The tiles part's shapes (gpu_check.TILE_GROUPS) at a batch that, like its 256, is a multiple of 16: Triton
+# specialises integer arguments on that
+TILES_BATCH = 16
 
 
 _installed: Optional[int] = None
+COMPILED: List[int] = []  # one entry per Triton compile in this process (run() counts them)
 
 
 def _setup(arch: int) -> None:
@@ -88,6 +93,33 @@ def cases() -> Iterator[Tuple[str, Dict[str, str], Callable[[], object]]]:
             return lambda: block(x).backward(torch.randn_like(x))
 
         yield f"block {shape} bf16", dict(gpu_check.ENGINE_ENV["fused"], MIXER_FAST_LN="load"), build_block
+    from mixer_fast.kernels.triton.token_mixing import WGMMA_CAPABILITY
+
+    # the tiles part is for an H100 / H200 (tile_candidates): its candidates are Hopper's
+    for group in gpu_check.TILE_GROUPS if _installed == WGMMA_CAPABILITY else ():
+        yield (f"tiles {group.shape} {group.dtype}", dict(gpu_check.ENGINE_ENV["fused"], MIXER_FAST_LN="load"),
+               lambda group=group: lambda: tiles(group.shape, group.dtype))
+
+
+def tiles(shape: str, dtype: str) -> None:
+    """The tiles part as its worker runs it, without the timing: every candidate warmed up at once
+    (gpu_check.warm_tiles), then each launched once under its override_plan, which must compile nothing
+    more (else the warm-up missed its key, and the GPU would compile it while timing)."""
+    import gpu_check
+    from mixer_fast.kernels.triton import token_mixing
+
+    modes, candidates = gpu_check.tile_modes(shape, dtype, TILES_BATCH, "cpu"), gpu_check.tile_candidates()
+    gpu_check.warm_tiles(modes, candidates)
+    late = []
+    for kernel, launches in candidates.items():
+        for launch in launches:
+            before = len(COMPILED)
+            with token_mixing.override_plan(kernel, launch):
+                modes[gpu_check.TILE_LAUNCHERS[kernel][0]]()
+            if len(COMPILED) > before:
+                late.append(f"{kernel} {launch.label()}: {len(COMPILED) - before}")
+    if late:
+        raise RuntimeError(f"compiled after the warm-up (kernel, candidate: compiles): {'; '.join(late)}")
 
 
 def run(only: Optional[str] = None) -> List[Dict[str, object]]:
@@ -95,7 +127,7 @@ def run(only: Optional[str] = None) -> List[Dict[str, object]]:
     prints and returns a record per case."""
     import triton.compiler
 
-    compiled = []
+    compiled = COMPILED
     compile_ = triton.compiler.compile
 
     def counted(*args, **kwargs):

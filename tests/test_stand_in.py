@@ -95,3 +95,59 @@ def test_an_empty_selection_is_refused():
     r, records, summary = _run(["--only", "no such case"], timeout=300)
     assert r.returncode == 2 and records == [] and summary["cases"] == 0
     assert "--only 'no such case' selects no case" in r.stderr
+
+
+def test_tile_candidates_compile_at_once_before_any_is_timed():
+    """gpu_check's tiles part warms every candidate before timing any (gpu_check.warm_tiles): on a stand-in
+    sm_90, at S = 49 with one candidate per token kernel (none the planned launch), each candidate's kernels
+    compile once, in the compile pool's threads, and launching each under its override_plan, as the timing
+    then does, compiles nothing more; the token launchers it recorded through are restored."""
+    require("triton")
+    code = """
+import json, threading
+import stand_in
+stand_in._setup(90)
+import triton.compiler
+import gpu_check
+from mixer_fast.kernels.triton import _launch, token_mixing
+from mixer_fast.kernels.triton.token_mixing import DW1, DW2, Launch
+_launch.compile_workers = lambda: 4
+threads = []
+compile_ = triton.compiler.compile
+def counted(*a, **k):
+    threads.append(threading.current_thread().name)
+    return compile_(*a, **k)
+triton.compiler.compile = counted
+p = (64, 0, 0)
+candidates = {"token_mlp_fwd": [Launch(p, 32, 32, 4, 2)], "token_mlp_dx": [Launch(p, 64, 16, 4, 2)],
+              "token_mlp_dw": [Launch(p, 16, 32, 4, 2, (DW1, DW2))]}
+import fake_cuda
+modes = gpu_check.tile_modes("awkward", "bf16", 16, "cpu")
+used = gpu_check.warm_tiles(modes, candidates)
+warmed = list(threads)
+token_launches = lambda: sorted(n for n in fake_cuda.LAUNCHES if n.startswith("token_mlp"))
+in_warm = token_launches()
+del fake_cuda.LAUNCHES[:]
+modes["forward"]()
+modes["training"]()
+planned = token_launches()
+del fake_cuda.LAUNCHES[:]
+late = []
+for kernel, launches in candidates.items():
+    for launch in launches:
+        before = len(threads)
+        with token_mixing.override_plan(kernel, launch):
+            modes[gpu_check.TILE_LAUNCHERS[kernel][0]]()
+        late.append(len(threads) - before)
+print(json.dumps(dict(used=used, warmed=warmed, late=late, in_warm=in_warm, planned=planned, restored=[
+    token_mixing.token_mixing_forward.__name__, token_mixing.token_mixing_backward.__name__])))
+"""
+    r, _, got = _run([], code=code)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    pool = [t for t in got["warmed"] if t.startswith("triton-compile")]
+    # three warm-ups (a launcher call each) in three threads: fwd, dx, and dW's two parts
+    assert got["used"] == 3 and len(pool) == 4, got
+    assert got["late"] == [0, 0, 0], got
+    # the warm-ups launched no token kernel: only the two planned runs that recorded the launchers' calls did
+    assert got["in_warm"] == got["planned"] and "token_mlp_dx_kernel" in got["planned"], got
+    assert got["restored"] == ["token_mixing_forward", "token_mixing_backward"]

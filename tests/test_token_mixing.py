@@ -213,6 +213,36 @@ def test_flash_plan_without_room_falls_to_the_cublas_engine(triton_backend, monk
     assert len(loads) == 1  # known not to fit: not tried again
 
 
+@pytest.mark.parametrize("kernel", ["token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"])
+def test_overridden_plan_without_room_raises(triton_backend, monkeypatch, kernel):
+    # An override_plan is a tile candidate being timed (bench/gpu_check.py --parts tiles): one that does not
+    # fit must fail as itself, not be timed as the cuBLAS engine under its name, nor mark the shape as not
+    # fitting for the candidates after it.
+    import torch
+    from triton.runtime.errors import OutOfResources
+
+    from conftest import DEVICE
+    from mixer_fast import ops
+    from mixer_fast.kernels.triton import token_mixing as tm
+    from op_cases import NAMES
+
+    class NoRoom:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(344128, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(tm, f"{kernel}_kernel", NoRoom())
+    monkeypatch.setattr(tm, "_NO_ROOM", set())
+    args = make_args("token", 3, 49, 40, 24, variant="mixer", seed=24)
+    leaves = {n: args[n].to(device=DEVICE, dtype=torch.float32).requires_grad_() for n in NAMES[:7]}
+    plan = tm.launch_plan(kernel, 49, 24, 4)
+    with tm.override_plan(kernel, plan), pytest.raises(OutOfResources):
+        out = ops.token_mixing(*(leaves[n] for n in NAMES[:7]), backend="triton")
+        out.backward(torch.ones_like(out))
+    assert not tm._NO_ROOM
+
+
 @pytest.mark.parametrize("setting", [None, "flash"], ids=["default", "flash_forced"])
 def test_token_mlp_past_flash_max_tokens(triton_backend, monkeypatch, setting):
     # Past FLASH_MAX_TOKENS (S = 260: 272 aligned) no flash plan is clean in the static report, so the

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import os
 import re
 import threading
-from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 if TYPE_CHECKING:  # torch loads when a launcher runs; the JAX path (jax_launch.py) never needs it
     import torch
@@ -75,6 +77,30 @@ def compile_concurrently(warmups: Sequence[Callable[[], object]], workers: Optio
         # with its pool shut down, and every later compile in this thread failing
         active_mode.set(None)
     return workers
+
+
+_COMPILE_ONLY: contextvars.ContextVar = contextvars.ContextVar("mixer_fast_compile_only", default=False)
+
+
+@contextlib.contextmanager
+def compile_only() -> Iterator[None]:
+    """Inside the block (in this thread), launches made through :func:`on_grid` compile their kernel as that
+    launch would (same specialisation, same cache key) and run nothing, so their outputs stay unwritten: a
+    whole launcher becomes a warm-up for :func:`compile_concurrently` (bench/gpu_check.py's token tiles).
+    A no-op in Triton's interpreter, where nothing compiles."""
+    token = _COMPILE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY.reset(token)
+
+
+def on_grid(kernel: Any, grid: Any) -> Callable[..., Any]:
+    """``kernel[grid]``, or inside :func:`compile_only` the same launch with Triton's ``warmup`` (compiled,
+    not run)."""
+    if _COMPILE_ONLY.get() and not INTERPRET:
+        return functools.partial(kernel.warmup, grid=grid)
+    return kernel[grid]
 
 
 def _version(text: str) -> tuple:

@@ -656,7 +656,9 @@ _OVERRIDES: Dict[str, Launch] = {}
 def override_plan(kernel: str, launch: Launch) -> Iterator[None]:
     """Launch ``kernel`` (one of KERNELS) with ``launch`` instead of the planned one inside the block: for
     timing candidate tiles on a GPU (bench/gpu_check.py, ``--parts tiles``) and for testing other piece
-    plans. Process-wide, not thread-safe; ``launch.pieces`` must cover S."""
+    plans. Process-wide, not thread-safe; ``launch.pieces`` must cover S. A launch that does not fit the
+    device's shared memory raises OutOfResources rather than fall back to the cuBLAS engine: a timing of a
+    candidate must be that candidate's, and the shape must not be marked as not fitting for later ones."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     previous = _OVERRIDES.get(kernel)
@@ -832,13 +834,15 @@ def token_mixing_forward(
                         store_branch=store_branch)
     try:
         with _launch.serialized():
-            token_mlp_fwd_kernel[plan.grid(B, C)](
+            _launch.on_grid(token_mlp_fwd_kernel, plan.grid(B, C))(
                 *fwd_inputs(x, mean, rstd, nw, nb, w1, fc1_bias, w2, fc2_bias, scale, sample_scale),
                 out, branch if branch is not None else out,
                 **launch_constexprs("token_mlp_fwd", plan, features, S, C, D, x.stride(), out.stride(),
                                     w1.stride(), w2.stride(), _launch.INTERPRET),
                 num_warps=plan.num_warps, num_stages=plan.num_stages)
     except OutOfResources:  # the plan needs more shared memory than the device has; nothing ran
+        if "token_mlp_fwd" in _OVERRIDES:
+            raise
         _NO_ROOM.add(key)
         return on_engine()
     return out, mean, rstd, branch
@@ -923,7 +927,7 @@ def token_mixing_backward(
         try:
             if B:
                 with _launch.serialized():
-                    token_mlp_dx_kernel[plan.grid(B, C)](
+                    _launch.on_grid(token_mlp_dx_kernel, plan.grid(B, C))(
                         *inputs, g, **launch_constexprs("token_mlp_dx", plan, features, S, C, D, *strides,
                                                         _launch.INTERPRET),
                         num_warps=plan.num_warps, num_stages=plan.num_stages)
@@ -936,9 +940,11 @@ def token_mixing_backward(
             meta = launch_constexprs("token_mlp_dw", plan, features, S, C, D, *strides, _launch.INTERPRET)
             for part in plan.parts:  # runs with B = 0 too: it writes the zero gradients
                 with _launch.serialized():
-                    token_mlp_dw_kernel[grid](*inputs, B, splits, dw1, dw2, db1, **meta, PART=part,
-                                              num_warps=plan.num_warps, num_stages=plan.num_stages)
+                    _launch.on_grid(token_mlp_dw_kernel, grid)(*inputs, B, splits, dw1, dw2, db1, **meta, PART=part,
+                                                               num_warps=plan.num_warps, num_stages=plan.num_stages)
         except OutOfResources:  # a plan needs more shared memory than the device has: the whole backward there
+            if _OVERRIDES.keys() & {"token_mlp_dx", "token_mlp_dw"}:
+                raise
             _NO_ROOM.add(key)
             return on_engine()
         grads["fc1_weight"], grads["fc2_weight"] = dw1.sum(0), dw2.sum(0)
