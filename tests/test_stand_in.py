@@ -1,7 +1,8 @@
 """bench/stand_in.py: the GPU check's cases launched in compiled mode on a stand-in GPU (tests/fake_cuda.py),
-every kernel specialised and compiled as it would launch there. CI runs a sample (each op once on sm_90; token and
-channel mixing on sm_86, 99 KB of shared memory a block); `python bench/stand_in.py` runs all 34 (31 check cases and 3 blocks: 189 s on two
-cores with a cold Triton cache, 2026-11-29), as a GPU session's preparation should."""
+every kernel specialised and compiled as it would launch there. CI runs a sample (each op once on sm_90; token
+and channel mixing on sm_86, 99 KB of shared memory a block; the tiles part's warm-up at S = 49);
+`python bench/stand_in.py` runs all 36 (31 check cases, 3 blocks and 2 tile shapes: 204 s on two cores with a
+cold Triton cache, 2026-11-29), as a GPU session's preparation should."""
 from __future__ import annotations
 
 import json
