@@ -805,7 +805,7 @@ def tiles_worker(shape: str, dtype: str, batch: int) -> bool:
     threads = warm_tiles(modes, candidates)
     warmed = {"compile_threads": threads, "compile_s": round(time.monotonic() - started, 2)}
     for kernel, launches in candidates.items():
-        mode = "forward" if kernel == "token_mlp_fwd" else "training"
+        mode = TILE_LAUNCHERS[kernel][0]
         for launch in launches:
             record = {"kind": "tiles", "kernel": kernel, "plan": launch.label() + (
                 f" parts {','.join(map(str, launch.parts))}" if kernel == "token_mlp_dw" else ""),
@@ -844,29 +844,35 @@ def warm_tiles(modes: Dict[str, Callable[[], Any]], candidates: Dict[str, List[A
     machine, 15 candidates a shape. Runs each of ``modes`` once (planned launches: compiled and run) and
     records the token launcher calls they make (TILE_LAUNCHERS); each candidate's warm-up is its kernel's
     launcher called again with those arguments under its override_plan and _launch.compile_only (its
-    kernel compiled as the timed call will launch it, nothing of it run), in this thread (the backward of
-    a CUDA tensor runs in autograd's own thread, where neither the override nor Triton's compile mode
-    would be seen). A warm-up that fails is passed over: its candidate meets the error when timed.
-    Returns the compile threads used (0: compiled one by one at first call, as before)."""
+    kernel compiled as the timed call will launch it, nothing of it run), in this thread: the backward of
+    a CUDA tensor runs in autograd's own thread, where neither compile_only nor Triton's compile mode (both
+    context variables) would be seen. A warm-up that fails is passed over, and so is the whole warm-up
+    when a planned run fails: the timed calls meet the error and record it. Returns the compile threads
+    used (0: each candidate compiles at its first timed call, as before)."""
     from mixer_fast.kernels.triton import _launch, token_mixing
 
     calls: Dict[str, Tuple[Callable[..., Any], tuple, dict]] = {}
     names = {name for _, name in TILE_LAUNCHERS.values()}
     originals = {name: getattr(token_mixing, name) for name in names}
-    for mode in sorted({mode for mode, _ in TILE_LAUNCHERS.values()}):
-        def recorder(name, mode=mode):
-            def record(*a, **k):
-                calls.setdefault(f"{mode}:{name}", (originals[name], a, k))
-                return originals[name](*a, **k)
-            return record
-        try:
-            for name in names:
-                setattr(token_mixing, name, recorder(name))
-            modes[mode]()
-        finally:
-            for name, fn in originals.items():
-                setattr(token_mixing, name, fn)
-    _sync()
+
+    def recorder(name, mode):
+        def record(*a, **k):
+            calls.setdefault(f"{mode}:{name}", (originals[name], a, k))
+            return originals[name](*a, **k)
+        return record
+
+    try:
+        for mode in sorted({mode for mode, _ in TILE_LAUNCHERS.values()}):
+            try:
+                for name in names:
+                    setattr(token_mixing, name, recorder(name, mode))
+                modes[mode]()
+            finally:
+                for name, fn in originals.items():
+                    setattr(token_mixing, name, fn)
+        _sync()
+    except Exception:  # noqa: BLE001 - see above
+        return 0
 
     def warm(kernel, launch, fn, a, k):
         try:

@@ -5,8 +5,8 @@
 
 Every correctness case of ``gpu_check.py check`` (op × shape × dtype, fc1's LayerNorm folded, the cuBLAS
 engine), every block it times, and on sm_90 its tiles part (every token-tile candidate warmed up at once,
-then each launched once: none may compile again), forward and backward on the triton backend, launched in compiled mode
-for a GPU of compute capability ``--arch`` that is not there (tests/fake_cuda.py): each kernel is
+then each launched once: none may compile again), forward and backward on the triton backend, launched in
+compiled mode for a GPU of compute capability ``--arch`` that is not there (tests/fake_cuda.py): each kernel is
 specialised and compiled as its launch on that GPU would be, with the ptxas the backend would use, and
 none runs. What fails here (a launcher's compiled-mode branch, which Triton's interpreter never takes; a
 kernel that does not compile at a real launch's specialisation; an import) would fail on the GPU too, and

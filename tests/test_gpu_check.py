@@ -347,3 +347,22 @@ def test_cublas_cases_rerun_without_tma_only_where_a_fused_gemm_runs():
     assert not cases[("channel_mixing", "cublas")].uses_gemm and not cases[("token_mixing", "cublas")].uses_gemm
     assert cases[("spatial_gating", "cublas")].uses_gemm  # the gate's token GEMMs stay fused
     assert cases[("channel_mixing", "fused")].uses_gemm
+
+
+def test_tile_warm_up_gives_way_when_a_planned_run_fails():
+    """warm_tiles is an optimisation: a planned run that fails (a fault, say) ends it with 0 threads and
+    nothing warmed, the launchers it recorded through restored, and the error is left for the timed calls to
+    record (tiles_worker catches each candidate's)."""
+    from mixer_fast.kernels.triton import token_mixing
+
+    originals = token_mixing.token_mixing_forward, token_mixing.token_mixing_backward
+    ran = []
+
+    def broken():
+        ran.append("training")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    modes = {"forward": lambda: ran.append("forward"), "training": broken}
+    assert gpu_check.warm_tiles(modes, gpu_check.tile_candidates()) == 0
+    assert ran == ["forward", "training"]
+    assert (token_mixing.token_mixing_forward, token_mixing.token_mixing_backward) == originals
