@@ -886,9 +886,10 @@ def warm_tiles(modes: Dict[str, Callable[[], Any]], candidates: Dict[str, List[A
         mode, name = TILE_LAUNCHERS[kernel]
         if f"{mode}:{name}" not in calls:
             continue  # the op did not reach this launcher (another engine); nothing to warm
-        warmups += [_pinned(functools.partial(warm, kernel, launch, *calls[f"{mode}:{name}"]), "fused", "load")
-                    for launch in launches]
-    return _launch.compile_concurrently(warmups)
+        warmups += [functools.partial(warm, kernel, launch, *calls[f"{mode}:{name}"]) for launch in launches]
+    # the variables set once around every warm-up, not around each: setenv while the pool's compiles read the
+    # environment (Triton's passes call getenv) could free it under them
+    return _pinned(lambda: _launch.compile_concurrently(warmups), "fused", "load")()
 
 
 def worker_main(task: Dict[str, Any]) -> int:

@@ -215,9 +215,10 @@ def test_flash_plan_without_room_falls_to_the_cublas_engine(triton_backend, monk
 
 @pytest.mark.parametrize("kernel", ["token_mlp_fwd", "token_mlp_dx", "token_mlp_dw"])
 def test_overridden_plan_without_room_raises(triton_backend, monkeypatch, kernel):
-    # An override_plan is a tile candidate being timed (bench/gpu_check.py --parts tiles): one that does not
-    # fit must fail as itself, not be timed as the cuBLAS engine under its name, nor mark the shape as not
-    # fitting for the candidates after it.
+    # An override_plan is a tile candidate being timed (bench/gpu_check.py --parts tiles): a launch that does
+    # not fit, the candidate's or another kernel's planned one, must fail as itself, not be timed as the
+    # cuBLAS engine under the candidate's name, nor mark the shape as not fitting for the candidates after
+    # it; and a shape already marked runs on the flash kernels under an override all the same.
     import torch
     from triton.runtime.errors import OutOfResources
 
@@ -236,11 +237,17 @@ def test_overridden_plan_without_room_raises(triton_backend, monkeypatch, kernel
     monkeypatch.setattr(tm, "_NO_ROOM", set())
     args = make_args("token", 3, 49, 40, 24, variant="mixer", seed=24)
     leaves = {n: args[n].to(device=DEVICE, dtype=torch.float32).requires_grad_() for n in NAMES[:7]}
-    plan = tm.launch_plan(kernel, 49, 24, 4)
-    with tm.override_plan(kernel, plan), pytest.raises(OutOfResources):
-        out = ops.token_mixing(*(leaves[n] for n in NAMES[:7]), backend="triton")
-        out.backward(torch.ones_like(out))
+
+    def run(overridden):
+        with tm.override_plan(overridden, tm.launch_plan(overridden, 49, 24, 4)), pytest.raises(OutOfResources):
+            out = ops.token_mixing(*(leaves[n] for n in NAMES[:7]), backend="triton")
+            out.backward(torch.ones_like(out))
+
+    run(kernel)
+    run(tm.KERNELS[(tm.KERNELS.index(kernel) + 1) % len(tm.KERNELS)])  # another kernel's candidate
     assert not tm._NO_ROOM
+    tm._NO_ROOM.add(tm.room_key(leaves["x"], leaves["fc1_weight"]))  # found not to fit outside the tiles part
+    run(kernel)
 
 
 @pytest.mark.parametrize("setting", [None, "flash"], ids=["default", "flash_forced"])

@@ -84,10 +84,12 @@ _COMPILE_ONLY: contextvars.ContextVar = contextvars.ContextVar("mixer_fast_compi
 
 @contextlib.contextmanager
 def compile_only() -> Iterator[None]:
-    """Inside the block (in this thread), launches made through :func:`on_grid` compile their kernel as that
-    launch would (same specialisation, same cache key) and run nothing, so their outputs stay unwritten: a
-    whole launcher becomes a warm-up for :func:`compile_concurrently` (bench/gpu_check.py's token tiles).
-    A no-op in Triton's interpreter, where nothing compiles."""
+    """Inside the block (in this thread), kernel launches made through :func:`on_grid` (the token kernels')
+    compile their kernel as that launch would (same specialisation, same cache key) and do not run, so
+    their outputs stay unwritten: a call of their launcher becomes a warm-up for :func:`compile_concurrently`
+    (bench/gpu_check.py's token tiles). The launcher's other work still runs (its torch operations and any
+    kernel launched otherwise, on whatever the skipped kernels left unwritten). A no-op in Triton's
+    interpreter, where nothing compiles."""
     token = _COMPILE_ONLY.set(True)
     try:
         yield

@@ -656,9 +656,11 @@ _OVERRIDES: Dict[str, Launch] = {}
 def override_plan(kernel: str, launch: Launch) -> Iterator[None]:
     """Launch ``kernel`` (one of KERNELS) with ``launch`` instead of the planned one inside the block: for
     timing candidate tiles on a GPU (bench/gpu_check.py, ``--parts tiles``) and for testing other piece
-    plans. Process-wide, not thread-safe; ``launch.pieces`` must cover S. A launch that does not fit the
-    device's shared memory raises OutOfResources rather than fall back to the cuBLAS engine: a timing of a
-    candidate must be that candidate's, and the shape must not be marked as not fitting for later ones."""
+    plans. Process-wide, not thread-safe; ``launch.pieces`` must cover S. While any override is active, a
+    token launch that does not fit the device's shared memory (this kernel's or another's planned one)
+    raises OutOfResources rather than fall back to the cuBLAS engine, and a shape already found not to fit
+    runs on the flash kernels all the same: a candidate's timing must be the candidate's, and no launch may
+    mark the shape as not fitting for the candidates after it."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     previous = _OVERRIDES.get(kernel)
@@ -774,7 +776,8 @@ def on_cublas(fc2_weight: Optional[Tensor], key: tuple) -> bool:
     room_key()'s); ResMLP's token linear (no fc2) by matmul.gemm_engine()."""
     if fc2_weight is None:
         return gemm_engine() == GEMM_CUBLAS
-    return token_engine() == TOKEN_CUBLAS or not flash_planned(key[1]) or key in _NO_ROOM
+    # under an override_plan (a tile candidate being timed) the flash kernels run, or fail as themselves
+    return token_engine() == TOKEN_CUBLAS or not flash_planned(key[1]) or (key in _NO_ROOM and not _OVERRIDES)
 
 
 def token_mixing_forward(
@@ -841,7 +844,7 @@ def token_mixing_forward(
                                     w1.stride(), w2.stride(), _launch.INTERPRET),
                 num_warps=plan.num_warps, num_stages=plan.num_stages)
     except OutOfResources:  # the plan needs more shared memory than the device has; nothing ran
-        if "token_mlp_fwd" in _OVERRIDES:
+        if _OVERRIDES:
             raise
         _NO_ROOM.add(key)
         return on_engine()
@@ -943,7 +946,7 @@ def token_mixing_backward(
                     _launch.on_grid(token_mlp_dw_kernel, grid)(*inputs, B, splits, dw1, dw2, db1, **meta, PART=part,
                                                                num_warps=plan.num_warps, num_stages=plan.num_stages)
         except OutOfResources:  # a plan needs more shared memory than the device has: the whole backward there
-            if _OVERRIDES.keys() & {"token_mlp_dx", "token_mlp_dw"}:
+            if _OVERRIDES:
                 raise
             _NO_ROOM.add(key)
             return on_engine()
