@@ -773,10 +773,11 @@ def room_key(x: Tensor, fc1_weight: Tensor) -> tuple:
 def on_cublas(fc2_weight: Optional[Tensor], key: tuple) -> bool:
     """Whether this token mixing runs on the cuBLAS engine: the MLP by token_engine(), past
     FLASH_MAX_TOKENS (:func:`flash_planned`), or where its flash plan was found not to fit (``key``,
-    room_key()'s); ResMLP's token linear (no fc2) by matmul.gemm_engine()."""
+    room_key()'s; not under an :func:`override_plan`); ResMLP's token linear (no fc2) by matmul.gemm_engine()."""
     if fc2_weight is None:
         return gemm_engine() == GEMM_CUBLAS
-    # under an override_plan (a tile candidate being timed) the flash kernels run, or fail as themselves
+    # under an override_plan (a tile candidate being timed, on the flash kernels by MIXER_FAST_TOKEN) a shape
+    # found not to fit still runs them: the candidate is timed, or fails, as itself
     return token_engine() == TOKEN_CUBLAS or not flash_planned(key[1]) or (key in _NO_ROOM and not _OVERRIDES)
 
 
