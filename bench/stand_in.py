@@ -106,20 +106,29 @@ def tiles(shape: str, dtype: str) -> None:
     (gpu_check.warm_tiles), then each launched once under its override_plan, which must compile nothing
     more (else the warm-up missed its key, and the GPU would compile it while timing)."""
     import gpu_check
-    from mixer_fast.kernels.triton import token_mixing
 
     modes, candidates = gpu_check.tile_modes(shape, dtype, TILES_BATCH, "cpu"), gpu_check.tile_candidates()
     gpu_check.warm_tiles(modes, candidates)
-    late = []
-    for kernel, launches in candidates.items():
-        for launch in launches:
-            before = len(COMPILED)
-            with token_mixing.override_plan(kernel, launch):
-                modes[gpu_check.TILE_LAUNCHERS[kernel][0]]()
-            if len(COMPILED) > before:
-                late.append(f"{kernel} {launch.label()}: {len(COMPILED) - before}")
+    late = [f"{kernel} {launch.label()}: {n}"
+            for kernel, launch, n in compiles_per_candidate(modes, candidates, COMPILED) if n]
     if late:
         raise RuntimeError(f"compiled after the warm-up (kernel, candidate: compiles): {'; '.join(late)}")
+
+
+def compiles_per_candidate(modes, candidates, compiled: list) -> List[Tuple[str, object, int]]:
+    """Each tile candidate launched once under its override_plan, in the mode the tiles part times it in:
+    (kernel, launch, how many entries ``compiled``, a list Triton's compiles append to, gained meanwhile)."""
+    import gpu_check
+    from mixer_fast.kernels.triton import token_mixing
+
+    counts = []
+    for kernel, launches in candidates.items():
+        for launch in launches:
+            before = len(compiled)
+            with token_mixing.override_plan(kernel, launch):
+                modes[gpu_check.TILE_LAUNCHERS[kernel][0]]()
+            counts.append((kernel, launch, len(compiled) - before))
+    return counts
 
 
 def run(only: Optional[str] = None) -> List[Dict[str, object]]:

@@ -133,13 +133,7 @@ modes["forward"]()
 modes["training"]()
 planned = token_launches()
 del fake_cuda.LAUNCHES[:]
-late = []
-for kernel, launches in candidates.items():
-    for launch in launches:
-        before = len(threads)
-        with token_mixing.override_plan(kernel, launch):
-            modes[gpu_check.TILE_LAUNCHERS[kernel][0]]()
-        late.append(len(threads) - before)
+late = [n for _, _, n in stand_in.compiles_per_candidate(modes, candidates, threads)]
 print(json.dumps(dict(used=used, warmed=warmed, late=late, in_warm=in_warm, planned=planned, restored=[
     token_mixing.token_mixing_forward.__name__, token_mixing.token_mixing_backward.__name__])))
 """
