@@ -18,7 +18,8 @@ GPU time is scarce (DESIGN.md, "Checking on a GPU"), so ``check`` fits one devic
    triton_cublas (the cuBLAS engine), triton_ln_folded (channel mixing and gMLP) and, for channel mixing,
    the bare cuBLAS GEMMs; the FLOP floor from a measured 8192³ bf16 matmul peak; the training step's peak
    memory. Groups (TIMING_GROUPS) run one at a time, each in its own process, in priority order while their
-   estimated cost fits in what is left of ``--budget``; the others are named as skipped.
+   estimated cost fits in what is left of ``--budget``; the others are named as skipped. In each, the triton
+   providers' kernels compile at once before anything is timed (warm_providers).
 
 Files in DIR (at most 8 come back from a lent machine): check.jsonl (the records below), check.log (each
 process: how long it ran, its exit status, the end of its stderr when it failed), sanitizer.txt (only when
@@ -33,7 +34,10 @@ something faulted). Record schema, one JSON object a line (non-finite floats wri
      MIXER_FAST_TMA=0: "ok", or its error)}
     {"kind": "graph", "ok", "max_diff", "error"}
     {"kind": "timing", "op", "block", "shape", "batch", "mode": "forward" | "training", "dtype", "device_class",
-     "ms": {provider: ms}, "errors": {provider: str} (only when one failed), "floor_ms", "peak_mib" (training)}
+     "ms": {provider: ms}, "errors": {provider: str} (only when one failed), "floor_ms", "peak_mib" (training),
+     "compile_threads", "compile_s" (the process's warm_providers: the triton providers' kernels compiled at
+     once before any provider is timed; 0 threads where nothing was compiled ahead), "warm_up_error" (only
+     where a run of that warm-up failed)}
     {"kind": "tiles", "kernel", "plan", "shape", "batch", "mode", "dtype", "ms": float | null, "error": str | null,
      "compile_threads", "compile_s" (the process's warm_tiles: compile threads, 0 where it compiled nothing
      ahead; its seconds, the two planned runs that compile everything else included)}
@@ -222,7 +226,8 @@ class TimingGroup:
 # Estimates (not yet measured: this file was written without a GPU; check.log records each group's real
 # time, so replace them from a run): ~6 s to start a process and import torch (+2 s timm) and initialise CUDA;
 # ~1-2 s per Triton compile with ~10-20 compiles per op and mode at a batch-256 specialisation (fewer when
-# the checks left them in the cache); autotuning and do_bench ~0.2-0.5 s a measurement; torch.compile of a
+# the checks left them in the cache; since 2026-11-29 they compile at once, warm_providers, which these
+# estimates do not count on yet: a group that ends sooner leaves its time to the next); autotuning and do_bench ~0.2-0.5 s a measurement; torch.compile of a
 # Mixer-B/16 block ~9 s forward + ~12 s training (measured on the H200, shared/gpu/2026-11-27-H200). Every op
 # and block times the cuBLAS engine too (CUBLAS_PROVIDER): ~10 s more each (a few small Triton kernels to
 # compile, and two more modes timed).
@@ -650,12 +655,12 @@ def _cublas_modes(x, w1, w2, dout) -> Dict[str, Callable[[], Any]]:
     return {"forward": forward, "training": training}
 
 
-def _op_providers(op: str, dims: Dims, dtype, batch: int) -> Dict[str, Dict[str, Callable[[], Any]]]:
+def _op_providers(op: str, dims: Dims, dtype, batch: int, device: str) -> Dict[str, Dict[str, Callable[[], Any]]]:
     """provider → mode → timed call, for one op (triton last: a fault there cannot spoil the others)."""
     import torch
 
     args, call = _op_inputs(op, dims, batch, drop_path=False)
-    leaves = _leaves(args, dtype, _device())
+    leaves = _leaves(args, dtype, device)
     dout = torch.randn_like(leaves["x"])
     providers = {"reference": _modes(lambda: call(leaves, "reference"), leaves.values(), dout)}
     if op == "channel_mixing":
@@ -740,14 +745,15 @@ def _fused_block(dims: Dims, state_dict):
     return block
 
 
-def _block_providers(dims: Dims, dtype, batch: int, with_compile: bool) -> Dict[str, Dict[str, Callable[[], Any]]]:
+def _block_providers(dims: Dims, dtype, batch: int, with_compile: bool,
+                     device: str) -> Dict[str, Dict[str, Callable[[], Any]]]:
     """provider → mode → timed call, for one block: the eager reference block, torch.compile of it (default
     mode), and mixer_fast's block with the same weights (triton last)."""
     import torch
 
-    reference = _reference_block(dims).to(device=_device(), dtype=dtype).eval()
-    fused = _fused_block(dims, reference.state_dict()).to(device=_device(), dtype=dtype).eval()
-    x = torch.randn(batch, dims.seq_len, dims.dim, device=_device(), dtype=dtype, requires_grad=True)
+    reference = _reference_block(dims).to(device=device, dtype=dtype).eval()
+    fused = _fused_block(dims, reference.state_dict()).to(device=device, dtype=dtype).eval()
+    x = torch.randn(batch, dims.seq_len, dims.dim, device=device, dtype=dtype, requires_grad=True)
     dout = torch.randn_like(x)
     modules = {"reference": reference}
     if with_compile:
@@ -760,17 +766,31 @@ def _block_providers(dims: Dims, dtype, batch: int, with_compile: bool) -> Dict[
     return providers
 
 
+def timing_providers(what: str, shape: str, dtype: str, batch: int,
+                     device: str) -> Dict[str, Dict[str, Callable[[], Any]]]:
+    """provider → mode → timed call, for one timing group (torch.compile of a block in bf16 only)."""
+    dims, dt = SHAPES[shape], _torch_dtype(dtype)
+    if what == "block":
+        return _block_providers(dims, dt, batch, with_compile=dtype == "bf16", device=device)
+    return _op_providers(what, dims, dt, batch, device)
+
+
+def fused_providers(providers: Dict[str, Any]) -> List[str]:
+    """The providers that run mixer_fast's Triton kernels (timed last; their kernels warmed up first)."""
+    return [p for p in providers if p.startswith("triton")]
+
+
 def timing_worker(what: str, shape: str, dtype: str, batch: int, peak_tflops: Optional[float]) -> bool:
     """Times every provider of one op or block in both modes; emits one record per mode. Returns whether a
     CUDA fault was caught."""
-    dims, dt = SHAPES[shape], _torch_dtype(dtype)
-    providers = (_block_providers(dims, dt, batch, with_compile=dtype == "bf16") if what == "block"
-                 else _op_providers(what, dims, dt, batch))
+    dims = SHAPES[shape]
+    providers = timing_providers(what, shape, dtype, batch, _device())
     results = {mode: ({}, {}, {}) for mode in MODES["timing"]}  # mode → (ms, errors, peak_mib)
     # Every other provider in both modes before the triton ones, so that a triton fault spoils nothing else.
     # After a fault the CUDA context is lost: the triton providers still to come are not run, and say so
     # ("not run: ..."), rather than fail and have their error taken for their own (wins_table skips them).
-    fused = [p for p in providers if p.startswith("triton")]
+    fused = fused_providers(providers)
+    warmed = warm_providers([providers[p][m] for p in fused for m in MODES["timing"]])
     order = [(p, m) for p in providers if p not in fused for m in MODES["timing"]]
     order += [(p, m) for p in fused for m in MODES["timing"]]
     faulted_by = None
@@ -789,9 +809,47 @@ def timing_worker(what: str, shape: str, dtype: str, batch: int, peak_tflops: Op
                 if is_device_fault(errors[provider]):
                     faulted_by = f"{provider} ({mode})"
         if provider == fused[-1]:
-            emit(timing_record(what, shape, batch, mode, dtype, device_class(), ms, errors,
-                               floor_ms(what, dims, batch, mode, peak_tflops), peak))
+            emit(dict(timing_record(what, shape, batch, mode, dtype, device_class(), ms, errors,
+                                    floor_ms(what, dims, batch, mode, peak_tflops), peak), **warmed))
     return faulted_by is not None
+
+
+def warm_providers(fns: Sequence[Callable[[], Any]]) -> Dict[str, Any]:
+    """Compiles every Triton kernel that ``fns`` (a timing group's triton providers, each mode) launch before
+    any is timed, the compiles at once (_launch.compile_concurrently) instead of one by one at each
+    provider's first call: ~1-2 s each on the CPU of a device machine, tens of kernels a group. Each of
+    ``fns`` runs once under _launch.record_launches: its torch operations and cuBLAS calls run, its
+    Triton launches are recorded as warm-ups, not run (what they would have written stays unwritten, and
+    later operations read that). A GEMM site without a tuned config is still tuned for real meanwhile
+    (Tuner.config), its candidates timed on those unwritten inputs. If a run fails, nothing is compiled
+    ahead: the timed calls meet the error and record it. Returns what the records carry:
+    ``compile_threads`` (0: nothing compiled ahead), ``compile_s`` (the runs and the compiles) and, where a
+    run failed, ``warm_up_error``. Nothing
+    runs in Triton's interpreter, where nothing compiles."""
+    from mixer_fast.kernels.triton import _launch
+
+    started = time.monotonic()
+    if _launch.INTERPRET:
+        return {"compile_threads": 0, "compile_s": 0.0}
+    try:
+        with _launch.record_launches() as warmups:
+            for fn in fns:
+                fn()
+            _sync()
+        threads = _launch.compile_concurrently(warmups)
+        warmups.clear()  # they held every tensor of the runs: gone before anything is timed or measured
+        _empty_cache()
+    except Exception as e:  # noqa: BLE001 - see above
+        return {"compile_threads": 0, "compile_s": round(time.monotonic() - started, 2),
+                "warm_up_error": error_text(e)}
+    return {"compile_threads": threads, "compile_s": round(time.monotonic() - started, 2)}
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def tiles_worker(shape: str, dtype: str, batch: int) -> bool:

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """The GPU check's cases on a stand-in GPU, before a session has a real one.
 
-    python bench/stand_in.py [--arch 90] [--only REGEX]
+    python bench/stand_in.py [--arch 90] [--only REGEX] [--timings]
 
 Every correctness case of ``gpu_check.py check`` (op × shape × dtype, fc1's LayerNorm folded, the cuBLAS
-engine), every block it times, and on sm_90 its tiles part (every token-tile candidate warmed up at once,
-then each launched once: none may compile again), forward and backward on the triton backend, launched in
+engine), every block it times, on sm_90 its tiles part (every token-tile candidate warmed up at once, then
+each launched once: none may compile again) and, with ``--timings``, the triton providers of each of its
+timing groups (their kernels warmed up at once, then each provider's calls run once: the same rule),
+forward and backward on the triton backend, launched in
 compiled mode for a GPU of compute capability ``--arch`` that is not there (tests/fake_cuda.py): each kernel is
 specialised and compiled as its launch on that GPU would be, with the ptxas the backend would use, and
 none runs. What fails here (a launcher's compiled-mode branch, which Triton's interpreter never takes; a
@@ -18,7 +20,8 @@ the tuner's other candidates compile in the tune stage, whose path tests/test_ma
 
 One JSON line per case ({"case", "compiles", "seconds", "error"}), then a summary line; exit status 1 if a
 case failed. Needs a fresh process (it sets TRITON_INTERPRET=0 before triton loads); about 3.5 minutes on
-two cores with a cold Triton cache.
+two cores with a cold Triton cache, and about 12 more with ``--timings`` (their cuBLAS-engine GEMMs run on
+this CPU, at batch 16).
 """
 from __future__ import annotations
 
@@ -36,9 +39,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK_SHAPES = ("mixer_b16", "resmlp_24", "gmlp_s16")  # the blocks gpu_check.py times
 BLOCK_BATCH = 2
-# The tiles part's shapes (gpu_check.TILE_GROUPS) at a batch that, like its 256, is a multiple of 16: Triton
-# specialises integer arguments on that
-TILES_BATCH = 16
+# The tiles part's and the timing groups' shapes (gpu_check.TILE_GROUPS, TIMING_GROUPS) at a batch that, like
+# their 256, is a multiple of 16: Triton specialises integer arguments on that
+TILES_BATCH = TIMING_BATCH = 16
 
 
 _installed: Optional[int] = None
@@ -69,9 +72,9 @@ def _setup(arch: int) -> None:
     _installed = arch
 
 
-def cases() -> Iterator[Tuple[str, Dict[str, str], Callable[[], object]]]:
-    """(name, environment, build) per case, gpu_check.py's names; ``build()`` returns a function that runs
-    the forward and the backward."""
+def cases(timings: bool = False) -> Iterator[Tuple[str, Dict[str, str], Callable[[], object]]]:
+    """(name, environment, build) per case, gpu_check.py's names, the timing groups' only with ``timings``;
+    ``build()`` returns a function that runs the forward and the backward."""
     import torch
 
     import gpu_check
@@ -93,6 +96,9 @@ def cases() -> Iterator[Tuple[str, Dict[str, str], Callable[[], object]]]:
             return lambda: block(x).backward(torch.randn_like(x))
 
         yield f"block {shape} bf16", dict(gpu_check.ENGINE_ENV["fused"], MIXER_FAST_LN="load"), build_block
+    for group in gpu_check.TIMING_GROUPS if timings else ():
+        if group.what != "peak":
+            yield (group.name, {}, lambda group=group: lambda: timing(group.what, group.shape, group.dtype))
     from mixer_fast.kernels.triton.token_mixing import WGMMA_CAPABILITY
 
     # the tiles part is for an H100 / H200 (tile_candidates): its candidates are Hopper's
@@ -115,6 +121,29 @@ def tiles(shape: str, dtype: str) -> None:
         raise RuntimeError(f"compiled after the warm-up (kernel, candidate: compiles): {'; '.join(late)}")
 
 
+def timing(what: str, shape: str, dtype: str) -> None:
+    """A timing group's triton providers as its worker runs them, without the timing: their kernels warmed
+    up at once (gpu_check.warm_providers), then each provider's calls run once, which must compile nothing
+    more (else a warm-up missed its launch's key, and the GPU would compile it while timing). Each
+    provider pins its own engine and LayerNorm placement (gpu_check._env_modes)."""
+    import gpu_check
+
+    providers = gpu_check.timing_providers(what, shape, dtype, TIMING_BATCH, "cpu")
+    calls = {f"{p} {m}": providers[p][m] for p in gpu_check.fused_providers(providers)
+             for m in gpu_check.MODES["timing"]}
+    warmed = gpu_check.warm_providers(list(calls.values()))
+    if "warm_up_error" in warmed:
+        raise RuntimeError(f"the warm-up failed: {warmed['warm_up_error']}")
+    late = []
+    for name, fn in calls.items():
+        before = len(COMPILED)
+        fn()
+        if len(COMPILED) > before:
+            late.append(f"{name}: {len(COMPILED) - before}")
+    if late:
+        raise RuntimeError(f"compiled after the warm-up (provider mode: compiles): {'; '.join(late)}")
+
+
 def compiles_per_candidate(modes, candidates, compiled: list) -> List[Tuple[str, object, int]]:
     """Each tile candidate launched once under its override_plan, in the mode the tiles part times it in:
     (kernel, launch, how many entries ``compiled``, a list Triton's compiles append to, gained meanwhile)."""
@@ -131,9 +160,9 @@ def compiles_per_candidate(modes, candidates, compiled: list) -> List[Tuple[str,
     return counts
 
 
-def run(only: Optional[str] = None) -> List[Dict[str, object]]:
-    """Runs the cases ``only`` selects (a regular expression searched in their names; all without it) and
-    prints and returns a record per case."""
+def run(only: Optional[str] = None, timings: bool = False) -> List[Dict[str, object]]:
+    """Runs the cases ``only`` selects (a regular expression searched in their names; all without it), the
+    timing groups' too with ``timings``, and prints and returns a record per case."""
     import triton.compiler
 
     compiled = COMPILED
@@ -146,7 +175,7 @@ def run(only: Optional[str] = None) -> List[Dict[str, object]]:
     triton.compiler.compile = counted  # Triton's JIT looks it up when it first compiles a kernel
     pattern = re.compile(only) if only else None
     records = []
-    for name, env, build in cases():
+    for name, env, build in cases(timings):
         if pattern is not None and not pattern.search(name):
             continue
         os.environ.update(env)
@@ -166,10 +195,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (default 90)")
     parser.add_argument("--only", default=None, help="a regular expression: the cases whose names match")
+    parser.add_argument("--timings", action="store_true",
+                        help="also the timing groups' triton providers (about 12 minutes more on two cores)")
     opts = parser.parse_args(argv)
     _setup(opts.arch)
     start = time.perf_counter()
-    records = run(opts.only)
+    records = run(opts.only, opts.timings)
     failed = [r["case"] for r in records if r["error"]]
     print(json.dumps({"arch": opts.arch, "cases": len(records), "failed": failed,
                       "compiles": sum(r["compiles"] for r in records),

@@ -301,6 +301,49 @@ def test_timing_worker_runs_the_fused_providers_last_and_emits_one_record_a_mode
     assert "ln fold" in text and "+cuBLAS" in text
 
 
+def test_timing_worker_warms_the_fused_providers_before_timing_any(monkeypatch):
+    # Every triton provider's calls, in each mode, go to warm_providers before any provider is timed (their
+    # kernels then compile at once, not one by one inside the first timed calls), and every record says how
+    # the warm-up went.
+    events, records = [], []
+    providers = {name: {mode: (lambda name=name, mode=mode: events.append(("run", name, mode)))
+                        for mode in ("forward", "training")}
+                 for name in ("reference", "triton", gpu_check.CUBLAS_PROVIDER)}
+    _time_without_a_gpu(monkeypatch, providers, records)
+
+    def warm(fns):
+        events.append(("warm", len(fns)))
+        for fn in fns:
+            fn()
+        return {"compile_threads": 4, "compile_s": 2.5}
+
+    monkeypatch.setattr(gpu_check, "warm_providers", warm)
+    assert gpu_check.timing_worker("token_mixing", "mixer_b16", "bf16", 256, None) is False
+    fused = [("run", p, m) for p in ("triton", gpu_check.CUBLAS_PROVIDER) for m in ("forward", "training")]
+    assert events[:5] == [("warm", 4), *fused]
+    assert events[5:] == [("run", "reference", "forward"), ("run", "reference", "training"), *fused]
+    assert [(r["compile_threads"], r["compile_s"]) for r in records] == [(4, 2.5)] * 2
+
+
+def test_a_failing_warm_up_gives_way_and_says_why(monkeypatch):
+    # A provider that fails in the warm-up leaves the compiles to the timed calls, which record the error
+    # themselves; the records say the warm-up failed, and why.
+    from mixer_fast.kernels.triton import _launch
+
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    ran = []
+
+    def broken():
+        raise RuntimeError("the launcher broke")
+
+    warmed = gpu_check.warm_providers([lambda: ran.append(1), broken, lambda: ran.append(3)])
+    assert ran == [1] and warmed["compile_threads"] == 0
+    assert "RuntimeError: the launcher broke" in warmed["warm_up_error"]
+    assert _launch._RECORDED is None  # the recording ended with the failure
+    monkeypatch.setattr(_launch, "INTERPRET", True)  # nothing compiles in the interpreter: nothing runs
+    assert gpu_check.warm_providers([broken]) == {"compile_threads": 0, "compile_s": 0.0}
+
+
 def test_env_modes_hold_the_engine_through_the_whole_step(monkeypatch):
     # A provider's training step is forward and backward: both must run under its engine and placement (the
     # backward reads MIXER_FAST_GEMM / MIXER_FAST_TOKEN too), and the process's own settings come back afterwards.

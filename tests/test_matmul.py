@@ -352,6 +352,92 @@ def test_compile_concurrently_uses_a_pool_only_where_it_can(monkeypatch):
     assert active_mode.get() is None
 
 
+class _FakeKernel:
+    """A JIT function's launch surface: ``kernel[grid](*args)`` runs, ``warmup(*args, grid=...)`` compiles."""
+
+    def __init__(self) -> None:
+        self.events = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.events.append(("launch", grid, args, kwargs))
+
+    def warmup(self, *args, grid, **kwargs):
+        self.events.append(("warmup", grid, args, kwargs))
+
+
+def test_on_grid_launches_warms_up_or_records(monkeypatch):
+    """``on_grid(kernel, grid)(...)`` launches; under compile_only it warms up now (this thread only); under
+    record_launches it records the warm-up for later, in every thread (a CUDA backward runs in autograd's
+    own), and runs nothing; launching() runs launches under either (a tuner's timed candidates); and in
+    Triton's interpreter it always launches."""
+    import threading
+
+    from mixer_fast.kernels.triton import _launch
+
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    k = _FakeKernel()
+    _launch.on_grid(k, (2,))(1, X=3)
+    assert k.events == [("launch", (2,), (1,), {"X": 3})]
+    k.events.clear()
+    with _launch.compile_only():
+        _launch.on_grid(k, (2,))(1, X=3)
+        with _launch.launching():
+            _launch.on_grid(k, (4,))(5)
+        _launch.on_grid(k, (6,))(7)
+    assert k.events == [("warmup", (2,), (1,), {"X": 3}), ("launch", (4,), (5,), {}), ("warmup", (6,), (7,), {})]
+    k.events.clear()
+    with _launch.record_launches() as recorded:
+        _launch.on_grid(k, (2,))(1, X=3)
+        other = threading.Thread(target=lambda: _launch.on_grid(k, (8,))(9))
+        other.start()
+        other.join()
+        with _launch.launching():
+            _launch.on_grid(k, (4,))(5)
+        with pytest.raises(RuntimeError, match="already being recorded"):
+            with _launch.record_launches():
+                pass
+    assert k.events == [("launch", (4,), (5,), {})] and len(recorded) == 2
+    _launch.on_grid(k, (10,))(11)  # the recording is over
+    for warm in recorded:
+        warm()
+    assert k.events[1:] == [("launch", (10,), (11,), {}), ("warmup", (2,), (1,), {"X": 3}),
+                            ("warmup", (8,), (9,), {})]
+    k.events.clear()
+    monkeypatch.setattr(_launch, "INTERPRET", True)
+    with _launch.record_launches() as recorded, _launch.compile_only():
+        _launch.on_grid(k, (2,))(1)
+    assert k.events == [("launch", (2,), (1,), {})] and recorded == []
+
+
+def test_a_tuner_under_a_recording_times_real_launches(monkeypatch):
+    """A GEMM site tuned while launches are recorded (gpu_check.warm_providers' runs) times its candidates
+    for real, and keeps its choice; only the launch with the choice is recorded."""
+    import triton.testing
+
+    from mixer_fast.kernels.triton import _launch, matmul
+
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    monkeypatch.setattr(_launch, "compile_concurrently", lambda warmups: 0)
+    k = _FakeKernel()
+    candidates = matmul.site_configs("plain", False)
+
+    def bench(fn, **kw):
+        fn()
+        return 1.0 if len(k.events) == 2 else 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", bench)
+    tuner = matmul.Tuner()
+    tuner._table = {}
+
+    def run(cfg):
+        _launch.on_grid(k, cfg)()
+
+    with _launch.record_launches() as recorded:
+        run(tuner.config("sm_90", _key(matmul, variant="plain", B_PRO=0), candidates, run))
+    assert k.events == [("launch", c, (), {}) for c in candidates]
+    assert len(recorded) == 1 and list(tuner.chosen["sm_90"].values()) == [candidates[1]]
+
+
 def test_tuning_compiles_each_candidate_once_in_the_pool_as_it_launches():
     """A real fused-GEMM launch with no table entry, compiled for sm_90 on a stand-in device
     (tests/fake_cuda.py): every candidate config, TMA ones included, compiles once, in the compile pool's

@@ -1,8 +1,9 @@
 """bench/stand_in.py: the GPU check's cases launched in compiled mode on a stand-in GPU (tests/fake_cuda.py),
 every kernel specialised and compiled as it would launch there. CI runs a sample (each op once on sm_90; token
-and channel mixing on sm_86, 99 KB of shared memory a block; the tiles part's warm-up at S = 49);
-`python bench/stand_in.py` runs all 36 (31 check cases, 3 blocks and 2 tile shapes: 204 s on two cores with a
-cold Triton cache, 2026-11-29), as a GPU session's preparation should."""
+and channel mixing on sm_86, 99 KB of shared memory a block; the tiles part's and a timing group's warm-ups at
+S = 49); `python bench/stand_in.py` runs all 36 (31 check cases, 3 blocks and 2 tile shapes: 204 s on two cores
+with a cold Triton cache, 2026-11-29), as a GPU session's preparation should, and `--timings` the 13 timing
+groups' triton providers too."""
 from __future__ import annotations
 
 import json
@@ -91,6 +92,20 @@ sys.exit(stand_in.main(["--only", "^token_mixing awkward bf16$|^channel_mixing a
     assert all("RuntimeError: the launcher broke" in rec["error"] for rec in records)
 
 
+def test_the_timing_groups_are_cases_only_when_asked(monkeypatch):
+    """``--timings`` adds one case per timing group (the peak aside: it runs no kernel of ours), by the
+    group's name; without it, none (they take about 12 minutes on two cores)."""
+    monkeypatch.syspath_prepend(str(STAND_IN.parent))
+    import gpu_check
+    import stand_in
+
+    plain = [name for name, _, _ in stand_in.cases()]
+    timed = [name for name, _, _ in stand_in.cases(timings=True)]
+    assert plain and not any(name.startswith("timing") for name in plain)
+    assert timed[:len(plain)] == plain
+    assert timed[len(plain):] == [g.name for g in gpu_check.TIMING_GROUPS if g.what != "peak"]
+
+
 def test_an_empty_selection_is_refused():
     require("triton")
     r, records, summary = _run(["--only", "no such case"], timeout=300)
@@ -146,3 +161,53 @@ print(json.dumps(dict(used=used, warmed=warmed, late=late, in_warm=in_warm, plan
     # the warm-ups launched no token kernel: only the two planned runs that recorded the launchers' calls did
     assert got["in_warm"] == got["planned"] and "token_mlp_dx_kernel" in got["planned"], got
     assert got["restored"] == ["token_mixing_forward", "token_mixing_backward"]
+
+
+def test_a_timing_group_compiles_at_once_before_any_provider_is_timed():
+    """gpu_check's timing groups warm their triton providers up before timing any (gpu_check.warm_providers):
+    on a stand-in sm_90, channel mixing at S = 49 on both engines and both LayerNorm placements, every
+    kernel compiles in the compile pool's threads and none is launched while they are recorded (the
+    backward's included); running each provider's calls, as the timing then does, compiles nothing more.
+    The GEMM sites take their configs from a table, as in the runbook's timing call (the stand-in's
+    untuned choice compiles a config to see whether it fits, in the caller's thread)."""
+    require("triton")
+    code = """
+import json, threading
+import stand_in
+stand_in._setup(90)
+import triton.compiler
+import fake_cuda
+import gpu_check
+from mixer_fast.kernels.triton import _launch, matmul
+_launch.compile_workers = lambda: 4
+matmul.Tuner.shipped = lambda self, device_class, key, candidates: matmul.untuned_choice(candidates)
+threads = []
+compile_ = triton.compiler.compile
+def counted(*a, **k):
+    threads.append(threading.current_thread().name)
+    stand_in.COMPILED.append(1)
+    return compile_(*a, **k)
+triton.compiler.compile = counted
+warm = gpu_check.warm_providers
+seen = {}
+def spied(fns):
+    seen.update(warm(fns), launched=list(fake_cuda.LAUNCHES), fns=len(fns))
+    return seen
+gpu_check.warm_providers = spied
+late = None
+try:
+    stand_in.timing("channel_mixing", "awkward", "bf16")
+except RuntimeError as e:
+    late = str(e)
+seen.pop("compile_s")
+print(json.dumps(dict(seen, threads=threads, late=late, launches=sorted(set(fake_cuda.LAUNCHES)))))
+"""
+    r, _, got = _run([], code=code)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert got["late"] is None, got["late"]
+    # triton, triton_ln_folded, triton_cublas: forward and training each
+    assert got["fns"] == 6 and got["compile_threads"] == 4, got
+    assert got["launched"] == [], "the warm-up ran kernels"
+    assert len(got["threads"]) >= 8 and all(t.startswith("triton-compile") for t in got["threads"]), got["threads"]
+    # the timed calls then launched what was compiled: the fused GEMM, LayerNorm's and the cuBLAS engine's kernels
+    assert {"fused_matmul_kernel", "ln_stats_kernel", "gelu_kernel"} <= set(got["launches"]), got["launches"]

@@ -90,7 +90,8 @@ def fold_weight(w: Tensor, nw: Tensor, nb: Tensor, b1: Optional[Tensor]) -> Tupl
     if N:
         with _launch.serialized():
             grid, meta = fold_launch(N, b1 is not None, _launch.INTERPRET)
-            fold_weight_kernel[grid](w, nw, nb, b1 if b1 is not None else nw, N, K, *w.stride(), folded, u, v, **meta)
+            _launch.on_grid(fold_weight_kernel, grid)(w, nw, nb, b1 if b1 is not None else nw, N, K, *w.stride(),
+                                                      folded, u, v, **meta)
     return folded, u, v
 
 

@@ -116,7 +116,7 @@ def gelu_forward(z: Tensor, approximate: str, *, inplace: bool, row_bias: Option
     h = z if inplace else _launch.new_output(z.shape, z, z.dtype)
     if z.numel():
         with _launch.serialized():
-            gelu_kernel[(triton.cdiv(z.numel(), GELU_BLOCK),)](
+            _launch.on_grid(gelu_kernel, (triton.cdiv(z.numel(), GELU_BLOCK),))(
                 z, row_bias if row_bias is not None else z, z.numel(), z.shape[-1], h,
                 APPROX_TANH=approximate == "tanh", ROW_BIAS=row_bias is not None, INTERPRETER=_launch.INTERPRET,
                 BLOCK=GELU_BLOCK)
@@ -151,7 +151,7 @@ def gelu_backward(dh: Tensor, z: Tensor, *, approximate: str, bias_grad: bool, r
         db_part = _launch.new_output((d_blocks, M) if db == DB_ROWS else (groups, D), z, torch.float32)
     if M and D:
         with _launch.serialized():
-            gelu_backward_kernel[grid](
+            _launch.on_grid(gelu_backward_kernel, grid)(
                 dh, z, row_bias if row_bias is not None else z, M, D, dh, h,
                 db_part if db_part is not None else h, d_blocks, APPROX_TANH=approximate == "tanh",
                 ROW_BIAS=row_bias is not None, DB=db, INTERPRETER=_launch.INTERPRET, ROW_GROUP=GELU_ROW_GROUP,

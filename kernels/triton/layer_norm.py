@@ -280,7 +280,7 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.T
     if R:
         grid, tiles = rows_launch(R, C)
         with _launch.serialized():
-            ln_stats_kernel[grid](x, R, S, C, eps, *x.stride(), mean, rstd, **tiles)
+            _launch.on_grid(ln_stats_kernel, grid)(x, R, S, C, eps, *x.stride(), mean, rstd, **tiles)
     return mean, rstd
 
 
@@ -312,7 +312,7 @@ def norm_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, nor
     if R and C:
         grid, tiles = rows_launch(R, C)
         with _launch.serialized():
-            norm_apply_kernel[grid](
+            _launch.on_grid(norm_apply_kernel, grid)(
                 x, weight, bias, res_bias if res_bias is not None else weight,
                 res_scale if res_scale is not None else weight, R, S, C, eps, *x.stride(), snb, sns,
                 mean if mean is not None else xn, rstd if rstd is not None else xn, xn, r if r is not None else xn,
@@ -350,7 +350,7 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, dy: Optional[torch.Ten
     db_part = _launch.new_output((programs, C), x, torch.float32)
     if R:
         with _launch.serialized():
-            ln_backward_kernel[grid](
+            _launch.on_grid(ln_backward_kernel, grid)(
                 g, x, dy if dy is not None else x, mean, rstd, weight if weight is not None else mean, R, S, C,
                 *g_strides, *x.stride(), *(dy if dy is not None else x).stride(), *dx.stride(), dx, dw_part, db_part,
                 **ln_backward_flags(has_w=weight is not None, has_dy=dy is not None, gelu_in=gelu_in,
@@ -379,7 +379,7 @@ def affine_backward(g: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, weight: 
     db_part = _launch.new_output((groups, C), x, torch.float32)
     if R and C:
         with _launch.serialized():
-            affine_backward_kernel[(groups, triton.cdiv(C, AFFINE_BLOCK_C))](
+            _launch.on_grid(affine_backward_kernel, (groups, triton.cdiv(C, AFFINE_BLOCK_C)))(
                 g, x, dy, weight if weight is not None else dy, R, S, C, *token_strides(g, S), *x.stride(),
                 *dy.stride(),
                 dx, dw_part, db_part, HAS_W=weight is not None, INTERPRETER=_launch.INTERPRET,

@@ -566,12 +566,13 @@ class Tuner:
         if warm is not None:
             _launch.compile_concurrently([functools.partial(warm, cfg) for cfg in candidates])
         times = {}
-        for cfg in candidates:
-            try:
-                times[cfg] = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
-            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU
-                if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e):
-                    raise
+        with _launch.launching():  # timed for real even in a warm-up (_launch.record_launches): the choice is kept
+            for cfg in candidates:
+                try:
+                    times[cfg] = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU
+                    if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e):
+                        raise
         if not times:
             raise RuntimeError(f"no config of {key} can run on this GPU ({device_class})")
         known[key] = min(times, key=times.get)
@@ -992,7 +993,7 @@ def fused_matmul(
                 b_arg = _descriptor(b, b_tma, N, K, b_axes[1], b_axes[0], meta["BLOCK_N"], meta["BLOCK_K"])
         if warmup:  # compiled as the launch would be, not run (the tuner's concurrent compiles)
             return fused_matmul_kernel.warmup(a_arg, b_arg, *rest, grid=grid, **meta, **options)
-        return fused_matmul_kernel[grid](a_arg, b_arg, *rest, **meta, **options)
+        return _launch.on_grid(fused_matmul_kernel, grid)(a_arg, b_arg, *rest, **meta, **options)
 
     def run(cfg: Tuple, warmup: bool = False):
         bm, bn, bk, warps, stages = cfg[:5]

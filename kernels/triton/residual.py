@@ -169,7 +169,7 @@ def residual_grad(dout: Tensor, *, scale: Optional[Tensor], sample_scale: Option
     if R and C and (store_do or scale_part is not None or bias_part is not None):
         br = branch if branch is not None else dout
         with _launch.serialized():
-            residual_grad_kernel[(groups, c_blocks)](
+            _launch.on_grid(residual_grad_kernel, (groups, c_blocks))(
                 dout, br, scale if scale is not None else dout, sample_scale if sample_scale is not None else dout,
                 R, S, C, *dout.stride(), *br.stride(), do.stride(0), do.stride(1), do,
                 scale_part if scale_part is not None else do,
@@ -205,7 +205,7 @@ def residual_add(x: Tensor, y: Tensor, *, bias: Optional[Tensor], scale: Optiona
     if R and C:
         dummy = out
         with _launch.serialized():
-            residual_add_kernel[(triton.cdiv(R, ADD_BLOCK_R), triton.cdiv(C, ADD_BLOCK_C))](
+            _launch.on_grid(residual_add_kernel, (triton.cdiv(R, ADD_BLOCK_R), triton.cdiv(C, ADD_BLOCK_C)))(
                 x, y, bias if bias is not None else dummy, scale if scale is not None else dummy,
                 sample_scale if sample_scale is not None else dummy, R, S, C, *x.stride(), *y.stride(), out,
                 branch if branch is not None else dummy, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,

@@ -197,7 +197,7 @@ def spatial_gating_backward(
     dbp_part = _launch.new_output((triton.cdiv(Hh, bh), M), x, torch.float32) if bias_sums else None
     if M and Hh:
         with _launch.serialized():
-            gate_grad_kernel[(triton.cdiv(M, bm), triton.cdiv(Hh, bh))](
+            _launch.on_grid(gate_grad_kernel, (triton.cdiv(M, bm), triton.cdiv(Hh, bh)))(
                 dq, z, p, M, Hh, dq.stride(0), z.stride(1), p.stride(1), dz.stride(1), dp.stride(1), dz, dp,
                 db1_part if bias_sums else dz, dbp_part if bias_sums else dz,
                 APPROX_TANH=approximate == "tanh", INTERPRETER=_launch.INTERPRET,
