@@ -19,7 +19,7 @@ GPU time is scarce (DESIGN.md, "Checking on a GPU"), so ``check`` fits one devic
    the bare cuBLAS GEMMs; the FLOP floor from a measured 8192³ bf16 matmul peak; the training step's peak
    memory. Groups (TIMING_GROUPS) run one at a time, each in its own process, in priority order while their
    estimated cost fits in what is left of ``--budget``; the others are named as skipped. In each, the triton
-   providers' kernels compile at once before anything is timed (warm_providers).
+   providers' kernels compile at once before any of them is timed (warm_providers).
 
 Files in DIR (at most 8 come back from a lent machine): check.jsonl (the records below), check.log (each
 process: how long it ran, its exit status, the end of its stderr when it failed), sanitizer.txt (only when
@@ -226,9 +226,10 @@ class TimingGroup:
 # Estimates (not yet measured: this file was written without a GPU; check.log records each group's real
 # time, so replace them from a run): ~6 s to start a process and import torch (+2 s timm) and initialise CUDA;
 # ~1-2 s per Triton compile with ~10-20 compiles per op and mode at a batch-256 specialisation (fewer when
-# the checks left them in the cache; since 2026-11-29 they compile at once, warm_providers, which these
-# estimates do not count on yet: a group that ends sooner leaves its time to the next); autotuning and do_bench ~0.2-0.5 s a measurement; torch.compile of a
-# Mixer-B/16 block ~9 s forward + ~12 s training (measured on the H200, shared/gpu/2026-11-27-H200). Every op
+# the checks left them in the cache; since 2026-11-29 they compile at once, warm_providers: not counted
+# on here yet, and a group that ends sooner leaves its time to the next); autotuning and do_bench
+# ~0.2-0.5 s a measurement; torch.compile of a Mixer-B/16 block ~9 s forward + ~12 s training (measured on
+# the H200, shared/gpu/2026-11-27-H200). Every op
 # and block times the cuBLAS engine too (CUBLAS_PROVIDER): ~10 s more each (a few small Triton kernels to
 # compile, and two more modes timed).
 TIMING_GROUPS = (
@@ -786,17 +787,21 @@ def timing_worker(what: str, shape: str, dtype: str, batch: int, peak_tflops: Op
     dims = SHAPES[shape]
     providers = timing_providers(what, shape, dtype, batch, _device())
     results = {mode: ({}, {}, {}) for mode in MODES["timing"]}  # mode → (ms, errors, peak_mib)
-    # Every other provider in both modes before the triton ones, so that a triton fault spoils nothing else.
-    # After a fault the CUDA context is lost: the triton providers still to come are not run, and say so
-    # ("not run: ..."), rather than fail and have their error taken for their own (wins_table skips them).
+    # Every other provider in both modes before the triton ones, so that a triton fault spoils nothing else:
+    # the triton ones' warm-up too (it runs fused GEMMs where a site is tuned). After a fault the CUDA context
+    # is lost: the triton providers still to come are not run, and say so ("not run: ..."), rather than fail
+    # and have their error taken for their own (wins_table skips them).
     fused = fused_providers(providers)
-    warmed = warm_providers([providers[p][m] for p in fused for m in MODES["timing"]])
     order = [(p, m) for p in providers if p not in fused for m in MODES["timing"]]
     order += [(p, m) for p in fused for m in MODES["timing"]]
-    faulted_by = None
+    faulted_by, warmed = None, {"compile_threads": 0, "compile_s": 0.0}
     for provider, mode in order:
         ms, errors, peak = results[mode]
         fn = providers[provider][mode]
+        if (provider, mode) == (fused[0], MODES["timing"][0]) and faulted_by is None:
+            warmed = warm_providers([providers[p][m] for p in fused for m in MODES["timing"]])
+            if is_device_fault(warmed.get("warm_up_error", "")):
+                faulted_by = "the triton providers' warm-up"
         if faulted_by is not None:
             errors[provider] = f"not run: the CUDA context was lost when {faulted_by} faulted"
         else:
@@ -821,11 +826,14 @@ def warm_providers(fns: Sequence[Callable[[], Any]]) -> Dict[str, Any]:
     ``fns`` runs once under _launch.record_launches: its torch operations and cuBLAS calls run, its
     Triton launches are recorded as warm-ups, not run (what they would have written stays unwritten, and
     later operations read that). A GEMM site without a tuned config is still tuned for real meanwhile
-    (Tuner.config), its candidates timed on those unwritten inputs. If a run fails, nothing is compiled
-    ahead: the timed calls meet the error and record it. Returns what the records carry:
-    ``compile_threads`` (0: nothing compiled ahead), ``compile_s`` (the runs and the compiles) and, where a
-    run failed, ``warm_up_error``. Nothing
-    runs in Triton's interpreter, where nothing compiles."""
+    (Tuner.config), its candidates compiled and timed on those unwritten inputs. If a run fails, the
+    recorded launches are not compiled ahead: the timed calls meet the error and record it. Not warmed: a
+    token launcher's fallback to the cuBLAS engine where a flash plan does not fit the GPU's shared memory
+    (nothing is loaded while recording, so the plan's OutOfResources comes at the first timed call, which
+    then compiles the fallback's kernels one by one; untimed, as _measure's first two calls are). Returns
+    what the records carry: ``compile_threads`` (0: nothing compiled ahead), ``compile_s`` (the runs,
+    any tuning in them, and the compiles) and, where a run failed, ``warm_up_error``. Nothing runs in
+    Triton's interpreter, where nothing compiles."""
     from mixer_fast.kernels.triton import _launch
 
     started = time.monotonic()
@@ -1302,6 +1310,8 @@ def format_summary(records: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -
                          f"{_ms(ms.get(FOLDED_PROVIDER)):>9}{_ms(ms.get(CUBLAS_PROVIDER)):>9}{_ms(r['floor_ms']):>8}"
                          f"{ratio:>8}")
             lines += [f"    {p} failed: {e.splitlines()[0][:150]}" for p, e in r.get("errors", {}).items()]
+            if r.get("warm_up_error"):
+                lines.append(f"    warm-up failed: {r['warm_up_error'].splitlines()[0][:150]}")
     if any(r["kind"] == "jax_timing" for r in records):
         import gpu_check_jax as gj
 

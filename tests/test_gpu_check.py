@@ -274,6 +274,8 @@ def _time_without_a_gpu(monkeypatch, providers, records) -> None:
     """timing_worker with ``providers`` as the op's, each call timed as 1 ms (it runs once), its records
     appended to ``records``."""
     monkeypatch.setattr(gpu_check, "_op_providers", lambda *args: providers)
+    # no warm-up runs (the interpreter's answer, stated so that a CUDA machine's suite gets it too)
+    monkeypatch.setattr(gpu_check, "warm_providers", lambda fns: {"compile_threads": 0, "compile_s": 0.0})
     monkeypatch.setattr(gpu_check, "_measure", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(gpu_check, "_peak_mib", lambda fn: 10.0)
     monkeypatch.setattr(gpu_check, "device_class", lambda: "sm_90")
@@ -302,9 +304,10 @@ def test_timing_worker_runs_the_fused_providers_last_and_emits_one_record_a_mode
 
 
 def test_timing_worker_warms_the_fused_providers_before_timing_any(monkeypatch):
-    # Every triton provider's calls, in each mode, go to warm_providers before any provider is timed (their
-    # kernels then compile at once, not one by one inside the first timed calls), and every record says how
-    # the warm-up went.
+    # Every triton provider's calls, in each mode, go to warm_providers before any of them is timed (their
+    # kernels then compile at once, not one by one inside the first timed calls), after the other providers
+    # (the warm-up runs fused GEMMs where a site is tuned: a fault there must spoil nothing else), and every
+    # record says how the warm-up went.
     events, records = [], []
     providers = {name: {mode: (lambda name=name, mode=mode: events.append(("run", name, mode)))
                         for mode in ("forward", "training")}
@@ -320,9 +323,29 @@ def test_timing_worker_warms_the_fused_providers_before_timing_any(monkeypatch):
     monkeypatch.setattr(gpu_check, "warm_providers", warm)
     assert gpu_check.timing_worker("token_mixing", "mixer_b16", "bf16", 256, None) is False
     fused = [("run", p, m) for p in ("triton", gpu_check.CUBLAS_PROVIDER) for m in ("forward", "training")]
-    assert events[:5] == [("warm", 4), *fused]
-    assert events[5:] == [("run", "reference", "forward"), ("run", "reference", "training"), *fused]
+    assert events == [("run", "reference", "forward"), ("run", "reference", "training"), ("warm", 4), *fused,
+                      *fused]
     assert [(r["compile_threads"], r["compile_s"]) for r in records] == [(4, 2.5)] * 2
+
+
+def test_a_fault_in_the_warm_up_is_the_warm_up_s(monkeypatch):
+    # A CUDA fault in the warm-up (a GEMM site tuned there) loses the context: no triton provider is run after
+    # it, and each says the warm-up faulted; the providers timed before it keep their times.
+    records = []
+    providers = {name: {mode: (lambda: None) for mode in ("forward", "training")}
+                 for name in ("reference", "triton", gpu_check.CUBLAS_PROVIDER)}
+    _time_without_a_gpu(monkeypatch, providers, records)
+    fault = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    monkeypatch.setattr(gpu_check, "warm_providers",
+                        lambda fns: {"compile_threads": 0, "compile_s": 1.0, "warm_up_error": fault})
+    assert gpu_check.timing_worker("token_mixing", "mixer_b16", "bf16", 256, None) is True
+    for r in records:
+        assert r["ms"] == {"reference": 1.0} and r["warm_up_error"] == fault
+        assert set(r["errors"]) == {"triton", gpu_check.CUBLAS_PROVIDER}
+        assert all(e == "not run: the CUDA context was lost when the triton providers' warm-up faulted"
+                   for e in r["errors"].values())
+    text = gpu_check.format_summary(records, {"failed": [], "faulted": [], "skipped": [], "seconds": 1.0})
+    assert "warm-up failed: RuntimeError: CUDA error" in text
 
 
 def test_a_failing_warm_up_gives_way_and_says_why(monkeypatch):
