@@ -787,10 +787,10 @@ def timing_worker(what: str, shape: str, dtype: str, batch: int, peak_tflops: Op
     dims = SHAPES[shape]
     providers = timing_providers(what, shape, dtype, batch, _device())
     results = {mode: ({}, {}, {}) for mode in MODES["timing"]}  # mode → (ms, errors, peak_mib)
-    # Every other provider in both modes before the triton ones, so that a triton fault spoils nothing else:
-    # the triton ones' warm-up too (it runs fused GEMMs where a site is tuned). After a fault the CUDA context
-    # is lost: the triton providers still to come are not run, and say so ("not run: ..."), rather than fail
-    # and have their error taken for their own (wins_table skips them).
+    # Every other provider in both modes before the triton ones, so that a triton fault spoils nothing else;
+    # the triton ones' warm-up too (it runs none of their kernels, but whatever else they do). After a fault
+    # the CUDA context is lost: the triton providers still to come are not run, and say so ("not run: ..."),
+    # rather than fail and have their error taken for their own (wins_table skips them).
     fused = fused_providers(providers)
     order = [(p, m) for p in providers if p not in fused for m in MODES["timing"]]
     order += [(p, m) for p in fused for m in MODES["timing"]]
@@ -825,14 +825,15 @@ def warm_providers(fns: Sequence[Callable[[], Any]]) -> Dict[str, Any]:
     provider's first call: ~1-2 s each on the CPU of a device machine, tens of kernels a group. Each of
     ``fns`` runs once under _launch.record_launches: its torch operations and cuBLAS calls run, its
     Triton launches are recorded as warm-ups, not run (what they would have written stays unwritten, and
-    later operations read that). A GEMM site without a tuned config is still tuned for real meanwhile
-    (Tuner.config), its candidates compiled and timed on those unwritten inputs. If a run fails, the
+    later operations read that). A GEMM site without a tuned config records the compiles of all its
+    candidates (Tuner.config) and is tuned at its first timed call, as before, on compiled candidates
+    (untimed: _measure's first two calls). If a run fails, the
     recorded launches are not compiled ahead: the timed calls meet the error and record it. Not warmed: a
     token launcher's fallback to the cuBLAS engine where a flash plan does not fit the GPU's shared memory
     (nothing is loaded while recording, so the plan's OutOfResources comes at the first timed call, which
     then compiles the fallback's kernels one by one; untimed, as _measure's first two calls are). Returns
-    what the records carry: ``compile_threads`` (0: nothing compiled ahead), ``compile_s`` (the runs,
-    any tuning in them, and the compiles) and, where a run failed, ``warm_up_error``. Nothing runs in
+    what the records carry: ``compile_threads`` (0: nothing compiled ahead), ``compile_s`` (the runs and
+    the compiles) and, where a run failed, ``warm_up_error``. Nothing runs in
     Triton's interpreter, where nothing compiles."""
     from mixer_fast.kernels.triton import _launch
 

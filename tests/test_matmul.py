@@ -409,9 +409,11 @@ def test_on_grid_launches_warms_up_or_records(monkeypatch):
     assert k.events == [("launch", (2,), (1,), {})] and recorded == []
 
 
-def test_a_tuner_under_a_recording_times_real_launches(monkeypatch):
-    """A GEMM site tuned while launches are recorded (gpu_check.warm_providers' runs) times its candidates
-    for real, and keeps its choice; only the launch with the choice is recorded."""
+def test_a_tuner_under_a_recording_defers_its_choice(monkeypatch):
+    """A GEMM site with no table entry met while launches are recorded (gpu_check.warm_providers' runs)
+    records every candidate's compile with the launches and answers its untimed first choice, unkept: nothing
+    is launched or timed. Outside the recording the key is then tuned as usual; under MIXER_FAST_AUTOTUNE=none
+    only the untimed choice's first config is recorded. launching() lets a thread time for real."""
     import triton.testing
 
     from mixer_fast.kernels.triton import _launch, matmul
@@ -420,6 +422,7 @@ def test_a_tuner_under_a_recording_times_real_launches(monkeypatch):
     monkeypatch.setattr(_launch, "compile_concurrently", lambda warmups: 0)
     k = _FakeKernel()
     candidates = matmul.site_configs("plain", False)
+    key = _key(matmul, variant="plain", B_PRO=0)
 
     def bench(fn, **kw):
         fn()
@@ -432,10 +435,27 @@ def test_a_tuner_under_a_recording_times_real_launches(monkeypatch):
     def run(cfg):
         _launch.on_grid(k, cfg)()
 
+    def warm(cfg):
+        k.warmup(grid=cfg)
+
     with _launch.record_launches() as recorded:
-        run(tuner.config("sm_90", _key(matmul, variant="plain", B_PRO=0), candidates, run))
+        run(tuner.config("sm_90", key, candidates, run, warm=warm))
+    assert k.events == [] and tuner.chosen == {"sm_90": {}} and tuner.timed == {}
+    for w in recorded:
+        w()
+    assert k.events == [("warmup", c, (), {}) for c in candidates] + [("warmup", candidates[0], (), {})]
+    k.events.clear()
+    assert tuner.config("sm_90", key, candidates, run, warm=warm) == candidates[1]  # tuned now
     assert k.events == [("launch", c, (), {}) for c in candidates]
-    assert len(recorded) == 1 and list(tuner.chosen["sm_90"].values()) == [candidates[1]]
+    k.events.clear()
+    monkeypatch.setenv(matmul.AUTOTUNE_ENV, matmul.AUTOTUNE_NONE)
+    with _launch.record_launches() as recorded:
+        assert tuner.config("sm_90", key + "x", candidates, run, warm=warm, fits=lambda c: False) == candidates[0]
+    assert len(recorded) == 1 and k.events == []
+    monkeypatch.setenv(matmul.AUTOTUNE_ENV, "1")
+    with _launch.record_launches() as recorded, _launch.launching():
+        assert tuner.config("sm_90", key + "y", candidates, run, warm=warm) == candidates[1]
+    assert recorded == [] and k.events[-1] == ("launch", candidates[-1], (), {})
 
 
 def test_tuning_compiles_each_candidate_once_in_the_pool_as_it_launches():

@@ -167,9 +167,9 @@ def test_a_timing_group_compiles_at_once_before_any_provider_is_timed():
     """gpu_check's timing groups warm their triton providers up before timing any (gpu_check.warm_providers):
     on a stand-in sm_90, channel mixing at S = 49 on both engines and both LayerNorm placements, every
     kernel compiles in the compile pool's threads and none is launched while they are recorded (the
-    backward's included); running each provider's calls, as the timing then does, compiles nothing more.
-    The GEMM sites take their configs from a table, as in the runbook's timing call (the stand-in's
-    untuned choice compiles a config to see whether it fits, in the caller's thread)."""
+    backward's included); running each provider's calls, as the timing then does, compiles nothing more:
+    the GEMM sites' untimed choices (no table here, MIXER_FAST_AUTOTUNE=none) find the config they check for
+    fit compiled."""
     require("triton")
     code = """
 import json, threading
@@ -178,9 +178,8 @@ stand_in._setup(90)
 import triton.compiler
 import fake_cuda
 import gpu_check
-from mixer_fast.kernels.triton import _launch, matmul
+from mixer_fast.kernels.triton import _launch
 _launch.compile_workers = lambda: 4
-matmul.Tuner.shipped = lambda self, device_class, key, candidates: matmul.untuned_choice(candidates)
 threads = []
 compile_ = triton.compiler.compile
 def counted(*a, **k):

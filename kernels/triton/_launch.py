@@ -123,10 +123,24 @@ def record_launches() -> Iterator[List[Callable[[], object]]]:
         _RECORDED = None
 
 
+def recording() -> bool:
+    """Whether this thread's launches are being recorded (:func:`record_launches`, not under :func:`launching`)."""
+    return _RECORDED is not None and not getattr(_LAUNCHING, "on", False)
+
+
+def record(warmup: Callable[[], object]) -> None:
+    """Adds ``warmup`` (a compile, not a launch) to what :func:`record_launches` compiles afterwards: a tuner's
+    candidates, recorded with the launches."""
+    recorded = _RECORDED
+    if recorded is None:
+        raise RuntimeError("record: no launches are being recorded (record_launches)")
+    recorded.append(warmup)
+
+
 @contextlib.contextmanager
 def launching() -> Iterator[None]:
     """Inside the block, in this thread, launches run even under :func:`compile_only` or
-    :func:`record_launches`: a tuner timing its candidates must run them, and its choice is kept."""
+    :func:`record_launches`: a tuner timing its candidates must run them, if its choice is to be kept."""
     before = getattr(_LAUNCHING, "on", False)
     _LAUNCHING.on = True
     token = _COMPILE_ONLY.set(False)
@@ -143,10 +157,8 @@ def on_grid(kernel: Any, grid: Any) -> Callable[..., Any]:
     if not INTERPRET and not getattr(_LAUNCHING, "on", False):
         if _COMPILE_ONLY.get():
             return functools.partial(kernel.warmup, grid=grid)
-        recorded = _RECORDED
-        if recorded is not None:
-            return lambda *args, **kwargs: recorded.append(functools.partial(kernel.warmup, *args, grid=grid,
-                                                                              **kwargs))
+        if _RECORDED is not None:
+            return lambda *args, **kwargs: record(functools.partial(kernel.warmup, *args, grid=grid, **kwargs))
     return kernel[grid]
 
 

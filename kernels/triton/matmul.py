@@ -550,7 +550,9 @@ class Tuner:
         compiles it without launching: when tuning, every candidate is compiled at once first
         (:func:`_launch.compile_concurrently`), so that the timing loop meets compiled kernels.
         ``fits(config)``: whether it fits the GPU (untimed choices skip those that do not; timing skips
-        them by their launch's OutOfResources)."""
+        them by their launch's OutOfResources). While launches are recorded (_launch.record_launches),
+        a key with no table entry records the compiles it would make (``warm``: every candidate, or the
+        untimed choice's first) and answers the untimed first choice, unkept."""
         known = self.chosen.setdefault(device_class, {})
         if key in known:
             return known[key]
@@ -558,6 +560,14 @@ class Tuner:
         if shipped is not None:
             known[key] = shipped
             return shipped
+        if _launch.recording() and warm is not None and not _launch.INTERPRET:
+            # A warm-up's run (_launch.record_launches, bench/gpu_check.py's timing groups): the compiles this
+            # key would make are recorded with the launches, to compile all at once; the choice is left to
+            # the real run, which then finds them compiled. Nothing is launched, nothing kept.
+            first = untuned_choice(candidates)
+            for cfg in [first] if no_tuning() else candidates:
+                _launch.record(functools.partial(warm, cfg))
+            return first
         if no_tuning():
             known[key] = untuned_choice(candidates, fits)
             return known[key]
@@ -566,7 +576,7 @@ class Tuner:
         if warm is not None:
             _launch.compile_concurrently([functools.partial(warm, cfg) for cfg in candidates])
         times = {}
-        with _launch.launching():  # timed for real even in a warm-up (_launch.record_launches): the choice is kept
+        with _launch.launching():  # timed for real even under _launch.compile_only: the choice is kept
             for cfg in candidates:
                 try:
                     times[cfg] = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
