@@ -20,6 +20,25 @@ STAND_IN = Path(__file__).resolve().parent.parent / "bench" / "stand_in.py"
 HOPPER_SAMPLE = "^(token_mixing mixer_b16 bf16|channel_mixing resmlp_24 fp32|block gmlp_s16 bf16)$"
 
 
+# The prelude of the warm-up tests' code: a stand-in sm_90 with a 4-thread compile pool, and every Triton
+# compile counted, by the name of the thread it ran in (``threads``) and in stand_in.COMPILED.
+_COUNTED_COMPILES = """
+import json, threading
+import stand_in
+stand_in._setup(90)
+import triton.compiler
+from mixer_fast.kernels.triton import _launch
+_launch.compile_workers = lambda: 4
+threads = []
+compile_ = triton.compiler.compile
+def counted(*a, **k):
+    threads.append(threading.current_thread().name)
+    stand_in.COMPILED.append(1)
+    return compile_(*a, **k)
+triton.compiler.compile = counted
+"""
+
+
 def _run(args, code=None, timeout=900):
     env = dict(os.environ, TRITON_INTERPRET="0")  # stand_in.py clears the MIXER_FAST_ variables itself
     command = [sys.executable, "-c", code] if code else [sys.executable, str(STAND_IN), *args]
@@ -119,21 +138,10 @@ def test_tile_candidates_compile_at_once_before_any_is_timed():
     compile once, in the compile pool's threads, and launching each under its override_plan, as the timing
     then does, compiles nothing more; the token launchers it recorded through are restored."""
     require("triton")
-    code = """
-import json, threading
-import stand_in
-stand_in._setup(90)
-import triton.compiler
+    code = _COUNTED_COMPILES + """
 import gpu_check
-from mixer_fast.kernels.triton import _launch, token_mixing
+from mixer_fast.kernels.triton import token_mixing
 from mixer_fast.kernels.triton.token_mixing import DW1, DW2, Launch
-_launch.compile_workers = lambda: 4
-threads = []
-compile_ = triton.compiler.compile
-def counted(*a, **k):
-    threads.append(threading.current_thread().name)
-    return compile_(*a, **k)
-triton.compiler.compile = counted
 p = (64, 0, 0)
 candidates = {"token_mlp_fwd": [Launch(p, 32, 32, 4, 2)], "token_mlp_dx": [Launch(p, 64, 16, 4, 2)],
               "token_mlp_dw": [Launch(p, 16, 32, 4, 2, (DW1, DW2))]}
@@ -171,22 +179,9 @@ def test_a_timing_group_compiles_at_once_before_any_provider_is_timed():
     the GEMM sites' untimed choices (no table here, MIXER_FAST_AUTOTUNE=none) find the config they check for
     fit compiled."""
     require("triton")
-    code = """
-import json, threading
-import stand_in
-stand_in._setup(90)
-import triton.compiler
+    code = _COUNTED_COMPILES + """
 import fake_cuda
 import gpu_check
-from mixer_fast.kernels.triton import _launch
-_launch.compile_workers = lambda: 4
-threads = []
-compile_ = triton.compiler.compile
-def counted(*a, **k):
-    threads.append(threading.current_thread().name)
-    stand_in.COMPILED.append(1)
-    return compile_(*a, **k)
-triton.compiler.compile = counted
 warm = gpu_check.warm_providers
 seen = {}
 def spied(fns):
