@@ -40,7 +40,7 @@ something faulted). Record schema, one JSON object a line (non-finite floats wri
      where a run of that warm-up failed)}
     {"kind": "tiles", "kernel", "plan", "shape", "batch", "mode", "dtype", "ms": float | null, "error": str | null,
      "compile_threads", "compile_s" (the process's warm_tiles: compile threads, 0 where it compiled nothing
-     ahead; its seconds, the two planned runs that compile everything else included)}
+     ahead; its seconds: each candidate's recorded run, then every kernel those runs launch compiled)}
     {"kind": "summary", "checks", "failed", "faulted", "timings", "skipped", "seconds"}
 
 The exit status is non-zero when a check failed, faulted or was not run, or the graph check failed. Without
@@ -76,7 +76,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import functools
 import json
 import math
 import os
@@ -872,7 +871,7 @@ def tiles_worker(shape: str, dtype: str, batch: int) -> bool:
     threads = warm_tiles(modes, candidates)
     warmed = {"compile_threads": threads, "compile_s": round(time.monotonic() - started, 2)}
     for kernel, launches in candidates.items():
-        mode = TILE_LAUNCHERS[kernel][0]
+        mode = TILE_MODES[kernel]
         for launch in launches:
             record = {"kind": "tiles", "kernel": kernel, "plan": launch.label() + (
                 f" parts {','.join(map(str, launch.parts))}" if kernel == "token_mlp_dw" else ""),
@@ -899,64 +898,40 @@ def tile_modes(shape: str, dtype: str, batch: int, device: str) -> Dict[str, Cal
                       "fused", "load")
 
 
-# kernel → (the mode its candidates are timed in, the token_mixing launcher that launches it)
-TILE_LAUNCHERS = {"token_mlp_fwd": ("forward", "token_mixing_forward"),
-                  "token_mlp_dx": ("training", "token_mixing_backward"),
-                  "token_mlp_dw": ("training", "token_mixing_backward")}
+# kernel → the mode its candidates are timed in
+TILE_MODES = {"token_mlp_fwd": "forward", "token_mlp_dx": "training", "token_mlp_dw": "training"}
 
 
 def warm_tiles(modes: Dict[str, Callable[[], Any]], candidates: Dict[str, List[Any]]) -> int:
     """Compiles every tile candidate before any is timed, their compiles at once (_launch.compile_concurrently),
     instead of one after another at each candidate's first timed call: ~2 s each on the CPU of a device
-    machine, 15 candidates a shape. Runs each of ``modes`` once (planned launches: compiled and run) and
-    records the token launcher calls they make (TILE_LAUNCHERS); each candidate's warm-up is its kernel's
-    launcher called again with those arguments under its override_plan and _launch.compile_only (its
-    kernel compiled as the timed call will launch it, nothing of it run), in this thread: the backward of
-    a CUDA tensor runs in autograd's own thread, where neither compile_only nor Triton's compile mode (both
-    context variables) would be seen. A warm-up that fails is passed over, and so is the whole warm-up
-    when a planned run fails: the timed calls meet the error and record it. Returns the compile threads
-    used (0: each candidate compiles at its first timed call, as before)."""
+    machine, 15 candidates a shape. Each candidate's mode (TILE_MODES) runs once under its override_plan
+    while launches are recorded (_launch.record_launches, as warm_providers does: process-wide, so a CUDA
+    backward's launches in autograd's own thread are recorded too), and nothing runs; what was recorded,
+    the candidate's kernel and the planned ones around it, then compiles once per key. A candidate whose run
+    fails is passed over, and the whole warm-up on a CUDA fault: the timed calls meet the error and record
+    it. Returns the compile threads used (0: each candidate compiles at its first timed call, as before)."""
     from mixer_fast.kernels.triton import _launch, token_mixing
 
-    calls: Dict[str, Tuple[Callable[..., Any], tuple, dict]] = {}
-    names = {name for _, name in TILE_LAUNCHERS.values()}
-    originals = {name: getattr(token_mixing, name) for name in names}
-
-    def recorder(name, mode):
-        def record(*a, **k):
-            calls.setdefault(f"{mode}:{name}", (originals[name], a, k))
-            return originals[name](*a, **k)
-        return record
-
-    try:
-        for mode in sorted({mode for mode, _ in TILE_LAUNCHERS.values()}):
-            try:
-                for name in names:
-                    setattr(token_mixing, name, recorder(name, mode))
-                modes[mode]()
-            finally:
-                for name, fn in originals.items():
-                    setattr(token_mixing, name, fn)
-        _sync()
-    except Exception:  # noqa: BLE001 - see above
+    if _launch.INTERPRET:
         return 0
-
-    def warm(kernel, launch, fn, a, k):
-        try:
-            with token_mixing.override_plan(kernel, launch), _launch.compile_only():
-                fn(*a, **k)
-        except Exception:  # noqa: BLE001 - the timed call meets it again and records it
-            pass
-
-    warmups = []
-    for kernel, launches in candidates.items():
-        mode, name = TILE_LAUNCHERS[kernel]
-        if f"{mode}:{name}" not in calls:
-            continue  # the op did not reach this launcher (another engine); nothing to warm
-        warmups += [functools.partial(warm, kernel, launch, *calls[f"{mode}:{name}"]) for launch in launches]
-    # the variables set once around every warm-up, not around each: setenv while the pool's compiles read the
-    # environment (Triton's passes call getenv) could free it under them
-    return _pinned(lambda: _launch.compile_concurrently(warmups), "fused", "load")()
+    with _launch.record_launches() as warmups:
+        for kernel, launches in candidates.items():
+            for launch in launches:
+                try:
+                    with token_mixing.override_plan(kernel, launch):
+                        modes[TILE_MODES[kernel]]()
+                    _sync()
+                except Exception as e:  # noqa: BLE001 - see above
+                    if is_device_fault(error_text(e)):
+                        return 0
+    try:
+        # the variables set once around every compile, not around each: setenv while the pool's compiles read
+        # the environment (Triton's passes call getenv) could free it under them
+        return _pinned(lambda: _launch.compile_concurrently(warmups), "fused", "load")()
+    finally:
+        warmups.clear()  # they hold every tensor of the runs: gone before anything is timed
+        _empty_cache()
 
 
 def worker_main(task: Dict[str, Any]) -> int:

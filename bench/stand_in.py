@@ -155,7 +155,7 @@ def compiles_per_candidate(modes, candidates, compiled: list) -> List[Tuple[str,
         for launch in launches:
             before = len(compiled)
             with token_mixing.override_plan(kernel, launch):
-                modes[gpu_check.TILE_LAUNCHERS[kernel][0]]()
+                modes[gpu_check.TILE_MODES[kernel]]()
             counts.append((kernel, launch, len(compiled) - before))
     return counts
 

@@ -415,20 +415,39 @@ def test_cublas_cases_rerun_without_tma_only_where_a_fused_gemm_runs():
     assert cases[("channel_mixing", "fused")].uses_gemm
 
 
-def test_tile_warm_up_gives_way_when_a_planned_run_fails():
-    """warm_tiles is an optimisation: a planned run that fails (a fault, say) ends it with 0 threads and
-    nothing warmed, the launchers it recorded through restored, and the error is left for the timed calls to
-    record (tiles_worker catches each candidate's)."""
-    from mixer_fast.kernels.triton import token_mixing
+def test_tile_warm_up_passes_over_a_failing_candidate_and_gives_way_to_a_fault(monkeypatch):
+    """warm_tiles is an optimisation. It runs each candidate's mode once under that candidate's override_plan
+    while launches are recorded, then compiles what was recorded at once. A candidate whose run fails is
+    passed over; a CUDA fault ends the warm-up with 0 threads and nothing compiled, the recording over: the
+    timed calls meet the error and record it (tiles_worker catches each candidate's). In Triton's
+    interpreter nothing runs."""
+    from mixer_fast.kernels.triton import _launch, token_mixing
+    from mixer_fast.kernels.triton.token_mixing import DW1, DW2, Launch
 
-    originals = token_mixing.token_mixing_forward, token_mixing.token_mixing_backward
-    ran = []
+    p = (64, 0, 0)
+    fwd, dx, dw = Launch(p, 32, 32, 4, 2), Launch(p, 64, 16, 4, 2), Launch(p, 16, 32, 4, 2, (DW1, DW2))
+    candidates = {"token_mlp_fwd": [fwd], "token_mlp_dx": [dx], "token_mlp_dw": [dw]}
+    ran, compiled = [], []
 
-    def broken():
-        ran.append("training")
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    def run(mode, error=None):
+        def call():
+            ran.append((mode, dict(token_mixing._OVERRIDES), _launch.recording()))
+            _launch.record(lambda: None)
+            if error and len(ran) == 2:
+                raise RuntimeError(error)
+        return call
 
-    modes = {"forward": lambda: ran.append("forward"), "training": broken}
-    assert gpu_check.warm_tiles(modes, gpu_check.tile_candidates()) == 0
-    assert ran == ["forward", "training"]
-    assert (token_mixing.token_mixing_forward, token_mixing.token_mixing_backward) == originals
+    monkeypatch.setattr(_launch, "compile_concurrently", lambda warmups: compiled.append(len(warmups)) or 2)
+    assert gpu_check.warm_tiles({"forward": run("forward"), "training": run("training")}, candidates) == 0
+    assert ran == [] and compiled == []  # the interpreter: nothing compiles ahead
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    modes = {"forward": run("forward"), "training": run("training", "a shape this tile cannot take")}
+    assert gpu_check.warm_tiles(modes, candidates) == 2
+    assert ran == [("forward", {"token_mlp_fwd": fwd}, True), ("training", {"token_mlp_dx": dx}, True),
+                   ("training", {"token_mlp_dw": dw}, True)]
+    assert compiled == [3] and token_mixing._OVERRIDES == {} and not _launch.recording()
+    ran.clear(), compiled.clear()
+    modes["training"] = run("training", "CUDA error: an illegal memory access was encountered")
+    assert gpu_check.warm_tiles(modes, candidates) == 0
+    assert [mode for mode, _, _ in ran] == ["forward", "training"] and compiled == []
+    assert token_mixing._OVERRIDES == {} and _launch._RECORDED is None

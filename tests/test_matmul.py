@@ -365,11 +365,10 @@ class _FakeKernel:
         self.events.append(("warmup", grid, args, kwargs))
 
 
-def test_on_grid_launches_warms_up_or_records(monkeypatch):
-    """``on_grid(kernel, grid)(...)`` launches; under compile_only it warms up now (this thread only); under
-    record_launches it records the warm-up for later, in every thread (a CUDA backward runs in autograd's
-    own), and runs nothing; launching() runs launches under either (a tuner's timed candidates); and in
-    Triton's interpreter it always launches."""
+def test_on_grid_launches_or_records(monkeypatch):
+    """``on_grid(kernel, grid)(...)`` launches; under record_launches it records the warm-up for later, in
+    every thread (a CUDA backward runs in autograd's own), and runs nothing; launching() runs launches under
+    it (a tuner's timed candidates); and in Triton's interpreter it always launches."""
     import threading
 
     from mixer_fast.kernels.triton import _launch
@@ -378,13 +377,6 @@ def test_on_grid_launches_warms_up_or_records(monkeypatch):
     k = _FakeKernel()
     _launch.on_grid(k, (2,))(1, X=3)
     assert k.events == [("launch", (2,), (1,), {"X": 3})]
-    k.events.clear()
-    with _launch.compile_only():
-        _launch.on_grid(k, (2,))(1, X=3)
-        with _launch.launching():
-            _launch.on_grid(k, (4,))(5)
-        _launch.on_grid(k, (6,))(7)
-    assert k.events == [("warmup", (2,), (1,), {"X": 3}), ("launch", (4,), (5,), {}), ("warmup", (6,), (7,), {})]
     k.events.clear()
     with _launch.record_launches() as recorded:
         _launch.on_grid(k, (2,))(1, X=3)
@@ -404,7 +396,7 @@ def test_on_grid_launches_warms_up_or_records(monkeypatch):
                             ("warmup", (8,), (9,), {})]
     k.events.clear()
     monkeypatch.setattr(_launch, "INTERPRET", True)
-    with _launch.record_launches() as recorded, _launch.compile_only():
+    with _launch.record_launches() as recorded:
         _launch.on_grid(k, (2,))(1)
     assert k.events == [("launch", (2,), (1,), {})] and recorded == []
 

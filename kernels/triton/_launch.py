@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import contextvars
 import functools
 import os
 import re
@@ -79,24 +78,6 @@ def compile_concurrently(warmups: Sequence[Callable[[], object]], workers: Optio
     return workers
 
 
-_COMPILE_ONLY: contextvars.ContextVar = contextvars.ContextVar("mixer_fast_compile_only", default=False)
-
-
-@contextlib.contextmanager
-def compile_only() -> Iterator[None]:
-    """Inside the block (in this thread), kernel launches made through :func:`on_grid` (every launcher's)
-    compile their kernel as that launch would (same specialisation, same cache key) and do not run, so
-    their outputs stay unwritten: a call of a launcher becomes a warm-up for :func:`compile_concurrently`
-    (bench/gpu_check.py's token tiles). The launcher's other work still runs (its torch operations, and a
-    tuner's timed configs: see :func:`launching`), on whatever the skipped kernels left unwritten. A no-op in
-    Triton's interpreter, where nothing compiles."""
-    token = _COMPILE_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _COMPILE_ONLY.reset(token)
-
-
 _RECORDED: Optional[List[Callable[[], object]]] = None  # record_launches' list while one is active
 _LAUNCHING = threading.local()  # .on: this thread's launches run whatever else is active (launching())
 
@@ -106,9 +87,10 @@ def record_launches() -> Iterator[List[Callable[[], object]]]:
     """Inside the block, in every thread of the process, a launch made through :func:`on_grid` does not run:
     its warm-up (Triton's ``warmup`` with the launch's arguments and grid: compiled under the key the launch
     looks up, and not run) is appended to the list the block yields, for :func:`compile_concurrently` to
-    compile them all at once afterwards (bench/gpu_check.py's timing groups: a process's first forward and
-    training step otherwise compile their kernels one by one). Outputs stay unwritten, as under
-    :func:`compile_only`. Process-wide rather than a context variable because on CUDA autograd runs a
+    compile them all at once afterwards (bench/gpu_check.py's timing groups and token tiles: a process's
+    first forward and training step otherwise compile their kernels one by one). The launcher's other work
+    still runs (its torch operations, a tuner's choice: matmul.Tuner.config), on the outputs the recorded
+    launches left unwritten. Process-wide rather than a context variable because on CUDA autograd runs a
     backward in a thread of its own, which sees no context variable of the caller's; so it is for a process
     of its own, such as the GPU check's workers, and refuses to nest. The warm-ups hold their launches'
     tensors until the list is dropped. A no-op in Triton's interpreter."""
@@ -139,26 +121,21 @@ def record(warmup: Callable[[], object]) -> None:
 
 @contextlib.contextmanager
 def launching() -> Iterator[None]:
-    """Inside the block, in this thread, launches run even under :func:`compile_only` or
-    :func:`record_launches`: a tuner timing its candidates must run them, if its choice is to be kept."""
+    """Inside the block, in this thread, launches run even under :func:`record_launches`: a tuner timing its
+    candidates must run them, if its choice is to be kept."""
     before = getattr(_LAUNCHING, "on", False)
     _LAUNCHING.on = True
-    token = _COMPILE_ONLY.set(False)
     try:
         yield
     finally:
-        _COMPILE_ONLY.reset(token)
         _LAUNCHING.on = before
 
 
 def on_grid(kernel: Any, grid: Any) -> Callable[..., Any]:
-    """``kernel[grid]``; inside :func:`compile_only` the same launch with Triton's ``warmup`` (compiled, not
-    run); inside :func:`record_launches` that warm-up recorded for later (nothing compiled, nothing run)."""
-    if not INTERPRET and not getattr(_LAUNCHING, "on", False):
-        if _COMPILE_ONLY.get():
-            return functools.partial(kernel.warmup, grid=grid)
-        if _RECORDED is not None:
-            return lambda *args, **kwargs: record(functools.partial(kernel.warmup, *args, grid=grid, **kwargs))
+    """``kernel[grid]``; inside :func:`record_launches` the same launch's warm-up (Triton's ``warmup``: compiled,
+    not run), recorded for later (nothing compiled, nothing run)."""
+    if recording() and not INTERPRET:
+        return lambda *args, **kwargs: record(functools.partial(kernel.warmup, *args, grid=grid, **kwargs))
     return kernel[grid]
 
 

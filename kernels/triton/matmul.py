@@ -576,7 +576,7 @@ class Tuner:
         if warm is not None:
             _launch.compile_concurrently([functools.partial(warm, cfg) for cfg in candidates])
         times = {}
-        with _launch.launching():  # timed for real even under _launch.compile_only: the choice is kept
+        with _launch.launching():  # timed for real even while launches are recorded: the choice is kept
             for cfg in candidates:
                 try:
                     times[cfg] = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
