@@ -39,8 +39,8 @@ something faulted). Record schema, one JSON object a line (non-finite floats wri
      once before any provider is timed; 0 threads where nothing was compiled ahead), "warm_up_error" (only
      where a run of that warm-up failed)}
     {"kind": "tiles", "kernel", "plan", "shape", "batch", "mode", "dtype", "ms": float | null, "error": str | null,
-     "compile_threads", "compile_s" (the process's warm_tiles: compile threads, 0 where it compiled nothing
-     ahead; its seconds: each candidate's recorded run, then every kernel those runs launch compiled)}
+     "compile_threads", "compile_s", "warm_up_error" (as the timing records', from the process's warm_tiles:
+     each candidate's recorded run, then every kernel those runs launch compiled)}
     {"kind": "summary", "checks", "failed", "faulted", "timings", "skipped", "seconds"}
 
 The exit status is non-zero when a check failed, faulted or was not run, or the graph check failed. Without
@@ -820,37 +820,51 @@ def timing_worker(what: str, shape: str, dtype: str, batch: int, peak_tflops: Op
 
 def warm_providers(fns: Sequence[Callable[[], Any]]) -> Dict[str, Any]:
     """Compiles every Triton kernel that ``fns`` (a timing group's triton providers, each mode) launch before
-    any is timed, the compiles at once (_launch.compile_concurrently) instead of one by one at each
-    provider's first call: ~1-2 s each on the CPU of a device machine, tens of kernels a group. Each of
-    ``fns`` runs once under _launch.record_launches: its torch operations and cuBLAS calls run, its
-    Triton launches are recorded as warm-ups, not run (what they would have written stays unwritten, and
-    later operations read that). A GEMM site without a tuned config records the compiles of all its
-    candidates (Tuner.config) and is tuned at its first timed call, as before, on compiled candidates
-    (untimed: _measure's first two calls). If a run fails, the
-    recorded launches are not compiled ahead: the timed calls meet the error and record it. Not warmed: a
-    token launcher's fallback to the cuBLAS engine where a flash plan does not fit the GPU's shared memory
-    (nothing is loaded while recording, so the plan's OutOfResources comes at the first timed call, which
-    then compiles the fallback's kernels one by one; untimed, as _measure's first two calls are). Returns
-    what the records carry: ``compile_threads`` (0: nothing compiled ahead), ``compile_s`` (the runs and
-    the compiles) and, where a run failed, ``warm_up_error``. Nothing runs in
-    Triton's interpreter, where nothing compiles."""
+    any is timed, the compiles at once instead of one by one at each provider's first call: ~1-2 s each on
+    the CPU of a device machine, tens of kernels a group (recorded_warm_up, which returns what the records
+    carry). A GEMM site without a tuned config records the compiles of all its candidates (Tuner.config)
+    and is tuned at its first timed call, as before, on compiled candidates (untimed: _measure's first two
+    calls). Not warmed: a token launcher's fallback to the cuBLAS engine where a flash plan does not fit the
+    GPU's shared memory (nothing is loaded while recording, so the plan's OutOfResources comes at the first
+    timed call, which then compiles the fallback's kernels one by one; untimed, as _measure's first two
+    calls are)."""
+    return recorded_warm_up(fns)
+
+
+def recorded_warm_up(runs: Sequence[Callable[[], Any]]) -> Dict[str, Any]:
+    """Runs each of ``runs`` once under _launch.record_launches, then compiles every launch they recorded at
+    once (_launch.compile_concurrently; each key once). The runs' torch operations and cuBLAS calls run;
+    their Triton launches are recorded, not run (what they would have written stays unwritten, and later
+    operations read that). A run that fails is passed over: the timed call meets its error and records it.
+    A CUDA fault ends the warm-up with nothing compiled (the context is lost). Returns what the records
+    carry: ``compile_threads`` (0: nothing compiled ahead), ``compile_s`` (the runs and the compiles) and,
+    where a run failed, ``warm_up_error`` (the fault, else the first failure; and how many runs failed).
+    Nothing runs in Triton's interpreter, where nothing compiles."""
     from mixer_fast.kernels.triton import _launch
 
     started = time.monotonic()
     if _launch.INTERPRET:
         return {"compile_threads": 0, "compile_s": 0.0}
-    try:
-        with _launch.record_launches() as warmups:
-            for fn in fns:
-                fn()
-            _sync()
-        threads = _launch.compile_concurrently(warmups)
-        warmups.clear()  # they held every tensor of the runs: gone before anything is timed or measured
+    errors: List[str] = []
+    with _launch.record_launches() as warmups:
+        for run in runs:
+            try:
+                run()
+                _sync()
+            except Exception as e:  # noqa: BLE001 - see above
+                errors.append(error_text(e))
+                if is_device_fault(errors[-1]):
+                    break
+    faulted = bool(errors) and is_device_fault(errors[-1])
+    threads = 0 if faulted else _launch.compile_concurrently(warmups)
+    warmups.clear()  # they held every tensor of the runs: gone before anything is timed or measured
+    if not faulted:
         _empty_cache()
-    except Exception as e:  # noqa: BLE001 - see above
-        return {"compile_threads": 0, "compile_s": round(time.monotonic() - started, 2),
-                "warm_up_error": error_text(e)}
-    return {"compile_threads": threads, "compile_s": round(time.monotonic() - started, 2)}
+    warmed: Dict[str, Any] = {"compile_threads": threads, "compile_s": round(time.monotonic() - started, 2)}
+    if errors:
+        more = f" ({len(errors)} of {len(runs)} runs failed)" if len(errors) > 1 else ""
+        warmed["warm_up_error"] = (errors[-1] if faulted else errors[0]) + more
+    return warmed
 
 
 def _empty_cache() -> None:
@@ -863,28 +877,30 @@ def _empty_cache() -> None:
 def tiles_worker(shape: str, dtype: str, batch: int) -> bool:
     """Times token mixing with each of tile_candidates() in turn; emits one "tiles" record per candidate.
     Every candidate compiles first, at once (warm_tiles). Returns whether a CUDA fault was caught (the
-    process then stops)."""
+    process then stops; after a fault in the warm-up, every candidate says it was not run)."""
     from mixer_fast.kernels.triton import token_mixing
 
     modes, candidates = tile_modes(shape, dtype, batch, _device()), tile_candidates()
-    started = time.monotonic()
-    threads = warm_tiles(modes, candidates)
-    warmed = {"compile_threads": threads, "compile_s": round(time.monotonic() - started, 2)}
+    warmed = warm_tiles(modes, candidates)
+    lost = is_device_fault(warmed.get("warm_up_error", ""))
     for kernel, launches in candidates.items():
         mode = TILE_MODES[kernel]
         for launch in launches:
             record = {"kind": "tiles", "kernel": kernel, "plan": launch.label() + (
                 f" parts {','.join(map(str, launch.parts))}" if kernel == "token_mlp_dw" else ""),
                 "shape": shape, "batch": batch, "mode": mode, "dtype": dtype, "ms": None, "error": None, **warmed}
-            try:
-                with token_mixing.override_plan(kernel, launch):
-                    record["ms"] = _measure(modes[mode])
-            except Exception as e:  # noqa: BLE001 - recorded; the other candidates still run
-                record["error"] = error_text(e)
+            if lost:
+                record["error"] = "not run: the CUDA context was lost when the tiles' warm-up faulted"
+            else:
+                try:
+                    with token_mixing.override_plan(kernel, launch):
+                        record["ms"] = _measure(modes[mode])
+                except Exception as e:  # noqa: BLE001 - recorded; the other candidates still run
+                    record["error"] = error_text(e)
             emit(record)
-            if record["error"] and is_device_fault(record["error"]):
+            if not lost and record["error"] and is_device_fault(record["error"]):
                 return True
-    return False
+    return lost
 
 
 def tile_modes(shape: str, dtype: str, batch: int, device: str) -> Dict[str, Callable[[], Any]]:
@@ -902,36 +918,24 @@ def tile_modes(shape: str, dtype: str, batch: int, device: str) -> Dict[str, Cal
 TILE_MODES = {"token_mlp_fwd": "forward", "token_mlp_dx": "training", "token_mlp_dw": "training"}
 
 
-def warm_tiles(modes: Dict[str, Callable[[], Any]], candidates: Dict[str, List[Any]]) -> int:
-    """Compiles every tile candidate before any is timed, their compiles at once (_launch.compile_concurrently),
-    instead of one after another at each candidate's first timed call: ~2 s each on the CPU of a device
-    machine, 15 candidates a shape. Each candidate's mode (TILE_MODES) runs once under its override_plan
-    while launches are recorded (_launch.record_launches, as warm_providers does: process-wide, so a CUDA
-    backward's launches in autograd's own thread are recorded too), and nothing runs; what was recorded,
-    the candidate's kernel and the planned ones around it, then compiles once per key. A candidate whose run
-    fails is passed over, and the whole warm-up on a CUDA fault: the timed calls meet the error and record
-    it. Returns the compile threads used (0: each candidate compiles at its first timed call, as before)."""
-    from mixer_fast.kernels.triton import _launch, token_mixing
+def warm_tiles(modes: Dict[str, Callable[[], Any]], candidates: Dict[str, List[Any]]) -> Dict[str, Any]:
+    """Compiles every tile candidate before any is timed, their compiles at once, instead of one after another
+    at each candidate's first timed call: ~2 s each on the CPU of a device machine, 15 candidates a shape.
+    Each candidate's mode (TILE_MODES) runs once under its override_plan while launches are recorded
+    (recorded_warm_up, as for the timing groups: process-wide, so a CUDA backward's launches in autograd's
+    own thread are recorded too), and nothing runs; what was recorded, the candidate's kernel and the
+    planned ones around it, then compiles once per key. Returns recorded_warm_up's record fields: a
+    candidate whose run fails is passed over, and on a CUDA fault nothing compiles."""
+    from mixer_fast.kernels.triton import token_mixing
 
-    if _launch.INTERPRET:
-        return 0
-    with _launch.record_launches() as warmups:
-        for kernel, launches in candidates.items():
-            for launch in launches:
-                try:
-                    with token_mixing.override_plan(kernel, launch):
-                        modes[TILE_MODES[kernel]]()
-                    _sync()
-                except Exception as e:  # noqa: BLE001 - see above
-                    if is_device_fault(error_text(e)):
-                        return 0
-    try:
-        # the variables set once around every compile, not around each: setenv while the pool's compiles read
-        # the environment (Triton's passes call getenv) could free it under them
-        return _pinned(lambda: _launch.compile_concurrently(warmups), "fused", "load")()
-    finally:
-        warmups.clear()  # they hold every tensor of the runs: gone before anything is timed
-        _empty_cache()
+    def under_plan(kernel, launch):
+        def run():
+            with token_mixing.override_plan(kernel, launch):
+                modes[TILE_MODES[kernel]]()
+        return run
+
+    return recorded_warm_up([under_plan(kernel, launch) for kernel, launches in candidates.items()
+                             for launch in launches])
 
 
 def worker_main(task: Dict[str, Any]) -> int:

@@ -114,7 +114,9 @@ def tiles(shape: str, dtype: str) -> None:
     import gpu_check
 
     modes, candidates = gpu_check.tile_modes(shape, dtype, TILES_BATCH, "cpu"), gpu_check.tile_candidates()
-    gpu_check.warm_tiles(modes, candidates)
+    warmed = gpu_check.warm_tiles(modes, candidates)
+    if "warm_up_error" in warmed:
+        raise RuntimeError(f"the warm-up failed: {warmed['warm_up_error']}")
     late = [f"{kernel} {launch.label()}: {n}"
             for kernel, launch, n in compiles_per_candidate(modes, candidates, COMPILED) if n]
     if late:

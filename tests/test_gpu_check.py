@@ -348,21 +348,35 @@ def test_a_fault_in_the_warm_up_is_the_warm_up_s(monkeypatch):
     assert "warm-up failed: RuntimeError: CUDA error" in text
 
 
-def test_a_failing_warm_up_gives_way_and_says_why(monkeypatch):
-    # A provider that fails in the warm-up leaves the compiles to the timed calls, which record the error
-    # themselves; the records say the warm-up failed, and why.
+def test_a_failing_warm_up_run_is_passed_over_and_a_fault_ends_it(monkeypatch):
+    # A provider whose run fails in the warm-up leaves its compiles to its timed calls, which record the error
+    # themselves; the other runs still run and what they recorded compiles; the records say a run failed, and
+    # why. A CUDA fault ends the warm-up: no run after it, nothing compiled, the fault named.
     from mixer_fast.kernels.triton import _launch
 
     monkeypatch.setattr(_launch, "INTERPRET", False)
-    ran = []
+    ran, compiled = [], []
+    monkeypatch.setattr(_launch, "compile_concurrently", lambda warmups: compiled.append(len(warmups)) or 2)
+
+    def run(n):
+        return lambda: ran.append(n) or _launch.record(lambda: None)
 
     def broken():
         raise RuntimeError("the launcher broke")
 
-    warmed = gpu_check.warm_providers([lambda: ran.append(1), broken, lambda: ran.append(3)])
-    assert ran == [1] and warmed["compile_threads"] == 0
-    assert "RuntimeError: the launcher broke" in warmed["warm_up_error"]
-    assert _launch._RECORDED is None  # the recording ended with the failure
+    def fault():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    warmed = gpu_check.warm_providers([run(1), broken, run(3)])
+    assert ran == [1, 3] and compiled == [2] and warmed["compile_threads"] == 2
+    assert warmed["warm_up_error"] == "RuntimeError: the launcher broke"
+    assert _launch._RECORDED is None  # the recording is over
+    ran.clear(), compiled.clear()
+    warmed = gpu_check.warm_providers([run(1), broken, fault, run(4)])
+    assert ran == [1] and compiled == [] and warmed["compile_threads"] == 0
+    assert warmed["warm_up_error"] == ("RuntimeError: CUDA error: an illegal memory access was encountered"
+                                       " (2 of 4 runs failed)")
+    assert gpu_check.is_device_fault(warmed["warm_up_error"]) and _launch._RECORDED is None
     monkeypatch.setattr(_launch, "INTERPRET", True)  # nothing compiles in the interpreter: nothing runs
     assert gpu_check.warm_providers([broken]) == {"compile_threads": 0, "compile_s": 0.0}
 
@@ -415,12 +429,11 @@ def test_cublas_cases_rerun_without_tma_only_where_a_fused_gemm_runs():
     assert cases[("channel_mixing", "fused")].uses_gemm
 
 
-def test_tile_warm_up_passes_over_a_failing_candidate_and_gives_way_to_a_fault(monkeypatch):
+def test_tile_warm_up_runs_each_candidate_recorded_under_its_plan(monkeypatch):
     """warm_tiles is an optimisation. It runs each candidate's mode once under that candidate's override_plan
-    while launches are recorded, then compiles what was recorded at once. A candidate whose run fails is
-    passed over; a CUDA fault ends the warm-up with 0 threads and nothing compiled, the recording over: the
-    timed calls meet the error and record it (tiles_worker catches each candidate's). In Triton's
-    interpreter nothing runs."""
+    while launches are recorded, then compiles what was recorded at once (recorded_warm_up: a candidate
+    whose run fails is passed over; a CUDA fault ends it, nothing compiled). In Triton's interpreter nothing
+    runs."""
     from mixer_fast.kernels.triton import _launch, token_mixing
     from mixer_fast.kernels.triton.token_mixing import DW1, DW2, Launch
 
@@ -438,16 +451,34 @@ def test_tile_warm_up_passes_over_a_failing_candidate_and_gives_way_to_a_fault(m
         return call
 
     monkeypatch.setattr(_launch, "compile_concurrently", lambda warmups: compiled.append(len(warmups)) or 2)
-    assert gpu_check.warm_tiles({"forward": run("forward"), "training": run("training")}, candidates) == 0
-    assert ran == [] and compiled == []  # the interpreter: nothing compiles ahead
+    warmed = gpu_check.warm_tiles({"forward": run("forward"), "training": run("training")}, candidates)
+    assert warmed == {"compile_threads": 0, "compile_s": 0.0} and ran == compiled == []  # the interpreter
     monkeypatch.setattr(_launch, "INTERPRET", False)
     modes = {"forward": run("forward"), "training": run("training", "a shape this tile cannot take")}
-    assert gpu_check.warm_tiles(modes, candidates) == 2
+    warmed = gpu_check.warm_tiles(modes, candidates)
+    assert warmed["compile_threads"] == 2 and "a shape this tile cannot take" in warmed["warm_up_error"]
     assert ran == [("forward", {"token_mlp_fwd": fwd}, True), ("training", {"token_mlp_dx": dx}, True),
                    ("training", {"token_mlp_dw": dw}, True)]
     assert compiled == [3] and token_mixing._OVERRIDES == {} and not _launch.recording()
     ran.clear(), compiled.clear()
     modes["training"] = run("training", "CUDA error: an illegal memory access was encountered")
-    assert gpu_check.warm_tiles(modes, candidates) == 0
+    warmed = gpu_check.warm_tiles(modes, candidates)
+    assert warmed["compile_threads"] == 0 and gpu_check.is_device_fault(warmed["warm_up_error"])
     assert [mode for mode, _, _ in ran] == ["forward", "training"] and compiled == []
     assert token_mixing._OVERRIDES == {} and _launch._RECORDED is None
+
+
+def test_a_fault_in_the_tile_warm_up_is_named_on_every_candidate(monkeypatch):
+    # The CUDA context is lost: no candidate is timed (the first, the shipped plan, would fail and have the
+    # fault taken for its own), and each record says why; the worker reports the fault.
+    records, measured = [], []
+    fault = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    monkeypatch.setattr(gpu_check, "tile_modes", lambda *a: {"forward": None, "training": None})
+    monkeypatch.setattr(gpu_check, "warm_tiles", lambda modes, candidates: {
+        "compile_threads": 0, "compile_s": 1.0, "warm_up_error": fault})
+    monkeypatch.setattr(gpu_check, "_measure", measured.append)
+    monkeypatch.setattr(gpu_check, "emit", records.append)
+    assert gpu_check.tiles_worker("mixer_b16", "bf16", 256) is True
+    assert measured == [] and len(records) == sum(map(len, gpu_check.tile_candidates().values()))
+    assert all(r["error"] == "not run: the CUDA context was lost when the tiles' warm-up faulted"
+               and r["warm_up_error"] == fault and r["ms"] is None for r in records)

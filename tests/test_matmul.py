@@ -313,7 +313,7 @@ def test_compile_concurrently_uses_a_pool_only_where_it_can(monkeypatch):
     """The warm-ups run in the caller's thread with Triton's AsyncCompileMode active (their compiles go to
     the pool), and the mode is cleared after; not at all where a pool gains nothing (one CPU, one warm-up,
     the interpreter: each config then compiles at its first launch); into the caller's own AsyncCompileMode
-    where one is active."""
+    where one is active. A warm-up that raises is passed over, an interrupt is not."""
     import concurrent.futures
     import threading
 
@@ -343,6 +343,13 @@ def test_compile_concurrently_uses_a_pool_only_where_it_can(monkeypatch):
     monkeypatch.setattr(_launch, "INTERPRET", True)
     assert _launch.compile_concurrently([warm] * 2, workers=4) == 0 and seen == []
     monkeypatch.setattr(_launch, "INTERPRET", False)
+
+    def broken():  # raised before its compile is submitted (binding its arguments, say): passed over
+        raise TypeError("warmup() got an unexpected keyword argument")
+
+    assert _launch.compile_concurrently([warm, broken, warm], workers=2) == 2 and len(seen) == 2
+    with concurrent.futures.ThreadPoolExecutor(2) as pool, AsyncCompileMode(pool):
+        assert _launch.compile_concurrently([broken, warm], workers=4) == 0 and len(seen) == 3
 
     def interrupted():
         raise KeyboardInterrupt

@@ -147,7 +147,7 @@ candidates = {"token_mlp_fwd": [Launch(p, 32, 32, 4, 2)], "token_mlp_dx": [Launc
               "token_mlp_dw": [Launch(p, 16, 32, 4, 2, (DW1, DW2))]}
 import fake_cuda
 modes = gpu_check.tile_modes("awkward", "bf16", 16, "cpu")
-used = gpu_check.warm_tiles(modes, candidates)
+used = gpu_check.warm_tiles(modes, candidates)["compile_threads"]
 warmed = list(threads)
 in_warm = list(fake_cuda.LAUNCHES)
 modes["forward"]()

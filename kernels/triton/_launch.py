@@ -48,9 +48,10 @@ def compile_concurrently(warmups: Sequence[Callable[[], object]], workers: Optio
     real launches look up. A tuner's candidates otherwise compile one by one at their first timed launch,
     ~1 s each for the fused GEMM on sm_90a here, which made compiling, not timing, the cost of a tuning run;
     Triton's passes and ptxas drop the GIL, so threads overlap them (6 fused-GEMM configs: 12.4 s serially,
-    6.8 s in two threads on two cores, 2026-11-29). Compile errors are not raised here: the config's launch
-    meets its error when it runs (triton 3.8 keeps the failed compile in the kernel cache and raises its
-    error again at each launch of that config; 3.6 compiles again). Returns the threads used, or 0 where
+    6.8 s in two threads on two cores, 2026-11-29). Errors are not raised here: a compile's, nor one a
+    warm-up raises itself before its compile is submitted (binding its arguments, say), which would otherwise
+    stop the warm-ups after it; the launch meets its error when it runs (triton 3.8 keeps a failed compile in
+    the kernel cache and raises its error again at each launch of that config; 3.6 compiles again). Returns the threads used, or 0 where
     nothing is gained and no warm-up runs (Triton's interpreter, one warm-up or one CPU, a Triton before
     AsyncCompileMode), or where one is already active: the warm-ups then go to its pool."""
     try:
@@ -61,7 +62,7 @@ def compile_concurrently(warmups: Sequence[Callable[[], object]], workers: Optio
         return 0
     if active_mode.get() is not None:
         for warm in warmups:
-            warm()
+            _passing_over_errors(warm)
         return 0
     workers = min(len(warmups), workers or compile_workers())
     if workers < 2:
@@ -70,12 +71,19 @@ def compile_concurrently(warmups: Sequence[Callable[[], object]], workers: Optio
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="triton-compile") as pool, \
                 AsyncCompileMode(pool, ignore_errors=True):
             for warm in warmups:
-                warm()
+                _passing_over_errors(warm)
     finally:
         # triton 3.6 clears the mode only after its last compile: an interrupt there would leave it set,
         # with its pool shut down, and every later compile in this thread failing
         active_mode.set(None)
     return workers
+
+
+def _passing_over_errors(warm: Callable[[], object]) -> None:
+    try:
+        warm()
+    except Exception:  # noqa: BLE001 - its launch meets it again (compile_concurrently)
+        pass
 
 
 _RECORDED: Optional[List[Callable[[], object]]] = None  # record_launches' list while one is active
