@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """The fused GEMM's per-GPU table of tuned configs (mixer_fast/tuned_gemm.json; kernels/triton/matmul.py: Tuner).
 
-    python bench/tune_table.py run --out DIR [--batches 256,128,64] [--dtypes bf16,fp16]   (on a GPU)
+    python bench/tune_table.py run --out DIR [--batches 256,128,64] [--dtypes bf16]        (on a GPU)
     python bench/tune_table.py write DIR [DIR ...]                                      (anywhere)
 
 ``run`` times every config of every fused-GEMM launch the ops make at the named models' shapes (forward and
-backward, MIXER_FAST_AUTOTUNE=1 so that nothing comes from the table) and writes DIR/tuned.json (and
-DIR/timings.json: every config's median milliseconds per key, e.g. TMA against pointer loads):
+backward, MIXER_FAST_AUTOTUNE=1 so that nothing comes from the table; each op and shape's candidates all
+compiled first, at once) and writes DIR/tuned.json (and DIR/timings.json: every config's median
+milliseconds per key, e.g. TMA against pointer loads):
 {"sm_90": {tune_key: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages(, "tma")]}}. ``write`` merges such files into
 the shipped table (later files win on a key), so that a first call on that GPU does not tune; commit it with
 the run's folder under bench/results/.
@@ -18,7 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "mixer_fast" / "tuned_gemm.json"
@@ -37,7 +38,7 @@ def import_paths() -> None:
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
 
-def run(out: Path, batches: List[int], dtypes: List[str]) -> int:
+def run(out: Path, batches: List[int], dtypes: List[str], cases: Sequence[Tuple[str, str]] = CASES) -> int:
     os.environ["MIXER_FAST_AUTOTUNE"] = "1"
     import_paths()
     import torch
@@ -50,25 +51,55 @@ def run(out: Path, batches: List[int], dtypes: List[str]) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     try:
-        for op, shape in CASES:
-            for dtype in dtypes:
-                for batch in batches:
-                    for placement in LN_PLACEMENTS.get(op, ("load",)):
-                        os.environ["MIXER_FAST_LN"] = placement
-                        args, call = gpu_check._op_inputs(op, gpu_check.SHAPES[shape], batch, drop_path=False)
-                        leaves = gpu_check._leaves(args, gpu_check._torch_dtype(dtype), "cuda")
-                        y = call(leaves, "triton")
-                        y.backward(torch.randn_like(y))
-                        torch.cuda.synchronize()
-                    # written after every case: a run cut short by its time budget keeps what it tuned
-                    (out / "tuned.json").write_text(json.dumps(matmul.TUNER.timed, indent=1, sort_keys=True) + "\n")
-                    (out / "timings.json").write_text(json.dumps(matmul.TUNER.times, indent=1, sort_keys=True) + "\n")
-                    print(f"tuned {op} {shape} {dtype} batch {batch}", flush=True)
+        for op, shape in cases:
+            steps = {(dtype, batch): [training_step(op, shape, dtype, batch, placement)
+                                      for placement in LN_PLACEMENTS.get(op, ("load",))]
+                     for dtype in dtypes for batch in batches}
+            # Every candidate of every site of this op and shape compiles first, all at once: a site's own
+            # warm-up (Tuner.config) compiles only its 4-8 candidates at a time, and 29 sites one after
+            # another left most of the machine's cores idle (bench/NOTES.md). Only the first dtype of each
+            # key family: the others' sites are tuned by then, and compile only the config chosen for them.
+            first = {key_family(dtype): dtype for dtype in reversed(dtypes)}.values()
+            warmed = gpu_check.recorded_warm_up([step for (dtype, _), group in steps.items() if dtype in first
+                                                 for step in group])
+            print(f"compiled {op} {shape} ahead: {json.dumps(warmed)}", flush=True)
+            for (dtype, batch), group in steps.items():
+                for step in group:
+                    step()
+                # written after every case: a run cut short by its time budget keeps what it tuned
+                (out / "tuned.json").write_text(json.dumps(matmul.TUNER.timed, indent=1, sort_keys=True) + "\n")
+                (out / "timings.json").write_text(json.dumps(matmul.TUNER.times, indent=1, sort_keys=True) + "\n")
+                print(f"tuned {op} {shape} {dtype} batch {batch}", flush=True)
     except KeyboardInterrupt:
         print("interrupted (time budget): tuned.json has the cases finished so far", flush=True)
         return 1
     print(f"{sum(map(len, matmul.TUNER.timed.values()))} keys -> {out / 'tuned.json'}")
     return 0
+
+
+def key_family(dtype: str) -> str:
+    """The tune keys ``dtype``'s sites share (matmul.tune_key): bf16 and fp16 the same ones (their tiles hold
+    the same bytes), fp32 its own (",fp32")."""
+    return "fp32" if dtype == "fp32" else "16-bit"
+
+
+def training_step(op: str, shape: str, dtype: str, batch: int, placement: str) -> Callable[[], None]:
+    """One forward and backward of ``op`` on the triton backend at ``shape`` (gpu_check.SHAPES), with fc1's
+    LayerNorm placed as ``placement`` (MIXER_FAST_LN): every fused-GEMM site it meets is tuned (or, while
+    launches are recorded, has its candidates' compiles recorded). Fresh inputs each call."""
+    import torch
+
+    import gpu_check
+
+    def step() -> None:
+        os.environ["MIXER_FAST_LN"] = placement
+        args, call = gpu_check._op_inputs(op, gpu_check.SHAPES[shape], batch, drop_path=False)
+        leaves = gpu_check._leaves(args, gpu_check._torch_dtype(dtype), "cuda")
+        y = call(leaves, "triton")
+        y.backward(torch.randn_like(y))
+        torch.cuda.synchronize()
+
+    return step
 
 
 def merge(table: Dict, runs: List[Dict]) -> Dict:
@@ -94,7 +125,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="tune on this GPU, write DIR/tuned.json")
     r.add_argument("--out", required=True, type=Path)
     r.add_argument("--batches", default="256,128,64")
-    r.add_argument("--dtypes", default="bf16,fp16")
+    r.add_argument("--dtypes", default="bf16",
+                   help="bf16 tunes fp16's keys too (key_family); fp32's sites are keyed apart")
     w = sub.add_parser("write", help="merge DIR/tuned.json files into mixer_fast/tuned_gemm.json")
     w.add_argument("dirs", nargs="+", type=Path)
     opts = parser.parse_args(argv)

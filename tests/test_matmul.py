@@ -262,6 +262,32 @@ print("ok", len(tune_table.CASES))
     assert r.stdout.split() == ["ok", "5"]
 
 
+def test_the_tune_stage_compiles_ahead_only_the_first_dtype_of_a_key_family(monkeypatch, tmp_path):
+    """bf16 and fp16 share their tune keys (matmul.tune_key names no 16-bit dtype), so the tune stage records
+    for its compile-ahead only the steps of the first dtype of each family: the others' sites are tuned by the
+    time they run, and compiling their every candidate would be waste (252 compiles against 155 on the
+    stand-in, bench/NOTES.md). Every step then runs, in order, and its cases are written."""
+    import functools
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "bench"))
+    import gpu_check
+    import tune_table
+
+    monkeypatch.setattr(tune_table, "import_paths", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("MIXER_FAST_AUTOTUNE", "0")  # run() sets it
+    ran, recorded = [], []
+    monkeypatch.setattr(tune_table, "training_step", lambda *a: functools.partial(ran.append, a[2:]))
+    monkeypatch.setattr(gpu_check, "recorded_warm_up", lambda runs: recorded.append([r.args[0] for r in runs]) or {})
+    assert tune_table.run(tmp_path, [64], ["fp16", "bf16", "fp32"], cases=[("channel_mixing", "awkward")]) == 0
+    # fp16's and fp32's steps, each LayerNorm placement
+    assert recorded == [[(dtype, 64, placement) for dtype in ("fp16", "fp32") for placement in ("load", "fold")]]
+    assert ran == [(dtype, 64, placement) for dtype in ("fp16", "bf16", "fp32") for placement in ("load", "fold")]
+    assert (tmp_path / "tuned.json").exists() and tune_table.key_family("fp16") == tune_table.key_family("bf16")
+
+
 def test_tuner_times_each_config_once_per_key(monkeypatch):
     import triton.testing
 

@@ -1,9 +1,9 @@
 """bench/stand_in.py: the GPU check's cases launched in compiled mode on a stand-in GPU (tests/fake_cuda.py),
 every kernel specialised and compiled as it would launch there. CI runs a sample (each op once on sm_90; token
-and channel mixing on sm_86, 99 KB of shared memory a block; the tiles part's and a timing group's warm-ups at
-S = 49); `python bench/stand_in.py` runs all 36 (31 check cases, 3 blocks and 2 tile shapes: 204 s on two cores
-with a cold Triton cache, 2026-11-29), as a GPU session's preparation should, and `--timings` the 13 timing
-groups' triton providers too."""
+and channel mixing on sm_86, 99 KB of shared memory a block; the tiles part's, a timing group's and the tune
+stage's warm-ups at S = 49); `python bench/stand_in.py` runs all 36 (31 check cases, 3 blocks and 2 tile shapes:
+204 s on two cores with a cold Triton cache, 2026-11-29), as a GPU session's preparation should, and
+`--timings` the 13 timing groups' triton providers too."""
 from __future__ import annotations
 
 import json
@@ -202,3 +202,37 @@ print(json.dumps(dict(seen, threads=threads, late=late, launches=sorted(set(fake
     assert len(got["threads"]) >= 8 and all(t.startswith("triton-compile") for t in got["threads"]), got["threads"]
     # the timed calls then launched what was compiled: the fused GEMM, LayerNorm's and the cuBLAS engine's kernels
     assert {"fused_matmul_kernel", "ln_stats_kernel", "gelu_kernel"} <= set(got["launches"]), got["launches"]
+
+
+def test_the_tune_stage_compiles_every_candidate_before_timing_any():
+    """``bench/tune_table.py run`` (the runbook's call 2) on a stand-in sm_90, ResMLP's token linear at S = 49,
+    C = 100, bf16: every candidate config of every fused-GEMM site that the forward and backward meet compiles in the
+    compile pool before the first is timed (recorded_warm_up), not a site's 4-8 at a time as each is tuned,
+    and the tuning then compiles nothing more; every site is tuned and written."""
+    require("triton")
+    code = _COUNTED_COMPILES + """
+import tempfile
+from pathlib import Path
+import triton.testing
+import gpu_check, tune_table
+leaves = gpu_check._leaves
+gpu_check._leaves = lambda args, dtype, device: leaves(args, dtype, "cpu")
+timed = []
+def bench(fn, **kw):
+    timed.append(len(threads))
+    fn()
+    return 1.0
+triton.testing.do_bench = bench
+gpu_check.SHAPES["resmlp_49"] = gpu_check.Dims(49, 100, 49, 200, "resmlp")  # its token linear: one GEMM a site
+with tempfile.TemporaryDirectory() as out:
+    status = tune_table.run(Path(out), [16], ["bf16"], cases=[("token_mixing", "resmlp_49")])
+    tuned = json.loads((Path(out) / "tuned.json").read_text())
+print(json.dumps(dict(status=status, threads=threads, timed=timed, tuned=tuned)))
+"""
+    r, _, got = _run([], code=code)
+    assert r.returncode == 0 and got["status"] == 0, (r.stdout + r.stderr)[-3000:]
+    compiles, keys = len(got["threads"]), got["tuned"].get("sm_90", {})
+    assert len(keys) >= 3 and compiles >= 2 * len(keys), (compiles, keys)  # fwd, dX, dW: each several configs
+    assert all(t.startswith("triton-compile") for t in got["threads"]), got["threads"]
+    assert got["timed"] and set(got["timed"]) == {compiles}, "compiled while tuning: " + str(got["timed"])
+    assert "compiled token_mixing resmlp_49 ahead" in r.stdout and "tuned token_mixing resmlp_49 bf16 batch 16" in r.stdout
