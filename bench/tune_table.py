@@ -51,16 +51,17 @@ def run(out: Path, batches: List[int], dtypes: List[str], cases: Sequence[Tuple[
         return 2
     out.mkdir(parents=True, exist_ok=True)
     try:
+        # Only the first dtype of each key family is compiled ahead: the others' sites are tuned by the time
+        # they run, and compile only the config chosen for them.
+        ahead = {key_family(dtype): dtype for dtype in reversed(dtypes)}.values()
         for op, shape in cases:
             steps = {(dtype, batch): [training_step(op, shape, dtype, batch, placement)
                                       for placement in LN_PLACEMENTS.get(op, ("load",))]
                      for dtype in dtypes for batch in batches}
             # Every candidate of every site of this op and shape compiles first, all at once: a site's own
             # warm-up (Tuner.config) compiles only its 4-8 candidates at a time, and 29 sites one after
-            # another left most of the machine's cores idle (bench/NOTES.md). Only the first dtype of each
-            # key family: the others' sites are tuned by then, and compile only the config chosen for them.
-            first = {key_family(dtype): dtype for dtype in reversed(dtypes)}.values()
-            warmed = gpu_check.recorded_warm_up([step for (dtype, _), group in steps.items() if dtype in first
+            # another left most of the machine's cores idle (bench/NOTES.md).
+            warmed = gpu_check.recorded_warm_up([step for (dtype, _), group in steps.items() if dtype in ahead
                                                  for step in group])
             print(f"compiled {op} {shape} ahead: {json.dumps(warmed)}", flush=True)
             for (dtype, batch), group in steps.items():
@@ -84,19 +85,21 @@ def key_family(dtype: str) -> str:
 
 
 def training_step(op: str, shape: str, dtype: str, batch: int, placement: str) -> Callable[[], None]:
-    """One forward and backward of ``op`` on the triton backend at ``shape`` (gpu_check.SHAPES), with fc1's
-    LayerNorm placed as ``placement`` (MIXER_FAST_LN): every fused-GEMM site it meets is tuned (or, while
-    launches are recorded, has its candidates' compiles recorded). Fresh inputs each call."""
+    """One forward and backward of ``op`` on the triton backend at ``shape`` (gpu_check.SHAPES), as the timing
+    groups' triton providers run it: on the fused engine (the GEMMs tuned are the fused kernel's), with fc1's
+    LayerNorm placed as ``placement`` (MIXER_FAST_LN). Every fused-GEMM site it meets is tuned (or, while
+    launches are recorded, has its candidates' compiles recorded)."""
     import torch
 
     import gpu_check
 
+    args, call = gpu_check._op_inputs(op, gpu_check.SHAPES[shape], batch, drop_path=False)
+    leaves = gpu_check._leaves(args, gpu_check._torch_dtype(dtype), "cuda")
+    modes = gpu_check._modes(lambda: call(leaves, "triton"), leaves.values(), torch.randn_like(leaves["x"]))
+    training = gpu_check._pinned(modes["training"], "fused", placement)
+
     def step() -> None:
-        os.environ["MIXER_FAST_LN"] = placement
-        args, call = gpu_check._op_inputs(op, gpu_check.SHAPES[shape], batch, drop_path=False)
-        leaves = gpu_check._leaves(args, gpu_check._torch_dtype(dtype), "cuda")
-        y = call(leaves, "triton")
-        y.backward(torch.randn_like(y))
+        training()
         torch.cuda.synchronize()
 
     return step

@@ -51,8 +51,8 @@ def compile_concurrently(warmups: Sequence[Callable[[], object]], workers: Optio
     6.8 s in two threads on two cores, 2026-11-29). Errors are not raised here: a compile's, nor one a
     warm-up raises itself before its compile is submitted (binding its arguments, say), which would otherwise
     stop the warm-ups after it; the launch meets its error when it runs (triton 3.8 keeps a failed compile in
-    the kernel cache and raises its error again at each launch of that config; 3.6 compiles again). Returns the threads used, or 0 where
-    nothing is gained and no warm-up runs (Triton's interpreter, one warm-up or one CPU, a Triton before
+    the kernel cache and raises its error again at each launch of that config; 3.6 compiles again). Returns
+    the threads used, or 0 where nothing is gained and no warm-up runs (Triton's interpreter, one warm-up or one CPU, a Triton before
     AsyncCompileMode), or where one is already active: the warm-ups then go to its pool."""
     try:
         from triton.runtime._async_compile import AsyncCompileMode, active_mode
