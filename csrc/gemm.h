@@ -7,6 +7,8 @@
 //
 // kernel(K, Ap, Bp, C, ldc, accumulate) writes (accumulate: adds) the MR x NR product of K steps to C (row i
 // at C + i * ldc); a K block [k0, k1) of a panel starts at Ap + slot(k0) * MR and Bp + slot(k0) * NR.
+// half(...) does the same for the panel's first NR / 2 columns only, writing the others zero (accumulate:
+// leaving them): for a last panel of at most NR / 2 valid columns.
 //
 // An ISA with kpack = 2 (AVX512-BF16 dot products, bf16 data only) packs k in pairs: each 32-bit slot of a
 // panel holds the bf16 values of k = 2q (low half) and 2q + 1 (high half), slot q; an odd K ends with a zero
@@ -32,11 +34,14 @@ struct Isa {
   int mr, nr;
   MicroKernel kernel;
   TileGelu bias_gelu;
+  MicroKernel half;           // kernel on a panel's first NR / 2 columns (the portable one: the whole panel)
   int kpack = 1;              // k values per 32-bit panel slot: 1 (fp32) or 2 (bf16 pairs)
   const Isa* bf16 = nullptr;  // the kernels for bf16 data, where they differ (nullptr: these)
   const Isa& for_dtype(DType t) const { return t == DType::bf16 && bf16 ? *bf16 : *this; }
   int64_t slot(int64_t k) const { return k / kpack; }
   int64_t slots(int64_t K) const { return (K + kpack - 1) / kpack; }
+  // The kernel for a column panel with `cols` valid columns.
+  MicroKernel for_columns(int64_t cols) const { return 2 * cols <= nr ? half : kernel; }
 };
 
 const Isa& current();

@@ -120,12 +120,15 @@ struct Mlp {
     return last().panels() * isa.mr * (last().K > KC ? n_panels * isa.nr : isa.nr);
   }
 
-  // put(row0, rows, panel, y, ld): y = rows x NR values of Y (row i at y + i * ld), bias added. team > 1:
+  // put(row0, rows, panel, y, ld): y = rows x NR values of Y (row i at y + i * ld), bias added; the last
+  // panel has last_cols valid columns (at most NR / 2 of them: the half-width kernel runs it). team > 1:
   // the calling threads share this one task, each taking a range of weight panels (rows of H, then of Y),
   // with a barrier between the GEMMs; put is then called concurrently for disjoint row ranges.
   template <class Put>
-  void run(const float* xp, int64_t n_panels, float* hp, float* acc, const Put& put, int team = 1) const {
+  void run(const float* xp, int64_t n_panels, int64_t last_cols, float* hp, float* acc, const Put& put,
+           int team = 1) const {
     const int MR = isa.mr, NR = isa.nr;
+    auto kernel = [&](int64_t j) { return isa.for_columns(j == n_panels - 1 ? last_cols : NR); };
     const PackedA& a2 = last();
     // fn(p0, p1) over `panels` weight panels, split among the team.
     auto split = [&](int64_t panels, const auto& fn) {
@@ -147,7 +150,7 @@ struct Mlp {
           for (int64_t j = 0; j < n_panels; ++j) {
             float* h = hp + j * hstride + isa.slot(p * MR) * NR;
             float* tile = isa.kpack == 1 ? h : local;
-            isa.kernel(w1.K, w1.panel(p), xp + j * in_stride, tile, NR, false);
+            kernel(j)(w1.K, w1.panel(p), xp + j * in_stride, tile, NR, false);
             isa.bias_gelu(tile, std::min<int64_t>(MR, D - p * MR), b1.data() + p * MR, tanh_form, t);
             if (isa.kpack == 2) pack_pairs(tile, MR, NR, h);
           }
@@ -167,7 +170,7 @@ struct Mlp {
         float* tile = acc + p0 * MR * NR;  // one tile per panel: a thread's own
         for (int64_t p = p0; p < p1; ++p)
           for (int64_t j = 0; j < n_panels; ++j) {
-            isa.kernel(a2.K, a2.panel(p), in + j * in_stride, tile, NR, false);
+            kernel(j)(a2.K, a2.panel(p), in + j * in_stride, tile, NR, false);
             finish(p * MR, std::min<int64_t>(MR, a2.M - p * MR), j, tile, NR);
           }
       });
@@ -181,7 +184,7 @@ struct Mlp {
         const int64_t k0 = edge(kb), k1 = edge(kb + 1);
         for (int64_t p = p0; p < p1; ++p)
           for (int64_t j = 0; j < n_panels; ++j)
-            isa.kernel(k1 - k0, a2.panel(p) + isa.slot(k0) * MR, in + j * in_stride + isa.slot(k0) * NR,
+            kernel(j)(k1 - k0, a2.panel(p) + isa.slot(k0) * MR, in + j * in_stride + isa.slot(k0) * NR,
                        acc + p * MR * ld + j * NR, ld, kb > 0);
       }
       // Whole columns at once: the channel-mixing epilogue then writes each token's outputs in one run
@@ -218,8 +221,10 @@ struct Scratch {
 // 13 column panels, 4 tasks of 3-4), one task after another with all threads on each (weight rows split),
 // which also streams each weight once per task instead of once per thread.
 // pack(task, xp, p0, p1) writes column panels p0 .. p1 of the task's X; put(task, row0, rows, panel, y, ld).
+// cols: the valid columns of a group (tasks.panels panels, the last one partly padding).
 template <class Pack, class Put>
-void run_tasks(const Mlp& mlp, const Tasks& tasks, int threads, int64_t k_in, const Pack& pack, const Put& put) {
+void run_tasks(const Mlp& mlp, const Tasks& tasks, int64_t cols, int threads, int64_t k_in, const Pack& pack,
+               const Put& put) {
   const int NR = mlp.isa.nr;
   const int64_t np = tasks.max_panels;
   const bool team = threads > 1 && tasks.count() < 4 * threads;
@@ -229,13 +234,14 @@ void run_tasks(const Mlp& mlp, const Tasks& tasks, int threads, int64_t k_in, co
     bufs.push_back(std::make_unique<Scratch>(np * k_in * NR, mlp.hidden_floats(np), mlp.acc_floats(np)));
   auto one = [&](int64_t task, Scratch& sc, int size) {
     const int64_t n_panels = tasks.end(task) - tasks.first(task);
+    const int64_t last_cols = tasks.end(task) == tasks.panels ? cols - (tasks.panels - 1) * NR : NR;
     parallel_for(size, size, [&](int64_t t, int) {
       const int64_t p0 = n_panels * t / size, p1 = n_panels * (t + 1) / size;
       pack(task, sc.xp.p, p0, p1);
       if (mlp.isa.kpack == 2)
         for (int64_t p = p0; p < p1; ++p) pack_pairs(sc.xp.p + p * k_in * NR, k_in, NR, sc.xp.p + p * k_in * NR);
     });
-    mlp.run(sc.xp.p, n_panels, sc.hp.p, sc.acc.p,
+    mlp.run(sc.xp.p, n_panels, last_cols, sc.hp.p, sc.acc.p,
             [&](int64_t r0, int64_t rows, int64_t j, const float* y, int64_t ld) { put(task, r0, rows, j, y, ld); },
             size);
   };
@@ -287,7 +293,7 @@ void token_mixing_forward(const MixArgs& a) {
     const int64_t bi = tasks.group(task), cj = (tasks.first(task) + j) * NR, cols = std::min<int64_t>(NR, C - cj);
     for (int64_t i = 0; i < rows; ++i) epi.run(bi, s0 + i, cj, cols, y + i * ld, 1);
   };
-  run_tasks(mlp, tasks, a.threads, S, pack, put);
+  run_tasks(mlp, tasks, C, a.threads, S, pack, put);
 }
 
 void channel_mixing_forward(const MixArgs& a) {
@@ -320,7 +326,7 @@ void channel_mixing_forward(const MixArgs& a) {
     const int64_t mj = (tasks.first(task) + j) * NR, cols = std::min<int64_t>(NR, M - mj);
     for (int64_t jj = 0; jj < cols; ++jj) epi.run((mj + jj) / S, (mj + jj) % S, c0, rows, y + jj, ld);
   };
-  run_tasks(mlp, tasks, a.threads, C, pack, put);
+  run_tasks(mlp, tasks, M, a.threads, C, pack, put);
 }
 
 }  // namespace mixer_cpu
