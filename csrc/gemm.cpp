@@ -162,6 +162,41 @@ __attribute__((target("avx512f,fma"))) void gelu_avx512(float* v, int64_t rows, 
   bias_gelu_tile<A5_NR>(v, rows, bias, tanh_form, t);
 }
 
+// Packs 12 rows of 32-bit words (row i at src + i * ld) into a panel, dst[k * 12 + i] for k < n: fp32 weights,
+// and bf16 weights as k pairs (a pair is the word at w[i, 2q]). Scalar, that transpose cost 2 ms of the
+// Mixer-B/16 channel op's 11 ms at batch 1 (the weights are packed on every call): here 16 k at a time, the
+// 12 x 16 block transposed in registers (4 stages of in-lane and lane shuffles) and stored as 16 runs of 12.
+__attribute__((target("avx512f"))) void pack12_avx512(const float* src, int64_t ld, int64_t n, float* dst) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const float* s = src + k;
+    // rows 4g .. 4g+3 -> v[g][c]: 128-bit lane L holds column 4L + c of those rows
+    __m512 v[3][4];
+    for (int g = 0; g < 3; ++g) {
+      const __m512 r0 = _mm512_loadu_ps(s + (4 * g) * ld), r1 = _mm512_loadu_ps(s + (4 * g + 1) * ld);
+      const __m512 r2 = _mm512_loadu_ps(s + (4 * g + 2) * ld), r3 = _mm512_loadu_ps(s + (4 * g + 3) * ld);
+      const __m512 lo01 = _mm512_unpacklo_ps(r0, r1), hi01 = _mm512_unpackhi_ps(r0, r1);
+      const __m512 lo23 = _mm512_unpacklo_ps(r2, r3), hi23 = _mm512_unpackhi_ps(r2, r3);
+      v[g][0] = _mm512_shuffle_ps(lo01, lo23, 0x44);
+      v[g][1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
+      v[g][2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
+      v[g][3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
+    }
+    // column 4L + c = lane L of v[0][c], v[1][c], v[2][c] (a fourth group would fill lanes 12-15: not stored)
+    for (int c = 0; c < 4; ++c) {
+      const __m512 x0 = _mm512_shuffle_f32x4(v[0][c], v[1][c], 0x88), x1 = _mm512_shuffle_f32x4(v[0][c], v[1][c], 0xDD);
+      const __m512 x2 = _mm512_shuffle_f32x4(v[2][c], v[2][c], 0x88), x3 = _mm512_shuffle_f32x4(v[2][c], v[2][c], 0xDD);
+      float* d = dst + (k + c) * 12;
+      _mm512_mask_storeu_ps(d, 0x0FFF, _mm512_shuffle_f32x4(x0, x2, 0x88));           // column c
+      _mm512_mask_storeu_ps(d + 4 * 12, 0x0FFF, _mm512_shuffle_f32x4(x1, x3, 0x88));  // column 4 + c
+      _mm512_mask_storeu_ps(d + 8 * 12, 0x0FFF, _mm512_shuffle_f32x4(x0, x2, 0xDD));  // column 8 + c
+      _mm512_mask_storeu_ps(d + 12 * 12, 0x0FFF, _mm512_shuffle_f32x4(x1, x3, 0xDD)); // column 12 + c
+    }
+  }
+  for (; k < n; ++k)  // the words as they are (bf16 rows are only 2-byte aligned)
+    for (int i = 0; i < 12; ++i) std::memcpy(dst + k * 12 + i, src + i * ld + k, sizeof(float));
+}
+
 #ifdef MIXER_BF16_DOT
 // AVX512-BF16, bf16 data: the AVX-512 tile (12 x 32, 24 accumulators), each step a k pair. VDPBF16PS adds two
 // exact bf16 products to an fp32 lane, twice the multiply-adds of an fp32 FMA in the same issue slot (measured
@@ -216,13 +251,15 @@ __attribute__((target("avx512f,avx512bf16,fma"))) void half_avx512_bf16(int64_t 
 const Isa PORTABLE{"portable", P_MR, P_NR, kernel_portable, gelu_portable, kernel_portable};
 #ifdef MIXER_X86
 const Isa AVX2{"avx2", A2_MR, A2_NR, kernel_avx2, gelu_avx2, half_avx2};
-const Isa AVX512{"avx512", A5_MR, A5_NR, kernel_avx512, gelu_avx512, half_avx512};
+const Isa AVX512{"avx512", A5_MR, A5_NR, kernel_avx512, gelu_avx512, half_avx512, pack12_avx512};
 // The avx512_bf16 family: AVX-512 for fp32 data, dot products in k pairs for bf16 (the pairs need an even MR:
 // a first-GEMM tile's rows are whole pairs of the second GEMM's k).
 #ifdef MIXER_BF16_DOT
 static_assert(A5_MR % 2 == 0, "bf16 pairs need an even MR");
-const Isa AVX512_BF16_PAIRS{"avx512_bf16", A5_MR, A5_NR, kernel_avx512_bf16, gelu_avx512, half_avx512_bf16, 2};
-const Isa AVX512_BF16{"avx512_bf16", A5_MR, A5_NR, kernel_avx512, gelu_avx512, half_avx512, 1, &AVX512_BF16_PAIRS};
+const Isa AVX512_BF16_PAIRS{"avx512_bf16", A5_MR, A5_NR, kernel_avx512_bf16, gelu_avx512, half_avx512_bf16,
+                            pack12_avx512, 2};
+const Isa AVX512_BF16{"avx512_bf16", A5_MR, A5_NR, kernel_avx512, gelu_avx512, half_avx512, pack12_avx512, 1,
+                      &AVX512_BF16_PAIRS};
 #endif
 #endif
 
@@ -411,7 +448,12 @@ PackedA::PackedA(const void* w, DType t, int64_t M_, int64_t K_, const Isa& isa,
   parallel_for(panels(), threads, [&](int64_t p, int) {
     const int64_t rows = std::min<int64_t>(mr, M - p * mr);
     float* dst = buf.p + p * kslots * mr;
-    if (t == DType::f32) {
+    if (isa.pack && rows == mr && (t == DType::f32 || (isa.kpack == 2 && K % 2 == 0))) {
+      // a full panel of 32-bit words: fp32 values, or bf16 k pairs (the word at w[i, 2q])
+      const int64_t words = t == DType::f32 ? K : K / 2;
+      const size_t bytes = t == DType::f32 ? sizeof(float) : sizeof(uint16_t);
+      isa.pack(reinterpret_cast<const float*>(static_cast<const char*>(w) + p * mr * K * bytes), words, words, dst);
+    } else if (t == DType::f32) {
       pack_panel(mr, static_cast<const float*>(w) + p * mr * K, rows, K, dst);
     } else if (isa.kpack == 1) {
       pack_panel(mr, static_cast<const uint16_t*>(w) + p * mr * K, rows, K, dst);

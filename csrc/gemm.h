@@ -35,6 +35,9 @@ struct Isa {
   MicroKernel kernel;
   TileGelu bias_gelu;
   MicroKernel half;           // kernel on a panel's first NR / 2 columns (the portable one: the whole panel)
+  // Packs MR rows of n 32-bit words (row i at src + i * ld) into a panel, dst[k * MR + i]: fp32 weights, or bf16
+  // weights' k pairs; nullptr: the scalar loops.
+  void (*pack)(const float* src, int64_t ld, int64_t n, float* dst) = nullptr;
   int kpack = 1;              // k values per 32-bit panel slot: 1 (fp32) or 2 (bf16 pairs)
   const Isa* bf16 = nullptr;  // the kernels for bf16 data, where they differ (nullptr: these)
   const Isa& for_dtype(DType t) const { return t == DType::bf16 && bf16 ? *bf16 : *this; }
