@@ -76,15 +76,31 @@ struct Buffer {
 };
 
 // A row-major M x K matrix of dtype t packed into MR-row panels for ``isa`` (fp32, or bf16 pairs where
-// isa.kpack = 2): Buffer of cdiv(M, MR) * isa.slots(K) * MR 32-bit slots.
+// isa.kpack = 2): Buffer of cdiv(M, MR) * isa.slots(K) * MR 32-bit slots. Lazy: nothing packed ahead; each
+// panel's K block is packed where it is used (panel() with a scratch of MR * isa.slots(k1 - k0) floats), for
+// weights that each thread streams once a call: packing ahead wrote the whole packed copy to memory and read it
+// back (Mixer-B/16 channel mixing at batch 1: 2 ms of 11).
 struct PackedA {
   int64_t M, K;
   int mr;
   int64_t kslots;
-  Buffer buf;
-  PackedA(const void* w, DType t, int64_t M, int64_t K, const Isa& isa, int threads);
-  const float* panel(int64_t p) const { return buf.p + p * kslots * mr; }
+  bool lazy;
+  PackedA(const void* w, DType t, int64_t M, int64_t K, const Isa& isa, int threads, bool lazy = false);
+  // Panel p's slots for k in [k0, k1) (k0 a slot boundary): in the packed buffer, or packed into scratch.
+  const float* panel(int64_t p, int64_t k0, int64_t k1, float* scratch) const {
+    if (!lazy) return buf.p + p * kslots * mr + isa.slot(k0) * mr;
+    pack(p, k0, k1, scratch);
+    return scratch;
+  }
   int64_t panels() const { return cdiv(M, mr); }
+  // Rows of panel p, k in [k0, k1), into dst (zero rows past M; an odd K's last high half zero).
+  void pack(int64_t p, int64_t k0, int64_t k1, float* dst) const;
+
+ private:
+  const void* w;
+  DType t;
+  const Isa& isa;
+  Buffer buf;
 };
 
 }  // namespace mixer_cpu

@@ -146,14 +146,17 @@ struct Mlp {
       const int64_t D = w1.M, hstride = w1.panels() * MR * NR;
       split(w1.panels(), [&](int64_t p0, int64_t p1) {
         alignas(64) float local[kMaxTile];
-        for (int64_t p = p0; p < p1; ++p)
+        const Buffer scratch(w1.lazy ? MR * w1.kslots : 0);
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* panel = w1.panel(p, 0, w1.K, scratch.p);
           for (int64_t j = 0; j < n_panels; ++j) {
             float* h = hp + j * hstride + isa.slot(p * MR) * NR;
             float* tile = isa.kpack == 1 ? h : local;
-            kernel(j)(w1.K, w1.panel(p), xp + j * in_stride, tile, NR, false);
+            kernel(j)(w1.K, panel, xp + j * in_stride, tile, NR, false);
             isa.bias_gelu(tile, std::min<int64_t>(MR, D - p * MR), b1.data() + p * MR, tanh_form, t);
             if (isa.kpack == 2) pack_pairs(tile, MR, NR, h);
           }
+        }
       });
       in = hp;
       in_stride = hstride;
@@ -168,11 +171,14 @@ struct Mlp {
     if (a2.K <= KC) {
       split(a2.panels(), [&](int64_t p0, int64_t p1) {
         float* tile = acc + p0 * MR * NR;  // one tile per panel: a thread's own
-        for (int64_t p = p0; p < p1; ++p)
+        const Buffer scratch(a2.lazy ? MR * a2.kslots : 0);
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* panel = a2.panel(p, 0, a2.K, scratch.p);
           for (int64_t j = 0; j < n_panels; ++j) {
-            kernel(j)(a2.K, a2.panel(p), in + j * in_stride, tile, NR, false);
+            kernel(j)(a2.K, panel, in + j * in_stride, tile, NR, false);
             finish(p * MR, std::min<int64_t>(MR, a2.M - p * MR), j, tile, NR);
           }
+        }
       });
       return;
     }
@@ -180,12 +186,15 @@ struct Mlp {
     split(a2.panels(), [&](int64_t p0, int64_t p1) {
       // K blocks start on a slot (an even k for bf16 pairs)
       auto edge = [&](int64_t kb) { return kb == nk ? a2.K : kb * a2.K / nk / isa.kpack * isa.kpack; };
+      const Buffer scratch(a2.lazy ? MR * a2.kslots : 0);
       for (int64_t kb = 0; kb < nk; ++kb) {
         const int64_t k0 = edge(kb), k1 = edge(kb + 1);
-        for (int64_t p = p0; p < p1; ++p)
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* panel = a2.panel(p, k0, k1, scratch.p);
           for (int64_t j = 0; j < n_panels; ++j)
-            kernel(j)(k1 - k0, a2.panel(p) + isa.slot(k0) * MR, in + j * in_stride + isa.slot(k0) * NR,
-                       acc + p * MR * ld + j * NR, ld, kb > 0);
+            kernel(j)(k1 - k0, panel, in + j * in_stride + isa.slot(k0) * NR, acc + p * MR * ld + j * NR, ld,
+                      kb > 0);
+        }
       }
       // Whole columns at once: the channel-mixing epilogue then writes each token's outputs in one run
       // (per 6-value tile column it cost 5.5 ns an output, 3 % of the op).
@@ -198,14 +207,25 @@ struct Mlp {
 
 // Tasks over `groups` independent sets of `panels` column panels each: consecutive panel ranges of at most
 // max_panels (fewer tasks reuse each streamed weight panel over more columns), split evenly, and as many
-// per group as makes the task count a multiple of the thread count (no thread idles at the end).
+// per group as makes the task count a multiple of the thread count (no thread idles at the end). Where that
+// leaves fewer than 4 tasks a thread, the threads share each task (run_tasks) and a task may take up to
+// TEAM_PANELS: each thread then streams, and packs, its weight panels once a task, not once a task of the
+// smaller split (Mixer-B/16 channel mixing at batch 1, 7 panels: one task 9.6-9.8 ms, two 10.1-10.2).
 struct Tasks {
+  static constexpr int64_t TEAM_PANELS = 8;
   int64_t groups, panels, per_group, max_panels;
-  Tasks(int64_t g, int64_t p, int64_t max_p, int threads) : groups(g), panels(p), per_group(cdiv(p, max_p)) {
+  Tasks(int64_t g, int64_t p, int64_t max_p, int threads) : groups(g), panels(p) {
+    split(max_p, threads);
+    if (shared(threads)) split(std::max(max_p, TEAM_PANELS), 1);
+  }
+  void split(int64_t max_p, int threads) {
+    per_group = cdiv(panels, max_p);
     while (per_group < panels && (groups * per_group) % threads != 0) ++per_group;
     max_panels = cdiv(panels, per_group);
   }
   int64_t count() const { return groups * per_group; }
+  // Whether the threads share each task (run_tasks): then each streams every weight panel once per task.
+  bool shared(int threads) const { return threads > 1 && count() < 4 * threads; }
   int64_t group(int64_t task) const { return task / per_group; }
   int64_t first(int64_t task) const { return (task % per_group) * panels / per_group; }
   int64_t end(int64_t task) const { return (task % per_group + 1) * panels / per_group; }
@@ -227,7 +247,7 @@ void run_tasks(const Mlp& mlp, const Tasks& tasks, int64_t cols, int threads, in
                const Put& put) {
   const int NR = mlp.isa.nr;
   const int64_t np = tasks.max_panels;
-  const bool team = threads > 1 && tasks.count() < 4 * threads;
+  const bool team = tasks.shared(threads);
   const int workers = team ? 1 : static_cast<int>(std::min<int64_t>(threads, tasks.count()));
   std::vector<std::unique_ptr<Scratch>> bufs;
   for (int i = 0; i < workers; ++i)
@@ -258,9 +278,12 @@ void token_mixing_forward(const MixArgs& a) {
   const int NR = isa.nr;
   const int64_t S = a.S, C = a.C;
   if (a.B == 0 || C == 0) return;
-  const PackedA w1(a.w1, a.dtype, a.w2 ? a.D : S, S, isa, a.threads);
+  const Tasks tasks(a.B, cdiv(C, NR), 8, a.threads);
+  // Weights packed where they are used when the threads share tasks (each streams each panel once a task)
+  const bool lazy = tasks.shared(a.threads);
+  const PackedA w1(a.w1, a.dtype, a.w2 ? a.D : S, S, isa, a.threads, lazy);
   std::unique_ptr<PackedA> w2;
-  if (a.w2) w2 = std::make_unique<PackedA>(a.w2, a.dtype, S, a.D, isa, a.threads);
+  if (a.w2) w2 = std::make_unique<PackedA>(a.w2, a.dtype, S, a.D, isa, a.threads, lazy);
   const Mlp mlp(isa, a, w1, w2.get());
   const Norm norm(a);
   const Epilogue epi(a);
@@ -273,7 +296,6 @@ void token_mixing_forward(const MixArgs& a) {
         norm.row(m / S, m % S, row.data(), &mean[m], &rstd[m]);
     });
 
-  const Tasks tasks(a.B, cdiv(C, NR), 8, a.threads);
   // X = N(x[b])[:, c] for the task's channel panels p0 .. p1 as B panels (k = s), zero columns past C.
   auto pack = [&](int64_t task, float* xp, int64_t p0, int64_t p1) {
     const int64_t bi = tasks.group(task), c0 = tasks.first(task) * NR;
@@ -301,12 +323,13 @@ void channel_mixing_forward(const MixArgs& a) {
   const int NR = isa.nr;
   const int64_t S = a.S, C = a.C, M = a.B * a.S;
   if (M == 0 || C == 0) return;
-  const PackedA w1(a.w1, a.dtype, a.D, C, isa, a.threads), w2(a.w2, a.dtype, C, a.D, isa, a.threads);
+  const Tasks tasks(1, cdiv(M, NR), 4, a.threads);
+  const bool lazy = tasks.shared(a.threads);  // as in token_mixing_forward
+  const PackedA w1(a.w1, a.dtype, a.D, C, isa, a.threads, lazy), w2(a.w2, a.dtype, C, a.D, isa, a.threads, lazy);
   const Mlp mlp(isa, a, w1, &w2);
   const Norm norm(a);
   const Epilogue epi(a);
 
-  const Tasks tasks(1, cdiv(M, NR), 4, a.threads);
   // X = N(x)^T for the task's token panels p0 .. p1 as B panels (k = c), zero columns past M.
   auto pack = [&](int64_t task, float* xp, int64_t p0, int64_t p1) {
     const int64_t m0 = tasks.first(task) * NR;
