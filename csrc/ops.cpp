@@ -121,7 +121,7 @@ struct Mlp {
   }
 
   // put(row0, rows, panel, y, ld): y = rows x NR values of Y (row i at y + i * ld), bias added; the last
-  // panel has last_cols valid columns (at most NR / 2 of them: the half-width kernel runs it). team > 1:
+  // panel has last_cols valid columns (the half-width kernel runs it where they are at most NR / 2). team > 1:
   // the calling threads share this one task, each taking a range of weight panels (rows of H, then of Y),
   // with a barrier between the GEMMs; put is then called concurrently for disjoint row ranges.
   template <class Put>

@@ -1,6 +1,7 @@
 // The C++ kernels against their plain-loop oracle, without Python: every ISA the CPU has, both dtypes,
 // both ops, Mixer and ResMLP, awkward shapes (D = 1100: a K-blocked second GEMM; B = 12 and B * S = 800: enough
-// tasks that 3 threads take whole tasks, the others share tasks), strided input, 1 and 3 threads. Built and run under
+// tasks that 3 threads take whole tasks, the others share tasks and pack the weights where they use them; B * S = 300:
+// two shared tasks, the last panel half-width on AVX-512), strided input, 1 and 3 threads. Built and run under
 // AddressSanitizer and UBSan by csrc/tests/sanitize.sh (which tests/test_cpu.py calls). Exit status 0: all agree.
 #include <sys/wait.h>
 #include <unistd.h>
@@ -140,7 +141,7 @@ int main() {
       for (bool token : {true, false})
         for (bool resmlp : {false, true})
           for (const Case& shape : {Case{2, 13, 37, 29}, Case{1, 49, 64, 20}, Case{3, 7, 5, 3}, Case{2, 5, 40, 1100},
-                                     Case{12, 9, 24, 20}, Case{4, 200, 24, 16}})
+                                     Case{12, 9, 24, 20}, Case{4, 200, 24, 16}, Case{1, 300, 16, 600}})
             for (int threads : {1, 3}) {
               Case k = shape;
               k.token = token, k.resmlp = resmlp, k.t = t, k.threads = threads;
