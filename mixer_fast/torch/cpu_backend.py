@@ -10,9 +10,9 @@ and backward run exactly as eager PyTorch. The kernels have no backward of their
 recomputes the reference forward would cost one forward more than eager.
 
 Chosen automatically only where the table of measured wins (mixer_fast/wins.py) shows it faster than eager
-for that op, mode, dtype and CPU class: on AVX2 CPUs without native bf16 matmuls, bf16 inference (eager's
-bf16 GEMMs are slow there; these kernels widen bf16 to fp32 and run fp32 FMAs). See bench/NOTES.md for the
-AVX512-BF16 class.
+for that op, mode, dtype and CPU class: bf16 inference on AVX2 CPUs without native bf16 matmuls (eager's
+bf16 GEMMs are slow there; these kernels widen bf16 to fp32 and run fp32 FMAs) and, at parity, on AVX512-BF16
+CPUs (bench/NOTES.md).
 """
 from __future__ import annotations
 
