@@ -157,9 +157,62 @@ __attribute__((target("avx512f,fma"))) void half_avx512(int64_t K, const float* 
 }
 #undef ISA
 
+// The exact (erf) GELU of gelu_fast in intrinsics: the reciprocal by VRCP14PS and one Newton step (~2^-23
+// relative) instead of a division, 2^n by VSCALEFPS, GELU(z) = (z + |z| erf|z/sqrt2|) / 2 with no select, and
+// bf16 rounding (round to nearest even, NaN kept quiet) in the same pass. The compiler's vectorisation of
+// gelu_fast took ~40 cycles a vector (perf: 12 % of the bf16 token op at Mixer-B/16 batch 8).
+__attribute__((target("avx512f,fma"))) inline __m512 gelu_erf_avx512(__m512 z) {
+  // |z| / sqrt2 clamped at 1e4 (erf is 1 there): an infinite d would make the Newton step NaN; a NaN z gives
+  // 1e4 here (MINPS returns its second operand) and stays NaN through the last line.
+  const __m512 az = _mm512_abs_ps(z);
+  const __m512 ax = _mm512_min_ps(_mm512_mul_ps(az, _mm512_set1_ps(0.7071067811865476f)), _mm512_set1_ps(1e4f));
+  const __m512 d = _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f));
+  __m512 t = _mm512_rcp14_ps(d);
+  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(d, t, _mm512_set1_ps(2.0f)));
+  __m512 poly = _mm512_fmadd_ps(t, _mm512_set1_ps(1.061405429f), _mm512_set1_ps(-1.453152027f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+  poly = _mm512_mul_ps(poly, t);
+  // exp(-ax^2) as exp_neg: clamped at -87, n = round(v log2 e), r = v - n ln2, degree-6 polynomial, times 2^n
+  const __m512 v = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), ax), ax), _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.6931471805599453f), v);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 720), r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 erf_abs = _mm512_fnmadd_ps(poly, _mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(_mm512_fmadd_ps(az, erf_abs, z), _mm512_set1_ps(0.5f));
+}
+
+// fp32 -> bf16 -> fp32 as f32_to_bf16 rounds (nearest even; a NaN stays a quiet NaN).
+__attribute__((target("avx512f"))) inline __m512 round_bf16_avx512(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __m512i out = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
+  return _mm512_castsi512_ps(_mm512_and_si512(out, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
 __attribute__((target("avx512f,fma"))) void gelu_avx512(float* v, int64_t rows, const float* bias, bool tanh_form,
                                                         DType t) {
-  bias_gelu_tile<A5_NR>(v, rows, bias, tanh_form, t);
+  if (tanh_form) {
+    bias_gelu_tile<A5_NR>(v, rows, bias, tanh_form, t);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 b = _mm512_set1_ps(bias[i]);
+    for (int h = 0; h < A5_NR; h += 16) {
+      __m512 g = gelu_erf_avx512(_mm512_add_ps(_mm512_loadu_ps(v + i * A5_NR + h), b));
+      if (t != DType::f32) g = round_bf16_avx512(g);
+      _mm512_storeu_ps(v + i * A5_NR + h, g);
+    }
+  }
 }
 
 // Packs 12 rows of 32-bit words (row i at src + i * ld) into a panel, dst[k * 12 + i] for k < n: fp32 weights,

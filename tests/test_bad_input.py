@@ -103,11 +103,13 @@ def test_empty_batch(op):
     assert out.shape == (0, S, C)
 
 
-@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("backend", [None, "reference", "cpu"])
 @pytest.mark.parametrize("op", ["token", "channel"])
-def test_inf_propagates_like_the_reference(op, backend):
-    # None: the automatic choice for CPU tensors (the C++ kernels when built): the same non-finite
-    # elements as the reference, the finite ones equal up to summation order.
+def test_inf_propagates_like_the_reference(request, op, backend):
+    # None: the automatic choice for CPU tensors; cpu: the C++ kernels, the same non-finite elements as the
+    # reference, the finite ones equal up to summation order.
+    if backend == "cpu":
+        use_backend(request, backend)
     args = token_args() if op == "token" else channel_args()
     args["x"][0, 2, 3] = float("inf")
     fn, ref_fn = (ops.token_mixing, F_ref.token_mixing) if op == "token" else (ops.channel_mixing, F_ref.channel_mixing)
@@ -116,6 +118,22 @@ def test_inf_propagates_like_the_reference(op, backend):
     assert not want.isfinite().all()
     assert max_err(got, want) <= (0.0 if backend == "reference" else 1e-4 * float(want[want.isfinite()].abs().max()))
     assert got[1].isfinite().all()
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("op", ["token", "channel"])
+def test_gelu_of_an_infinite_pre_activation_is_infinite_on_cpu(request, op, approximate):
+    """An fc1 bias of +inf: GELU(inf) = inf, so every output is an infinity of fc2's sign. The C++ kernels give
+    that in both forms. Eager PyTorch's tanh form does too, but its exact form returns NaN there (torch 2.14:
+    F.gelu(inf) is nan), so the comparison is with the tanh form's reference."""
+    use_backend(request, "cpu")
+    args = token_args() if op == "token" else channel_args()
+    args["fc1_bias"][1] = float("inf")
+    fn, ref_fn = (ops.token_mixing, F_ref.token_mixing) if op == "token" else (ops.channel_mixing, F_ref.channel_mixing)
+    got = fn(*args.values(), backend="cpu", approximate=approximate)
+    want = ref_fn(*args.values(), approximate="tanh")
+    assert want.isinf().all() and got.isinf().all()
+    assert torch.equal(got.sign(), want.sign())
 
 
 def _device(backend: str) -> str:
