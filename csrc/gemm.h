@@ -57,6 +57,14 @@ void pack_pairs(const float* src, int64_t K, int NR, float* dst);
 // row_stats' double accumulation is a serial chain of dependent adds (3 ms of the Mixer-B/16 batch-8 token op).
 void layer_norm_stats(const float* v, int64_t n, float eps, float* mean, float* rstd);
 
+// dst[i] = (v[i] - mean) * rstd * w[i] + b[i] for i < n (bf16 values: the result rounded to bf16, as eager holds it):
+// a contiguous row of LayerNorm (or the affine: mean 0, rstd 1) as it is packed.
+void norm_row(const float* v, int64_t n, float mean, float rstd, const float* w, const float* b, float* dst);
+void norm_row(const uint16_t* v, int64_t n, float mean, float rstd, const float* w, const float* b, float* dst);
+// out[i] = x[i] + y[i] * scale[i] * ss for i < n, stored in x's dtype: a contiguous row of the residual epilogue.
+void residual_row(const float* x, const float* y, const float* scale, float ss, int64_t n, float* out);
+void residual_row(const uint16_t* x, const float* y, const float* scale, float ss, int64_t n, uint16_t* out);
+
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // 64-byte aligned float buffer (one cache line; aligned vector loads in the micro-kernels), taken from a

@@ -11,8 +11,9 @@
 // scale, drop path and the residual when a tile of the second GEMM leaves it. Every output is one thread's
 // sum over the full K in a fixed order, so results do not depend on the thread count or task split.
 #include <algorithm>
-#include <stdexcept>
 #include <memory>
+#include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -66,6 +67,10 @@ struct Norm {
   template <class T>
   void apply(const T* v, int64_t sv, int64_t c0, int64_t n, float mean, float rstd, float* dst, int64_t sd) const {
     const float *wc = w.data() + c0, *bc = b.data() + c0;
+    if (sv == 1 && sd == 1 && std::is_same<T, float>::value == (a.dtype == DType::f32)) {  // v in the storage dtype
+      norm_row(v, n, mean, rstd, wc, bc, dst);
+      return;
+    }
     if (a.dtype == DType::f32)
       for (int64_t i = 0; i < n; ++i) dst[i * sd] = (get(v, i * sv) - mean) * rstd * wc[i] + bc[i];
     else
@@ -85,7 +90,10 @@ struct Epilogue {
     typed(a.x, a.out, a.dtype, [&](auto x, auto out) {
       x += bi * a.sxb + s * a.sxs + c0 * sxc;
       out += o;
-      for (int64_t i = 0; i < n; ++i) put(out, i, get(x, i * sxc) + y[i * sy] * sc[i] * ss);
+      if (sxc == 1 && sy == 1)
+        residual_row(x, y, sc, ss, n, out);
+      else
+        for (int64_t i = 0; i < n; ++i) put(out, i, get(x, i * sxc) + y[i * sy] * sc[i] * ss);
     });
   }
 };
