@@ -67,41 +67,30 @@ void gelu_portable(float* v, int64_t rows, const float* bias, bool tanh_form, DT
 // stored all of them to the stack at every k step (objdump), which ran the AVX2 kernel at a third of peak.
 // Per k: 2 aligned B loads, MR broadcasts of A, 2 * MR FMAs. ISA(V), ISA(VFMA), ... name the vector primitives
 // of the ISA that ISA(name) selects around each kernel.
-#define MF_DECL(r)                                                          \
-  ISA(V) c##r##a = acc ? ISA(VLOADU)(C + r * ldc) : ISA(VZERO),             \
-         c##r##b = acc ? ISA(VLOADU)(C + r * ldc + ISA(VW)) : ISA(VZERO);
-#define MF_STEP(r)                                                          \
-  {                                                                         \
-    const ISA(V) a = ISA(VSET1)(A[k * MR + r]);                             \
-    c##r##a = ISA(VFMA)(a, b0, c##r##a);                                    \
-    c##r##b = ISA(VFMA)(a, b1, c##r##b);                                    \
+// HALF (a compile-time constant of each kernel, here and in the AVX512-BF16 one): the same tile on a panel's
+// first VW columns only, for a last panel of at most NR / 2 valid columns (Mixer-B/16's 196 tokens at batch 1
+// are 6 full panels and one of 4): half the FMAs; the tile's other columns are written zero (accumulate: left
+// as they are), so that the epilogues see finite values there.
+#define MF_DECL(r)                                                                    \
+  ISA(V) c##r##a = acc ? ISA(VLOADU)(C + r * ldc) : ISA(VZERO),                       \
+         c##r##b = !HALF && acc ? ISA(VLOADU)(C + r * ldc + ISA(VW)) : ISA(VZERO);
+#define MF_STEP(r)                                                                    \
+  {                                                                                   \
+    const ISA(V) a = ISA(VSET1)(A[k * MR + r]);                                       \
+    c##r##a = ISA(VFMA)(a, b0, c##r##a);                                              \
+    if (!HALF) c##r##b = ISA(VFMA)(a, b1, c##r##b);                                   \
   }
-#define MF_STORE(r)                                                         \
-  ISA(VSTOREU)(C + r * ldc, c##r##a);                                       \
-  ISA(VSTOREU)(C + r * ldc + ISA(VW), c##r##b);
-#define MF_BODY(ROWS)                                                       \
-  ROWS(MF_DECL)                                                             \
-  _Pragma("GCC unroll 2") for (int64_t k = 0; k < K; ++k) {                 \
-    const ISA(V) b0 = ISA(VLOAD)(B + k * 2 * ISA(VW));                      \
-    const ISA(V) b1 = ISA(VLOAD)(B + k * 2 * ISA(VW) + ISA(VW));            \
-    ROWS(MF_STEP)                                                           \
-  }                                                                         \
+#define MF_STORE(r)                                                                   \
+  ISA(VSTOREU)(C + r * ldc, c##r##a);                                                 \
+  if (!HALF || !acc) ISA(VSTOREU)(C + r * ldc + ISA(VW), c##r##b);
+#define MF_BODY(ROWS)                                                                 \
+  ROWS(MF_DECL)                                                                       \
+  _Pragma("GCC unroll 2") for (int64_t k = 0; k < K; ++k) {                           \
+    const ISA(V) b0 = ISA(VLOAD)(B + k * 2 * ISA(VW));                                \
+    const ISA(V) b1 = HALF ? ISA(VZERO) : ISA(VLOAD)(B + k * 2 * ISA(VW) + ISA(VW));  \
+    ROWS(MF_STEP)                                                                     \
+  }                                                                                   \
   ROWS(MF_STORE)
-// The same tile on a panel's first VW columns only (a last panel of at most NR / 2 valid columns: Mixer-B/16's
-// 196 tokens at batch 1 are 6 full panels and one of 4): half the FMAs; the tile's other columns are written
-// zero (accumulate: left as they are), so that the epilogues see finite values there.
-#define MF_HALF_DECL(r) ISA(V) c##r##a = acc ? ISA(VLOADU)(C + r * ldc) : ISA(VZERO);
-#define MF_HALF_STEP(r) c##r##a = ISA(VFMA)(ISA(VSET1)(A[k * MR + r]), b0, c##r##a);
-#define MF_HALF_STORE(r)                                                    \
-  ISA(VSTOREU)(C + r * ldc, c##r##a);                                       \
-  if (!acc) ISA(VSTOREU)(C + r * ldc + ISA(VW), ISA(VZERO));
-#define MF_HALF_BODY(ROWS)                                                  \
-  ROWS(MF_HALF_DECL)                                                        \
-  _Pragma("GCC unroll 2") for (int64_t k = 0; k < K; ++k) {                 \
-    const ISA(V) b0 = ISA(VLOAD)(B + k * 2 * ISA(VW));                      \
-    ROWS(MF_HALF_STEP)                                                      \
-  }                                                                         \
-  ROWS(MF_HALF_STORE)
 #define MF_ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
 #define MF_ROWS12(X) MF_ROWS6(X) X(6) X(7) X(8) X(9) X(10) X(11)
 
@@ -126,15 +115,11 @@ void gelu_portable(float* v, int64_t rows, const float* bias, bool tanh_form, DT
 // AVX2 + FMA: 6 x 16 tile = 12 ymm accumulators, 2 for B, 1 broadcast (15 of 16 registers).
 #define ISA(name) AVX2_##name
 constexpr int A2_MR = 6, A2_NR = 16;
+template <bool HALF>
 __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* A, const float* B, float* C, int64_t ldc,
                                                         bool acc) {
   constexpr int MR = A2_MR;
   MF_BODY(MF_ROWS6)
-}
-__attribute__((target("avx2,fma"))) void half_avx2(int64_t K, const float* A, const float* B, float* C, int64_t ldc,
-                                                      bool acc) {
-  constexpr int MR = A2_MR;
-  MF_HALF_BODY(MF_ROWS6)
 }
 #undef ISA
 
@@ -145,15 +130,11 @@ __attribute__((target("avx2,fma"))) void gelu_avx2(float* v, int64_t rows, const
 // AVX-512: 12 x 32 tile = 24 zmm accumulators, 2 for B, 1 broadcast (27 of 32 registers).
 #define ISA(name) AVX512_##name
 constexpr int A5_MR = 12, A5_NR = 32;
+template <bool HALF>
 __attribute__((target("avx512f,fma"))) void kernel_avx512(int64_t K, const float* A, const float* B, float* C,
                                                           int64_t ldc, bool acc) {
   constexpr int MR = A5_MR;
   MF_BODY(MF_ROWS12)
-}
-__attribute__((target("avx512f,fma"))) void half_avx512(int64_t K, const float* A, const float* B, float* C,
-                                                        int64_t ldc, bool acc) {
-  constexpr int MR = A5_MR;
-  MF_HALF_BODY(MF_ROWS12)
 }
 #undef ISA
 
@@ -258,20 +239,23 @@ __attribute__((target("avx512f"))) void pack12_avx512(const float* src, int64_t 
 // on this Zen 4 EPYC: 234 against 117 GFLOP/s a core), so the product is fp32-accumulated as before, in pairs.
 // Operands with bf16 denormals count as zero (the instruction's DAZ): below 1e-38, past any tolerance here.
 #define MF16_DECL(r) __m512 c##r##a = acc ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps(), \
-                            c##r##b = acc ? _mm512_loadu_ps(C + r * ldc + 16) : _mm512_setzero_ps();
+                            c##r##b = !HALF && acc ? _mm512_loadu_ps(C + r * ldc + 16) : _mm512_setzero_ps();
 #define MF16_STEP(r)                                                                            \
   {                                                                                             \
     const __m512bh a = (__m512bh)_mm512_set1_epi32(slot_bits(A + q * A5_MR + r));              \
     c##r##a = _mm512_dpbf16_ps(c##r##a, a, b0);                                                  \
-    c##r##b = _mm512_dpbf16_ps(c##r##b, a, b1);                                                  \
+    if (!HALF) c##r##b = _mm512_dpbf16_ps(c##r##b, a, b1);                                       \
   }
-#define MF16_STORE(r) _mm512_storeu_ps(C + r * ldc, c##r##a); _mm512_storeu_ps(C + r * ldc + 16, c##r##b);
+#define MF16_STORE(r)                        \
+  _mm512_storeu_ps(C + r * ldc, c##r##a);    \
+  if (!HALF || !acc) _mm512_storeu_ps(C + r * ldc + 16, c##r##b);
 // A panel slot's two bf16 halves as one 32-bit word (never read as a float).
 inline uint32_t slot_bits(const float* p) {
   uint32_t v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+template <bool HALF>
 __attribute__((target("avx512f,avx512bf16,fma"))) void kernel_avx512_bf16(int64_t K, const float* A, const float* B,
                                                                           float* C, int64_t ldc, bool acc) {
   MF_ROWS12(MF16_DECL)
@@ -279,42 +263,26 @@ __attribute__((target("avx512f,avx512bf16,fma"))) void kernel_avx512_bf16(int64_
   _Pragma("GCC unroll 2") for (int64_t q = 0; q < pairs; ++q) {
     // The slots' bits as they are (integer loads: no float operation touches the packed pairs).
     const __m512bh b0 = (__m512bh)_mm512_load_si512(B + q * A5_NR);
-    const __m512bh b1 = (__m512bh)_mm512_load_si512(B + q * A5_NR + 16);
+    const __m512bh b1 = HALF ? b0 : (__m512bh)_mm512_load_si512(B + q * A5_NR + 16);  // HALF: unused
     MF_ROWS12(MF16_STEP)
   }
   MF_ROWS12(MF16_STORE)
-}
-#define MF16_HALF_DECL(r) __m512 c##r##a = acc ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps();
-#define MF16_HALF_STEP(r) \
-  c##r##a = _mm512_dpbf16_ps(c##r##a, (__m512bh)_mm512_set1_epi32(slot_bits(A + q * A5_MR + r)), b0);
-#define MF16_HALF_STORE(r) \
-  _mm512_storeu_ps(C + r * ldc, c##r##a);               \
-  if (!acc) _mm512_storeu_ps(C + r * ldc + 16, _mm512_setzero_ps());
-__attribute__((target("avx512f,avx512bf16,fma"))) void half_avx512_bf16(int64_t K, const float* A, const float* B,
-                                                                        float* C, int64_t ldc, bool acc) {
-  MF_ROWS12(MF16_HALF_DECL)
-  const int64_t pairs = (K + 1) / 2;
-  _Pragma("GCC unroll 2") for (int64_t q = 0; q < pairs; ++q) {
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(B + q * A5_NR);
-    MF_ROWS12(MF16_HALF_STEP)
-  }
-  MF_ROWS12(MF16_HALF_STORE)
 }
 #endif  // MIXER_BF16_DOT
 #endif
 
 const Isa PORTABLE{"portable", P_MR, P_NR, kernel_portable, gelu_portable, kernel_portable};
 #ifdef MIXER_X86
-const Isa AVX2{"avx2", A2_MR, A2_NR, kernel_avx2, gelu_avx2, half_avx2};
-const Isa AVX512{"avx512", A5_MR, A5_NR, kernel_avx512, gelu_avx512, half_avx512, pack12_avx512};
+const Isa AVX2{"avx2", A2_MR, A2_NR, kernel_avx2<false>, gelu_avx2, kernel_avx2<true>};
+const Isa AVX512{"avx512", A5_MR, A5_NR, kernel_avx512<false>, gelu_avx512, kernel_avx512<true>, pack12_avx512};
 // The avx512_bf16 family: AVX-512 for fp32 data, dot products in k pairs for bf16 (the pairs need an even MR:
 // a first-GEMM tile's rows are whole pairs of the second GEMM's k).
 #ifdef MIXER_BF16_DOT
 static_assert(A5_MR % 2 == 0, "bf16 pairs need an even MR");
-const Isa AVX512_BF16_PAIRS{"avx512_bf16", A5_MR, A5_NR, kernel_avx512_bf16, gelu_avx512, half_avx512_bf16,
-                            pack12_avx512, 2};
-const Isa AVX512_BF16{"avx512_bf16", A5_MR, A5_NR, kernel_avx512, gelu_avx512, half_avx512, pack12_avx512, 1,
-                      &AVX512_BF16_PAIRS};
+const Isa AVX512_BF16_PAIRS{"avx512_bf16", A5_MR, A5_NR, kernel_avx512_bf16<false>, gelu_avx512,
+                            kernel_avx512_bf16<true>, pack12_avx512, 2};
+const Isa AVX512_BF16{"avx512_bf16", A5_MR, A5_NR, kernel_avx512<false>, gelu_avx512, kernel_avx512<true>,
+                      pack12_avx512, 1, &AVX512_BF16_PAIRS};
 #endif
 #endif
 
