@@ -523,13 +523,8 @@ void PackedA::pack(int64_t p, int64_t k0, int64_t k1, float* dst) const {
   }
   // Slot (q, i) = the raw bf16 bits of w[i, k0 + 2q] (low) and w[i, k0 + 2q + 1] (high), zero past M and K: on
   // a little-endian CPU the 32-bit word at w[i, k0 + 2q], so with K even (k0 is) a 32-bit word transpose.
-  if (rows == mr && K % 2 == 0) {
-    if (isa.pack) {
-      isa.pack(reinterpret_cast<const float*>(src), K / 2, n / 2, dst);
-      return;
-    }
-    for (int64_t q = 0; q < n / 2; ++q)
-      for (int i = 0; i < mr; ++i) std::memcpy(dst + q * mr + i, src + i * K + 2 * q, sizeof(uint32_t));
+  if (isa.pack && rows == mr && K % 2 == 0) {  // every kpack = 2 family has pack; below: partial panels, odd K
+    isa.pack(reinterpret_cast<const float*>(src), K / 2, n / 2, dst);
     return;
   }
   for (int64_t q = 0; q < isa.slots(n); ++q)
